@@ -1,0 +1,222 @@
+"""Runners: a cell scanned over time (`scan`) or unrolled in Python (`unrolled`).
+
+Both have the same signature and semantics; `unrolled` is the reference that
+tests compare against and the baseline of the scan-vs-unroll benchmark.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seqjax.cells.base import Array, Cell
+
+
+class _Plan(NamedTuple):
+    """Validated, time-major inputs of one run."""
+
+    xs: Array            # [T, B, I]
+    carry: Any           # initial carry, batch (B,)
+    init_carry: Any      # the cell's zero carry (what resets restore)
+    valid: Array | None  # [T, B] bool
+    resets: Array | None  # [T, B] bool
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_bool(call, name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{call}: {name} must be a bool, got {value!r}")
+
+
+def _plan(call: str, cell: Cell, params, xs, carry, lengths, resets, time_major: bool) -> _Plan:
+    """Checks every argument (shapes are static, so this runs before tracing) and goes time-major."""
+    if not isinstance(cell, Cell):
+        raise TypeError(f"{call}: cell must be a seqjax Cell (from seqjax.rnn/lstm/gru/stack), got {type(cell).__name__}")
+    _check_bool(call, "time_major", time_major)
+    shape = jnp.shape(xs)
+    I = cell.input_size(params)
+    layout, fix = ("(T, B, I)", "pass time_major=False for (B, T, I)") if time_major else \
+        ("(B, T, I)", "pass time_major=True for (T, B, I)")
+    if len(shape) != 3 or shape[-1] != I:
+        raise ValueError(f"{call}: xs must have shape {layout.replace('I', f'I={I}')}, got {tuple(shape)}; {fix}")
+    T, B = (shape[0], shape[1]) if time_major else (shape[1], shape[0])
+    xs = jnp.asarray(xs)
+    if not jnp.issubdtype(xs.dtype, jnp.floating):
+        raise ValueError(f"{call}: xs must be a floating-point array, got dtype {xs.dtype}")
+    xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
+
+    init_carry = cell.initial_carry(params, (B,))
+    if carry is None:
+        carry = init_carry
+    else:
+        want = jax.tree.map(lambda a: (a.shape, a.dtype), init_carry)
+        got_struct, want_struct = jax.tree.structure(carry), jax.tree.structure(init_carry)
+        got = jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), carry) if got_struct == want_struct else None
+        if got != want:
+            raise ValueError(f"{call}: carry does not match {cell.name} with batch size B={B}: expected "
+                             f"{_describe(init_carry)}, got {_describe(carry)}")
+
+    valid = None
+    if lengths is not None:
+        lshape = jnp.shape(lengths)
+        if lshape != (B,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+            raise ValueError(f"{call}: lengths must be an integer array of shape (B,)=({B},), got shape "
+                             f"{tuple(lshape)} dtype {jnp.result_type(lengths)}")
+        if _is_concrete(lengths):
+            lo, hi = int(np.min(lengths)) if B else 0, int(np.max(lengths)) if B else 0
+            if lo < 0 or hi > T:
+                raise ValueError(f"{call}: lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")
+        valid = jnp.arange(T)[:, None] < jnp.asarray(lengths)[None, :]
+
+    if resets is not None:
+        rshape = jnp.shape(resets)
+        want_shape = (T, B) if time_major else (B, T)
+        if rshape != want_shape:
+            raise ValueError(f"{call}: resets must have shape {'(T, B)' if time_major else '(B, T)'}={want_shape}, "
+                             f"got {tuple(rshape)}")
+        resets = jnp.asarray(resets).astype(bool)
+        resets = resets if time_major else resets.T
+    return _Plan(xs_tm, carry, init_carry, valid, resets)
+
+
+def _describe(tree) -> str:
+    leaves = jax.tree.map(lambda a: f"{jnp.result_type(a)}{list(jnp.shape(a))}", tree)
+    return str(leaves)
+
+
+def _select(mask: Array, on_true, on_false):
+    """Per-batch-row choice between two pytrees; ``mask`` [B]."""
+    return jax.tree.map(lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b),
+                        on_true, on_false)
+
+
+def _body(cell: Cell, params, init_carry, projected: bool, remat: bool):
+    """The per-step function shared by `scan` and `unrolled`: ``(carry, (x_t, valid_t, reset_t)) -> (carry, y_t)``."""
+
+    def body(carry, inputs):
+        x, valid, reset = inputs
+        start = carry
+        if reset is not None:
+            start = _select(reset, init_carry, carry)
+        new, y = cell.step(params, start, x) if projected else cell.apply(params, start, x)
+        if valid is not None:
+            new = _select(valid, new, carry)
+            y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))
+        return new, y
+
+    return jax.checkpoint(body) if remat else body
+
+
+def hoist_default() -> bool:
+    """Whether runners compute the input projection for all steps before the loop, by default.
+
+    Decided by the benchmark (bench/scan_vs_unroll.py, bench/results/levers.md):
+    on XLA:CPU the hoisted GEMM lost to projecting inside the scan body; on GPU
+    the hoisted GEMM wins as it does for cuDNN.
+    """
+    return jax.default_backend() != "cpu"
+
+
+def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_major, unroll, remat, hoist):
+    plan = _plan(call, cell, params, xs, carry, lengths, resets, time_major)
+    _check_bool(call, "reverse", reverse)
+    _check_bool(call, "remat", remat)
+    if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
+        raise ValueError(f"{call}: unroll must be a positive int, got {unroll!r}")
+    if hoist is None:
+        hoist = hoist_default()
+    _check_bool(call, "hoist", hoist)
+
+    if cell.layers is not None:  # a stacked cell runs layer by layer over the whole sequence
+        ys, carries = plan.xs, []
+        for sub, p, c in zip(cell.layers, params, plan.carry):
+            c, ys = _run(call, loop, sub, p, ys, c, lengths, None if plan.resets is None else plan.resets,
+                         reverse, True, unroll, remat, hoist)
+            carries.append(c)
+        return tuple(carries), (ys if time_major else jnp.swapaxes(ys, 0, 1))
+
+    inputs = cell.project(params, plan.xs) if hoist else plan.xs
+    body = _body(cell, params, plan.init_carry, hoist, remat)
+    carry, ys = loop(body, plan.carry, (inputs, plan.valid, plan.resets), reverse, unroll)
+    return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
+
+
+def _lax_loop(body, carry, xs, reverse, unroll):
+    return jax.lax.scan(body, carry, xs, reverse=reverse, unroll=unroll)
+
+
+def _python_loop(body, carry, xs, reverse, unroll):
+    del unroll
+    T = xs[0].shape[0]
+    ys = [None] * T
+    for t in (reversed(range(T)) if reverse else range(T)):
+        carry, ys[t] = body(carry, jax.tree.map(lambda a: a[t], xs))
+    return carry, jnp.stack(ys)
+
+
+def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None, resets: Array | None = None,
+         reverse: bool = False, time_major: bool = False, unroll: int = 1, remat: bool = False,
+         hoist: bool | None = None):
+    """Runs ``cell`` over a sequence with `jax.lax.scan`: ``(final_carry, ys)``.
+
+    Equivalent Python loop (batch-major, no options)::
+
+        carry = cell.initial_carry(params, (B,)) if carry is None else carry
+        for t in range(T):                       # reversed(range(T)) if reverse
+            carry, ys[:, t] = cell.apply(params, carry, xs[:, t])
+        return carry, ys
+
+    Semantics of the options:
+      * ``lengths``: sequence b has ``lengths[b]`` valid steps, the rest is
+        padding. Outputs past a length are exactly zero, the final carry is the
+        carry after the last valid step (the initial carry for length 0), and
+        ``reverse`` processes only the valid prefix, from ``lengths[b] - 1`` down to 0.
+      * ``resets``: where ``resets[b, t]`` is true the carry is set back to the
+        cell's zero carry before step t is processed (packed episodes).
+      * ``reverse``: process time backwards; ``ys[:, t]`` stays aligned with ``xs[:, t]``.
+      * ``unroll``: `lax.scan` unroll factor. ``remat``: rematerialise each step in
+        the backward pass (memory for compute).
+      * ``hoist``: compute the input projection of all steps as one GEMM before
+        the loop (``None``: the backend's measured default, `hoist_default`).
+      * A stacked cell (`seqjax.stack`) runs layer by layer.
+
+    Truncated BPTT: feed ``jax.lax.stop_gradient(final_carry)`` back as ``carry``.
+
+    Args:
+      cell: a `Cell`.
+      params: the cell's params.
+      xs: [B, T, I] (or [T, B, I] with ``time_major``), floating point.
+      carry: initial carry for batch (B,); default the cell's zero carry.
+      lengths: [B] int, in [0, T]; None = all sequences have length T.
+      resets: [B, T] bool (or [T, B] with ``time_major``).
+      reverse, time_major, remat: bools. unroll: positive int.
+
+    Returns:
+      ``(final_carry, ys)`` with ys [B, T, O] (or [T, B, O]) in the params' dtype.
+
+    Example:
+      >>> cell = seqjax.lstm(64)
+      >>> params = cell.init(jax.random.key(0), input_size=8)
+      >>> carry, ys = seqjax.scan(cell, params, jnp.ones((4, 20, 8)), lengths=jnp.array([20, 5, 0, 13]))
+    """
+    return _run("seqjax.scan", _lax_loop, cell, params, xs, carry, lengths, resets, reverse, time_major, unroll,
+                remat, hoist)
+
+
+def unrolled(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None,
+             resets: Array | None = None, reverse: bool = False, time_major: bool = False, unroll: int = 1,
+             remat: bool = False, hoist: bool | None = None):
+    """`scan` as a Python loop over time: same arguments, same results.
+
+    The reference implementation for tests and the baseline of the
+    scan-vs-unroll benchmark. Under `jax.jit` the loop is unrolled into one
+    straight-line program, so compile time grows with T. ``unroll`` is accepted
+    for signature compatibility and ignored.
+    """
+    return _run("seqjax.unrolled", _python_loop, cell, params, xs, carry, lengths, resets, reverse, time_major,
+                unroll, remat, hoist)

@@ -1,0 +1,30 @@
+"""Registry of every public cell and variant; it drives the generic tests.
+
+Each entry builds a cell; `FACTORIES` names the public factory each entry
+exercises so that `test_registry_covers_public_cells` can fail when a new
+public cell is added without being registered here.
+"""
+import seqjax
+
+H = 5
+
+CELLS = {
+    "rnn_tanh": lambda: seqjax.rnn(H),
+    "rnn_relu": lambda: seqjax.rnn(H, activation="relu"),
+    "lstm": lambda: seqjax.lstm(H),
+    "lstm_proj": lambda: seqjax.lstm(H, proj_size=3),
+    "lstm_peep_proj": lambda: seqjax.lstm(H, peepholes=True, proj_size=4),
+    **{f"lstm_{v}": (lambda v=v: seqjax.lstm_variant(v, H)) for v in seqjax.GREFF_VARIANTS},
+    "gru": lambda: seqjax.gru(H),
+    "gru_cho": lambda: seqjax.gru(H, reset_after=False),
+    "stack": lambda: seqjax.stack([seqjax.lstm(H), seqjax.gru(4)]),
+}
+
+# public factory -> registry entries using it
+FACTORIES = {
+    "rnn": ["rnn_tanh", "rnn_relu"],
+    "lstm": ["lstm", "lstm_proj", "lstm_peep_proj"],
+    "lstm_variant": [f"lstm_{v}" for v in seqjax.GREFF_VARIANTS],
+    "gru": ["gru", "gru_cho"],
+    "stack": ["stack"],
+}
