@@ -1,16 +1,22 @@
 """seqjax: functional sequence models for JAX.
 
 Pure-function cells (`rnn`, `lstm`, `gru`, `stack`), runners that scan them over
-time (`scan`, `unrolled`), and sequence layers (`sequence`, `bidirectional`,
-`deep`, `multilayer`).
+time (`scan`, `unrolled`), sequence layers (`sequence`, `bidirectional`,
+`deep`, `multilayer`), the Optax training loop (`make_train_step`, `fit`), losses
+(`seqjax.losses`) and the documented tasks' data (`seqjax.tasks`).
 """
 from seqjax.cells import (GREFF_VARIANTS, Cell, GRUParams, LSTMCarry, LSTMParams, RNNParams, gru, lstm, lstm_variant,
                           rnn, stack, symmetric_uniform)
 from seqjax.layers import BidirectionalParams, Layer, bidirectional, deep, dropout, multilayer, sequence
 from seqjax.scan import hoist_default, scan, unrolled
+from seqjax.interop import from_torch, from_torch_carry, to_torch_state_dict, torch_carry
+from seqjax.train import History, NonFiniteLossError, TrainState, fit, init_state, make_nnx_train_step, make_train_step
+from seqjax import diagnostics, losses, nnx, tasks  # noqa: E402  (submodules)
 
 __all__ = [
-    "BidirectionalParams", "Cell", "GREFF_VARIANTS", "GRUParams", "LSTMCarry", "LSTMParams", "Layer", "RNNParams",
+    "BidirectionalParams", "History", "NonFiniteLossError", "TrainState", "fit", "init_state", "losses",
+    "make_nnx_train_step", "make_train_step", "tasks", "diagnostics", "nnx", "from_torch", "from_torch_carry",
+    "to_torch_state_dict", "torch_carry", "Cell", "GREFF_VARIANTS", "GRUParams", "LSTMCarry", "LSTMParams", "Layer", "RNNParams",
     "bidirectional", "deep", "dropout", "gru", "hoist_default", "lstm", "lstm_variant", "multilayer", "rnn", "scan",
     "sequence", "stack", "symmetric_uniform", "unrolled",
 ]

@@ -68,7 +68,8 @@ def _plan(call: str, cell: Cell, params, xs, carry, lengths, resets, time_major:
             raise ValueError(f"{call}: lengths must be an integer array of shape (B,)=({B},), got shape "
                              f"{tuple(lshape)} dtype {jnp.result_type(lengths)}")
         if _is_concrete(lengths):
-            lo, hi = int(np.min(lengths)) if B else 0, int(np.max(lengths)) if B else 0
+            host = np.asarray(lengths)
+            lo, hi = (int(host.min()), int(host.max())) if B else (0, 0)
             if lo < 0 or hi > T:
                 raise ValueError(f"{call}: lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")
         valid = jnp.arange(T)[:, None] < jnp.asarray(lengths)[None, :]

@@ -1,0 +1,253 @@
+"""Vanishing and exploding gradients, measured (issue 7; seeds 000, 001, 003, 004).
+
+Three studies, each printed as a table, saved in DIR/results.json and plotted:
+
+1. spectral bound: a tanh RNN whose W_hh is rescaled to sigma_max < 1, = 1, > 1;
+   the measured ||dL/dh_t|| against the distance s - t, with the bound
+   sigma_max^(s-t) ||dL/dh_s|| of seed 003 drawn, and a check that it holds.
+2. temporal order (HARD): the gradient that reaches the inputs at the X/Y
+   positions t1, t2 for RNN, LSTM and GRU, at initialisation and during training.
+3. clipping: a ReLU RNN with an exploding recurrent matrix trained with and
+   without `optax.clip_by_global_norm`.
+
+Usage: python examples/gradients.py [--quick] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import seqjax
+from seqjax import diagnostics, tasks
+
+# ---------------------------------------------------------------- config
+CONFIG = dict(
+    seed=0,
+    spectral=dict(hidden=32, input=4, T=100, batch=16, sigmas=[0.8, 1.0, 1.2]),
+    temporal=dict(level="HARD", hidden=32, batch=32, steps=600, lr=3e-3, probe_every=100, probe_batch=256),
+    clipping=dict(hidden=32, T=50, batch=32, steps=300, lr=0.05, sigma=1.6, clip_norm=1.0),
+)
+QUICK = dict(temporal=dict(steps=120, probe_every=40, probe_batch=64), clipping=dict(steps=100))
+
+
+# ---------------------------------------------------------------- 1. spectral bound
+def spectral_study(cfg, key):
+    """||dL/dh_t|| vs s - t for a tanh RNN with W_hh = sigma * orthogonal, and the sigma^(s-t) bound."""
+    H, I, T, B = cfg["hidden"], cfg["input"], cfg["T"], cfg["batch"]
+    cell = seqjax.rnn(H)
+    kp, kx, kv = jax.random.split(key, 3)
+    base = cell.init(kp, I)
+    xs = jax.random.normal(kx, (B, T, I))
+    v = jax.random.normal(kv, (H,))
+    out = {}
+    for sigma in cfg["sigmas"]:
+        params = base._replace(w_h=base.w_h * sigma)  # orthogonal init: every singular value is sigma
+        g = jax.jit(lambda p: diagnostics.step_gradients(cell, p, xs, lambda ys, c: jnp.sum(ys[:, -1] @ v)))(params)
+        s = T - 1
+        grad_s = float(jnp.linalg.norm(v))  # dL/dh_s = v for every sequence
+        dist = s - np.arange(T)
+        bound = np.asarray(diagnostics.rnn_gradient_bound(params.w_h, grad_s, dist))
+        measured = np.asarray(g.carry)[:, :s]  # [B, s]: gradient flowing back from step s
+        holds = bool(np.all(measured <= bound[:s] * (1 + 1e-5)))
+        out[str(sigma)] = dict(sigma_max=float(diagnostics.spectral_norm(params.w_h)),
+                               spectral_radius=float(diagnostics.spectral_radius(params.w_h)),
+                               distance=dist[:s][::-1].tolist(), measured_mean=measured.mean(0)[::-1].tolist(),
+                               bound=bound[:s][::-1].tolist(), bound_holds=holds,
+                               ratio_at_50=float(measured.mean(0)[s - 50] / grad_s))
+    return out
+
+
+# ---------------------------------------------------------------- 2. temporal order
+def make_model(kind, hidden):
+    return {"rnn": seqjax.rnn(hidden), "lstm": seqjax.lstm(hidden), "gru": seqjax.gru(hidden)}[kind]
+
+
+def temporal_study(cfg, key):
+    """Gradient reaching x_{t1}, x_{t2} (and the mean over distractor steps) during training, per cell."""
+    H, B = cfg["hidden"], cfg["batch"]
+    results = {}
+    for kind in ["rnn", "lstm", "gru"]:
+        cell = make_model(kind, H)
+        kc, kh, kd = jax.random.split(jax.random.fold_in(key, ["rnn", "lstm", "gru"].index(kind)), 3)
+        params = dict(cell=cell.init(kc, 8), head=jax.random.normal(kh, (H, 4)) / np.sqrt(H), b=jnp.zeros(4))
+
+        def logits_of(p, x):
+            _, ys = seqjax.scan(cell, p["cell"], x)
+            return ys[:, -1] @ p["head"] + p["b"]
+
+        def loss_fn(p, batch):
+            return optax.softmax_cross_entropy_with_integer_labels(logits_of(p, batch.x), batch.y).mean()
+
+        tx = optax.adam(cfg["lr"])
+        opt = tx.init(params)
+
+        @jax.jit
+        def train_step(p, opt, k):
+            batch = tasks.temporal_order(k, B, level=cfg["level"])
+            loss, g = jax.value_and_grad(loss_fn)(p, batch)
+            up, opt = tx.update(g, opt)
+            return optax.apply_updates(p, up), opt, loss
+
+        probe = tasks.temporal_order(kd, cfg["probe_batch"], level=cfg["level"])
+
+        @jax.jit
+        def probe_fn(p):
+            def seq_loss(ys, c):
+                logits = ys[:, -1] @ p["head"] + p["b"]
+                return optax.softmax_cross_entropy_with_integer_labels(logits, probe.y).sum()
+
+            g = diagnostics.step_gradients(cell, p["cell"], probe.x, seq_loss)
+            rows = jnp.arange(probe.x.shape[0])
+            at_t1 = g.x[rows, probe.positions[:, 0]]
+            at_t2 = g.x[rows, probe.positions[:, 1]]
+            acc = jnp.mean(jnp.argmax(logits_of(p, probe.x), -1) == probe.y)
+            return jnp.mean(at_t1), jnp.mean(at_t2), jnp.mean(g.x[:, -1]), acc  # front padding: x_T is the E
+
+        history = []
+        for step in tqdm(range(cfg["steps"] + 1), desc=f"temporal order {kind}", leave=False):
+            if step % cfg["probe_every"] == 0:
+                t1, t2, end, acc = (float(a) for a in probe_fn(params))
+                history.append(dict(step=step, grad_x_t1=t1, grad_x_t2=t2, grad_x_last=end, accuracy=acc))
+            if step < cfg["steps"]:
+                params, opt, _ = train_step(params, opt, jax.random.fold_in(kd, step))
+        results[kind] = history
+    return results
+
+
+# ---------------------------------------------------------------- 3. clipping
+def clipping_study(cfg, key):
+    """Adding-problem regression with a ReLU RNN whose W_hh has sigma_max > 1, with and without clipping."""
+    H, T, B = cfg["hidden"], cfg["T"], cfg["batch"]
+    cell = seqjax.rnn(H, activation="relu")
+    kc, kh, kd = jax.random.split(key, 3)
+    p0 = cell.init(kc, 2)
+    p0 = dict(cell=p0._replace(w_h=p0.w_h * cfg["sigma"]), head=jax.random.normal(kh, (H,)) / np.sqrt(H))
+
+    def loss_fn(p, batch):
+        _, ys = seqjax.scan(cell, p["cell"], batch.x, lengths=batch.lengths)
+        pred = seqjax.losses.last_valid(ys, batch.lengths) @ p["head"]
+        return jnp.mean((pred - batch.y) ** 2)
+
+    out = {}
+    for name, tx in [("unclipped", optax.sgd(cfg["lr"])),
+                     ("clipped", optax.chain(optax.clip_by_global_norm(cfg["clip_norm"]), optax.sgd(cfg["lr"])))]:
+        @jax.jit
+        def step_fn(p, opt, k, tx=tx):
+            batch = tasks.adding_problem(k, B, min_length=T)
+            loss, g = jax.value_and_grad(loss_fn)(p, batch)
+            up, opt = tx.update(g, opt)
+            return optax.apply_updates(p, up), opt, loss, optax.tree.norm(g)
+
+        p, opt, losses, norms = p0, tx.init(p0), [], []
+        for step in tqdm(range(cfg["steps"]), desc=f"clipping: {name}", leave=False):
+            p, opt, loss, gn = step_fn(p, opt, jax.random.fold_in(kd, step))
+            losses.append(float(loss))
+            norms.append(float(gn))
+        finite = np.isfinite(losses)
+        out[name] = dict(loss=[x if np.isfinite(x) else None for x in losses],
+                         grad_norm=[x if np.isfinite(x) else None for x in norms],
+                         all_finite=bool(finite.all()),
+                         first_non_finite_step=None if finite.all() else int(np.argmin(finite)),
+                         final_loss=losses[-1] if finite[-1] else None,
+                         max_grad_norm=float(np.nanmax(np.where(np.isfinite(norms), norms, np.nan))))
+    return out
+
+
+# ---------------------------------------------------------------- report
+def plot(results, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for k, (sigma, r) in enumerate(results["spectral"].items()):
+        color = f"C{k}"
+        ax.semilogy(r["distance"], r["measured_mean"], color=color, label=f"measured, sigma_max={float(sigma):.1f}")
+        ax.semilogy(r["distance"], r["bound"], color=color, ls="--", label=f"bound sigma^(s-t), {float(sigma):.1f}")
+    ax.set(xlabel="distance s - t", ylabel="||dL/dh_t||", title="tanh RNN: gradient vs distance, with the spectral bound")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "spectral_bound.png"), dpi=120)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for k, (kind, hist) in enumerate(results["temporal"].items()):
+        steps = [h["step"] for h in hist]
+        axes[0].semilogy(steps, [h["grad_x_t1"] for h in hist], f"C{k}-", label=f"{kind}: ||dL/dx_t1||")
+        axes[0].semilogy(steps, [h["grad_x_last"] for h in hist], f"C{k}:", label=f"{kind}: ||dL/dx_T||")
+        axes[1].plot(steps, [h["accuracy"] for h in hist], f"C{k}-", label=kind)
+    axes[0].set(xlabel="training step", ylabel="gradient norm", title="HARD temporal order: gradient at X/Y position t1")
+    axes[0].legend(fontsize=7)
+    axes[1].set(xlabel="training step", ylabel="accuracy", title="probe accuracy", ylim=(0, 1.05))
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "temporal_order_gradients.png"), dpi=120)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results["clipping"].items():
+        loss = [np.inf if x is None else x for x in r["loss"]]
+        gn = [np.inf if x is None else x for x in r["grad_norm"]]
+        axes[0].semilogy(loss, label=name)
+        axes[1].semilogy(gn, label=name)
+    axes[0].set(xlabel="step", ylabel="training MSE", title="exploding ReLU RNN: loss (missing = inf/NaN)")
+    axes[1].set(xlabel="step", ylabel="global gradient norm (before clipping)")
+    for a in axes:
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "clipping.png"), dpi=120)
+    plt.close("all")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short run (about a minute on 2 CPU cores)")
+    parser.add_argument("--out", default="runs/gradients", help="output directory")
+    args = parser.parse_args(argv)
+    cfg = json.loads(json.dumps(CONFIG))
+    if args.quick:
+        for section, over in QUICK.items():
+            cfg[section].update(over)
+    os.makedirs(args.out, exist_ok=True)
+    key = jax.random.key(cfg["seed"])
+    k1, k2, k3 = jax.random.split(key, 3)
+    t0 = time.time()
+    results = dict(settings=dict(cfg, quick=args.quick, jax=jax.__version__, backend=jax.default_backend()),
+                   spectral=spectral_study(cfg["spectral"], k1),
+                   temporal=temporal_study(cfg["temporal"], k2),
+                   clipping=clipping_study(cfg["clipping"], k3))
+    results["wall_time_s"] = time.time() - t0
+
+    print("\n1. Spectral bound (tanh RNN, T=%d): ||dL/dh_t|| / ||dL/dh_s|| at s - t = 50" % cfg["spectral"]["T"])
+    print(f"{'sigma_max':>10} {'radius':>8} {'measured ratio':>15} {'bound sigma^50':>15} {'bound holds':>12}")
+    for sigma, r in results["spectral"].items():
+        print(f"{r['sigma_max']:>10.3f} {r['spectral_radius']:>8.3f} {r['ratio_at_50']:>15.3e} "
+              f"{r['sigma_max'] ** 50:>15.3e} {str(r['bound_holds']):>12}")
+    print(f"\n2. HARD temporal order: mean ||dL/dx_t|| at t1 (first X/Y) vs at the last step")
+    print(f"{'cell':>5} {'step':>6} {'grad t1':>10} {'grad t2':>10} {'grad T':>10} {'t1/T':>9} {'accuracy':>9}")
+    for kind, hist in results["temporal"].items():
+        for h in (hist[0], hist[-1]):
+            print(f"{kind:>5} {h['step']:>6} {h['grad_x_t1']:>10.2e} {h['grad_x_t2']:>10.2e} {h['grad_x_last']:>10.2e} "
+                  f"{h['grad_x_t1'] / h['grad_x_last']:>9.1e} {h['accuracy']:>9.3f}")
+    print("\n3. Clipping (ReLU RNN, sigma_max=%.1f, SGD lr=%g)" % (cfg["clipping"]["sigma"], cfg["clipping"]["lr"]))
+    print(f"{'run':>10} {'all finite':>11} {'first non-finite step':>22} {'final loss':>11} {'max grad norm':>14}")
+    for name, r in results["clipping"].items():
+        fl = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+        print(f"{name:>10} {str(r['all_finite']):>11} {str(r['first_non_finite_step']):>22} {fl:>11} "
+              f"{r['max_grad_norm']:>14.3e}")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot(results, args.out)
+    print(f"\nwrote {args.out}/results.json and spectral_bound.png, temporal_order_gradients.png, clipping.png "
+          f"({results['wall_time_s']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

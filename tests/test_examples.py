@@ -1,0 +1,38 @@
+"""The flagship example runs end to end (--quick) and writes its results and plots."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "temporal_order.py")
+
+
+@pytest.mark.slow
+def test_temporal_order_quick(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, EXAMPLE, "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Temporal order: accuracy" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["mode"] == "quick"
+    assert set(res["easy"]) == {"rnn", "lstm", "gru"}
+    for entry in res["easy"].values():
+        s = entry["test_accuracy_epoch10"]
+        assert 0.0 <= s["min"] <= s["mean"] <= s["max"] <= 1.0
+        assert len(s["per_seed"]) == res["config"]["easy_seeds"]
+        assert len(entry["epoch_train_accuracy"][0]) == 10
+    hb = res["hard_better"]
+    assert hb["hs_reference_sequences"] == 31390
+    assert len(hb["sequences_to_hs_criterion"]) == res["config"]["better_seeds"]
+    assert hb["eval_sequences"][-1] <= 31390 and hb["settings"]["hidden"] >= 4
+    assert res["nyu_settings"]["hidden"] == 4 and res["nyu_settings"]["batch"] == 32
+    assert res["table"] and {"setting", "cell", "seeds", "train_accuracy", "test_accuracy"} <= set(res["table"][0])
+    for name in res["plots"].values():
+        path = out / name
+        assert path.exists() and path.stat().st_size > 1000
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
