@@ -191,11 +191,16 @@ def plot(results, out_dir):
     fig.savefig(os.path.join(out_dir, "temporal_order_gradients.png"), dpi=120)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in results["clipping"].items():
-        loss = [np.inf if x is None else x for x in r["loss"]]
-        gn = [np.inf if x is None else x for x in r["grad_norm"]]
-        axes[0].semilogy(loss, label=name)
-        axes[1].semilogy(gn, label=name)
+    for k, (name, r) in enumerate(results["clipping"].items()):
+        loss = [np.nan if x is None else x for x in r["loss"]]
+        gn = [np.nan if x is None else x for x in r["grad_norm"]]
+        bad = r["first_non_finite_step"]
+        label = name if bad is None else f"{name} (NaN/inf from step {bad})"
+        axes[0].semilogy(loss, f"C{k}-", marker="o" if bad is not None else None, ms=5, label=label)
+        axes[1].semilogy(gn, f"C{k}-", marker="o" if bad is not None else None, ms=5, label=label)
+        if bad is not None:
+            for a in axes:
+                a.axvline(bad, color=f"C{k}", ls=":")
     axes[0].set(xlabel="step", ylabel="training MSE", title="exploding ReLU RNN: loss (missing = inf/NaN)")
     axes[1].set(xlabel="step", ylabel="global gradient norm (before clipping)")
     for a in axes:

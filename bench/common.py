@@ -1,0 +1,200 @@
+"""Shared timing utilities of the seqjax benchmarks.
+
+* `compile_timed` traces, lowers and compiles a function separately
+  (``jax.jit(f).trace(*args).lower().compile()``) and reports each phase's time
+  and XLA's compiled memory analysis.
+* `interleave` runs several alternatives round-robin in one process (the
+  machine is shared and noisy: alternating them exposes every candidate to the
+  same noise), and `summarise` reduces the samples to medians.
+* `environment` records the machine and library versions; `write_json` writes
+  results with that record attached.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+SHAPES = {  # (B, T, I, H)
+    "small": (32, 50, 8, 64),
+    "standard": (64, 100, 128, 256),
+    "long": (16, 1000, 32, 128),
+}
+QUICK_SHAPES = {"tiny": (4, 12, 8, 16)}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def floor_flops(cell: str, B: int, T: int, I: int, H: int) -> float:
+    """FLOPs of the matmul floor of a forward pass: the input GEMM plus T recurrent GEMMs."""
+    G = GATES[cell]
+    return 2.0 * B * T * I * G * H + 2.0 * B * T * H * G * H
+
+
+def block(tree):
+    """Waits for every array in ``tree``."""
+    return jax.block_until_ready(tree)
+
+
+def compile_timed(fn: Callable, *args, jit_kwargs: dict | None = None) -> dict:
+    """Traces, lowers and compiles ``fn`` for ``args``, timing each phase.
+
+    Returns a dict with ``trace_s``, ``lower_s``, ``compile_s``, ``compiled``
+    (call it with the same args) and ``memory`` (XLA's memory analysis, bytes).
+    """
+    jitted = jax.jit(fn, **(jit_kwargs or {}))
+    t0 = time.perf_counter()
+    traced = jitted.trace(*args)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    return dict(trace_s=t1 - t0, lower_s=t2 - t1, compile_s=t3 - t2, compiled=compiled,
+                memory=memory_analysis(compiled))
+
+
+def memory_analysis(compiled) -> dict:
+    """XLA's compiled memory analysis as a dict of byte counts (empty if unavailable)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - backends without the analysis
+        return {}
+    if m is None:
+        return {}
+    out = {}
+    for key in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+                "alias_size_in_bytes", "generated_code_size_in_bytes"):
+        value = getattr(m, key, None)
+        if value is not None:
+            out[key.replace("_size_in_bytes", "_bytes")] = int(value)
+    return out
+
+
+def rss_bytes() -> dict:
+    """The process's current and peak resident set size in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    out = {"peak_rss_bytes": int(peak)}
+    try:
+        import psutil
+        out["rss_bytes"] = int(psutil.Process(os.getpid()).memory_info().rss)
+    except ImportError:
+        pass
+    return out
+
+
+def time_once(fn: Callable[[], Any]) -> float:
+    """Seconds one call of ``fn`` takes, waiting for its result."""
+    t0 = time.perf_counter()
+    block(fn())
+    return time.perf_counter() - t0
+
+
+def interleave(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2, shuffle: bool = True,
+               min_time_s: float = 0.0, progress=None) -> dict[str, list[float]]:
+    """Round-robin timing of several alternatives.
+
+    Each round calls every function once (in a shuffled order when
+    ``shuffle``); ``warmup`` rounds are discarded. With ``min_time_s`` more
+    rounds run until that much time was spent (at most 4x ``reps`` rounds).
+
+    Returns:
+      name -> list of seconds (one per kept round).
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            block(fns[n]())
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    rng = random.Random(0)
+    t_start = time.perf_counter()
+    rounds = 0
+    while rounds < reps or (time.perf_counter() - t_start < min_time_s and rounds < 4 * reps):
+        order = names[:]
+        if shuffle:
+            rng.shuffle(order)
+        for n in order:
+            samples[n].append(time_once(fns[n]))
+        rounds += 1
+        if progress is not None:
+            progress.update(1)
+    gc.collect()
+    return samples
+
+
+def summarise(samples: list[float]) -> dict:
+    """Median, quartiles and min of a list of seconds, in milliseconds."""
+    a = np.asarray(samples) * 1e3
+    return dict(median_ms=float(np.median(a)), q1_ms=float(np.percentile(a, 25)),
+                q3_ms=float(np.percentile(a, 75)), min_ms=float(a.min()), n=int(a.size))
+
+
+def environment() -> dict:
+    """The machine and the library versions of this run."""
+    env = dict(python=platform.python_version(), machine=platform.machine(), processor=platform.processor(),
+               cpu_count=os.cpu_count(), platform=platform.platform(), jax=jax.__version__,
+               backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
+               time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    env["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    for mod in ("jaxlib", "flax", "torch", "equinox", "haiku", "optax", "numpy"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            pass
+    return env
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Writes ``payload`` plus the environment record to ``path`` (dirs created)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    payload = {"environment": environment(), **payload}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=_json_default)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def parse_list(text: str | None, allowed, what: str) -> list[str]:
+    """Comma-separated CLI list, validated against ``allowed``."""
+    if text is None:
+        return list(allowed)
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {what}: {bad}; choose from {list(allowed)}")
+    return items

@@ -1,0 +1,103 @@
+"""Speed levers of seqjax, each measured against the plain path (issue 3, "Make seqjax fast").
+
+Candidates (all interleaved in one process with PyTorch as the reference):
+  * scan hoist=False   : the plain autodiff scan, input projection inside the loop body
+  * scan hoist=True    : the plain autodiff scan, projection hoisted as one GEMM (time-major)
+  * fused hoist=False  : seqjax.fused (custom JVP: weight gradients as whole-sequence GEMMs)
+  * fused hoist=True   : the same with the hoisted projection
+
+    python bench/levers.py [--cells lstm,gru,rnn] [--shapes small,standard,long] [--reps 15] [--quick]
+
+Writes <out>/levers.json and prints markdown tables (bench/results/levers.md is
+written by hand from them, with the decisions).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import peers  # noqa: E402
+
+import seqjax  # noqa: E402
+from seqjax import fused  # noqa: E402
+from seqjax.scan import _plan  # noqa: E402
+
+
+def _cell(cell_name, H):
+    return {"lstm": lambda: seqjax.lstm(H, forget_bias=0.0), "gru": lambda: seqjax.gru(H),
+            "rnn": lambda: seqjax.rnn(H)}[cell_name]()
+
+
+def plain(hoist):
+    def build(cell_name, B, T, I, H, key):
+        cell = _cell(cell_name, H)
+        return (lambda p, x: seqjax.scan(cell, p, x, hoist=hoist)[1]), cell.init(key, I)
+    return build
+
+
+def fused_builder(hoist):
+    def build(cell_name, B, T, I, H, key):
+        cell = _cell(cell_name, H)
+        params = cell.init(key, I)
+        kind = fused.fusable(cell, params)
+
+        def run(p, x):
+            plan = _plan("bench", cell, p, x, None, None, None, False)
+            _, ys = fused.fused_scan(kind, p, plan.xs, plan.carry, plan.valid, plan.resets, False, hoist)
+            return jnp.swapaxes(ys, 0, 1)
+        return run, params
+    return build
+
+
+def default_scan(cell_name, B, T, I, H, key):
+    cell = _cell(cell_name, H)
+    return (lambda p, x: seqjax.scan(cell, p, x)[1]), cell.init(key, I)
+
+
+CANDIDATES = {
+    "scan hoist=False": plain(False),
+    "scan hoist=True": plain(True),
+    "fused hoist=False": fused_builder(False),
+    "fused hoist=True": fused_builder(True),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cells", default=None)
+    ap.add_argument("--shapes", default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--default", action="store_true", help="also time seqjax.scan with its defaults")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--name", default="levers")
+    args = ap.parse_args(argv)
+    cells = common.parse_list(args.cells or ("lstm" if args.quick else None), peers.CELLS, "cells")
+    shapes = common.QUICK_SHAPES if args.quick else common.SHAPES
+    shapes = {k: shapes[k] for k in common.parse_list(args.shapes, list(shapes), "shapes")}
+    reps = args.reps or (3 if args.quick else 15)
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    cands = dict(CANDIDATES)
+    if args.default:
+        cands["seqjax.scan (defaults)"] = default_scan
+    notes, rows = set(), []
+    from tqdm import tqdm
+    progress = tqdm(total=len(cells) * len(shapes) * reps, desc="levers", file=sys.stderr)
+    for cell in cells:
+        for sname, shape in shapes.items():
+            progress.set_postfix_str(f"{cell} {sname}")
+            rows += peers.bench_config(cell, sname, shape, reps, cands, True, notes, progress)
+    progress.close()
+    common.write_json(os.path.join(args.out, f"{args.name}.json"), dict(rows=rows, reps=reps, notes=sorted(notes)))
+    print(peers.tables(rows))
+
+
+if __name__ == "__main__":
+    main()

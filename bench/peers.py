@@ -1,0 +1,343 @@
+"""seqjax against the RNN libraries users would pick: PyTorch, Flax (linen, NNX), Equinox, Haiku.
+
+For each cell (LSTM, GRU, Elman RNN) and shape (B, T, I, H) it times the
+forward pass and a train step (`value_and_grad` of mean(outputs²) with respect
+to all parameters and the input; PyTorch: forward + backward with grads on
+the input) in float32, with every candidate interleaved in one process, and
+reports medians, ratios to PyTorch and GFLOP/s against the matmul floor (the
+input projection as one GEMM plus T recurrent GEMMs). Optional peers that are
+not installed are skipped with a message.
+
+    python bench/peers.py                 # all cells, the three shapes
+    python bench/peers.py --quick         # tiny shapes, few reps (smoke test, < 2 min)
+    python bench/peers.py --cells lstm --shapes standard --reps 20
+
+Writes <out>/peers.json, <out>/peers.png and prints markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import seqjax  # noqa: E402
+
+CELLS = ("lstm", "gru", "rnn")
+
+
+def _loss_of(run):
+    """mean(ys²) as a function of (params, x)."""
+    def loss(params, x):
+        ys = run(params, x)
+        return jnp.mean(jnp.square(ys))
+    return loss
+
+
+def _fwd_train(run):
+    loss = _loss_of(run)
+    return run, jax.value_and_grad(loss, argnums=(0, 1))
+
+
+# --------------------------------------------------------------------------- JAX candidates
+# Each builder returns (run(params, x) -> ys, params) or raises ImportError.
+
+def seqjax_builder(**scan_kwargs):
+    def build(cell_name, B, T, I, H, key):
+        cell = {"lstm": lambda: seqjax.lstm(H, forget_bias=0.0), "gru": lambda: seqjax.gru(H),
+                "rnn": lambda: seqjax.rnn(H)}[cell_name]()
+        params = cell.init(key, I)
+        return (lambda p, x: seqjax.scan(cell, p, x, **scan_kwargs)[1]), params
+    return build
+
+
+def matmul_floor(cell_name, B, T, I, H, key):
+    """One input GEMM plus T recurrent GEMMs and nothing else (the floor; forward only)."""
+    G = common.GATES[cell_name]
+    k1, k2 = jax.random.split(key)
+    params = (jax.random.normal(k1, (I, G * H)) * 0.1, jax.random.normal(k2, (H, G * H)) * 0.01)
+
+    def run(p, x):
+        wx, wh = p
+        px = (x.reshape(-1, I) @ wx).reshape(B, T, G * H).swapaxes(0, 1)
+
+        def body(h, pxt):
+            a = pxt + h @ wh
+            return a[:, :H], a[:, :H]
+        return jax.lax.scan(body, jnp.zeros((B, H)), px)[1]
+    return run, params
+
+
+def flax_linen(kind):
+    def build(cell_name, B, T, I, H, key):
+        import flax.linen as nn
+        cls = {("lstm", "optimized"): nn.OptimizedLSTMCell, ("lstm", "plain"): nn.LSTMCell,
+               ("gru", "plain"): nn.GRUCell, ("rnn", "plain"): nn.SimpleCell}.get((cell_name, kind))
+        if cls is None:
+            raise LookupError
+        model = nn.RNN(cls(features=H))
+        params = model.init(key, jnp.zeros((B, T, I)))
+        return (lambda p, x: model.apply(p, x)), params
+    return build
+
+
+def flax_nnx(cell_name, B, T, I, H, key):
+    from flax import nnx
+    cls = {"lstm": nnx.OptimizedLSTMCell, "gru": nnx.GRUCell, "rnn": nnx.SimpleCell}[cell_name]
+    model = nnx.RNN(cls(I, H, rngs=nnx.Rngs(0)))
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+
+    def run(p, x):
+        z = jnp.zeros((B, H), x.dtype)
+        return nnx.merge(graphdef, p, rest)(x, initial_carry=(z, z) if cell_name == "lstm" else z)
+    return run, state
+
+
+def equinox(cell_name, B, T, I, H, key):
+    import equinox as eqx
+    cls = {"lstm": eqx.nn.LSTMCell, "gru": eqx.nn.GRUCell}.get(cell_name)
+    if cls is None:
+        raise LookupError  # Equinox has no Elman cell
+    model = cls(I, H, key=key)
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def run(p, x):
+        m = eqx.combine(p, static)
+        step = jax.vmap(m)
+        init = (jnp.zeros((B, H)), jnp.zeros((B, H))) if cell_name == "lstm" else jnp.zeros((B, H))
+
+        def body(carry, xt):
+            carry = step(xt, carry)
+            return carry, (carry[0] if cell_name == "lstm" else carry)
+        return jax.lax.scan(body, init, jnp.swapaxes(x, 0, 1))[1].swapaxes(0, 1)
+    return run, params
+
+
+def haiku(cell_name, B, T, I, H, key):
+    import haiku as hk
+    ctor = {"lstm": hk.LSTM, "gru": hk.GRU, "rnn": hk.VanillaRNN}[cell_name]
+
+    def f(x):
+        core = ctor(H)
+        ys, _ = hk.dynamic_unroll(core, jnp.swapaxes(x, 0, 1), core.initial_state(B))
+        return jnp.swapaxes(ys, 0, 1)
+    model = hk.without_apply_rng(hk.transform(f))
+    params = model.init(key, jnp.zeros((B, T, I)))
+    return model.apply, params
+
+
+def experimental_rnn(cell_name, B, T, I, H, key):
+    """jax.experimental.rnn (cuDNN); LSTM only, GPU only."""
+    if jax.default_backend() != "gpu":
+        raise RuntimeError("jax.experimental.rnn needs a GPU (cuDNN)")
+    if cell_name != "lstm":
+        raise LookupError
+    from jax.experimental import rnn
+    weights = rnn.init_lstm_weight(key, I, H, 1, False)
+    seq_lengths = jnp.full((B,), T, jnp.int32)
+
+    def run(w, x):
+        h0 = jnp.zeros((1, B, H))
+        ys, _, _ = rnn.lstm(x, h0, h0, w, seq_lengths, input_size=I, hidden_size=H, num_layers=1,
+                            dropout=0.0, bidirectional=False)
+        return ys
+    return run, weights
+
+
+def jax_candidates(extra: dict | None = None) -> dict:
+    cands = {
+        "seqjax": seqjax_builder(),
+        "flax.linen OptimizedLSTMCell": flax_linen("optimized"),
+        "flax.linen cell": flax_linen("plain"),
+        "flax.nnx RNN": flax_nnx,
+        "equinox": equinox,
+        "haiku": haiku,
+        "jax.experimental.rnn": experimental_rnn,
+        "matmul floor": matmul_floor,
+    }
+    cands.update(extra or {})
+    return cands
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+def torch_candidate(cell_name, B, T, I, H, seed=0):
+    import torch
+    torch.manual_seed(seed)
+    dev = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell_name]
+    m = cls(I, H, batch_first=True).to(dev)
+    x = torch.randn(B, T, I, device=dev)
+    xg = x.clone().requires_grad_(True)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def fwd():
+        with torch.inference_mode():
+            m(x)
+        sync()
+
+    def train():
+        for p in m.parameters():
+            p.grad = None
+        xg.grad = None
+        ys, _ = m(xg)
+        loss = ys.pow(2).mean()
+        loss.backward()
+        sync()
+    return fwd, train, dev
+
+
+# --------------------------------------------------------------------------- driver
+
+def bench_config(cell_name, shape_name, shape, reps, candidates, torch_ok, notes, progress=None, min_time_s=0.0):
+    """Compiles every candidate for one (cell, shape), then times all of them interleaved."""
+    B, T, I, H = shape
+    key = jax.random.key(0)
+    x = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
+    fns, meta = {}, {}
+    for name, build in candidates.items():
+        try:
+            run, params = build(cell_name, B, T, I, H, key)
+        except LookupError:
+            continue
+        except ImportError as e:
+            notes.add(f"{name}: skipped, not installed ({e})")
+            continue
+        except RuntimeError as e:
+            notes.add(f"{name}: skipped ({e})")
+            continue
+        fwd, train = _fwd_train(run)
+        modes = {"fwd": fwd} if name == "matmul floor" else {"fwd": fwd, "train": train}
+        for mode, f in modes.items():
+            c = common.compile_timed(f, params, x)
+            compiled = c["compiled"]
+            fns[(name, mode)] = (lambda compiled=compiled, params=params: compiled(params, x))
+            meta[(name, mode)] = {k: v for k, v in c.items() if k != "compiled"}
+    if torch_ok:
+        tf, tt, dev = torch_candidate(cell_name, B, T, I, H)
+        label = "pytorch" + (" (cuDNN)" if dev == "cuda" else "")
+        fns[(label, "fwd")], fns[(label, "train")] = tf, tt
+        meta[(label, "fwd")] = meta[(label, "train")] = {}
+    keyed = {f"{n}|{m}": f for (n, m), f in fns.items()}
+    samples = common.interleave(keyed, reps=reps, warmup=2, progress=progress, min_time_s=min_time_s)
+    rows = []
+    for (n, m) in fns:
+        s = common.summarise(samples[f"{n}|{m}"])
+        flops = common.floor_flops(cell_name, B, T, I, H) * (3.0 if m == "train" else 1.0)
+        rows.append(dict(cell=cell_name, shape=shape_name, B=B, T=T, I=I, H=H, library=n, mode=m, **s,
+                         gflops=flops / (s["median_ms"] * 1e-3) / 1e9, **meta[(n, m)]))
+    ref = {r["mode"]: r["median_ms"] for r in rows if r["library"].startswith("pytorch")}
+    for r in rows:
+        if r["mode"] in ref:
+            r["ratio_to_pytorch"] = r["median_ms"] / ref[r["mode"]]
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    configs = sorted({(r["cell"], r["shape"]) for r in rows}, key=lambda c: (CELLS.index(c[0]), c[1]))
+    fig, axes = plt.subplots(len(configs), 2, figsize=(12, 2.2 + 1.6 * len(configs)), squeeze=False)
+    for i, (cell, shape) in enumerate(configs):
+        for j, mode in enumerate(("fwd", "train")):
+            ax = axes[i][j]
+            sel = sorted([r for r in rows if r["cell"] == cell and r["shape"] == shape and r["mode"] == mode],
+                         key=lambda r: r["median_ms"])
+            if not sel:
+                ax.axis("off")
+                continue
+            names = [r["library"] for r in sel]
+            vals = [r["median_ms"] for r in sel]
+            colors = ["C3" if n.startswith("seqjax") else "C0" if n.startswith("pytorch") else
+                      "0.6" if n == "matmul floor" else "C2" for n in names]
+            ax.barh(names, vals, color=colors)
+            ax.set_xlabel("ms (median)")
+            ax.set_title(f"{cell} {shape} {mode}", fontsize=9)
+            ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def tables(rows) -> str:
+    out = []
+    configs = sorted({(r["cell"], r["shape"]) for r in rows}, key=lambda c: (CELLS.index(c[0]), c[1]))
+    for cell, shape in configs:
+        sel = [r for r in rows if r["cell"] == cell and r["shape"] == shape]
+        B, T, I, H = sel[0]["B"], sel[0]["T"], sel[0]["I"], sel[0]["H"]
+        libs = list(dict.fromkeys(r["library"] for r in sel))
+        body = []
+        for lib in libs:
+            by = {r["mode"]: r for r in sel if r["library"] == lib}
+            f, t = by.get("fwd"), by.get("train")
+            body.append([lib,
+                         f["median_ms"] if f else "", f.get("ratio_to_pytorch", "") if f else "",
+                         t["median_ms"] if t else "", t.get("ratio_to_pytorch", "") if t else "",
+                         f["gflops"] if f else "", (t or f or {}).get("compile_s", "") or ""])
+        body.sort(key=lambda r: r[3] if isinstance(r[3], float) else 1e9)
+        out.append(f"**{cell} {shape} (B={B}, T={T}, I={I}, H={H})**\n\n" + common.markdown_table(
+            ["library", "fwd ms", "fwd / torch", "train ms", "train / torch", "fwd GFLOP/s", "train compile s"],
+            body))
+    return "\n\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and few reps (smoke test)")
+    ap.add_argument("--cells", default=None, help="comma list of lstm,gru,rnn")
+    ap.add_argument("--shapes", default=None, help="comma list of small,standard,long")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds per configuration (default 15)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--name", default="peers", help="basename of the JSON/PNG written")
+    ap.add_argument("--min-time", type=float, default=0.0, help="keep timing a configuration for this many s")
+    args = ap.parse_args(argv)
+
+    cells = common.parse_list(args.cells or ("lstm" if args.quick else None), CELLS, "cells")
+    shapes = common.QUICK_SHAPES if args.quick else common.SHAPES
+    shapes = {k: shapes[k] for k in common.parse_list(args.shapes, list(shapes), "shapes")}
+    reps = args.reps or (3 if args.quick else 15)
+
+    notes = set()
+    try:
+        import torch
+        torch.set_num_threads(os.cpu_count())
+        torch_ok = True
+    except ImportError:
+        notes.add("pytorch: skipped, not installed")
+        torch_ok = False
+    cands = jax_candidates()
+    try:
+        from tqdm import tqdm
+        progress = tqdm(total=len(cells) * len(shapes) * reps, desc="peers", file=sys.stderr)
+    except ImportError:
+        progress = None
+    rows = []
+    t0 = time.time()
+    for cell in cells:
+        for sname, shape in shapes.items():
+            if progress is not None:
+                progress.set_postfix_str(f"{cell} {sname}")
+            rows += bench_config(cell, sname, shape, reps, cands, torch_ok, notes, progress, args.min_time)
+    if progress is not None:
+        progress.close()
+    for n in sorted(notes):
+        print("note:", n)
+    os.makedirs(args.out, exist_ok=True)
+    common.write_json(os.path.join(args.out, f"{args.name}.json"),
+                      dict(rows=rows, notes=sorted(notes), reps=reps, torch_threads=os.cpu_count(),
+                           wall_s=time.time() - t0))
+    plot(rows, os.path.join(args.out, f"{args.name}.png"))
+    print(tables(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
