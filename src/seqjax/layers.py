@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import Array, Cell
+from seqjax.cells.base import Array, Cell, chain_init, chain_initial_carry
 from seqjax.scan import scan
 
 
@@ -166,14 +166,10 @@ def deep(layers: Sequence[Layer | Cell], *, dropout_rate: float = 0.0) -> Layer:
         raise ValueError(f"{call}: dropout_rate must be a float in [0, 1), got {dropout_rate!r}")
 
     def init(key, input_size):
-        params = []
-        for layer, k in zip(layers, jax.random.split(key, len(layers))):
-            params.append(layer.init(k, input_size))
-            input_size = layer.output_size
-        return tuple(params)
+        return chain_init(layers, key, input_size)
 
     def initial_carry(params, batch_shape=()):
-        return tuple(layer.initial_carry(p, batch_shape) for layer, p in zip(layers, params))
+        return chain_initial_carry(layers, params, batch_shape)
 
     def apply(params, xs, *, carry=None, lengths=None, resets=None, time_major=False, key=None):
         if carry is not None and (not isinstance(carry, (tuple, list)) or len(carry) != len(layers)):

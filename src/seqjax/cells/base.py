@@ -135,3 +135,17 @@ def gate_blocks(init: Initializer, key, fan_in: int, width: int, n: int, dtype) 
     """
     keys = jax.random.split(key, n)
     return jnp.concatenate([init(k, (fan_in, width), dtype) for k in keys], axis=-1)
+
+
+def chain_init(parts, key, input_size: int) -> tuple:
+    """Initialises cells or layers in sequence, each reading the previous one's output: a tuple of params."""
+    params = []
+    for part, k in zip(parts, jax.random.split(key, len(parts))):
+        params.append(part.init(k, input_size))
+        input_size = part.output_size
+    return tuple(params)
+
+
+def chain_initial_carry(parts, params, batch_shape) -> tuple:
+    """The tuple of each part's initial carry."""
+    return tuple(part.initial_carry(p, batch_shape) for part, p in zip(parts, params))

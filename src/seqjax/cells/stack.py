@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
-
-from seqjax.cells.base import Cell, make_cell
+from seqjax.cells.base import Cell, chain_init, chain_initial_carry, make_cell
 
 
 def stack(cells: Sequence[Cell]) -> Cell:
@@ -33,14 +31,10 @@ def stack(cells: Sequence[Cell]) -> Cell:
         raise ValueError(f"seqjax.stack: cells must be a non-empty sequence of seqjax cells, got {cells!r}")
 
     def init(key, input_size: int):
-        params = []
-        for cell, k in zip(cells, jax.random.split(key, len(cells))):
-            params.append(cell.init(k, input_size))
-            input_size = cell.output_size
-        return tuple(params)
+        return chain_init(cells, key, input_size)
 
     def initial_carry(params, batch_shape=()):
-        return tuple(cell.initial_carry(p, batch_shape) for cell, p in zip(cells, params))
+        return chain_initial_carry(cells, params, batch_shape)
 
     def project(params, x):
         return cells[0].project(params[0], x)
