@@ -36,3 +36,31 @@ def test_temporal_order_quick(tmp_path):
         assert path.exists() and path.stat().st_size > 1000
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def run_quick(tmp_path, name):
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_gradients_quick(tmp_path):
+    out, res, stdout = run_quick(tmp_path, "gradients")
+    assert "Spectral bound" in stdout
+    assert all(r["bound_holds"] for r in res["spectral"].values())
+    assert res["clipping"]["clipped"]["all_finite"] and not res["clipping"]["unclipped"]["all_finite"]
+    assert set(res["temporal"]) == {"rnn", "lstm", "gru"}
+    for png in ["spectral_bound.png", "temporal_order_gradients.png", "clipping.png"]:
+        assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_seq2seq_quick(tmp_path):
+    out, res, _ = run_quick(tmp_path, "seq2seq")
+    assert {"dates", "vec2seq", "table", "plots"} <= set(res)
+    for r in res["dates"].values():
+        assert 0.0 <= r["test_exact_greedy"] <= 1.0 and r["beam_not_worse"]
+    assert all((out / name).stat().st_size > 1000 for name in res["plots"].values())
