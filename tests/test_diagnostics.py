@@ -97,3 +97,16 @@ def test_clipping_returns_finite_updates_when_gradients_explode():
     updates, _ = tx.update(grads, tx.init(params))
     assert np.isfinite(float(optax.tree.norm(updates)))
     assert float(optax.tree.norm(updates)) <= 0.1 + 1e-6
+
+
+def test_step_gradients_on_nnx_module_equal_functional():
+    from flax import nnx
+
+    module = seqjax.nnx.Cell(seqjax.lstm(4), I, rngs=nnx.Rngs(0))
+    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+    g_module = diagnostics.step_gradients(module, None, xs, loss)
+    g_core = diagnostics.step_gradients(module.cell, module.get_params(), xs, loss)
+    np.testing.assert_allclose(np.asarray(g_module.carry), np.asarray(g_core.carry), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_module.x), np.asarray(g_core.x), rtol=1e-6)
+    with pytest.raises(TypeError, match="cell must be a seqjax Cell or a seqjax.nnx.Cell module, got str"):
+        diagnostics.step_gradients("lstm", None, xs, loss)

@@ -42,7 +42,7 @@ def _row_norms(tree, B: int, T: int) -> Array:
     return jnp.sqrt(sq).T
 
 
-def step_gradients(cell: Cell, params, xs: Array, loss_fn: Callable[[Array, object], Array], *, carry=None,
+def step_gradients(cell, params, xs: Array, loss_fn: Callable[[Array, object], Array], *, carry=None,
                    lengths: Array | None = None) -> StepGradients:
     """``||dL/dh_t||`` and ``||dL/dx_t||`` for every step t, from a single backward pass.
 
@@ -52,8 +52,9 @@ def step_gradients(cell: Cell, params, xs: Array, loss_fn: Callable[[Array, obje
     of them instead of T separate backward passes.
 
     Args:
-      cell: a `Cell` (a `seqjax.stack` cell's carry is the tuple of all layers').
-      params: its params.
+      cell: a `Cell` (a `seqjax.stack` cell's carry is the tuple of all layers'),
+        or a `seqjax.nnx.Cell` module (then pass ``params=None``).
+      params: the cell's params (None for an NNX module, whose own are used).
       xs: [B, T, I] float inputs.
       loss_fn: ``(ys [B, T, O], final_carry) -> scalar``.
       carry: optional initial carry for batch (B,).
@@ -66,6 +67,8 @@ def step_gradients(cell: Cell, params, xs: Array, loss_fn: Callable[[Array, obje
       >>> g = step_gradients(cell, params, xs, lambda ys, c: jnp.sum(ys[:, -1] ** 2))
       >>> g.carry[:, 0]   # gradient reaching the first step
     """
+    if not isinstance(cell, Cell):
+        cell, params = _from_module(cell, params)
     B, T = xs.shape[0], xs.shape[1]
     init = cell.initial_carry(params, (B,)) if carry is None else carry
     zeros = jax.tree.map(lambda a: jnp.zeros((T,) + a.shape, a.dtype), init)
@@ -84,6 +87,18 @@ def step_gradients(cell: Cell, params, xs: Array, loss_fn: Callable[[Array, obje
 
     loss, (gx, gd) = jax.value_and_grad(total, argnums=(0, 1))(xs, zeros)
     return StepGradients(_row_norms(gd, B, T), _row_norms(jnp.swapaxes(gx, 0, 1), B, T), loss)
+
+
+def _from_module(module, params):
+    """The functional cell and params of a `seqjax.nnx.Cell` module."""
+    from seqjax.nnx import Cell as CellModule
+
+    if not isinstance(module, CellModule):
+        raise TypeError("seqjax.diagnostics.step_gradients: cell must be a seqjax Cell or a seqjax.nnx.Cell module, "
+                        f"got {type(module).__name__}")
+    if params is not None:
+        raise ValueError("seqjax.diagnostics.step_gradients: pass params=None with an NNX module (it holds its own)")
+    return module.cell, module.get_params()
 
 
 def _scan_pairs(wrapped: Cell, params, xs, deltas, init, lengths):
