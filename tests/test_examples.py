@@ -64,3 +64,16 @@ def test_seq2seq_quick(tmp_path):
     for r in res["dates"].values():
         assert 0.0 <= r["test_exact_greedy"] <= 1.0 and r["beam_not_worse"]
     assert all((out / name).stat().st_size > 1000 for name in res["plots"].values())
+
+
+@pytest.mark.slow
+def test_echo_quick(tmp_path):
+    out, res, _ = run_quick(tmp_path, "echo")
+    assert {"nyu", "study", "plots"} <= set(res) and list(out.glob("*.png"))
+
+
+@pytest.mark.slow
+def test_char_lm_quick(tmp_path):
+    out, res, _ = run_quick(tmp_path, "char_lm")
+    assert res["lstm_valid_bpc"] > 0 and res["best_ngram_bpc"] > 0 and res["tokens_per_second"] > 0
+    assert list(out.glob("*.png")) and res["samples"]
