@@ -20,6 +20,10 @@ CELLS = {
     "stack": lambda: seqjax.stack([seqjax.lstm(H), seqjax.gru(4)]),
 }
 
+# Runner invariants (jit, vmap, reverse, padding, resets) depend on the carry's structure, not on the gate
+# equations, which every entry checks against NumPy: they run on one entry per carry structure.
+CARRY_STRUCTURES = ["rnn_tanh", "lstm", "lstm_proj", "lstm_FGR", "gru", "stack"]
+
 # public factory -> registry entries using it
 FACTORIES = {
     "rnn": ["rnn_tanh", "rnn_relu"],
