@@ -5,6 +5,8 @@ Candidates (all interleaved in one process with PyTorch as the reference):
   * scan hoist=True    : the plain autodiff scan, projection hoisted as one GEMM (time-major)
   * fused hoist=False  : seqjax.fused (custom JVP: weight gradients as whole-sequence GEMMs)
   * fused hoist=True   : the same with the hoisted projection
+  * fused vjp          : seqjax.fused.scan_fused (hand-written custom VJP: backward loop over the
+                         state gradients only, weight gradients and dX as whole-sequence GEMMs)
 
     python bench/levers.py [--cells lstm,gru,rnn] [--shapes small,standard,long] [--reps 15] [--quick]
 
@@ -55,6 +57,11 @@ def fused_builder(hoist):
     return build
 
 
+def vjp_builder(cell_name, B, T, I, H, key):
+    cell = _cell(cell_name, H)
+    return (lambda p, x: fused.scan_fused(cell, p, x)[1]), cell.init(key, I)
+
+
 def default_scan(cell_name, B, T, I, H, key):
     cell = _cell(cell_name, H)
     return (lambda p, x: seqjax.scan(cell, p, x)[1]), cell.init(key, I)
@@ -65,6 +72,7 @@ CANDIDATES = {
     "scan hoist=True": plain(True),
     "fused hoist=False": fused_builder(False),
     "fused hoist=True": fused_builder(True),
+    "fused vjp": vjp_builder,
 }
 
 
@@ -74,6 +82,7 @@ def main(argv=None):
     ap.add_argument("--cells", default=None)
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--candidates", default=None, help="comma list of candidate names (default: all)")
     ap.add_argument("--default", action="store_true", help="also time seqjax.scan with its defaults")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--name", default="levers")
@@ -85,6 +94,8 @@ def main(argv=None):
     import torch
     torch.set_num_threads(os.cpu_count())
     cands = dict(CANDIDATES)
+    if args.candidates:
+        cands = {k: cands[k] for k in common.parse_list(args.candidates, list(CANDIDATES), "candidates")}
     if args.default:
         cands["seqjax.scan (defaults)"] = default_scan
     notes, rows = set(), []
