@@ -171,3 +171,14 @@ def test_users_can_compose_cells_in_their_own_scan():
     carry, ys = jax.lax.scan(lambda c, x: cell.apply(params, c, x), cell.initial_carry(params, (B,)),
                              jnp.swapaxes(xs, 0, 1))
     close((carry, jnp.swapaxes(ys, 0, 1)), seqjax.scan(cell, params, xs))
+
+
+@pytest.mark.parametrize("name", ["rnn_relu", "lstm_peep_proj", "lstm_FGR", "lstm_CIFG"])
+def test_fused_input_recurrent_gemm_equals_apply(name):
+    cell, params, xs = setup(name)
+    assert cell.fused_apply is not None
+    carry = jax.tree.map(lambda a: a + 0.3, cell.initial_carry(params, (B,)))
+    close(cell.fused_apply(params)(carry, xs[:, 0]), cell.apply(params, carry, xs[:, 0]))
+    # the runner's default path uses it; the two-GEMM path (fused_apply=None) gives the same sequence
+    close(seqjax.scan(cell, params, xs, lengths=LENGTHS, hoist=False),
+          seqjax.scan(cell._replace(fused_apply=None), params, xs, lengths=LENGTHS, hoist=False))

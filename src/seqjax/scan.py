@@ -99,12 +99,19 @@ def _select(mask: Array, on_true, on_false):
 def _body(cell: Cell, params, init_carry, projected: bool, remat: bool):
     """The per-step function shared by `scan` and `unrolled`: ``(carry, (x_t, valid_t, reset_t)) -> (carry, y_t)``."""
 
+    if projected:
+        advance = lambda carry, px: cell.step(params, carry, px)  # noqa: E731
+    elif cell.fused_apply is not None:
+        advance = cell.fused_apply(params)  # weights concatenated here, outside the loop
+    else:
+        advance = lambda carry, x: cell.apply(params, carry, x)  # noqa: E731
+
     def body(carry, inputs):
         x, valid, reset = inputs
         start = carry
         if reset is not None:
             start = _select(reset, init_carry, carry)
-        new, y = cell.step(params, start, x) if projected else cell.apply(params, start, x)
+        new, y = advance(start, x)
         if valid is not None:
             new = _select(valid, new, carry)
             y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))

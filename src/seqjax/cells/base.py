@@ -39,6 +39,12 @@ class Cell(NamedTuple):
       output_size: O, the width of ``y`` (H, or the LSTM projection size).
       name: a short description, used in error messages and reprs.
       layers: for `seqjax.stack`, the tuple of stacked cells; else ``None``.
+      fused_apply: optional ``(params) -> ((carry, x) -> (carry, y))``, the same
+        step as ``apply`` with the input and recurrent GEMMs fused into one,
+        ``[x, h] @ [[W_x], [W_h]]``; runners call it once outside the loop, so
+        the weight concatenation (and, in the backward pass, its gradient
+        split) happens once per sequence, not per step. ``None`` when a cell
+        has no such form.
     """
 
     init: Callable[..., Any]
@@ -51,15 +57,34 @@ class Cell(NamedTuple):
     output_size: int
     name: str
     layers: tuple | None = None
+    fused_apply: Callable[..., Any] | None = None
 
 
-def make_cell(*, init, initial_carry, project, step, input_size, hidden_size, output_size, name, layers=None) -> Cell:
+def make_cell(*, init, initial_carry, project, step, input_size, hidden_size, output_size, name, layers=None,
+              fused_apply=None) -> Cell:
     """Builds a `Cell` whose ``apply`` is ``step`` after ``project``."""
 
     def apply(params, carry, x):
         return step(params, carry, project(params, x))
 
-    return Cell(init, initial_carry, project, step, apply, input_size, hidden_size, output_size, name, layers)
+    return Cell(init, initial_carry, project, step, apply, input_size, hidden_size, output_size, name, layers,
+                fused_apply)
+
+
+def fused_input_recurrent(w_x: Array, w_h: Array, b: Array, finish: Callable[[Any, Array], Any]):
+    """``(carry, x) -> finish(carry, [x, h] @ [[W_x], [W_h]] + b)`` with the weights concatenated once.
+
+    ``finish(carry, a)`` is the rest of a cell's step given the pre-activation
+    ``a = x W_x + h W_h + b``; the carry's first leaf (or the carry itself) is h.
+    """
+    w = jnp.concatenate([w_x, w_h], axis=0)
+    bias = b.astype(compute_dtype(w.dtype))
+
+    def apply(carry, x):
+        h = carry if isinstance(carry, jax.Array) else carry[0]
+        return finish(carry, matmul(jnp.concatenate([x.astype(h.dtype), h], axis=-1), w) + bias)
+
+    return apply
 
 
 def compute_dtype(dtype) -> jnp.dtype:

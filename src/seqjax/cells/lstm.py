@@ -6,8 +6,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import (Array, Cell, check_input, check_positive_int, compute_dtype, gate_blocks, make_cell,
-                               matmul, resolve_activation, zeros_carry)
+from seqjax.cells.base import (Array, Cell, check_input, check_positive_int, compute_dtype, fused_input_recurrent,
+                               gate_blocks, make_cell, matmul, resolve_activation, zeros_carry)
 
 ACTIVATIONS = {"tanh": jnp.tanh, "identity": lambda a: a, "relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid}
 
@@ -163,8 +163,14 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
         return matmul(x, params.w_x) + params.b.astype(compute_dtype(params.w_x.dtype))
 
     def step(params: LSTMParams, carry: LSTMCarry, px: Array):
-        dt = px.dtype
-        a = px + matmul(carry.h, params.w_h)
+        return finish(params, carry, px + matmul(carry.h, params.w_h))
+
+    def fused_apply(params: LSTMParams):
+        return fused_input_recurrent(params.w_x, params.w_h, params.b, lambda c, a: finish(params, c, a))
+
+    def finish(params: LSTMParams, carry: LSTMCarry, a: Array):
+        """The step given the gate pre-activations ``a = x W_x + h W_h + b`` [..., G*H]."""
+        dt = a.dtype
         if params.w_gates is not None:
             a_sig = matmul(carry.gates, params.w_gates)
         c_prev = carry.c.astype(dt)
@@ -211,7 +217,7 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
             opts.append(f"{name}={value!r}" if isinstance(value, (str, bool, int)) else f"{name}=custom")
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=P,
-                     name=f"lstm({', '.join(opts)})")
+                     name=f"lstm({', '.join(opts)})", fused_apply=fused_apply)
 
 
 def lstm_variant(name: str, hidden_size: int, **kwargs) -> Cell:

@@ -6,8 +6,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import (Array, Cell, check_input, check_positive_int, compute_dtype, make_cell, matmul,
-                               resolve_activation, zeros_carry)
+from seqjax.cells.base import (Array, Cell, check_input, check_positive_int, compute_dtype, fused_input_recurrent,
+                               make_cell, matmul, resolve_activation, zeros_carry)
 
 ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
@@ -69,10 +69,16 @@ def rnn(hidden_size: int, *, activation: str | Callable = "tanh",
         check_input(call, x, params.w_x.shape[0])
         return matmul(x, params.w_x) + params.b.astype(compute_dtype(params.w_x.dtype))
 
-    def step(params: RNNParams, h: Array, px: Array):
-        h = act(px + matmul(h, params.w_h)).astype(params.w_h.dtype)
+    def finish(params: RNNParams, a: Array):
+        h = act(a).astype(params.w_h.dtype)
         return h, h
+
+    def step(params: RNNParams, h: Array, px: Array):
+        return finish(params, px + matmul(h, params.w_h))
+
+    def fused_apply(params: RNNParams):
+        return fused_input_recurrent(params.w_x, params.w_h, params.b, lambda h, a: finish(params, a))
 
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=hidden_size, output_size=hidden_size,
-                     name=f"rnn(hidden_size={hidden_size}, activation={act_name})")
+                     name=f"rnn(hidden_size={hidden_size}, activation={act_name})", fused_apply=fused_apply)
