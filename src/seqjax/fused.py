@@ -245,19 +245,6 @@ def fused_scan(kind: str, params, xs_tm: Array, carry0, valid: Array | None = No
 # cotangents only, emitting the pre-activation gradients dA_t of every step; then the
 # weight gradients and dX are single 2-D GEMMs over all T*B rows.
 
-def _vjp_step_lstm(p, start, px):
-    H = start.c.shape[-1]
-    a = px + matmul(start.h, p.w_h)
-    i = jax.nn.sigmoid(a[:, :H])
-    f = jax.nn.sigmoid(a[:, H:2 * H])
-    g = jnp.tanh(a[:, 2 * H:3 * H])
-    o = jax.nn.sigmoid(a[:, 3 * H:])
-    c = f * start.c + i * g
-    tc = jnp.tanh(c)
-    h = o * tc
-    return LSTMCarry(h, c), h, (jnp.concatenate([i, f, g, o], -1), start.c, tc)
-
-
 def _vjp_back_lstm(p, w_hT, res, dnew, dy):
     """(residuals_t, d new carry, d y_t) -> (dpx_t, dgh_t or None, d start carry)."""
     gates, c0, tc = res
@@ -291,7 +278,7 @@ def _vjp_back_rnn(kind):
     return back
 
 
-_VJP_FWD = {"lstm": _vjp_step_lstm, "gru": _gru_fwd, "rnn_tanh": _rnn_fwd(jnp.tanh),
+_VJP_FWD = {"lstm": _lstm_fwd, "gru": _gru_fwd, "rnn_tanh": _rnn_fwd(jnp.tanh),
             "rnn_relu": _rnn_fwd(jax.nn.relu)}
 _VJP_BACK = {"lstm": _vjp_back_lstm, "gru": _vjp_back_gru, "rnn_tanh": _vjp_back_rnn("rnn_tanh"),
              "rnn_relu": _vjp_back_rnn("rnn_relu")}
