@@ -1,12 +1,15 @@
 """Speed levers of seqjax, each measured against the plain path (issue 3, "Make seqjax fast").
 
 Candidates (all interleaved in one process with PyTorch as the reference):
-  * scan hoist=False   : the plain autodiff scan, input projection inside the loop body
-  * scan hoist=True    : the plain autodiff scan, projection hoisted as one GEMM (time-major)
-  * fused hoist=False  : seqjax.fused (custom JVP: weight gradients as whole-sequence GEMMs)
-  * fused hoist=True   : the same with the hoisted projection
-  * fused vjp          : seqjax.fused.scan_fused (hand-written custom VJP: backward loop over the
-                         state gradients only, weight gradients and dX as whole-sequence GEMMs)
+  * scan hoist=False   : autodiff of the scan (backward="autodiff"), input projection inside the body
+  * scan hoist=True    : the same with the projection hoisted as one GEMM (time-major)
+  * fused vjp          : seqjax.fused's custom VJP (backward="fused", scan's default since it won):
+                         the backward loop carries the state gradients only, the weight gradients
+                         and dX are whole-sequence GEMMs
+  * fused vjp hoist=True : the same with the hoisted projection
+
+The custom-JVP form of the same idea (the JVP split into a time-parallel part and a
+linear recurrence, transposed by JAX) was measured and removed: bench/results/levers.md.
 
     python bench/levers.py [--cells lstm,gru,rnn] [--shapes small,standard,long] [--reps 15] [--quick]
 
@@ -19,16 +22,11 @@ import argparse
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import peers  # noqa: E402
 
 import seqjax  # noqa: E402
-from seqjax import fused  # noqa: E402
-from seqjax.scan import _plan  # noqa: E402
 
 
 def _cell(cell_name, H):
@@ -36,43 +34,18 @@ def _cell(cell_name, H):
             "rnn": lambda: seqjax.rnn(H)}[cell_name]()
 
 
-def plain(hoist):
+def scan_builder(**scan_kwargs):
     def build(cell_name, B, T, I, H, key):
         cell = _cell(cell_name, H)
-        return (lambda p, x: seqjax.scan(cell, p, x, hoist=hoist)[1]), cell.init(key, I)
+        return (lambda p, x: seqjax.scan(cell, p, x, **scan_kwargs)[1]), cell.init(key, I)
     return build
-
-
-def fused_builder(hoist):
-    def build(cell_name, B, T, I, H, key):
-        cell = _cell(cell_name, H)
-        params = cell.init(key, I)
-        kind = fused.fusable(cell, params)
-
-        def run(p, x):
-            plan = _plan("bench", cell, p, x, None, None, None, False)
-            _, ys = fused.fused_scan(kind, p, plan.xs, plan.carry, plan.valid, plan.resets, False, hoist)
-            return jnp.swapaxes(ys, 0, 1)
-        return run, params
-    return build
-
-
-def vjp_builder(cell_name, B, T, I, H, key):
-    cell = _cell(cell_name, H)
-    return (lambda p, x: fused.scan_fused(cell, p, x)[1]), cell.init(key, I)
-
-
-def default_scan(cell_name, B, T, I, H, key):
-    cell = _cell(cell_name, H)
-    return (lambda p, x: seqjax.scan(cell, p, x)[1]), cell.init(key, I)
 
 
 CANDIDATES = {
-    "scan hoist=False": plain(False),
-    "scan hoist=True": plain(True),
-    "fused hoist=False": fused_builder(False),
-    "fused hoist=True": fused_builder(True),
-    "fused vjp": vjp_builder,
+    "scan hoist=False": scan_builder(hoist=False, backward="autodiff"),
+    "scan hoist=True": scan_builder(hoist=True, backward="autodiff"),
+    "fused vjp": scan_builder(hoist=False, backward="fused"),
+    "fused vjp hoist=True": scan_builder(hoist=True, backward="fused"),
 }
 
 
@@ -97,7 +70,7 @@ def main(argv=None):
     if args.candidates:
         cands = {k: cands[k] for k in common.parse_list(args.candidates, list(CANDIDATES), "candidates")}
     if args.default:
-        cands["seqjax.scan (defaults)"] = default_scan
+        cands["seqjax.scan (defaults)"] = scan_builder()
     notes, rows = set(), []
     from tqdm import tqdm
     progress = tqdm(total=len(cells) * len(shapes) * reps, desc="levers", file=sys.stderr)

@@ -11,19 +11,20 @@ import pytest
 
 import seqjax
 from seqjax import fused
-from seqjax.scan import _plan
 
 B, T, I, H = 3, 6, 4, 5
 CELLS = {
     "lstm": lambda: seqjax.lstm(H),
+    "lstm_peep": lambda: seqjax.lstm(H, peepholes=True),
     "gru": lambda: seqjax.gru(H),
     "rnn_tanh": lambda: seqjax.rnn(H),
     "rnn_relu": lambda: seqjax.rnn(H, activation="relu"),
 }
 NOT_FUSABLE = {
-    "lstm_peep": lambda: seqjax.lstm(H, peepholes=True),
+    "lstm_peep_proj": lambda: seqjax.lstm(H, peepholes=True, proj_size=3),
     "lstm_proj": lambda: seqjax.lstm(H, proj_size=3),
     "lstm_cifg": lambda: seqjax.lstm_variant("CIFG", H),
+    "lstm_nog": lambda: seqjax.lstm_variant("NOG", H),
     "lstm_fgr": lambda: seqjax.lstm_variant("FGR", H),
     "gru_cho": lambda: seqjax.gru(H, reset_after=False),
     "stack": lambda: seqjax.stack([seqjax.lstm(H), seqjax.gru(4)]),
@@ -53,21 +54,12 @@ def _setup(name, opts, seed=0, dtype=jnp.float32):
     return cell, params, xs, carry, kw
 
 
-def _jvp_run(cell, params, xs, carry, kw, hoist=False):
-    kind = fused.fusable(cell, params)
-    plan = _plan("test", cell, params, xs, carry, kw.get("lengths"), kw.get("resets"), kw["time_major"])
-    c, ys = fused.fused_scan(kind, params, plan.xs, plan.carry, plan.valid, plan.resets, kw["reverse"], hoist)
-    if kind == "lstm":
-        c = seqjax.LSTMCarry(c.h, c.c)
-    return c, (ys if kw["time_major"] else jnp.swapaxes(ys, 0, 1))
-
-
-def _vjp_run(cell, params, xs, carry, kw):
-    return fused.scan_fused(cell, params, xs, carry=carry, **kw)
+def _vjp_run(cell, params, xs, carry, kw, hoist=False):
+    return seqjax.scan(cell, params, xs, carry=carry, hoist=hoist, backward="fused", **kw)
 
 
 def _plain_run(cell, params, xs, carry, kw):
-    return seqjax.scan(cell, params, xs, carry=carry, hoist=False, **kw)
+    return seqjax.scan(cell, params, xs, carry=carry, hoist=False, backward="autodiff", **kw)
 
 
 def _loss(run, cell, kw):
@@ -106,41 +98,62 @@ def test_vjp_all_options(name):
     _compare(_vjp_run, name, ALL)
 
 
-def test_jvp_all_options():
-    _compare(lambda *a: _jvp_run(*a, hoist=True), "gru", ALL)
-
-
-def _check_grads_64(run, name, modes, order):
-    with jax.enable_x64(True):
-        cell, params, xs, carry, kw = _setup(name, dict(ALL, time_major=False), dtype=jnp.float64)
-        f = jax.jit(lambda p, x, c: run(cell, p, x, c, kw))
-        jax.test_util.check_grads(f, (params, xs, carry), order=order, modes=modes, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_vjp_hoisted(name):
+    _compare(lambda *a: _vjp_run(*a, hoist=True), name, ALL)
+
+
+def test_vjp_derives_start_states_from_outputs():
+    """Without lengths/resets the backward rebuilds h_{t-1} from ys (both directions, given carry)."""
+    for reverse in (False, True):
+        _compare(_vjp_run, "lstm", dict(carry=True, reverse=reverse))
+        _compare(_vjp_run, "rnn_tanh", dict(carry=True, reverse=reverse))
+
+
+def _check_grads_64(name, opts):
+    with jax.enable_x64(True):
+        cell, params, xs, carry, kw = _setup(name, opts, dtype=jnp.float64)
+        f = jax.jit(lambda p, x, c: _vjp_run(cell, p, x, c, kw))
+        jax.test_util.check_grads(f, (params, xs, carry), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lstm", "lstm_peep", "gru", "rnn_relu"])
 def test_vjp_check_grads(name):
-    _check_grads_64(_vjp_run, name, ["rev"], 1)
+    _check_grads_64(name, dict(ALL, time_major=False))
+    _check_grads_64(name, {})
 
 
-def test_jvp_check_grads_forward_mode():
-    _check_grads_64(_jvp_run, "lstm", ["fwd"], 1)
-
-
-def test_scan_fused_falls_back():
-    """Non-fusable cells and options run the plain scan (same results, forward mode works)."""
-    cell = NOT_FUSABLE["lstm_peep"]()
-    params = cell.init(jax.random.key(0), I)
+def test_default_is_fused_and_falls_back():
+    """scan's default differentiates fusable cells with the custom VJP, anything else with autodiff."""
     xs = jnp.ones((B, T, I))
-    a = fused.scan_fused(cell, params, xs)
-    b = seqjax.scan(cell, params, xs)
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(u, v)
     lstm = CELLS["lstm"]()
     p = lstm.init(jax.random.key(0), I)
-    out = fused.scan_fused(lstm, p, xs, remat=True)[1]
-    np.testing.assert_allclose(out, seqjax.scan(lstm, p, xs)[1], atol=1e-6)
-    with pytest.raises(ValueError, match="scan_fused"):
-        fused.scan_fused(lstm, p, jnp.ones((B, T, I + 1)))
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p: seqjax.scan(lstm, p, xs))(p))
+    for kw in (dict(backward="autodiff"), dict(remat=True), dict(unroll=2)):
+        assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda p: seqjax.scan(lstm, p, xs, **kw))(p)), kw
+    cell = NOT_FUSABLE["lstm_cifg"]()
+    params = cell.init(jax.random.key(0), I)
+    a = seqjax.scan(cell, params, xs)
+    b = seqjax.scan(cell, params, xs, backward="autodiff")
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_backward_option_errors():
+    lstm = CELLS["lstm"]()
+    p = lstm.init(jax.random.key(0), I)
+    xs = jnp.ones((B, T, I))
+    with pytest.raises(ValueError, match="backward must be one of"):
+        seqjax.scan(lstm, p, xs, backward="custom")
+    with pytest.raises(ValueError, match="backward must be one of"):
+        seqjax.unrolled(lstm, p, xs, backward="fast")
+    with pytest.raises(ValueError, match="backward='fused' needs remat=False"):
+        seqjax.scan(lstm, p, xs, backward="fused", remat=True)
+    with pytest.raises(ValueError, match="backward='fused' needs unroll=1, got unroll=4"):
+        seqjax.scan(lstm, p, xs, backward="fused", unroll=4)
+    peep = NOT_FUSABLE["lstm_cifg"]()
+    with pytest.raises(ValueError, match="not fusable.*coupled_input_forget=True"):
+        seqjax.scan(peep, peep.init(jax.random.key(0), I), xs, backward="fused")
 
 
 @pytest.mark.parametrize("name", list(NOT_FUSABLE))
@@ -152,16 +165,41 @@ def test_variants_are_not_fused(name):
 def test_fusable_kinds_and_dtypes():
     for name, make in CELLS.items():
         cell = make()
-        assert fused.fusable(cell, cell.init(jax.random.key(0), I)) == name
+        assert fused.fusable(cell, cell.init(jax.random.key(0), I)) == name.replace("_peep", "")
     cell = seqjax.lstm(H)
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), cell.init(jax.random.key(0), I))
     assert fused.fusable(cell, params) is None
 
 
-def test_scan_fused_has_no_forward_mode():
-    """The documented trade-off of the custom VJP: forward mode raises (seqjax.scan keeps it)."""
+def test_forward_mode_needs_autodiff():
+    """The documented trade-off of the custom VJP: forward mode raises; backward="autodiff" keeps it."""
     cell = CELLS["rnn_tanh"]()
     params = cell.init(jax.random.key(0), I)
     xs = jnp.ones((B, T, I))
     with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(lambda x: fused.scan_fused(cell, params, x)[1], (xs,), (xs,))
+        jax.jvp(lambda x: seqjax.scan(cell, params, x)[1], (xs,), (xs,))
+    out, tangent = jax.jvp(lambda x: seqjax.scan(cell, params, x, backward="autodiff")[1], (xs,), (xs,))
+    assert tangent.shape == out.shape and np.all(np.isfinite(tangent))
+
+
+def test_mixed_input_dtype_gradient():
+    """bf16 inputs into float32 params: dxs comes back in the input's dtype."""
+    cell = CELLS["lstm"]()
+    params = cell.init(jax.random.key(0), I)
+    xs = jnp.ones((B, T, I), jnp.bfloat16)
+    g = jax.grad(lambda x: jnp.sum(seqjax.scan(cell, params, x)[1]))(xs)
+    g_ref = jax.grad(lambda x: jnp.sum(seqjax.scan(cell, params, x, backward="autodiff")[1]))(xs)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g.astype(np.float32), g_ref.astype(np.float32), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_vjp_empty_sequence(name):
+    """T = 0: the final carry is the initial one and its gradient passes straight through."""
+    cell, params, _, carry, _ = _setup(name, dict(carry=True))
+    xs = jnp.zeros((B, 0, I))
+    g = jax.grad(lambda c: sum(jnp.sum(a) for a in jax.tree.leaves(seqjax.scan(cell, params, xs, carry=c)[0])))(carry)
+    for a in jax.tree.leaves(g):
+        np.testing.assert_array_equal(a, np.ones_like(a))
+    gp = jax.grad(lambda p: sum(jnp.sum(a) for a in jax.tree.leaves(seqjax.scan(cell, p, xs, carry=carry)[0])))(params)
+    assert all(not np.any(np.asarray(a)) for a in jax.tree.leaves(gp))

@@ -1,33 +1,27 @@
-"""A scan whose derivative computes the weight gradients as whole-sequence GEMMs.
+"""The whole-sequence-GEMM gradient of a scan: the custom VJP `seqjax.scan` uses by default.
 
-Autodiff of `jax.lax.scan` accumulates the recurrent weight gradient inside the
-backward loop: every step adds ``h_{t-1}^T @ dA_t`` (a [H, B] x [B, G*H] GEMM)
-to a running sum, and likewise for the input weights. `fused_scan` gives the
-standard LSTM, GRU (``reset_after=True``) and Elman RNN cells a `jax.custom_jvp`
-whose tangent is split into
+Autodiff of `jax.lax.scan` accumulates the weight gradients inside the backward
+loop: every step adds ``h_{t-1}^T @ dA_t`` (a [H, B] x [B, G*H] GEMM with only B
+rows to reduce over) to a running sum, likewise ``x_t^T @ dA_t``, and computes
+``dx_t = dA_t @ W_x^T``. The custom VJP here instead
 
-* a **time-parallel part**, computed for all steps at once:
-  ``dP = dX @ W_x + X @ dW_x + db`` and ``dU = H_prev @ dW_h`` (one GEMM each
-  over all T*B rows), and
-* a **linear recurrence** over the tangent state only (``dh_{t-1} @ W_h`` plus
-  the gate arithmetic, using the gate activations saved by the forward loop).
+* runs the forward loop once, saving per step exactly what the backward needs
+  (gate activations, the start cell state, tanh(c));
+* runs one reverse loop over the **state** cotangents only: per step the gate
+  arithmetic and one GEMM ``dA_t @ W_h^T``, emitting the pre-activation
+  gradients ``dA_t``;
+* then computes ``dW_x = X^T dA``, ``dW_h = H_prev^T dA``, ``db = sum dA`` and
+  ``dX = dA W_x^T`` as single GEMMs over all T*B rows.
 
-Reverse mode transposes this: the backward loop runs the recurrence for the
-state gradients only and emits the pre-activation gradients ``dA`` of every
-step, and the weight gradients become single GEMMs
-(``dW_h = H_prev^T @ dA``, ``dW_x = X^T @ dA``, ``db = sum dA``). Because the rule
-is a JVP (not a VJP), forward mode (`jax.jvp`, `jax.jacfwd`, Hessians) keeps working.
+On the 2-core CPU this cut the LSTM train step by 20-40 % against autodiff of the
+same loop (bench/results/levers.md). The trade-off of a `jax.custom_vjp`: reverse
+mode (`jax.grad`, `jax.vjp`) works, forward mode (`jax.jvp`, `jax.jacfwd`,
+`jax.hessian`) raises; ``seqjax.scan(..., backward="autodiff")`` keeps forward mode.
 
-`fused_scan_vjp` / `scan_fused` do the same with a hand-written `jax.custom_vjp`
-(forward saves gate activations and start states; backward is one reverse loop over
-the state cotangents, then whole-sequence GEMMs). It measured faster than both the
-JVP and plain autodiff for long sequences (bench/results/levers.md) but has no forward
-mode, so it is opt-in: ``seqjax.fused.scan_fused(cell, params, xs, **scan kwargs)``.
-
-Supports ``lengths`` (as a [T, B] validity mask), ``resets``, ``reverse`` and a
-given initial carry with the same semantics as `seqjax.scan`. Everything else
-(other cells and variants, 16-bit params, stacked cells) is reported by
-`fusable` so the caller can use the plain autodiff path.
+Covered (`fusable`): the LSTM with or without peepholes, the GRU with ``reset_after=True`` and the
+Elman RNN (tanh or relu), float32 or float64 params. ``lengths`` (as a [T, B]
+validity mask), ``resets``, ``reverse``, a given initial carry and the hoisted
+projection have the same semantics as in `seqjax.scan`.
 """
 from __future__ import annotations
 
@@ -41,28 +35,32 @@ from seqjax.cells.gru import GRUParams
 from seqjax.cells.lstm import LSTMCarry, LSTMParams
 from seqjax.cells.rnn import RNNParams
 
-__all__ = ["fusable", "fused_scan", "fused_scan_vjp", "scan_fused"]
+__all__ = ["fusable", "fused_scan"]
 
 
 def fusable(cell: Cell, params) -> str | None:
     """The fused kernel that computes ``cell`` (``"lstm"``, ``"gru"``, ``"rnn_tanh"``, ``"rnn_relu"``), or None.
 
-    Only the plain variants qualify: an LSTM without peepholes, projection or
-    gate recurrence and with all gates and tanh activations; a GRU with
+    Only the plain variants qualify: an LSTM (with or without peepholes, the
+    "vanilla LSTM" of Greff et al.) without projection or gate recurrence and with
+    all gates and tanh activations; a GRU with
     ``reset_after=True``; an Elman RNN with tanh or relu. Params must be
     float32 or float64 throughout.
     """
     if cell.layers is not None:
         return None
-    leaves = [a for a in jax.tree.leaves(params)]
+    leaves = jax.tree.leaves(params)
     if not leaves or any(jnp.result_type(a) not in (jnp.float32, jnp.float64) for a in leaves):
         return None
     if len({jnp.result_type(a) for a in leaves}) != 1:
         return None
     H = cell.hidden_size
     if isinstance(params, LSTMParams):
-        if (params.peep is None and params.w_proj is None and params.w_gates is None
-                and cell.name == f"lstm(hidden_size={H})" and params.w_h.shape == (H, 4 * H)):
+        plain = params.peep is None and cell.name == f"lstm(hidden_size={H})"
+        peephole = (params.peep is not None and params.peep.shape == (3, H)
+                    and cell.name == f"lstm(hidden_size={H}, peepholes=True)")
+        if ((plain or peephole) and params.w_proj is None and params.w_gates is None
+                and params.w_h.shape == (H, 4 * H)):
             return "lstm"
         return None
     if isinstance(params, GRUParams):
@@ -77,85 +75,90 @@ def fusable(cell: Cell, params) -> str | None:
 
 
 # ----------------------------------------------------------------------------- per-cell steps
-# forward step: (params, start_carry, px_t) -> (new_carry, y, residuals_t)
-# tangent step: (params, res_t, d_start_carry, dp_t, du_t) -> (d_new_carry, dy)
-#   dp_t: tangent of the time-parallel input projection; du_t: of h_prev @ W_h through dW_h.
+# forward:  (params, start_carry, pre) -> (new_carry, y, residuals_t); ``pre`` is the
+#           pre-activation a = x W_x + h W_h + b, or (x W_x + b, h W_h) for the GRU.
+# backward: (params, w_hT, residuals_t, d new carry, d y_t) -> (dpx_t, dgh_n_t or None, d start carry)
 
 def _h(kind, carry):
     return carry.h if kind == "lstm" else carry
 
 
-def _lstm_fwd(p, start, px):
+def _lstm_fwd(p, start, a):
     H = start.c.shape[-1]
-    a = px + matmul(start.h, p.w_h)
-    i = jax.nn.sigmoid(a[:, :H])
-    f = jax.nn.sigmoid(a[:, H:2 * H])
-    g = jnp.tanh(a[:, 2 * H:3 * H])
-    o = jax.nn.sigmoid(a[:, 3 * H:])
+    a_i, a_f, a_g, a_o = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
+    if p.peep is not None:
+        a_i, a_f = a_i + p.peep[0] * start.c, a_f + p.peep[1] * start.c
+    i, f, g = jax.nn.sigmoid(a_i), jax.nn.sigmoid(a_f), jnp.tanh(a_g)
     c = f * start.c + i * g
+    o = jax.nn.sigmoid(a_o if p.peep is None else a_o + p.peep[2] * c)
     tc = jnp.tanh(c)
     h = o * tc
-    return LSTMCarry(h, c), h, (jnp.concatenate([i, f, g, o], -1), start.c, tc)
+    return LSTMCarry(h, c), h, (i, f, g, o, start.c, tc)
 
 
-def _lstm_tan(p, res, dstart, dp, du):
-    gates, c0, tc = res
+def _lstm_back(p, w_hT, res, dnew, dy):
+    i, f, g, o, c0, tc = res
+    dh = dnew.h + dy
+    da_o = dh * tc * o * (1 - o)
+    dc = dnew.c + dh * o * (1 - tc * tc)
+    if p.peep is not None:
+        dc = dc + da_o * p.peep[2]
+    da_i, da_f = dc * g * i * (1 - i), dc * c0 * f * (1 - f)
+    dc0 = dc * f
+    if p.peep is not None:
+        dc0 = dc0 + da_i * p.peep[0] + da_f * p.peep[1]
+    da = jnp.concatenate([da_i, da_f, dc * i * (1 - g * g), da_o], -1)
+    return da, None, LSTMCarry(matmul(da, w_hT), dc0)
+
+
+def _lstm_peep_grad(res, dpx):
+    """d peep [3, H]: sum over all steps of dA_i * c_{t-1}, dA_f * c_{t-1}, dA_o * c_t."""
+    i, f, g, o, c0, tc = res
     H = c0.shape[-1]
-    i, f, g, o = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:3 * H], gates[:, 3 * H:]
-    da = dp + matmul(dstart.h, p.w_h)
-    if du is not None:
-        da = da + du
-    di = i * (1 - i) * da[:, :H]
-    df = f * (1 - f) * da[:, H:2 * H]
-    dg = (1 - g * g) * da[:, 2 * H:3 * H]
-    do = o * (1 - o) * da[:, 3 * H:]
-    dc = df * c0 + f * dstart.c + di * g + i * dg
-    dh = do * tc + o * (1 - tc * tc) * dc
-    return LSTMCarry(dh, dc), dh
+    c = f * c0 + i * g
+    sum_tb = lambda a: jnp.sum(a, axis=(0, 1))  # noqa: E731
+    return jnp.stack([sum_tb(dpx[..., :H] * c0), sum_tb(dpx[..., H:2 * H] * c0), sum_tb(dpx[..., 3 * H:] * c)])
 
 
-def _gru_fwd(p, h0, px):
+def _gru_fwd(p, h0, pre):
+    px, gh = pre
     H = h0.shape[-1]
-    gh = matmul(h0, p.w_h)
     r = jax.nn.sigmoid(px[:, :H] + gh[:, :H])
     z = jax.nn.sigmoid(px[:, H:2 * H] + gh[:, H:2 * H])
     hn = gh[:, 2 * H:] + p.b_hn
     n = jnp.tanh(px[:, 2 * H:] + r * hn)
     h = (1 - z) * n + z * h0
-    return h, h, (jnp.concatenate([r, z, n, hn], -1), h0)
+    return h, h, (r, z, n, hn, h0)
 
 
-def _gru_tan(p, res, dh0, dp, du):
-    acts, h0 = res
-    H = h0.shape[-1]
-    r, z, n, hn = acts[:, :H], acts[:, H:2 * H], acts[:, 2 * H:3 * H], acts[:, 3 * H:]
-    dgh = matmul(dh0, p.w_h) + du
-    dr = r * (1 - r) * (dp[:, :H] + dgh[:, :H])
-    dz = z * (1 - z) * (dp[:, H:2 * H] + dgh[:, H:2 * H])
-    dn = (1 - n * n) * (dp[:, 2 * H:] + dr * hn + r * dgh[:, 2 * H:])
-    dh = (1 - z) * dn + dz * (h0 - n) + z * dh0
-    return dh, dh
+def _gru_back(p, w_hT, res, dnew, dy):
+    r, z, n, hn, h0 = res
+    dh = dnew + dy
+    dn = dh * (1 - z) * (1 - n * n)           # d pre-activation of n
+    dz = dh * (h0 - n) * z * (1 - z)
+    dr = dn * hn * r * (1 - r)
+    dpx = jnp.concatenate([dr, dz, dn], -1)
+    dgh = jnp.concatenate([dr, dz, dn * r], -1)
+    return dpx, dn * r, matmul(dgh, w_hT) + dh * z
 
 
 def _rnn_fwd(act):
-    def fwd(p, h0, px):
-        h = act(px + matmul(h0, p.w_h))
+    def fwd(p, h0, a):
+        h = act(a)
         return h, h, h
     return fwd
 
 
-def _rnn_tan(kind):
-    def tan(p, h, dh0, dp, du):
-        da = dp + matmul(dh0, p.w_h)
-        if du is not None:
-            da = da + du
-        dh = (1 - h * h) * da if kind == "rnn_tanh" else jnp.where(h > 0, da, jnp.zeros_like(da))
-        return dh, dh
-    return tan
+def _rnn_back(kind):
+    def back(p, w_hT, h, dnew, dy):
+        dh = dnew + dy
+        da = dh * (1 - h * h) if kind == "rnn_tanh" else jnp.where(h > 0, dh, jnp.zeros_like(dh))
+        return da, None, matmul(da, w_hT)
+    return back
 
 
 _FWD = {"lstm": _lstm_fwd, "gru": _gru_fwd, "rnn_tanh": _rnn_fwd(jnp.tanh), "rnn_relu": _rnn_fwd(jax.nn.relu)}
-_TAN = {"lstm": _lstm_tan, "gru": _gru_tan, "rnn_tanh": _rnn_tan("rnn_tanh"), "rnn_relu": _rnn_tan("rnn_relu")}
+_BACK = {"lstm": _lstm_back, "gru": _gru_back, "rnn_tanh": _rnn_back("rnn_tanh"), "rnn_relu": _rnn_back("rnn_relu")}
 
 
 def _where(mask, a, b):
@@ -166,154 +169,62 @@ def _zeros(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
 
+def _pre_activation(kind, params, hoist):
+    """``(h, x_t or px_t) -> pre`` for `_FWD`; not hoisted, LSTM and RNN use one fused [x, h] GEMM per step."""
+    if kind == "gru":
+        return lambda h, x: (x if hoist else matmul(x, params.w_x) + params.b, matmul(h, params.w_h))
+    if hoist:
+        return lambda h, px: px + matmul(h, params.w_h)
+    w = jnp.concatenate([params.w_x, params.w_h], axis=0)
+    return lambda h, x: matmul(jnp.concatenate([x.astype(h.dtype), h], axis=-1), w) + params.b
+
+
 def _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep):
-    """The forward recurrence; ``keep`` also returns per-step residuals and start states."""
+    """The forward recurrence. ``keep``: also the residuals and, if needed, the start h of every step."""
     step = _FWD[kind]
+    pre = _pre_activation(kind, params, hoist)
     zero = _zeros(carry0)
     inputs = matmul(xs, params.w_x) + params.b if hoist else xs
+    keep_h = keep and (valid is not None or resets is not None)
 
     def body(carry, inp):
         x, v, r = inp
         start = carry if r is None else _where(r, zero, carry)
-        px = x if hoist else matmul(x, params.w_x) + params.b
-        new, y, res = step(params, start, px)
+        new, y, res = step(params, start, pre(_h(kind, start), x))
         if v is not None:
             new = _where(v, new, carry)
             y = jnp.where(v[:, None], y, jnp.zeros((), y.dtype))
-        out = (y, res, _h(kind, start)) if keep else y
-        return new, out
+        if not keep:
+            return new, y
+        return new, (y, res, _h(kind, start) if keep_h else None)
 
     return jax.lax.scan(body, carry0, (inputs, valid, resets), reverse=reverse)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0, 6, 7))
+def _start_h(ys, h0, reverse):
+    """The h each step started from, [T, B, H], when no lengths or resets intervene."""
+    if reverse:  # step t started from step t+1's output; the last step from h0
+        return jnp.concatenate([ys, h0[None]], axis=0)[1:]
+    return jnp.concatenate([h0[None], ys], axis=0)[:ys.shape[0]]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
 def _fused(kind, params, xs, carry0, valid, resets, reverse, hoist):
     return _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep=False)
 
 
-@_fused.defjvp
-def _fused_jvp(kind, reverse, hoist, primals, tangents):
-    params, xs, carry0, valid, resets = primals
-    dparams, dxs, dcarry0 = tangents[:3]
-    final, (ys, res, h_prev) = _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep=True)
-
-    # time-parallel part of the tangent: whole-sequence GEMMs
-    dp = matmul(dxs, params.w_x) + matmul(xs, dparams.w_x) + dparams.b
-    du = matmul(h_prev, dparams.w_h)
-    if kind == "gru":
-        H = params.b_hn.shape[-1]
-        du = du + jnp.concatenate([jnp.zeros((2 * H,), du.dtype), dparams.b_hn])
-    else:  # one input stream is enough
-        dp, du = dp + du, None
-    tan = _TAN[kind]
-
-    def body(dcarry, inp):
-        r_t, dp_t, du_t, v, rs = inp
-        dstart = dcarry if rs is None else _where(rs, _zeros(dcarry), dcarry)
-        dnew, dy = tan(params, r_t, dstart, dp_t, du_t)
-        if v is not None:
-            dnew = _where(v, dnew, dcarry)
-            dy = jnp.where(v[:, None], dy, jnp.zeros((), dy.dtype))
-        return dnew, dy
-
-    dfinal, dys = jax.lax.scan(body, dcarry0, (res, dp, du, valid, resets), reverse=reverse)
-    return (final, ys), (dfinal, dys)
+def _fused_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist):
+    final, (ys, res, h_start) = _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep=True)
+    if h_start is None:
+        h_start = _start_h(ys, _h(kind, carry0), reverse)
+    return (final, ys), (params, xs, res, h_start, valid, resets)
 
 
-def fused_scan(kind: str, params, xs_tm: Array, carry0, valid: Array | None = None, resets: Array | None = None,
-               reverse: bool = False, hoist: bool = False):
-    """Runs a fusable cell over a time-major sequence: ``(final_carry, ys [T, B, H])``.
-
-    Args:
-      kind: from `fusable`.
-      params: the cell's params (float32/float64).
-      xs_tm: [T, B, I].
-      carry0: initial carry for batch B (`LSTMCarry` with ``gates=None``, or h [B, H]).
-      valid: [T, B] bool (steps inside each sequence's length) or None.
-      resets: [T, B] bool or None.
-      reverse: process time backwards (with ``valid``, only the valid prefix is visited).
-      hoist: compute the input projection of all steps as one GEMM before the loop.
-    """
-    if kind == "lstm":
-        carry0 = LSTMCarry(carry0.h, carry0.c)
-    return _fused(kind, params, xs_tm, carry0, valid, resets, bool(reverse), bool(hoist))
-
-
-# ============================================================================ hand-written custom_vjp
-# Forward: one lax.scan that also stores, per step, exactly what the backward needs
-# (gate activations, start states). Backward: one reverse lax.scan over the state
-# cotangents only, emitting the pre-activation gradients dA_t of every step; then the
-# weight gradients and dX are single 2-D GEMMs over all T*B rows.
-
-def _vjp_back_lstm(p, w_hT, res, dnew, dy):
-    """(residuals_t, d new carry, d y_t) -> (dpx_t, dgh_t or None, d start carry)."""
-    gates, c0, tc = res
-    H = c0.shape[-1]
-    i, f, g, o = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:3 * H], gates[:, 3 * H:]
-    dh = dnew.h + dy
-    dc = dnew.c + dh * o * (1 - tc * tc)
-    da = jnp.concatenate([dc * g * i * (1 - i), dc * c0 * f * (1 - f), dc * i * (1 - g * g),
-                          dh * tc * o * (1 - o)], -1)
-    return da, None, LSTMCarry(matmul(da, w_hT), dc * f)
-
-
-def _vjp_back_gru(p, w_hT, res, dnew, dy):
-    acts, h0 = res
-    H = h0.shape[-1]
-    r, z, n, hn = acts[:, :H], acts[:, H:2 * H], acts[:, 2 * H:3 * H], acts[:, 3 * H:]
-    dh = dnew + dy
-    dn = dh * (1 - z) * (1 - n * n)           # d pre-activation of n
-    dz = dh * (h0 - n) * z * (1 - z)
-    dr = dn * hn * r * (1 - r)
-    dpx = jnp.concatenate([dr, dz, dn], -1)
-    dgh = jnp.concatenate([dr, dz, dn * r], -1)
-    return dpx, dn * r, matmul(dgh, w_hT) + dh * z
-
-
-def _vjp_back_rnn(kind):
-    def back(p, w_hT, h, dnew, dy):
-        dh = dnew + dy
-        da = dh * (1 - h * h) if kind == "rnn_tanh" else jnp.where(h > 0, dh, jnp.zeros_like(dh))
-        return da, None, matmul(da, w_hT)
-    return back
-
-
-_VJP_FWD = {"lstm": _lstm_fwd, "gru": _gru_fwd, "rnn_tanh": _rnn_fwd(jnp.tanh),
-            "rnn_relu": _rnn_fwd(jax.nn.relu)}
-_VJP_BACK = {"lstm": _vjp_back_lstm, "gru": _vjp_back_gru, "rnn_tanh": _vjp_back_rnn("rnn_tanh"),
-             "rnn_relu": _vjp_back_rnn("rnn_relu")}
-
-
-def _vloop(kind, params, xs, carry0, valid, resets, reverse, keep):
-    step = _VJP_FWD[kind]
-    zero = _zeros(carry0)
-
-    def body(carry, inp):
-        x, v, r = inp
-        start = carry if r is None else _where(r, zero, carry)
-        new, y, res = step(params, start, matmul(x, params.w_x) + params.b)
-        if v is not None:
-            new = _where(v, new, carry)
-            y = jnp.where(v[:, None], y, jnp.zeros((), y.dtype))
-        return new, ((y, res, _h(kind, start)) if keep else y)
-
-    return jax.lax.scan(body, carry0, (xs, valid, resets), reverse=reverse)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 6))
-def _vfused(kind, params, xs, carry0, valid, resets, reverse):
-    return _vloop(kind, params, xs, carry0, valid, resets, reverse, keep=False)
-
-
-def _vfused_fwd(kind, params, xs, carry0, valid, resets, reverse):
-    final, (ys, res, h_prev) = _vloop(kind, params, xs, carry0, valid, resets, reverse, keep=True)
-    return (final, ys), (params, xs, res, h_prev, valid, resets)
-
-
-def _vfused_bwd(kind, reverse, saved, cts):
-    params, xs, res, h_prev, valid, resets = saved
+def _fused_bwd(kind, reverse, hoist, saved, cts):
+    del hoist  # the gradients are the same either way
+    params, xs, res, h_start, valid, resets = saved
     dfinal, dys = cts
-    back = _VJP_BACK[kind]
+    back = _BACK[kind]
     w_hT = params.w_h.T
 
     def body(dcarry, inp):
@@ -331,65 +242,47 @@ def _vfused_bwd(kind, reverse, saved, cts):
         return dstart, (dpx, dghn)
 
     dcarry0, (dpx, dghn) = jax.lax.scan(body, dfinal, (res, dys, valid, resets), reverse=not reverse)
-    T, B = xs.shape[:2]
-    dpx2 = dpx.reshape(T * B, -1)
+    rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  [T, B, K] -> [T*B, K] (explicit K: T may be 0)
+    dpx2 = rows(dpx)
     if kind == "gru":
         H = dghn.shape[-1]
-        dgh2 = jnp.concatenate([dpx2[:, :2 * H], dghn.reshape(T * B, H)], -1)
+        dgh2 = jnp.concatenate([dpx2[:, :2 * H], rows(dghn)], -1)
     else:
         dgh2 = dpx2
-    hp2 = h_prev.reshape(T * B, -1)
-    x2 = xs.reshape(T * B, -1)
-    dw_h = jax.lax.dot_general(hp2, dgh2, (((0,), (0,)), ((), ())))
-    dw_x = jax.lax.dot_general(x2, dpx2, (((0,), (0,)), ((), ())))
-    dxs = jax.lax.dot_general(dpx2, params.w_x, (((1,), (1,)), ((), ()))).reshape(xs.shape)
+    contract_rows = (((0,), (0,)), ((), ()))
+    dw_h = jax.lax.dot_general(rows(h_start), dgh2, contract_rows)
+    dw_x = jax.lax.dot_general(rows(xs).astype(dpx2.dtype), dpx2, contract_rows)
+    dxs = jax.lax.dot_general(dpx2, params.w_x, (((1,), (1,)), ((), ()))).reshape(xs.shape).astype(xs.dtype)
     grads = dict(w_x=dw_x, w_h=dw_h, b=jnp.sum(dpx2, 0))
     if kind == "gru":
-        grads["b_hn"] = jnp.sum(dghn.reshape(T * B, -1), 0)
-    dparams = params._replace(**grads)
-    return dparams, dxs, dcarry0, None, None
+        grads["b_hn"] = jnp.sum(rows(dghn), 0)
+    if kind == "lstm" and params.peep is not None:
+        grads["peep"] = _lstm_peep_grad(res, dpx)
+    return params._replace(**grads), dxs, dcarry0, None, None
 
 
-_vfused.defvjp(_vfused_fwd, _vfused_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_scan_vjp(kind: str, params, xs_tm: Array, carry0, valid: Array | None = None,
-                   resets: Array | None = None, reverse: bool = False):
-    """`fused_scan` with a hand-written `jax.custom_vjp` (reverse mode only: no `jax.jvp`/`jacfwd`).
+def fused_scan(kind: str, params, xs_tm: Array, carry0, valid: Array | None = None, resets: Array | None = None,
+               reverse: bool = False, hoist: bool = False):
+    """Runs a fusable cell over a time-major sequence with the custom VJP: ``(final_carry, ys [T, B, H])``.
 
-    Same arguments and results as `fused_scan` (without ``hoist``: the projection
-    is computed inside the loop, the measured faster choice on CPU).
+    Reverse mode only (no `jax.jvp`/`jacfwd`). `seqjax.scan` calls this for
+    fusable cells unless ``backward="autodiff"``; prefer that entry point.
+
+    Args:
+      kind: from `fusable`.
+      params: the cell's params (float32/float64).
+      xs_tm: [T, B, I], floating point.
+      carry0: initial carry for batch B (`LSTMCarry` with ``gates=None``, or h [B, H]).
+      valid: [T, B] bool (steps inside each sequence's length) or None.
+      resets: [T, B] bool or None.
+      reverse: process time backwards (with ``valid``, only the valid prefix is visited).
+      hoist: compute the input projection of all steps as one GEMM before the loop.
     """
     if kind == "lstm":
-        carry0 = LSTMCarry(carry0.h, carry0.c)
-    return _vfused(kind, params, xs_tm, carry0, valid, resets, bool(reverse))
-
-
-def scan_fused(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None,
-               resets: Array | None = None, reverse: bool = False, time_major: bool = False, unroll: int = 1,
-               remat: bool = False, hoist: bool | None = None):
-    """`seqjax.scan` whose gradient is the hand-written whole-sequence-GEMM VJP (opt-in).
-
-    Same arguments, semantics and results as `seqjax.scan`. For a fusable cell
-    (`fusable`: plain LSTM, GRU with ``reset_after=True``, Elman RNN; float32/64)
-    with ``unroll=1``, ``remat=False`` and ``hoist`` not True, the sequence runs
-    through `fused_scan_vjp`: the backward pass runs the recurrence for the state
-    gradients only and computes ``dW_h``, ``dW_x``, ``db`` and ``dX`` as single
-    GEMMs over all T*B rows. Anything else falls back to `seqjax.scan`.
-
-    Trade-off: the rule is a `jax.custom_vjp`, so reverse mode (`jax.grad`,
-    `jax.vjp`) works but forward mode (`jax.jvp`, `jax.jacfwd`, Hessians via
-    forward-over-reverse) of the fused path raises; use `seqjax.scan` for those.
-    See bench/results/levers.md for where it is faster.
-    """
-    from seqjax.scan import _check_bool, _plan, scan
-    kind = fusable(cell, params) if isinstance(cell, Cell) else None
-    if kind is None or remat is not False or hoist or isinstance(unroll, bool) or unroll != 1:
-        return scan(cell, params, xs, carry=carry, lengths=lengths, resets=resets, reverse=reverse,
-                    time_major=time_major, unroll=unroll, remat=remat, hoist=hoist)
-    plan = _plan("seqjax.fused.scan_fused", cell, params, xs, carry, lengths, resets, time_major)
-    _check_bool("seqjax.fused.scan_fused", "reverse", reverse)
-    final, ys = fused_scan_vjp(kind, params, plan.xs, plan.carry, plan.valid, plan.resets, reverse)
-    if kind == "lstm":
-        final = LSTMCarry(final.h, final.c, None)
-    return final, (ys if time_major else jnp.swapaxes(ys, 0, 1))
+        final, ys = _fused(kind, params, xs_tm, LSTMCarry(carry0.h, carry0.c), valid, resets, bool(reverse),
+                           bool(hoist))
+        return LSTMCarry(final.h, final.c, None), ys
+    return _fused(kind, params, xs_tm, carry0, valid, resets, bool(reverse), bool(hoist))
