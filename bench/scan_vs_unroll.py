@@ -1,8 +1,10 @@
 """Scan-based vs Python-unrolled BPTT: trace, compile and run time, and memory, against T.
 
 Runners compared for each cell and sequence length T (B=32, I=32, H=128, float32):
-  * ``scan u=k``: `seqjax.scan` with ``unroll=k``
-  * ``scan remat``: `seqjax.scan` with ``remat=True`` (rematerialise each step in the backward pass)
+  * ``scan u=k``: `seqjax.scan` with ``unroll=k``, differentiated by autodiff
+    (``backward="autodiff"``, so every scan row uses the same kind of backward pass)
+  * ``scan remat``: the same with ``remat=True`` (rematerialise each step in the backward pass)
+  * ``scan default``: `seqjax.scan` with its defaults (the whole-sequence-GEMM custom VJP)
   * ``unrolled``: `seqjax.unrolled`, a Python loop traced into one straight-line program.
     Once compiling it takes longer than the budget (120 s) for a T, longer T are
     skipped and the results say so.
@@ -42,9 +44,10 @@ def make_cell(name):
 
 
 def runners(unrolls, remat=True, unrolled=True):
-    out = {f"scan u={k}": (seqjax.scan, dict(unroll=k)) for k in unrolls}
+    out = {f"scan u={k}": (seqjax.scan, dict(unroll=k, backward="autodiff")) for k in unrolls}
+    out["scan default"] = (seqjax.scan, {})
     if remat:
-        out["scan remat"] = (seqjax.scan, dict(remat=True))
+        out["scan remat"] = (seqjax.scan, dict(remat=True, backward="autodiff"))
     if unrolled:
         out["unrolled"] = (seqjax.unrolled, {})
     return out
@@ -86,8 +89,8 @@ def main(argv=None):
                 if rname == "unrolled" and unrolled_max_T is not None and T > unrolled_max_T:
                     continue
                 for mode in ("fwd", "train"):
-                    if rname == "scan remat" and mode == "fwd":
-                        continue
+                    if rname in ("scan remat", "scan default") and mode == "fwd":
+                        continue  # the same forward loop as scan u=1
                     if rname == "unrolled" and mode in over_budget:
                         continue
 
