@@ -16,16 +16,18 @@ B, T, I, H = 3, 6, 4, 5
 CELLS = {
     "lstm": lambda: seqjax.lstm(H),
     "lstm_peep": lambda: seqjax.lstm(H, peepholes=True),
+    "lstm_proj": lambda: seqjax.lstm(H, proj_size=3),
+    "lstm_peep_proj": lambda: seqjax.lstm(H, peepholes=True, proj_size=3),
     "gru": lambda: seqjax.gru(H),
     "rnn_tanh": lambda: seqjax.rnn(H),
     "rnn_relu": lambda: seqjax.rnn(H, activation="relu"),
 }
 NOT_FUSABLE = {
-    "lstm_peep_proj": lambda: seqjax.lstm(H, peepholes=True, proj_size=3),
-    "lstm_proj": lambda: seqjax.lstm(H, proj_size=3),
     "lstm_cifg": lambda: seqjax.lstm_variant("CIFG", H),
     "lstm_nog": lambda: seqjax.lstm_variant("NOG", H),
     "lstm_fgr": lambda: seqjax.lstm_variant("FGR", H),
+    "lstm_niaf": lambda: seqjax.lstm_variant("NIAF", H),
+    "lstm_relu_out": lambda: seqjax.lstm(H, proj_size=3, output_activation="relu"),
     "gru_cho": lambda: seqjax.gru(H, reset_after=False),
     "stack": lambda: seqjax.stack([seqjax.lstm(H), seqjax.gru(4)]),
 }
@@ -117,7 +119,7 @@ def _check_grads_64(name, opts):
         jax.test_util.check_grads(f, (params, xs, carry), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["lstm", "lstm_peep", "gru", "rnn_relu"])
+@pytest.mark.parametrize("name", ["lstm", "lstm_peep_proj", "gru", "rnn_relu"])
 def test_vjp_check_grads(name):
     _check_grads_64(name, dict(ALL, time_major=False))
     _check_grads_64(name, {})
@@ -165,7 +167,7 @@ def test_variants_are_not_fused(name):
 def test_fusable_kinds_and_dtypes():
     for name, make in CELLS.items():
         cell = make()
-        assert fused.fusable(cell, cell.init(jax.random.key(0), I)) == name.replace("_peep", "")
+        assert fused.fusable(cell, cell.init(jax.random.key(0), I)) == name.replace("_peep", "").replace("_proj", "")
     cell = seqjax.lstm(H)
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), cell.init(jax.random.key(0), I))
     assert fused.fusable(cell, params) is None

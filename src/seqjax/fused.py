@@ -18,7 +18,7 @@ same loop (bench/results/levers.md). The trade-off of a `jax.custom_vjp`: revers
 mode (`jax.grad`, `jax.vjp`) works, forward mode (`jax.jvp`, `jax.jacfwd`,
 `jax.hessian`) raises; ``seqjax.scan(..., backward="autodiff")`` keeps forward mode.
 
-Covered (`fusable`): the LSTM with or without peepholes, the GRU with ``reset_after=True`` and the
+Covered (`fusable`): the LSTM with or without peepholes and projection, the GRU with ``reset_after=True`` and the
 Elman RNN (tanh or relu), float32 or float64 params. ``lengths`` (as a [T, B]
 validity mask), ``resets``, ``reverse``, a given initial carry and the hoisted
 projection have the same semantics as in `seqjax.scan`.
@@ -41,9 +41,9 @@ __all__ = ["fusable", "fused_scan"]
 def fusable(cell: Cell, params) -> str | None:
     """The fused kernel that computes ``cell`` (``"lstm"``, ``"gru"``, ``"rnn_tanh"``, ``"rnn_relu"``), or None.
 
-    Only the plain variants qualify: an LSTM (with or without peepholes, the
-    "vanilla LSTM" of Greff et al.) without projection or gate recurrence and with
-    all gates and tanh activations; a GRU with
+    Only the plain variants qualify: an LSTM with all gates and tanh
+    activations, with or without peepholes (the "vanilla LSTM" of Greff et al.)
+    and ``proj_size`` (LSTMP), without gate recurrence; a GRU with
     ``reset_after=True``; an Elman RNN with tanh or relu. Params must be
     float32 or float64 throughout.
     """
@@ -56,11 +56,11 @@ def fusable(cell: Cell, params) -> str | None:
         return None
     H = cell.hidden_size
     if isinstance(params, LSTMParams):
-        plain = params.peep is None and cell.name == f"lstm(hidden_size={H})"
-        peephole = (params.peep is not None and params.peep.shape == (3, H)
-                    and cell.name == f"lstm(hidden_size={H}, peepholes=True)")
-        if ((plain or peephole) and params.w_proj is None and params.w_gates is None
-                and params.w_h.shape == (H, 4 * H)):
+        P = H if params.w_proj is None else params.w_proj.shape[-1]
+        opts = (", peepholes=True" if params.peep is not None else "") + \
+            (f", proj_size={P}" if params.w_proj is not None else "")
+        if (cell.name == f"lstm(hidden_size={H}{opts})" and params.w_gates is None
+                and params.w_h.shape == (P, 4 * H) and (params.peep is None or params.peep.shape == (3, H))):
             return "lstm"
         return None
     if isinstance(params, GRUParams):
@@ -77,7 +77,8 @@ def fusable(cell: Cell, params) -> str | None:
 # ----------------------------------------------------------------------------- per-cell steps
 # forward:  (params, start_carry, pre) -> (new_carry, y, residuals_t); ``pre`` is the
 #           pre-activation a = x W_x + h W_h + b, or (x W_x + b, h W_h) for the GRU.
-# backward: (params, w_hT, residuals_t, d new carry, d y_t) -> (dpx_t, dgh_n_t or None, d start carry)
+# backward: (params, wT, residuals_t, d new carry, d y_t) -> (dpx_t, extra_t or None, d start carry);
+#           wT: the transposed weights (`_transposed`); extra_t: the GRU's d(h W_hn), the LSTMP's dh_t.
 
 def _h(kind, carry):
     return carry.h if kind == "lstm" else carry
@@ -93,12 +94,17 @@ def _lstm_fwd(p, start, a):
     o = jax.nn.sigmoid(a_o if p.peep is None else a_o + p.peep[2] * c)
     tc = jnp.tanh(c)
     h = o * tc
+    if p.w_proj is not None:
+        h = matmul(h, p.w_proj)
     return LSTMCarry(h, c), h, (i, f, g, o, start.c, tc)
 
 
-def _lstm_back(p, w_hT, res, dnew, dy):
+def _lstm_back(p, wT, res, dnew, dy):
     i, f, g, o, c0, tc = res
     dh = dnew.h + dy
+    dh_proj = None
+    if p.w_proj is not None:
+        dh_proj, dh = dh, matmul(dh, wT["w_proj"])
     da_o = dh * tc * o * (1 - o)
     dc = dnew.c + dh * o * (1 - tc * tc)
     if p.peep is not None:
@@ -108,7 +114,7 @@ def _lstm_back(p, w_hT, res, dnew, dy):
     if p.peep is not None:
         dc0 = dc0 + da_i * p.peep[0] + da_f * p.peep[1]
     da = jnp.concatenate([da_i, da_f, dc * i * (1 - g * g), da_o], -1)
-    return da, None, LSTMCarry(matmul(da, w_hT), dc0)
+    return da, dh_proj, LSTMCarry(matmul(da, wT["w_h"]), dc0)
 
 
 def _lstm_peep_grad(res, dpx):
@@ -131,7 +137,7 @@ def _gru_fwd(p, h0, pre):
     return h, h, (r, z, n, hn, h0)
 
 
-def _gru_back(p, w_hT, res, dnew, dy):
+def _gru_back(p, wT, res, dnew, dy):
     r, z, n, hn, h0 = res
     dh = dnew + dy
     dn = dh * (1 - z) * (1 - n * n)           # d pre-activation of n
@@ -139,7 +145,7 @@ def _gru_back(p, w_hT, res, dnew, dy):
     dr = dn * hn * r * (1 - r)
     dpx = jnp.concatenate([dr, dz, dn], -1)
     dgh = jnp.concatenate([dr, dz, dn * r], -1)
-    return dpx, dn * r, matmul(dgh, w_hT) + dh * z
+    return dpx, dn * r, matmul(dgh, wT["w_h"]) + dh * z
 
 
 def _rnn_fwd(act):
@@ -150,10 +156,10 @@ def _rnn_fwd(act):
 
 
 def _rnn_back(kind):
-    def back(p, w_hT, h, dnew, dy):
+    def back(p, wT, h, dnew, dy):
         dh = dnew + dy
         da = dh * (1 - h * h) if kind == "rnn_tanh" else jnp.where(h > 0, dh, jnp.zeros_like(dh))
-        return da, None, matmul(da, w_hT)
+        return da, None, matmul(da, wT["w_h"])
     return back
 
 
@@ -225,7 +231,7 @@ def _fused_bwd(kind, reverse, hoist, saved, cts):
     params, xs, res, h_start, valid, resets = saved
     dfinal, dys = cts
     back = _BACK[kind]
-    w_hT = params.w_h.T
+    wT = {name: getattr(params, name).T for name in ("w_h", "w_proj") if getattr(params, name, None) is not None}
 
     def body(dcarry, inp):
         r_t, dy, v, rs = inp
@@ -234,19 +240,19 @@ def _fused_bwd(kind, reverse, hoist, saved, cts):
             dy = jnp.where(v[:, None], dy, jnp.zeros((), dy.dtype))
         else:
             dnew = dcarry
-        dpx, dghn, dstart = back(params, w_hT, r_t, dnew, dy)
+        dpx, extra, dstart = back(params, wT, r_t, dnew, dy)
         if rs is not None:
             dstart = _where(rs, _zeros(dstart), dstart)
         if v is not None:
             dstart = _where(v, dstart, dcarry)
-        return dstart, (dpx, dghn)
+        return dstart, (dpx, extra)
 
-    dcarry0, (dpx, dghn) = jax.lax.scan(body, dfinal, (res, dys, valid, resets), reverse=not reverse)
+    dcarry0, (dpx, extra) = jax.lax.scan(body, dfinal, (res, dys, valid, resets), reverse=not reverse)
     rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  [T, B, K] -> [T*B, K] (explicit K: T may be 0)
     dpx2 = rows(dpx)
     if kind == "gru":
-        H = dghn.shape[-1]
-        dgh2 = jnp.concatenate([dpx2[:, :2 * H], rows(dghn)], -1)
+        H = extra.shape[-1]
+        dgh2 = jnp.concatenate([dpx2[:, :2 * H], rows(extra)], -1)
     else:
         dgh2 = dpx2
     contract_rows = (((0,), (0,)), ((), ()))
@@ -255,9 +261,12 @@ def _fused_bwd(kind, reverse, hoist, saved, cts):
     dxs = jax.lax.dot_general(dpx2, params.w_x, (((1,), (1,)), ((), ()))).reshape(xs.shape).astype(xs.dtype)
     grads = dict(w_x=dw_x, w_h=dw_h, b=jnp.sum(dpx2, 0))
     if kind == "gru":
-        grads["b_hn"] = jnp.sum(rows(dghn), 0)
+        grads["b_hn"] = jnp.sum(rows(extra), 0)
     if kind == "lstm" and params.peep is not None:
         grads["peep"] = _lstm_peep_grad(res, dpx)
+    if kind == "lstm" and params.w_proj is not None:  # dW_proj = sum_t (o_t * tanh c_t)^T dh_t
+        o, tc = res[3], res[5]
+        grads["w_proj"] = jax.lax.dot_general(rows(o * tc), rows(extra), contract_rows)
     return params._replace(**grads), dxs, dcarry0, None, None
 
 

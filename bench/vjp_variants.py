@@ -1,0 +1,55 @@
+"""The custom VJP (`backward="fused"`) vs autodiff (`backward="autodiff"`) for the LSTM variants it covers.
+
+Peephole LSTM (Greff et al.'s "vanilla LSTM") and LSTMP (``proj_size=H // 2``), train step
+(`value_and_grad` of mean(ys²) w.r.t. params and input) at the three shapes of issue 3,
+interleaved, medians.
+
+    python bench/vjp_variants.py [--reps 7] [--out bench/results]
+
+Writes <out>/vjp_variants.json and prints one line per configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import seqjax  # noqa: E402
+
+VARIANTS = {"peephole": lambda H: seqjax.lstm(H, peepholes=True), "proj": lambda H: seqjax.lstm(H, proj_size=H // 2)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    rows = []
+    for sname, (B, T, I, H) in common.SHAPES.items():
+        for vname, make in VARIANTS.items():
+            cell = make(H)
+            params = cell.init(jax.random.key(0), I)
+            x = jax.random.normal(jax.random.key(1), (B, T, I))
+            fns = {}
+            for backward in ("autodiff", "fused"):
+                def loss(p, x, backward=backward):
+                    return jnp.mean(seqjax.scan(cell, p, x, backward=backward)[1] ** 2)
+                step = common.compile_timed(jax.value_and_grad(loss, argnums=(0, 1)), params, x)["compiled"]
+                fns[backward] = lambda step=step: step(params, x)
+            samples = common.interleave(fns, args.reps)
+            med = {k: common.summarise(v)["median_ms"] for k, v in samples.items()}
+            rows.append(dict(variant=vname, shape=sname, B=B, T=T, I=I, H=H, autodiff_ms=med["autodiff"],
+                             fused_ms=med["fused"], ratio=med["fused"] / med["autodiff"]))
+            print(f"{vname:8s} {sname:8s} train: autodiff {med['autodiff']:7.3g} ms, custom VJP {med['fused']:7.3g} ms, "
+                  f"ratio {med['fused'] / med['autodiff']:.2f}", flush=True)
+    common.write_json(os.path.join(args.out, "vjp_variants.json"), dict(rows=rows, reps=args.reps))
+
+
+if __name__ == "__main__":
+    main()
