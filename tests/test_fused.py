@@ -154,7 +154,7 @@ def test_backward_option_errors():
     with pytest.raises(ValueError, match="backward='fused' needs unroll=1, got unroll=4"):
         seqjax.scan(lstm, p, xs, backward="fused", unroll=4)
     peep = NOT_FUSABLE["lstm_cifg"]()
-    with pytest.raises(ValueError, match="not fusable.*coupled_input_forget=True"):
+    with pytest.raises(ValueError, match="needs a fusable cell.*coupled_input_forget=True"):
         seqjax.scan(peep, peep.init(jax.random.key(0), I), xs, backward="fused")
 
 

@@ -141,8 +141,9 @@ def _fused_kind(call, loop, cell, params, unroll, remat, backward) -> str | None
     if backward == "autodiff" or loop is not _lax_loop:
         return None
     kind = fusable(cell, params)
-    why = ("the cell is not fusable (seqjax.fused.fusable: plain LSTM, GRU with reset_after=True or Elman RNN, "
-           f"float32/float64 params), got {cell.name}" if kind is None else
+    why = ("a fusable cell (seqjax.fused.fusable: LSTM with all gates and tanh activations, optionally with "
+           "peepholes and/or proj_size; GRU with reset_after=True; Elman RNN with tanh or relu; float32/float64 "
+           f"params), got {cell.name}" if kind is None else
            f"unroll=1, got unroll={unroll}" if unroll != 1 else
            "remat=False, got remat=True" if remat else None)
     if why is None:
@@ -219,11 +220,12 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       * ``hoist``: compute the input projection of all steps as one GEMM before
         the loop (``None``: the backend's measured default, `hoist_default`).
       * ``backward``: how reverse mode differentiates the loop. ``"auto"`` (default)
-        uses `seqjax.fused`'s custom VJP where it applies (plain LSTM, GRU with
-        ``reset_after=True``, Elman RNN; float32/64; ``unroll=1``, ``remat=False``):
-        the backward loop carries the state gradients only and the weight
-        gradients and ``dxs`` become single GEMMs over all T*B rows (20-40 %
-        faster training on CPU). Elsewhere it is plain autodiff. ``"fused"``
+        uses `seqjax.fused`'s custom VJP where it applies (LSTM, also with
+        peepholes and/or ``proj_size``; GRU with ``reset_after=True``; Elman RNN;
+        float32/64; ``unroll=1``, ``remat=False``): the backward loop carries the
+        state gradients only and the weight gradients and ``dxs`` become single
+        GEMMs over all T*B rows (8-50 % faster training on CPU,
+        bench/results/levers.md). Elsewhere it is plain autodiff. ``"fused"``
         demands the custom VJP (ValueError where it does not apply);
         ``"autodiff"`` differentiates the `lax.scan` directly. The custom VJP
         has no forward mode: for `jax.jvp`, `jax.jacfwd` or `jax.hessian` through
