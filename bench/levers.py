@@ -7,6 +7,8 @@ Candidates (all interleaved in one process with PyTorch as the reference):
                          the backward loop carries the state gradients only, the weight gradients
                          and dX are whole-sequence GEMMs
   * fused vjp hoist=True : the same with the hoisted projection
+  * scan remat         : autodiff with every step rematerialised (jax.checkpoint), what remat=True picks
+  * fused vjp remat    : the custom VJP saving only each step's start carry, gates recomputed backwards
 
 The custom-JVP form of the same idea (the JVP split into a time-parallel part and a
 linear recurrence, transposed by JAX) was measured and removed: bench/results/levers.md.
@@ -46,6 +48,8 @@ CANDIDATES = {
     "scan hoist=True": scan_builder(hoist=True, backward="autodiff"),
     "fused vjp": scan_builder(hoist=False, backward="fused"),
     "fused vjp hoist=True": scan_builder(hoist=True, backward="fused"),
+    "scan remat": scan_builder(remat=True, backward="autodiff"),
+    "fused vjp remat": scan_builder(remat=True, backward="fused"),
 }
 
 

@@ -77,8 +77,10 @@ def fusable(cell: Cell, params) -> str | None:
 # ----------------------------------------------------------------------------- per-cell steps
 # forward:  (params, start_carry, pre) -> (new_carry, y, residuals_t); ``pre`` is the
 #           pre-activation a = x W_x + h W_h + b, or (x W_x + b, h W_h) for the GRU.
-# backward: (params, wT, residuals_t, d new carry, d y_t) -> (dpx_t, extra_t or None, d start carry);
-#           wT: the transposed weights (`_transposed`); extra_t: the GRU's d(h W_hn), the LSTMP's dh_t.
+# backward: (params, wT, residuals_t, d new carry, d y_t) -> (dpx_t, extra_t, d start carry);
+#           wT: the transposed weights; extra_t: a dict of what the whole-sequence gradients need
+#           besides dpx: the GRU's d(h W_hn); the LSTMP's dh_t and o_t * tanh(c_t); the peepholes'
+#           per-step batch sums.
 
 def _h(kind, carry):
     return carry.h if kind == "lstm" else carry
@@ -102,9 +104,10 @@ def _lstm_fwd(p, start, a):
 def _lstm_back(p, wT, res, dnew, dy):
     i, f, g, o, c0, tc = res
     dh = dnew.h + dy
-    dh_proj = None
+    extra = {}
     if p.w_proj is not None:
-        dh_proj, dh = dh, matmul(dh, wT["w_proj"])
+        extra.update(dh=dh, h_full=o * tc)
+        dh = matmul(dh, wT["w_proj"])
     da_o = dh * tc * o * (1 - o)
     dc = dnew.c + dh * o * (1 - tc * tc)
     if p.peep is not None:
@@ -113,17 +116,10 @@ def _lstm_back(p, wT, res, dnew, dy):
     dc0 = dc * f
     if p.peep is not None:
         dc0 = dc0 + da_i * p.peep[0] + da_f * p.peep[1]
+        c = f * c0 + i * g  # d peep_t = batch sums of dA_i * c_{t-1}, dA_f * c_{t-1}, dA_o * c_t
+        extra["peep"] = jnp.stack([jnp.sum(da_i * c0, 0), jnp.sum(da_f * c0, 0), jnp.sum(da_o * c, 0)])
     da = jnp.concatenate([da_i, da_f, dc * i * (1 - g * g), da_o], -1)
-    return da, dh_proj, LSTMCarry(matmul(da, wT["w_h"]), dc0)
-
-
-def _lstm_peep_grad(res, dpx):
-    """d peep [3, H]: sum over all steps of dA_i * c_{t-1}, dA_f * c_{t-1}, dA_o * c_t."""
-    i, f, g, o, c0, tc = res
-    H = c0.shape[-1]
-    c = f * c0 + i * g
-    sum_tb = lambda a: jnp.sum(a, axis=(0, 1))  # noqa: E731
-    return jnp.stack([sum_tb(dpx[..., :H] * c0), sum_tb(dpx[..., H:2 * H] * c0), sum_tb(dpx[..., 3 * H:] * c)])
+    return da, extra, LSTMCarry(matmul(da, wT["w_h"]), dc0)
 
 
 def _gru_fwd(p, h0, pre):
@@ -145,7 +141,7 @@ def _gru_back(p, wT, res, dnew, dy):
     dr = dn * hn * r * (1 - r)
     dpx = jnp.concatenate([dr, dz, dn], -1)
     dgh = jnp.concatenate([dr, dz, dn * r], -1)
-    return dpx, dn * r, matmul(dgh, wT["w_h"]) + dh * z
+    return dpx, {"dghn": dn * r}, matmul(dgh, wT["w_h"]) + dh * z
 
 
 def _rnn_fwd(act):
@@ -159,7 +155,7 @@ def _rnn_back(kind):
     def back(p, wT, h, dnew, dy):
         dh = dnew + dy
         da = dh * (1 - h * h) if kind == "rnn_tanh" else jnp.where(h > 0, dh, jnp.zeros_like(dh))
-        return da, None, matmul(da, wT["w_h"])
+        return da, {}, matmul(da, wT["w_h"])
     return back
 
 
@@ -185,13 +181,21 @@ def _pre_activation(kind, params, hoist):
     return lambda h, x: matmul(jnp.concatenate([x.astype(h.dtype), h], axis=-1), w) + params.b
 
 
-def _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep):
-    """The forward recurrence. ``keep``: also the residuals and, if needed, the start h of every step."""
+def _inputs(params, xs, hoist):
+    return matmul(xs, params.w_x) + params.b if hoist else xs
+
+
+def _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep=None):
+    """The forward recurrence: ``(final, ys)``, or with ``keep`` ``(final, (ys, saved, h_start))``.
+
+    ``keep="residuals"``: saved = every step's residuals, h_start = every step's
+    start h if lengths or resets make it differ from the previous output (else
+    None). ``keep="starts"`` (remat): saved = every step's start carry only.
+    """
     step = _FWD[kind]
     pre = _pre_activation(kind, params, hoist)
     zero = _zeros(carry0)
-    inputs = matmul(xs, params.w_x) + params.b if hoist else xs
-    keep_h = keep and (valid is not None or resets is not None)
+    keep_h = keep == "residuals" and (valid is not None or resets is not None)
 
     def body(carry, inp):
         x, v, r = inp
@@ -200,11 +204,13 @@ def _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep):
         if v is not None:
             new = _where(v, new, carry)
             y = jnp.where(v[:, None], y, jnp.zeros((), y.dtype))
-        if not keep:
+        if keep is None:
             return new, y
+        if keep == "starts":
+            return new, (y, start, None)
         return new, (y, res, _h(kind, start) if keep_h else None)
 
-    return jax.lax.scan(body, carry0, (inputs, valid, resets), reverse=reverse)
+    return jax.lax.scan(body, carry0, (_inputs(params, xs, hoist), valid, resets), reverse=reverse)
 
 
 def _start_h(ys, h0, reverse):
@@ -214,27 +220,36 @@ def _start_h(ys, h0, reverse):
     return jnp.concatenate([h0[None], ys], axis=0)[:ys.shape[0]]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
-def _fused(kind, params, xs, carry0, valid, resets, reverse, hoist):
-    return _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep=False)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8))
+def _fused(kind, params, xs, carry0, valid, resets, reverse, hoist, remat):
+    return _loop(kind, params, xs, carry0, valid, resets, reverse, hoist)
 
 
-def _fused_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist):
-    final, (ys, res, h_start) = _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep=True)
-    if h_start is None:
+def _fused_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, remat):
+    final, (ys, saved, h_start) = _loop(kind, params, xs, carry0, valid, resets, reverse, hoist,
+                                        keep="starts" if remat else "residuals")
+    if remat:
+        h_start = _h(kind, saved)
+    elif h_start is None:
         h_start = _start_h(ys, _h(kind, carry0), reverse)
-    return (final, ys), (params, xs, res, h_start, valid, resets)
+    return (final, ys), (params, xs, saved, h_start, valid, resets)
 
 
-def _fused_bwd(kind, reverse, hoist, saved, cts):
-    del hoist  # the gradients are the same either way
-    params, xs, res, h_start, valid, resets = saved
+def _fused_bwd(kind, reverse, hoist, remat, saved, cts):
+    params, xs, saved_steps, h_start, valid, resets = saved
     dfinal, dys = cts
     back = _BACK[kind]
     wT = {name: getattr(params, name).T for name in ("w_h", "w_proj") if getattr(params, name, None) is not None}
+    if remat:  # recompute each step's residuals from its start carry
+        step, pre = _FWD[kind], _pre_activation(kind, params, hoist)
+        per_step = (saved_steps, _inputs(params, xs, hoist))
+        residuals = lambda s: step(params, s[0], pre(_h(kind, s[0]), s[1]))[2]  # noqa: E731
+    else:
+        per_step, residuals = saved_steps, lambda s: s  # noqa: E731
 
     def body(dcarry, inp):
         r_t, dy, v, rs = inp
+        r_t = residuals(r_t)
         if v is not None:
             dnew = _where(v, dcarry, _zeros(dcarry))
             dy = jnp.where(v[:, None], dy, jnp.zeros((), dy.dtype))
@@ -247,12 +262,12 @@ def _fused_bwd(kind, reverse, hoist, saved, cts):
             dstart = _where(v, dstart, dcarry)
         return dstart, (dpx, extra)
 
-    dcarry0, (dpx, extra) = jax.lax.scan(body, dfinal, (res, dys, valid, resets), reverse=not reverse)
+    dcarry0, (dpx, extra) = jax.lax.scan(body, dfinal, (per_step, dys, valid, resets), reverse=not reverse)
     rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  [T, B, K] -> [T*B, K] (explicit K: T may be 0)
     dpx2 = rows(dpx)
     if kind == "gru":
-        H = extra.shape[-1]
-        dgh2 = jnp.concatenate([dpx2[:, :2 * H], rows(extra)], -1)
+        H = extra["dghn"].shape[-1]
+        dgh2 = jnp.concatenate([dpx2[:, :2 * H], rows(extra["dghn"])], -1)
     else:
         dgh2 = dpx2
     contract_rows = (((0,), (0,)), ((), ()))
@@ -261,12 +276,11 @@ def _fused_bwd(kind, reverse, hoist, saved, cts):
     dxs = jax.lax.dot_general(dpx2, params.w_x, (((1,), (1,)), ((), ()))).reshape(xs.shape).astype(xs.dtype)
     grads = dict(w_x=dw_x, w_h=dw_h, b=jnp.sum(dpx2, 0))
     if kind == "gru":
-        grads["b_hn"] = jnp.sum(rows(extra), 0)
-    if kind == "lstm" and params.peep is not None:
-        grads["peep"] = _lstm_peep_grad(res, dpx)
-    if kind == "lstm" and params.w_proj is not None:  # dW_proj = sum_t (o_t * tanh c_t)^T dh_t
-        o, tc = res[3], res[5]
-        grads["w_proj"] = jax.lax.dot_general(rows(o * tc), rows(extra), contract_rows)
+        grads["b_hn"] = jnp.sum(rows(extra["dghn"]), 0)
+    if "peep" in extra:
+        grads["peep"] = jnp.sum(extra["peep"], 0)
+    if "h_full" in extra:  # dW_proj = sum_t (o_t * tanh c_t)^T dh_t
+        grads["w_proj"] = jax.lax.dot_general(rows(extra["h_full"]), rows(extra["dh"]), contract_rows)
     return params._replace(**grads), dxs, dcarry0, None, None
 
 
@@ -274,7 +288,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_scan(kind: str, params, xs_tm: Array, carry0, valid: Array | None = None, resets: Array | None = None,
-               reverse: bool = False, hoist: bool = False):
+               reverse: bool = False, hoist: bool = False, remat: bool = False):
     """Runs a fusable cell over a time-major sequence with the custom VJP: ``(final_carry, ys [T, B, H])``.
 
     Reverse mode only (no `jax.jvp`/`jacfwd`). `seqjax.scan` calls this for
@@ -289,9 +303,12 @@ def fused_scan(kind: str, params, xs_tm: Array, carry0, valid: Array | None = No
       resets: [T, B] bool or None.
       reverse: process time backwards (with ``valid``, only the valid prefix is visited).
       hoist: compute the input projection of all steps as one GEMM before the loop.
+      remat: save only each step's start carry and recompute the residuals
+        (gate activations) in the backward loop: less memory for one more
+        step computation per step.
     """
+    flags = (bool(reverse), bool(hoist), bool(remat))
     if kind == "lstm":
-        final, ys = _fused(kind, params, xs_tm, LSTMCarry(carry0.h, carry0.c), valid, resets, bool(reverse),
-                           bool(hoist))
+        final, ys = _fused(kind, params, xs_tm, LSTMCarry(carry0.h, carry0.c), valid, resets, *flags)
         return LSTMCarry(final.h, final.c, None), ys
-    return _fused(kind, params, xs_tm, carry0, valid, resets, bool(reverse), bool(hoist))
+    return _fused(kind, params, xs_tm, carry0, valid, resets, *flags)

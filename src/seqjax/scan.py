@@ -138,14 +138,13 @@ def _fused_kind(call, loop, cell, params, unroll, remat, backward) -> str | None
     """The `seqjax.fused` kernel this run's gradient uses, or None for plain autodiff."""
     if backward not in BACKWARD_MODES:
         raise ValueError(f"{call}: backward must be one of {list(BACKWARD_MODES)}, got {backward!r}")
-    if backward == "autodiff" or loop is not _lax_loop:
-        return None
+    if backward == "autodiff" or loop is not _lax_loop or (remat and backward == "auto"):
+        return None  # auto + remat: autodiff's checkpointed loop saves the most memory
     kind = fusable(cell, params)
     why = ("a fusable cell (seqjax.fused.fusable: LSTM with all gates and tanh activations, optionally with "
            "peepholes and/or proj_size; GRU with reset_after=True; Elman RNN with tanh or relu; float32/float64 "
            f"params), got {cell.name}" if kind is None else
-           f"unroll=1, got unroll={unroll}" if unroll != 1 else
-           "remat=False, got remat=True" if remat else None)
+           f"unroll=1, got unroll={unroll}" if unroll != 1 else None)
     if why is None:
         return kind
     if backward == "fused":
@@ -174,7 +173,7 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
 
     kind = _fused_kind(call, loop, cell, params, unroll, remat, backward)
     if kind is not None:
-        carry, ys = fused_scan(kind, params, plan.xs, plan.carry, plan.valid, plan.resets, reverse, hoist)
+        carry, ys = fused_scan(kind, params, plan.xs, plan.carry, plan.valid, plan.resets, reverse, hoist, remat)
         return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
     inputs = cell.project(params, plan.xs) if hoist else plan.xs
     body = _body(cell, params, plan.init_carry, hoist, remat)
@@ -222,11 +221,14 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       * ``backward``: how reverse mode differentiates the loop. ``"auto"`` (default)
         uses `seqjax.fused`'s custom VJP where it applies (LSTM, also with
         peepholes and/or ``proj_size``; GRU with ``reset_after=True``; Elman RNN;
-        float32/64; ``unroll=1``, ``remat=False``): the backward loop carries the
+        float32/64; ``unroll=1``; ``remat=False``): the backward loop carries the
         state gradients only and the weight gradients and ``dxs`` become single
         GEMMs over all T*B rows (8-50 % faster training on CPU,
         bench/results/levers.md). Elsewhere it is plain autodiff. ``"fused"``
-        demands the custom VJP (ValueError where it does not apply);
+        demands the custom VJP (ValueError where it does not apply); with
+        ``remat=True`` it saves only each step's start carry and recomputes the
+        gates in its backward loop (less memory than the plain custom VJP, more
+        than autodiff's remat, which ``"auto"`` picks);
         ``"autodiff"`` differentiates the `lax.scan` directly. The custom VJP
         has no forward mode: for `jax.jvp`, `jax.jacfwd` or `jax.hessian` through
         a fusable cell pass ``backward="autodiff"``.
