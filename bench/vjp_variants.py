@@ -1,6 +1,7 @@
-"""The custom VJP (`backward="fused"`) vs autodiff (`backward="autodiff"`) for the LSTM variants it covers.
+"""The custom VJP (`backward="fused"`) vs autodiff (`backward="autodiff"`) for the cell variants it covers.
 
-Peephole LSTM (Greff et al.'s "vanilla LSTM") and LSTMP (``proj_size=H // 2``), train step
+Peephole LSTM (Greff et al.'s "vanilla LSTM"), LSTMP (``proj_size=H // 2``) and Cho's GRU
+(``reset_after=False``), train step
 (`value_and_grad` of mean(ys²) w.r.t. params and input) at the three shapes of issue 3,
 interleaved, medians.
 
@@ -22,7 +23,8 @@ import common  # noqa: E402
 
 import seqjax  # noqa: E402
 
-VARIANTS = {"peephole": lambda H: seqjax.lstm(H, peepholes=True), "proj": lambda H: seqjax.lstm(H, proj_size=H // 2)}
+VARIANTS = {"peephole": lambda H: seqjax.lstm(H, peepholes=True), "proj": lambda H: seqjax.lstm(H, proj_size=H // 2),
+            "gru_cho": lambda H: seqjax.gru(H, reset_after=False)}
 
 
 def main(argv=None):
@@ -46,7 +48,7 @@ def main(argv=None):
             med = {k: common.summarise(v)["median_ms"] for k, v in samples.items()}
             rows.append(dict(variant=vname, shape=sname, B=B, T=T, I=I, H=H, autodiff_ms=med["autodiff"],
                              fused_ms=med["fused"], ratio=med["fused"] / med["autodiff"]))
-            print(f"{vname:8s} {sname:8s} train: autodiff {med['autodiff']:7.3g} ms, custom VJP {med['fused']:7.3g} ms, "
+            print(f"{vname:9s} {sname:8s} train: autodiff {med['autodiff']:7.3g} ms, custom VJP {med['fused']:7.3g} ms, "
                   f"ratio {med['fused'] / med['autodiff']:.2f}", flush=True)
     common.write_json(os.path.join(args.out, "vjp_variants.json"), dict(rows=rows, reps=args.reps))
 

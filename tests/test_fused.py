@@ -19,6 +19,7 @@ CELLS = {
     "lstm_proj": lambda: seqjax.lstm(H, proj_size=3),
     "lstm_peep_proj": lambda: seqjax.lstm(H, peepholes=True, proj_size=3),
     "gru": lambda: seqjax.gru(H),
+    "gru_cho": lambda: seqjax.gru(H, reset_after=False),
     "rnn_tanh": lambda: seqjax.rnn(H),
     "rnn_relu": lambda: seqjax.rnn(H, activation="relu"),
 }
@@ -28,7 +29,6 @@ NOT_FUSABLE = {
     "lstm_fgr": lambda: seqjax.lstm_variant("FGR", H),
     "lstm_niaf": lambda: seqjax.lstm_variant("NIAF", H),
     "lstm_relu_out": lambda: seqjax.lstm(H, proj_size=3, output_activation="relu"),
-    "gru_cho": lambda: seqjax.gru(H, reset_after=False),
     "stack": lambda: seqjax.stack([seqjax.lstm(H), seqjax.gru(4)]),
 }
 ALL = dict(reverse=True, lengths=True, resets=True, carry=True, time_major=True)
@@ -100,7 +100,7 @@ def test_vjp_all_options(name):
     _compare(_vjp_run, name, ALL)
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru"])
+@pytest.mark.parametrize("name", ["lstm", "gru", "gru_cho"])
 def test_vjp_hoisted(name):
     _compare(lambda *a: _vjp_run(*a, hoist=True), name, ALL)
 
@@ -146,7 +146,7 @@ def _check_grads_64(name, opts, remat=False):
         jax.test_util.check_grads(f, (params, xs, carry), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["lstm", "lstm_peep_proj", "gru", "rnn_relu"])
+@pytest.mark.parametrize("name", ["lstm", "lstm_peep_proj", "gru", "gru_cho", "rnn_relu"])
 def test_vjp_check_grads(name):
     _check_grads_64(name, dict(ALL, time_major=False))
     _check_grads_64(name, {}, remat=True)

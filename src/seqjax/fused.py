@@ -18,7 +18,7 @@ same loop (bench/results/levers.md). The trade-off of a `jax.custom_vjp`: revers
 mode (`jax.grad`, `jax.vjp`) works, forward mode (`jax.jvp`, `jax.jacfwd`,
 `jax.hessian`) raises; ``seqjax.scan(..., backward="autodiff")`` keeps forward mode.
 
-Covered (`fusable`): the LSTM with or without peepholes and projection, the GRU with ``reset_after=True`` and the
+Covered (`fusable`): the LSTM with or without peepholes and projection, the GRU in both forms and the
 Elman RNN (tanh or relu), float32 or float64 params. ``lengths`` (as a [T, B]
 validity mask), ``resets``, ``reverse``, a given initial carry and the hoisted
 projection have the same semantics as in `seqjax.scan`.
@@ -39,12 +39,13 @@ __all__ = ["fusable", "fused_scan"]
 
 
 def fusable(cell: Cell, params) -> str | None:
-    """The fused kernel that computes ``cell`` (``"lstm"``, ``"gru"``, ``"rnn_tanh"``, ``"rnn_relu"``), or None.
+    """The fused kernel that computes ``cell`` (``"lstm"``, ``"gru"``, ``"gru_cho"``, ``"rnn_tanh"``, ``"rnn_relu"``), or None.
 
     Only the plain variants qualify: an LSTM with all gates and tanh
     activations, with or without peepholes (the "vanilla LSTM" of Greff et al.)
-    and ``proj_size`` (LSTMP), without gate recurrence; a GRU with
-    ``reset_after=True``; an Elman RNN with tanh or relu. Params must be
+    and ``proj_size`` (LSTMP), without gate recurrence; the GRU in both forms
+    (``reset_after=True``: "gru", ``False``: "gru_cho"); an Elman RNN with tanh
+    or relu. Params must be
     float32 or float64 throughout.
     """
     if cell.layers is not None:
@@ -66,6 +67,8 @@ def fusable(cell: Cell, params) -> str | None:
     if isinstance(params, GRUParams):
         if params.b_hn is not None and cell.name == f"gru(hidden_size={H}, reset_after=True)":
             return "gru"
+        if params.b_hn is None and cell.name == f"gru(hidden_size={H}, reset_after=False)":
+            return "gru_cho"
         return None
     if isinstance(params, RNNParams):
         for act in ("tanh", "relu"):
@@ -76,7 +79,8 @@ def fusable(cell: Cell, params) -> str | None:
 
 # ----------------------------------------------------------------------------- per-cell steps
 # forward:  (params, start_carry, pre) -> (new_carry, y, residuals_t); ``pre`` is the
-#           pre-activation a = x W_x + h W_h + b, or (x W_x + b, h W_h) for the GRU.
+#           pre-activation a = x W_x + h W_h + b, or (x W_x + b, h W_h) for the GRU, or
+#           (x W_x + b, h W_h[:, :2H], W_h[:, 2H:]) for Cho's GRU (its n gate needs r first).
 # backward: (params, wT, residuals_t, d new carry, d y_t) -> (dpx_t, extra_t, d start carry);
 #           wT: the transposed weights; extra_t: a dict of what the whole-sequence gradients need
 #           besides dpx: the GRU's d(h W_hn); the LSTMP's dh_t and o_t * tanh(c_t); the peepholes'
@@ -144,6 +148,27 @@ def _gru_back(p, wT, res, dnew, dy):
     return dpx, {"dghn": dn * r}, matmul(dgh, wT["w_h"]) + dh * z
 
 
+def _gru_cho_fwd(p, h0, pre):
+    px, gh_rz, w_hn = pre
+    H = h0.shape[-1]
+    r = jax.nn.sigmoid(px[:, :H] + gh_rz[:, :H])
+    z = jax.nn.sigmoid(px[:, H:2 * H] + gh_rz[:, H:])
+    n = jnp.tanh(px[:, 2 * H:] + matmul(r * h0, w_hn))
+    h = (1 - z) * n + z * h0
+    return h, h, (r, z, n, h0)
+
+
+def _gru_cho_back(p, wT, res, dnew, dy):
+    r, z, n, h0 = res
+    dh = dnew + dy
+    dn = dh * (1 - z) * (1 - n * n)           # d pre-activation of n
+    dz = dh * (h0 - n) * z * (1 - z)
+    drh = matmul(dn, wT["w_hn"])              # d (r * h0)
+    dr = drh * h0 * r * (1 - r)
+    dh0 = dh * z + drh * r + matmul(jnp.concatenate([dr, dz], -1), wT["w_hrz"])
+    return jnp.concatenate([dr, dz, dn], -1), {"rh": r * h0}, dh0
+
+
 def _rnn_fwd(act):
     def fwd(p, h0, a):
         h = act(a)
@@ -159,8 +184,18 @@ def _rnn_back(kind):
     return back
 
 
-_FWD = {"lstm": _lstm_fwd, "gru": _gru_fwd, "rnn_tanh": _rnn_fwd(jnp.tanh), "rnn_relu": _rnn_fwd(jax.nn.relu)}
-_BACK = {"lstm": _lstm_back, "gru": _gru_back, "rnn_tanh": _rnn_back("rnn_tanh"), "rnn_relu": _rnn_back("rnn_relu")}
+_FWD = {"lstm": _lstm_fwd, "gru": _gru_fwd, "gru_cho": _gru_cho_fwd, "rnn_tanh": _rnn_fwd(jnp.tanh),
+        "rnn_relu": _rnn_fwd(jax.nn.relu)}
+_BACK = {"lstm": _lstm_back, "gru": _gru_back, "gru_cho": _gru_cho_back, "rnn_tanh": _rnn_back("rnn_tanh"),
+         "rnn_relu": _rnn_back("rnn_relu")}
+
+
+def _transposed(kind, params) -> dict:
+    """The weights the backward steps multiply by, transposed once outside the loop."""
+    if kind == "gru_cho":
+        H = params.w_h.shape[0]
+        return {"w_hrz": params.w_h[:, :2 * H].T, "w_hn": params.w_h[:, 2 * H:].T}
+    return {name: getattr(params, name).T for name in ("w_h", "w_proj") if getattr(params, name, None) is not None}
 
 
 def _where(mask, a, b):
@@ -175,6 +210,10 @@ def _pre_activation(kind, params, hoist):
     """``(h, x_t or px_t) -> pre`` for `_FWD`; not hoisted, LSTM and RNN use one fused [x, h] GEMM per step."""
     if kind == "gru":
         return lambda h, x: (x if hoist else matmul(x, params.w_x) + params.b, matmul(h, params.w_h))
+    if kind == "gru_cho":
+        H = params.w_h.shape[0]
+        w_hrz, w_hn = params.w_h[:, :2 * H], params.w_h[:, 2 * H:]
+        return lambda h, x: (x if hoist else matmul(x, params.w_x) + params.b, matmul(h, w_hrz), w_hn)
     if hoist:
         return lambda h, px: px + matmul(h, params.w_h)
     w = jnp.concatenate([params.w_x, params.w_h], axis=0)
@@ -239,7 +278,7 @@ def _fused_bwd(kind, reverse, hoist, remat, saved, cts):
     params, xs, saved_steps, h_start, valid, resets = saved
     dfinal, dys = cts
     back = _BACK[kind]
-    wT = {name: getattr(params, name).T for name in ("w_h", "w_proj") if getattr(params, name, None) is not None}
+    wT = _transposed(kind, params)
     if remat:  # recompute each step's residuals from its start carry
         step, pre = _FWD[kind], _pre_activation(kind, params, hoist)
         per_step = (saved_steps, _inputs(params, xs, hoist))
@@ -271,7 +310,12 @@ def _fused_bwd(kind, reverse, hoist, remat, saved, cts):
     else:
         dgh2 = dpx2
     contract_rows = (((0,), (0,)), ((), ()))
-    dw_h = jax.lax.dot_general(rows(h_start), dgh2, contract_rows)
+    if kind == "gru_cho":  # dW_h = [H_prev^T dA_rz, (R * H_prev)^T dA_n]
+        H = h_start.shape[-1]
+        dw_h = jnp.concatenate([jax.lax.dot_general(rows(h_start), dpx2[:, :2 * H], contract_rows),
+                                jax.lax.dot_general(rows(extra["rh"]), dpx2[:, 2 * H:], contract_rows)], axis=1)
+    else:
+        dw_h = jax.lax.dot_general(rows(h_start), dgh2, contract_rows)
     dw_x = jax.lax.dot_general(rows(xs).astype(dpx2.dtype), dpx2, contract_rows)
     dxs = jax.lax.dot_general(dpx2, params.w_x, (((1,), (1,)), ((), ()))).reshape(xs.shape).astype(xs.dtype)
     grads = dict(w_x=dw_x, w_h=dw_h, b=jnp.sum(dpx2, 0))

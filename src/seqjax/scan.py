@@ -142,7 +142,7 @@ def _fused_kind(call, loop, cell, params, unroll, remat, backward) -> str | None
         return None  # auto + remat: autodiff's checkpointed loop saves the most memory
     kind = fusable(cell, params)
     why = ("a fusable cell (seqjax.fused.fusable: LSTM with all gates and tanh activations, optionally with "
-           "peepholes and/or proj_size; GRU with reset_after=True; Elman RNN with tanh or relu; float32/float64 "
+           "peepholes and/or proj_size; GRU; Elman RNN with tanh or relu; float32/float64 "
            f"params), got {cell.name}" if kind is None else
            f"unroll=1, got unroll={unroll}" if unroll != 1 else None)
     if why is None:
@@ -220,7 +220,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         the loop (``None``: the backend's measured default, `hoist_default`).
       * ``backward``: how reverse mode differentiates the loop. ``"auto"`` (default)
         uses `seqjax.fused`'s custom VJP where it applies (LSTM, also with
-        peepholes and/or ``proj_size``; GRU with ``reset_after=True``; Elman RNN;
+        peepholes and/or ``proj_size``; GRU in both forms; Elman RNN;
         float32/64; ``unroll=1``; ``remat=False``): the backward loop carries the
         state gradients only and the weight gradients and ``dxs`` become single
         GEMMs over all T*B rows (8-50 % faster training on CPU,
