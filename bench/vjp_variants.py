@@ -1,6 +1,7 @@
 """The custom VJP (`backward="fused"`) vs autodiff (`backward="autodiff"`) for the cell variants it covers.
 
-Peephole LSTM (Greff et al.'s "vanilla LSTM"), LSTMP (``proj_size=H // 2``) and Cho's GRU
+Peephole LSTM (Greff et al.'s "vanilla LSTM"), LSTMP (``proj_size=H // 2``), Greff's CIFG (coupled
+input and forget gates, with peepholes) and Cho's GRU
 (``reset_after=False``), train step
 (`value_and_grad` of mean(ys²) w.r.t. params and input) at the three shapes of issue 3,
 interleaved, medians.
@@ -24,7 +25,7 @@ import common  # noqa: E402
 import seqjax  # noqa: E402
 
 VARIANTS = {"peephole": lambda H: seqjax.lstm(H, peepholes=True), "proj": lambda H: seqjax.lstm(H, proj_size=H // 2),
-            "gru_cho": lambda H: seqjax.gru(H, reset_after=False)}
+            "cifg": lambda H: seqjax.lstm_variant("CIFG", H), "gru_cho": lambda H: seqjax.gru(H, reset_after=False)}
 
 
 def main(argv=None):

@@ -18,17 +18,19 @@ CELLS = {
     "lstm_peep": lambda: seqjax.lstm(H, peepholes=True),
     "lstm_proj": lambda: seqjax.lstm(H, proj_size=3),
     "lstm_peep_proj": lambda: seqjax.lstm(H, peepholes=True, proj_size=3),
+    **{f"lstm_{v}": (lambda v=v: seqjax.lstm_variant(v, H)) for v in ["NIG", "NFG", "NOG", "NIAF", "NOAF", "CIFG"]},
+    "lstm_nog_noaf_proj": lambda: seqjax.lstm(H, output_gate=False, output_activation="identity", proj_size=2),
+    "lstm_cifg_niaf": lambda: seqjax.lstm(H, coupled_input_forget=True, input_activation="identity"),
     "gru": lambda: seqjax.gru(H),
     "gru_cho": lambda: seqjax.gru(H, reset_after=False),
     "rnn_tanh": lambda: seqjax.rnn(H),
     "rnn_relu": lambda: seqjax.rnn(H, activation="relu"),
 }
 NOT_FUSABLE = {
-    "lstm_cifg": lambda: seqjax.lstm_variant("CIFG", H),
-    "lstm_nog": lambda: seqjax.lstm_variant("NOG", H),
     "lstm_fgr": lambda: seqjax.lstm_variant("FGR", H),
-    "lstm_niaf": lambda: seqjax.lstm_variant("NIAF", H),
     "lstm_relu_out": lambda: seqjax.lstm(H, proj_size=3, output_activation="relu"),
+    "lstm_sigmoid_in": lambda: seqjax.lstm(H, input_activation="sigmoid"),
+    "lstm_callable": lambda: seqjax.lstm(H, output_activation=lambda c: c),
     "stack": lambda: seqjax.stack([seqjax.lstm(H), seqjax.gru(4)]),
 }
 ALL = dict(reverse=True, lengths=True, resets=True, carry=True, time_major=True)
@@ -146,7 +148,8 @@ def _check_grads_64(name, opts, remat=False):
         jax.test_util.check_grads(f, (params, xs, carry), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["lstm", "lstm_peep_proj", "gru", "gru_cho", "rnn_relu"])
+@pytest.mark.parametrize("name", ["lstm", "lstm_peep_proj", "lstm_CIFG", "lstm_nog_noaf_proj", "gru", "gru_cho",
+                                  "rnn_relu"])
 def test_vjp_check_grads(name):
     _check_grads_64(name, dict(ALL, time_major=False))
     _check_grads_64(name, {}, remat=True)
@@ -161,7 +164,7 @@ def test_default_is_fused_and_falls_back():
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p: seqjax.scan(lstm, p, xs, remat=True, backward="fused"))(p))
     for kw in (dict(backward="autodiff"), dict(remat=True), dict(unroll=2)):
         assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda p: seqjax.scan(lstm, p, xs, **kw))(p)), kw
-    cell = NOT_FUSABLE["lstm_cifg"]()
+    cell = NOT_FUSABLE["lstm_fgr"]()
     params = cell.init(jax.random.key(0), I)
     a = seqjax.scan(cell, params, xs)
     b = seqjax.scan(cell, params, xs, backward="autodiff")
@@ -179,8 +182,8 @@ def test_backward_option_errors():
         seqjax.unrolled(lstm, p, xs, backward="fast")
     with pytest.raises(ValueError, match="backward='fused' needs unroll=1, got unroll=4"):
         seqjax.scan(lstm, p, xs, backward="fused", unroll=4)
-    peep = NOT_FUSABLE["lstm_cifg"]()
-    with pytest.raises(ValueError, match="needs a fusable cell.*coupled_input_forget=True"):
+    peep = NOT_FUSABLE["lstm_fgr"]()
+    with pytest.raises(ValueError, match="needs a fusable cell.*gate_recurrence=True"):
         seqjax.scan(peep, peep.init(jax.random.key(0), I), xs, backward="fused")
 
 
@@ -193,7 +196,14 @@ def test_variants_are_not_fused(name):
 def test_fusable_kinds_and_dtypes():
     for name, make in CELLS.items():
         cell = make()
-        assert fused.fusable(cell, cell.init(jax.random.key(0), I)) == name.replace("_peep", "").replace("_proj", "")
+        kind = fused.fusable(cell, cell.init(jax.random.key(0), I))
+        assert isinstance(kind, fused.LSTMSpec) if name.startswith("lstm") else kind == name
+    spec = lambda **kw: fused.fusable(seqjax.lstm(H, **kw), seqjax.lstm(H, **kw).init(jax.random.key(0), I))  # noqa
+    assert spec() == fused.LSTMSpec()
+    assert spec(peepholes=True, proj_size=2) == fused.LSTMSpec()
+    assert spec(input_gate=False) == fused.LSTMSpec(input_gate=False)
+    assert spec(coupled_input_forget=True, output_activation="identity") == \
+        fused.LSTMSpec(coupled=True, output_identity=True)
     cell = seqjax.lstm(H)
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), cell.init(jax.random.key(0), I))
     assert fused.fusable(cell, params) is None

@@ -18,7 +18,8 @@ same loop (bench/results/levers.md). The trade-off of a `jax.custom_vjp`: revers
 mode (`jax.grad`, `jax.vjp`) works, forward mode (`jax.jvp`, `jax.jacfwd`,
 `jax.hessian`) raises; ``seqjax.scan(..., backward="autodiff")`` keeps forward mode.
 
-Covered (`fusable`): the LSTM with or without peepholes and projection, the GRU in both forms and the
+Covered (`fusable`): every LSTM variant of `seqjax.lstm` with tanh or identity activations (with or
+without peepholes and projection; Greff et al.'s variants except FGR), the GRU in both forms and the
 Elman RNN (tanh or relu), float32 or float64 params. ``lengths`` (as a [T, B]
 validity mask), ``resets``, ``reverse``, a given initial carry and the hoisted
 projection have the same semantics as in `seqjax.scan`.
@@ -26,6 +27,7 @@ projection have the same semantics as in `seqjax.scan`.
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,17 +37,72 @@ from seqjax.cells.gru import GRUParams
 from seqjax.cells.lstm import LSTMCarry, LSTMParams
 from seqjax.cells.rnn import RNNParams
 
-__all__ = ["fusable", "fused_scan"]
+__all__ = ["LSTMSpec", "fusable", "fused_scan"]
 
 
-def fusable(cell: Cell, params) -> str | None:
-    """The fused kernel that computes ``cell`` (``"lstm"``, ``"gru"``, ``"gru_cho"``, ``"rnn_tanh"``, ``"rnn_relu"``), or None.
+class LSTMSpec(NamedTuple):
+    """Which LSTM variant a fused kernel computes (see `seqjax.lstm` for the equations)."""
 
-    Only the plain variants qualify: an LSTM with all gates and tanh
-    activations, with or without peepholes (the "vanilla LSTM" of Greff et al.)
-    and ``proj_size`` (LSTMP), without gate recurrence; the GRU in both forms
-    (``reset_after=True``: "gru", ``False``: "gru_cho"); an Elman RNN with tanh
-    or relu. Params must be
+    input_gate: bool = True
+    forget_gate: bool = True          # False: NFG (f = 1)
+    output_gate: bool = True
+    coupled: bool = False             # CIFG: f = 1 - i
+    input_identity: bool = False      # NIAF: g = a_g
+    output_identity: bool = False     # NOAF: h = o * c
+
+    def gates(self) -> tuple[str, ...]:
+        """The computed gate blocks, in column order."""
+        on = {"i": self.input_gate, "f": self.forget_gate and not self.coupled, "g": True, "o": self.output_gate}
+        return tuple(g for g in "ifgo" if on[g])
+
+    def sigmoid_gates(self) -> tuple[str, ...]:
+        """The computed sigmoid gates in peephole row order (i, f, o)."""
+        return tuple(g for g in self.gates() if g != "g")
+
+
+_LSTM_OPTIONS = {  # non-default option in seqjax.lstm's cell name -> LSTMSpec field
+    "input_gate=False": "input_gate", "forget_gate=False": "forget_gate", "output_gate=False": "output_gate",
+    "coupled_input_forget=True": "coupled", "input_activation='identity'": "input_identity",
+    "output_activation='identity'": "output_identity",
+}
+
+
+def _lstm_spec(cell: Cell, params: LSTMParams) -> LSTMSpec | None:
+    """The variant of an LSTM cell, read from the options `seqjax.lstm` lists in its name; None if not fusable."""
+    H = cell.hidden_size
+    P = H if params.w_proj is None else params.w_proj.shape[-1]
+    if params.w_gates is not None or not (cell.name.startswith("lstm(") and cell.name.endswith(")")):
+        return None
+    parts = cell.name[len("lstm("):-1].split(", ")
+    expected = {f"hidden_size={H}"}
+    if params.peep is not None:
+        expected.add("peepholes=True")
+    if params.w_proj is not None:
+        expected.add(f"proj_size={P}")
+    flags = {}
+    for part in parts:
+        if part in _LSTM_OPTIONS:
+            flags[_LSTM_OPTIONS[part]] = not part.endswith("False")
+        elif part in expected:
+            expected.discard(part)
+        else:
+            return None  # gate recurrence, another activation, a custom callable, ...
+    spec = LSTMSpec(**flags)
+    if expected or params.w_h.shape != (P, len(spec.gates()) * H):
+        return None
+    if params.peep is not None and params.peep.shape != (len(spec.sigmoid_gates()), H):
+        return None
+    return spec
+
+
+def fusable(cell: Cell, params) -> str | LSTMSpec | None:
+    """The fused kernel that computes ``cell``, or None.
+
+    Returns an `LSTMSpec` for the LSTM variants, ``"gru"`` (``reset_after=True``),
+    ``"gru_cho"`` (``reset_after=False``), ``"rnn_tanh"`` or ``"rnn_relu"``.
+    Qualify: every `seqjax.lstm` variant with tanh or identity activations,
+    with or without peepholes and ``proj_size`` (all of Greff et al.'s except
+    FGR); both GRU forms; the Elman RNN with tanh or relu. Params must be
     float32 or float64 throughout.
     """
     if cell.layers is not None:
@@ -57,13 +114,7 @@ def fusable(cell: Cell, params) -> str | None:
         return None
     H = cell.hidden_size
     if isinstance(params, LSTMParams):
-        P = H if params.w_proj is None else params.w_proj.shape[-1]
-        opts = (", peepholes=True" if params.peep is not None else "") + \
-            (f", proj_size={P}" if params.w_proj is not None else "")
-        if (cell.name == f"lstm(hidden_size={H}{opts})" and params.w_gates is None
-                and params.w_h.shape == (P, 4 * H) and (params.peep is None or params.peep.shape == (3, H))):
-            return "lstm"
-        return None
+        return _lstm_spec(cell, params)
     if isinstance(params, GRUParams):
         if params.b_hn is not None and cell.name == f"gru(hidden_size={H}, reset_after=True)":
             return "gru"
@@ -87,43 +138,75 @@ def fusable(cell: Cell, params) -> str | None:
 #           per-step batch sums.
 
 def _h(kind, carry):
-    return carry.h if kind == "lstm" else carry
+    return carry.h if isinstance(kind, LSTMSpec) else carry
 
 
-def _lstm_fwd(p, start, a):
-    H = start.c.shape[-1]
-    a_i, a_f, a_g, a_o = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
-    if p.peep is not None:
-        a_i, a_f = a_i + p.peep[0] * start.c, a_f + p.peep[1] * start.c
-    i, f, g = jax.nn.sigmoid(a_i), jax.nn.sigmoid(a_f), jnp.tanh(a_g)
-    c = f * start.c + i * g
-    o = jax.nn.sigmoid(a_o if p.peep is None else a_o + p.peep[2] * c)
-    tc = jnp.tanh(c)
-    h = o * tc
-    if p.w_proj is not None:
-        h = matmul(h, p.w_proj)
-    return LSTMCarry(h, c), h, (i, f, g, o, start.c, tc)
+def _lstm_fwd(spec: LSTMSpec):
+    col = {g: k for k, g in enumerate(spec.gates())}
+    row = {g: k for k, g in enumerate(spec.sigmoid_gates())}
+
+    def fwd(p, start, a):
+        H, c0 = start.c.shape[-1], start.c
+
+        def gate(g, c):
+            pre = a[:, col[g] * H:(col[g] + 1) * H]
+            return jax.nn.sigmoid(pre if p.peep is None else pre + p.peep[row[g]] * c)
+
+        i = gate("i", c0) if spec.input_gate else None
+        f = gate("f", c0) if "f" in col else None
+        a_g = a[:, col["g"] * H:(col["g"] + 1) * H]
+        g = a_g if spec.input_identity else jnp.tanh(a_g)
+        c = _f_value(spec, i, f) * c0 + (g if i is None else i * g)
+        o = gate("o", c) if spec.output_gate else None
+        oc = c if spec.output_identity else jnp.tanh(c)
+        h = oc if o is None else o * oc
+        if p.w_proj is not None:
+            h = matmul(h, p.w_proj)
+        return LSTMCarry(h, c), h, (i, f, g, o, c0, oc)
+
+    return fwd
 
 
-def _lstm_back(p, wT, res, dnew, dy):
-    i, f, g, o, c0, tc = res
-    dh = dnew.h + dy
-    extra = {}
-    if p.w_proj is not None:
-        extra.update(dh=dh, h_full=o * tc)
-        dh = matmul(dh, wT["w_proj"])
-    da_o = dh * tc * o * (1 - o)
-    dc = dnew.c + dh * o * (1 - tc * tc)
-    if p.peep is not None:
-        dc = dc + da_o * p.peep[2]
-    da_i, da_f = dc * g * i * (1 - i), dc * c0 * f * (1 - f)
-    dc0 = dc * f
-    if p.peep is not None:
-        dc0 = dc0 + da_i * p.peep[0] + da_f * p.peep[1]
-        c = f * c0 + i * g  # d peep_t = batch sums of dA_i * c_{t-1}, dA_f * c_{t-1}, dA_o * c_t
-        extra["peep"] = jnp.stack([jnp.sum(da_i * c0, 0), jnp.sum(da_f * c0, 0), jnp.sum(da_o * c, 0)])
-    da = jnp.concatenate([da_i, da_f, dc * i * (1 - g * g), da_o], -1)
-    return da, extra, LSTMCarry(matmul(da, wT["w_h"]), dc0)
+def _f_value(spec, i, f):
+    """The forget gate's value: computed, 1 - i (CIFG) or 1 (NFG)."""
+    return 1.0 - i if spec.coupled else (1.0 if f is None else f)
+
+
+def _lstm_back(spec: LSTMSpec):
+    def back(p, wT, res, dnew, dy):
+        i, f, g, o, c0, oc = res
+        dh = dnew.h + dy
+        extra = {}
+        if p.w_proj is not None:
+            extra.update(dh=dh, h_full=oc if o is None else o * oc)
+            dh = matmul(dh, wT["w_proj"])
+        d_oc = 1.0 if spec.output_identity else 1 - oc * oc
+        da = {}
+        if o is None:
+            dc = dnew.c + dh * d_oc
+        else:
+            da["o"] = dh * oc * o * (1 - o)
+            dc = dnew.c + dh * o * d_oc
+            if p.peep is not None:
+                dc = dc + da["o"] * p.peep[-1]
+        da["g"] = (dc if i is None else dc * i) * (1.0 if spec.input_identity else 1 - g * g)
+        if i is not None:
+            da["i"] = dc * (g - c0 if spec.coupled else g) * i * (1 - i)
+        if f is not None:
+            da["f"] = dc * c0 * f * (1 - f)
+        fv = _f_value(spec, i, f)
+        dc0 = dc * fv
+        if p.peep is not None:
+            for k, gname in enumerate(spec.sigmoid_gates()):
+                if gname != "o":
+                    dc0 = dc0 + da[gname] * p.peep[k]
+            c = fv * c0 + (g if i is None else i * g)  # peephole grads: batch sums of dA * c_{t-1} (i, f), dA * c_t (o)
+            extra["peep"] = jnp.stack([jnp.sum(da[gname] * (c if gname == "o" else c0), 0)
+                                       for gname in spec.sigmoid_gates()])
+        da = jnp.concatenate([da[gname] for gname in spec.gates()], -1)
+        return da, extra, LSTMCarry(matmul(da, wT["w_h"]), dc0)
+
+    return back
 
 
 def _gru_fwd(p, h0, pre):
@@ -184,10 +267,15 @@ def _rnn_back(kind):
     return back
 
 
-_FWD = {"lstm": _lstm_fwd, "gru": _gru_fwd, "gru_cho": _gru_cho_fwd, "rnn_tanh": _rnn_fwd(jnp.tanh),
-        "rnn_relu": _rnn_fwd(jax.nn.relu)}
-_BACK = {"lstm": _lstm_back, "gru": _gru_back, "gru_cho": _gru_cho_back, "rnn_tanh": _rnn_back("rnn_tanh"),
-         "rnn_relu": _rnn_back("rnn_relu")}
+_FWD = {"gru": _gru_fwd, "gru_cho": _gru_cho_fwd, "rnn_tanh": _rnn_fwd(jnp.tanh), "rnn_relu": _rnn_fwd(jax.nn.relu)}
+_BACK = {"gru": _gru_back, "gru_cho": _gru_cho_back, "rnn_tanh": _rnn_back("rnn_tanh"), "rnn_relu": _rnn_back("rnn_relu")}
+
+
+def _step_fns(kind):
+    """``(forward step, backward step)`` of a kernel (`fusable`'s result)."""
+    if isinstance(kind, LSTMSpec):
+        return _lstm_fwd(kind), _lstm_back(kind)
+    return _FWD[kind], _BACK[kind]
 
 
 def _transposed(kind, params) -> dict:
@@ -231,7 +319,7 @@ def _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep=None):
     start h if lengths or resets make it differ from the previous output (else
     None). ``keep="starts"`` (remat): saved = every step's start carry only.
     """
-    step = _FWD[kind]
+    step = _step_fns(kind)[0]
     pre = _pre_activation(kind, params, hoist)
     zero = _zeros(carry0)
     keep_h = keep == "residuals" and (valid is not None or resets is not None)
@@ -277,10 +365,10 @@ def _fused_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, remat):
 def _fused_bwd(kind, reverse, hoist, remat, saved, cts):
     params, xs, saved_steps, h_start, valid, resets = saved
     dfinal, dys = cts
-    back = _BACK[kind]
+    step, back = _step_fns(kind)
     wT = _transposed(kind, params)
     if remat:  # recompute each step's residuals from its start carry
-        step, pre = _FWD[kind], _pre_activation(kind, params, hoist)
+        pre = _pre_activation(kind, params, hoist)
         per_step = (saved_steps, _inputs(params, xs, hoist))
         residuals = lambda s: step(params, s[0], pre(_h(kind, s[0]), s[1]))[2]  # noqa: E731
     else:
@@ -331,7 +419,7 @@ def _fused_bwd(kind, reverse, hoist, remat, saved, cts):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_scan(kind: str, params, xs_tm: Array, carry0, valid: Array | None = None, resets: Array | None = None,
+def fused_scan(kind: str | LSTMSpec, params, xs_tm: Array, carry0, valid: Array | None = None, resets: Array | None = None,
                reverse: bool = False, hoist: bool = False, remat: bool = False):
     """Runs a fusable cell over a time-major sequence with the custom VJP: ``(final_carry, ys [T, B, H])``.
 
@@ -352,7 +440,7 @@ def fused_scan(kind: str, params, xs_tm: Array, carry0, valid: Array | None = No
         step computation per step.
     """
     flags = (bool(reverse), bool(hoist), bool(remat))
-    if kind == "lstm":
+    if isinstance(kind, LSTMSpec):
         final, ys = _fused(kind, params, xs_tm, LSTMCarry(carry0.h, carry0.c), valid, resets, *flags)
         return LSTMCarry(final.h, final.c, None), ys
     return _fused(kind, params, xs_tm, carry0, valid, resets, *flags)

@@ -134,16 +134,16 @@ def hoist_default() -> bool:
 BACKWARD_MODES = ("auto", "fused", "autodiff")
 
 
-def _fused_kind(call, loop, cell, params, unroll, remat, backward) -> str | None:
+def _fused_kind(call, loop, cell, params, unroll, remat, backward):
     """The `seqjax.fused` kernel this run's gradient uses, or None for plain autodiff."""
     if backward not in BACKWARD_MODES:
         raise ValueError(f"{call}: backward must be one of {list(BACKWARD_MODES)}, got {backward!r}")
     if backward == "autodiff" or loop is not _lax_loop or (remat and backward == "auto"):
         return None  # auto + remat: autodiff's checkpointed loop saves the most memory
     kind = fusable(cell, params)
-    why = ("a fusable cell (seqjax.fused.fusable: LSTM with all gates and tanh activations, optionally with "
-           "peepholes and/or proj_size; GRU; Elman RNN with tanh or relu; float32/float64 "
-           f"params), got {cell.name}" if kind is None else
+    why = ("a fusable cell (seqjax.fused.fusable: an LSTM variant with tanh or identity activations and no "
+           "gate recurrence, optionally with peepholes and/or proj_size; GRU; Elman RNN with tanh or relu; "
+           f"float32/float64 params), got {cell.name}" if kind is None else
            f"unroll=1, got unroll={unroll}" if unroll != 1 else None)
     if why is None:
         return kind
@@ -219,8 +219,9 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       * ``hoist``: compute the input projection of all steps as one GEMM before
         the loop (``None``: the backend's measured default, `hoist_default`).
       * ``backward``: how reverse mode differentiates the loop. ``"auto"`` (default)
-        uses `seqjax.fused`'s custom VJP where it applies (LSTM, also with
-        peepholes and/or ``proj_size``; GRU in both forms; Elman RNN;
+        uses `seqjax.fused`'s custom VJP where it applies (LSTM variants with
+        tanh or identity activations, also with peepholes and/or ``proj_size``,
+        not FGR; GRU in both forms; Elman RNN;
         float32/64; ``unroll=1``; ``remat=False``): the backward loop carries the
         state gradients only and the weight gradients and ``dxs`` become single
         GEMMs over all T*B rows (8-50 % faster training on CPU,
