@@ -13,8 +13,8 @@ rows to reduce over) to a running sum, likewise ``x_t^T @ dA_t``, and computes
 * then computes ``dW_x = X^T dA``, ``dW_h = H_prev^T dA``, ``db = sum dA`` and
   ``dX = dA W_x^T`` as single GEMMs over all T*B rows.
 
-On the 2-core CPU this cut the LSTM train step by 20-40 % against autodiff of the
-same loop (bench/results/levers.md). The trade-off of a `jax.custom_vjp`: reverse
+On the 2-core CPU this cut the train step by 8-50 % against autodiff of the same
+loop (bench/results/levers.md). The trade-off of a `jax.custom_vjp`: reverse
 mode (`jax.grad`, `jax.vjp`) works, forward mode (`jax.jvp`, `jax.jacfwd`,
 `jax.hessian`) raises; ``seqjax.scan(..., backward="autodiff")`` keeps forward mode.
 
@@ -268,7 +268,8 @@ def _rnn_back(kind):
 
 
 _FWD = {"gru": _gru_fwd, "gru_cho": _gru_cho_fwd, "rnn_tanh": _rnn_fwd(jnp.tanh), "rnn_relu": _rnn_fwd(jax.nn.relu)}
-_BACK = {"gru": _gru_back, "gru_cho": _gru_cho_back, "rnn_tanh": _rnn_back("rnn_tanh"), "rnn_relu": _rnn_back("rnn_relu")}
+_BACK = {"gru": _gru_back, "gru_cho": _gru_cho_back, "rnn_tanh": _rnn_back("rnn_tanh"),
+         "rnn_relu": _rnn_back("rnn_relu")}
 
 
 def _step_fns(kind):
@@ -419,8 +420,8 @@ def _fused_bwd(kind, reverse, hoist, remat, saved, cts):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_scan(kind: str | LSTMSpec, params, xs_tm: Array, carry0, valid: Array | None = None, resets: Array | None = None,
-               reverse: bool = False, hoist: bool = False, remat: bool = False):
+def fused_scan(kind: str | LSTMSpec, params, xs_tm: Array, carry0, valid: Array | None = None,
+               resets: Array | None = None, reverse: bool = False, hoist: bool = False, remat: bool = False):
     """Runs a fusable cell over a time-major sequence with the custom VJP: ``(final_carry, ys [T, B, H])``.
 
     Reverse mode only (no `jax.jvp`/`jacfwd`). `seqjax.scan` calls this for
