@@ -9,6 +9,7 @@ Candidates (all interleaved in one process with PyTorch as the reference):
   * fused vjp hoist=True : the same with the hoisted projection
   * scan remat         : autodiff with every step rematerialised (jax.checkpoint), what remat=True picks
   * fused vjp remat    : the custom VJP saving only each step's start carry, gates recomputed backwards
+  * ... unroll=k       : k steps per loop iteration (GPU: fewer loop iterations, kernel launches fused)
 
 The custom-JVP form of the same idea (the JVP split into a time-parallel part and a
 linear recurrence, transposed by JAX) was measured and removed: bench/results/levers.md.
@@ -50,6 +51,9 @@ CANDIDATES = {
     "fused vjp hoist=True": scan_builder(hoist=True, backward="fused"),
     "scan remat": scan_builder(remat=True, backward="autodiff"),
     "fused vjp remat": scan_builder(remat=True, backward="fused"),
+    # GPU: per-step launch overhead dominates long sequences; unrolling fuses several steps per loop iteration
+    **{f"fused vjp hoist=True unroll={k}": scan_builder(hoist=True, backward="fused", unroll=k) for k in (4, 8, 16)},
+    "scan hoist=True unroll=8": scan_builder(hoist=True, backward="autodiff", unroll=8),
 }
 
 

@@ -151,6 +151,16 @@ def experimental_rnn(cell_name, B, T, I, H, key):
     return run, weights
 
 
+VARIANTS = {  # --variants: seqjax.scan options worth comparing with the default
+    "autodiff": dict(backward="autodiff"),
+    "unroll=1": dict(unroll=1),
+    "hoist": dict(hoist=True),
+    "no-hoist": dict(hoist=False),
+    "autodiff-hoist": dict(backward="autodiff", hoist=True),
+    "autodiff-no-hoist": dict(backward="autodiff", hoist=False),
+}
+
+
 def jax_candidates(extra: dict | None = None) -> dict:
     cands = {
         "seqjax": seqjax_builder(),
@@ -298,6 +308,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--name", default="peers", help="basename of the JSON/PNG written")
     ap.add_argument("--min-time", type=float, default=0.0, help="keep timing a configuration for this many s")
+    ap.add_argument("--variants", default="", help="extra seqjax rows, comma list of " + ",".join(VARIANTS))
     args = ap.parse_args(argv)
 
     cells = common.parse_list(args.cells or ("lstm" if args.quick else None), CELLS, "cells")
@@ -313,7 +324,8 @@ def main(argv=None):
     except ImportError:
         notes.add("pytorch: skipped, not installed")
         torch_ok = False
-    cands = jax_candidates()
+    cands = jax_candidates({f"seqjax {v}": seqjax_builder(**VARIANTS[v])
+                            for v in common.parse_list(args.variants, VARIANTS, "variants") if args.variants})
     try:
         from tqdm import tqdm
         progress = tqdm(total=len(cells) * len(shapes) * reps, desc="peers", file=sys.stderr)

@@ -61,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--name", default="scan_vs_unroll")
+    ap.add_argument("--unrolled-max-T", type=int, default=None,
+                    help="run the Python-unrolled runner only up to this T (its compile time grows like T^1.85)")
     args = ap.parse_args(argv)
     if args.full:
         cells, Ts, unrolls, unrolled_max_T = ["lstm", "gru", "rnn"], [25, 50, 100, 200, 400, 1000], [1, 2, 4, 8, 16], None
@@ -70,6 +72,8 @@ def main(argv=None):
         cells, Ts, unrolls, unrolled_max_T = ["lstm"], [25, 100, 400], [1, 4, 16], 100
     if args.cells:
         cells = common.parse_list(args.cells, ["lstm", "gru", "rnn"], "cells")
+    if args.unrolled_max_T is not None:
+        unrolled_max_T = args.unrolled_max_T
     reps = args.reps or (3 if args.quick else 7)
     from tqdm import tqdm
 

@@ -69,7 +69,7 @@ def test_resets_shape(lstm):
 def test_unknown_options(lstm):
     cell, params = lstm
     xs = jnp.zeros((2, 5, 3))
-    with pytest.raises(ValueError, match="unroll must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="unroll must be a positive int or None, got 0"):
         seqjax.scan(cell, params, xs, unroll=0)
     with pytest.raises(ValueError, match="reverse must be a bool, got 'yes'"):
         seqjax.scan(cell, params, xs, reverse="yes")

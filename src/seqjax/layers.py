@@ -53,7 +53,7 @@ class BidirectionalParams(NamedTuple):
     backward: Any
 
 
-def sequence(cell: Cell, *, reverse: bool = False, unroll: int = 1, remat: bool = False,
+def sequence(cell: Cell, *, reverse: bool = False, unroll: int | None = None, remat: bool = False,
              hoist: bool | None = None) -> Layer:
     """The layer that runs ``cell`` over a sequence with `seqjax.scan`.
 
@@ -77,7 +77,7 @@ def sequence(cell: Cell, *, reverse: bool = False, unroll: int = 1, remat: bool 
 
 
 def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | None = "concat",
-                  unroll: int = 1, remat: bool = False, hoist: bool | None = None) -> Layer:
+                  unroll: int | None = None, remat: bool = False, hoist: bool | None = None) -> Layer:
     """A bidirectional layer: ``forward`` reads the sequence left to right, ``backward`` right to left.
 
     With ``lengths`` the backward direction reads only each sequence's valid
@@ -190,7 +190,7 @@ def deep(layers: Sequence[Layer | Cell], *, dropout_rate: float = 0.0) -> Layer:
 
 
 def multilayer(cell: Cell, num_layers: int = 1, *, bidirectional: bool = False, dropout: float = 0.0,
-               merge: str = "concat", unroll: int = 1, remat: bool = False, hoist: bool | None = None) -> Layer:
+               merge: str = "concat", unroll: int | None = None, remat: bool = False, hoist: bool | None = None) -> Layer:
     """The PyTorch-style multi-layer RNN layer (``nn.LSTM(num_layers=..., bidirectional=..., dropout=...)``).
 
     Every layer uses the same cell definition (layer k > 0 reads layer k-1's

@@ -253,7 +253,7 @@ class Recurrent(nnx.Module):
 
     def __init__(self, cell: CoreCell, in_features: int, *, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
-                 unroll: int = 1, remat: bool = False, hoist: bool | None = None, deterministic: bool = False,
+                 unroll: int | None = None, remat: bool = False, hoist: bool | None = None, deterministic: bool = False,
                  rngs: nnx.Rngs):
         call = self._call
         if not isinstance(cell, CoreCell):
@@ -373,7 +373,7 @@ class RNN(Recurrent):
 
     def __init__(self, in_features: int, hidden_size: int, *, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
-                 unroll: int = 1, remat: bool = False, hoist: bool | None = None, deterministic: bool = False,
+                 unroll: int | None = None, remat: bool = False, hoist: bool | None = None, deterministic: bool = False,
                  init: str = "default", rngs: nnx.Rngs, **cell_options):
         cell = _rnn(hidden_size, **_cell_kwargs("rnn", hidden_size, init, cell_options))
         super().__init__(cell, in_features, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
@@ -393,7 +393,7 @@ class LSTM(Recurrent):
 
     def __init__(self, in_features: int, hidden_size: int, *, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
-                 unroll: int = 1, remat: bool = False, hoist: bool | None = None, deterministic: bool = False,
+                 unroll: int | None = None, remat: bool = False, hoist: bool | None = None, deterministic: bool = False,
                  init: str = "default", rngs: nnx.Rngs, **cell_options):
         cell = _lstm(hidden_size, **_cell_kwargs("lstm", hidden_size, init, cell_options))
         super().__init__(cell, in_features, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
@@ -413,7 +413,7 @@ class GRU(Recurrent):
 
     def __init__(self, in_features: int, hidden_size: int, *, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
-                 unroll: int = 1, remat: bool = False, hoist: bool | None = None, deterministic: bool = False,
+                 unroll: int | None = None, remat: bool = False, hoist: bool | None = None, deterministic: bool = False,
                  init: str = "default", rngs: nnx.Rngs, **cell_options):
         cell = _gru(hidden_size, **_cell_kwargs("gru", hidden_size, init, cell_options))
         super().__init__(cell, in_features, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,

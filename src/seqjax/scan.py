@@ -124,11 +124,22 @@ def _body(cell: Cell, params, init_carry, projected: bool, remat: bool):
 def hoist_default() -> bool:
     """Whether runners compute the input projection for all steps before the loop, by default.
 
-    Decided by the benchmark (bench/scan_vs_unroll.py, bench/results/levers.md):
-    on XLA:CPU the hoisted GEMM lost to projecting inside the scan body; on GPU
-    the hoisted GEMM wins as it does for cuDNN.
+    Decided by the benchmarks (bench/results/levers.md): on XLA:CPU the hoisted
+    GEMM lost to projecting inside the scan body; on an H100 it won (LSTM
+    standard train 3.10 -> 3.06 ms, forward 1.28 -> 1.09 ms), as it does for cuDNN.
     """
     return jax.default_backend() != "cpu"
+
+
+def unroll_default() -> int:
+    """`scan`'s ``unroll`` when none is given: 1 on CPU, 8 on accelerators.
+
+    Decided by the benchmarks (bench/results/levers.md): on XLA:CPU unrolling
+    made training slower; on an H100, where each loop iteration costs kernel
+    launches, unroll=8 cut the LSTM train step 23.3 -> 11.3 ms (long shape)
+    and 3.06 -> 1.84 ms (standard shape).
+    """
+    return 1 if jax.default_backend() == "cpu" else 8
 
 
 BACKWARD_MODES = ("auto", "fused", "autodiff")
@@ -141,15 +152,13 @@ def _fused_kind(call, loop, cell, params, unroll, remat, backward):
     if backward == "autodiff" or loop is not _lax_loop or (remat and backward == "auto"):
         return None  # auto + remat: autodiff's checkpointed loop saves the most memory
     kind = fusable(cell, params)
-    why = ("a fusable cell (seqjax.fused.fusable: an LSTM variant with tanh or identity activations and no "
-           "gate recurrence, optionally with peepholes and/or proj_size; GRU; Elman RNN with tanh or relu; "
-           f"float32/float64 params), got {cell.name}" if kind is None else
-           f"unroll=1, got unroll={unroll}" if unroll != 1 else None)
-    if why is None:
-        return kind
-    if backward == "fused":
-        raise ValueError(f"{call}: backward='fused' needs {why}; pass backward='auto' to fall back to autodiff")
-    return None
+    if kind is None and backward == "fused":
+        raise ValueError(
+            f"{call}: backward='fused' needs a fusable cell (seqjax.fused.fusable: an LSTM variant with tanh or "
+            "identity activations and no gate recurrence, optionally with peepholes and/or proj_size; GRU; Elman "
+            f"RNN with tanh or relu; float32/float64 params), got {cell.name}; pass backward='auto' to fall back "
+            "to autodiff")
+    return kind
 
 
 def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_major, unroll, remat, hoist,
@@ -157,8 +166,10 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
     plan = _plan(call, cell, params, xs, carry, lengths, resets, time_major)
     _check_bool(call, "reverse", reverse)
     _check_bool(call, "remat", remat)
+    if unroll is None:
+        unroll = unroll_default()
     if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
-        raise ValueError(f"{call}: unroll must be a positive int, got {unroll!r}")
+        raise ValueError(f"{call}: unroll must be a positive int or None, got {unroll!r}")
     if hoist is None:
         hoist = hoist_default()
     _check_bool(call, "hoist", hoist)
@@ -173,7 +184,8 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
 
     kind = _fused_kind(call, loop, cell, params, unroll, remat, backward)
     if kind is not None:
-        carry, ys = fused_scan(kind, params, plan.xs, plan.carry, plan.valid, plan.resets, reverse, hoist, remat)
+        carry, ys = fused_scan(kind, params, plan.xs, plan.carry, plan.valid, plan.resets, reverse, hoist, remat,
+                               unroll)
         return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
     inputs = cell.project(params, plan.xs) if hoist else plan.xs
     body = _body(cell, params, plan.init_carry, hoist, remat)
@@ -195,7 +207,7 @@ def _python_loop(body, carry, xs, reverse, unroll):
 
 
 def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None, resets: Array | None = None,
-         reverse: bool = False, time_major: bool = False, unroll: int = 1, remat: bool = False,
+         reverse: bool = False, time_major: bool = False, unroll: int | None = None, remat: bool = False,
          hoist: bool | None = None, backward: str = "auto"):
     """Runs ``cell`` over a sequence with `jax.lax.scan`: ``(final_carry, ys)``.
 
@@ -214,7 +226,8 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       * ``resets``: where ``resets[b, t]`` is true the carry is set back to the
         cell's zero carry before step t is processed (packed episodes).
       * ``reverse``: process time backwards; ``ys[:, t]`` stays aligned with ``xs[:, t]``.
-      * ``unroll``: `lax.scan` unroll factor. ``remat``: rematerialise each step in
+      * ``unroll``: `lax.scan` unroll factor (``None``: the backend's measured
+        default, `unroll_default`: 1 on CPU, 8 on GPU). ``remat``: rematerialise each step in
         the backward pass (memory for compute).
       * ``hoist``: compute the input projection of all steps as one GEMM before
         the loop (``None``: the backend's measured default, `hoist_default`).
@@ -222,7 +235,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         uses `seqjax.fused`'s custom VJP where it applies (LSTM variants with
         tanh or identity activations, also with peepholes and/or ``proj_size``,
         not FGR; GRU in both forms; Elman RNN;
-        float32/64; ``unroll=1``; ``remat=False``): the backward loop carries the
+        float32/64; ``remat=False``): the backward loop carries the
         state gradients only and the weight gradients and ``dxs`` become single
         GEMMs over all T*B rows (8-50 % faster training on CPU,
         bench/results/levers.md). Elsewhere it is plain autodiff. ``"fused"``
@@ -260,7 +273,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
 
 
 def unrolled(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None,
-             resets: Array | None = None, reverse: bool = False, time_major: bool = False, unroll: int = 1,
+             resets: Array | None = None, reverse: bool = False, time_major: bool = False, unroll: int | None = None,
              remat: bool = False, hoist: bool | None = None, backward: str = "auto"):
     """`scan` as a Python loop over time: same arguments, same results.
 

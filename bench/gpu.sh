@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs the benchmarks (and the GPU-relevant tests) on a GPU machine that has
+# jax[cuda], torch, flax and equinox installed; seqjax runs from the checkout.
+#   bash bench/gpu.sh OUT_DIR STAGE...   stages: env peers levers levers-cmdbuf scan tests memtest
+set -u
+out=${1:?usage: bench/gpu.sh OUT_DIR STAGE...}; shift
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+for stage in "$@"; do
+  echo "=== $stage ($(date +%T))"
+  case $stage in
+    env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+         $py -c "import jax, torch, flax; print(jax.__version__, jax.devices(), torch.__version__, flax.__version__)";;
+    peers) $py bench/peers.py --variants autodiff,unroll=1 --out "$out" --name peers_gpu;;
+    levers) $py bench/levers.py --cells lstm,gru,rnn --reps 15 --out "$out" --name levers_gpu --candidates \
+              "fused vjp,fused vjp hoist=True,fused vjp hoist=True unroll=4,fused vjp hoist=True unroll=8,fused vjp hoist=True unroll=16,scan hoist=True,scan hoist=True unroll=8";;
+    levers-cmdbuf) XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL ${XLA_FLAGS:-}" \
+              $py bench/levers.py --cells lstm --shapes long,standard --reps 15 --out "$out" --name levers_gpu_cmdbuf \
+              --candidates "fused vjp hoist=True,fused vjp hoist=True unroll=8,scan hoist=True" || echo "levers-cmdbuf failed";;
+    scan) $py bench/scan_vs_unroll.py --unrolled-max-T 25 --out "$out" --name scan_vs_unroll_gpu;;
+    memtest) XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider tests/test_fused.py -k memory 2>&1 | tail -5;;
+    tests) XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest $py -m pytest -q -n 4 -p no:cacheprovider \
+             tests/test_fused.py tests/test_runners.py tests/test_cells_reference.py tests/test_layers.py \
+             2>&1 | tail -40;;
+    *) echo "unknown stage $stage"; exit 2;;
+  esac
+done
+echo "=== done ($(date +%T))"
