@@ -221,6 +221,34 @@ def test_fusable_kinds_and_dtypes():
     assert fused.fusable(cell, params) is None
 
 
+def test_fusable_only_for_seqjax_own_step():
+    """A cell with another step (replaced, or hand-made under an LSTM's name) is differentiated by autodiff."""
+    lstm = seqjax.lstm(H)
+    params = lstm.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+
+    def leaky_step(p, carry, px):  # not an LSTM: c leaks, h = tanh(c)
+        new, _ = lstm.step(p, carry, px)
+        c = 0.5 * new.c
+        return new._replace(c=c, h=jnp.tanh(c)), jnp.tanh(c)
+
+    replaced = lstm._replace(step=leaky_step, apply=lambda p, c, x: leaky_step(p, c, lstm.project(p, x)))
+    impostor = seqjax.Cell(lstm.init, lstm.initial_carry, lstm.project, leaky_step, replaced.apply,
+                           lstm.input_size, H, H, lstm.name)
+    other_project = lstm._replace(project=lambda p, x: 2.0 * lstm.project(p, x))
+    for cell in (replaced, impostor, other_project):
+        assert fused.fusable(cell, params) is None
+        loss = lambda p: jnp.sum(seqjax.scan(cell, p, xs)[1] ** 2)  # noqa: E731
+        want = jax.grad(lambda p: jnp.sum(seqjax.unrolled(cell, p, xs)[1] ** 2))(params)
+        for a, b in zip(jax.tree.leaves(jax.grad(loss)(params)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="needs a fusable cell"):
+            seqjax.scan(cell, params, xs, backward="fused")
+    assert fused.fusable(lstm, params) == fused.LSTMSpec()
+    assert fused.fusable(seqjax.rnn(H, activation=jnp.tanh), seqjax.rnn(H).init(jax.random.key(0), I)) is None
+    assert fused.fusable(seqjax.lstm_variant("CIFG", H), params) is None  # 4-gate params for a 3-gate cell
+
+
 def test_forward_mode_needs_autodiff():
     """The documented trade-off of the custom VJP: forward mode raises; backward="autodiff" keeps it."""
     cell = CELLS["rnn_tanh"]()

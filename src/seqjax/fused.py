@@ -27,72 +27,16 @@ projection have the same semantics as in `seqjax.scan`.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell, matmul
 from seqjax.cells.gru import GRUParams
-from seqjax.cells.lstm import LSTMCarry, LSTMParams
+from seqjax.cells.lstm import LSTMCarry, LSTMParams, LSTMSpec
 from seqjax.cells.rnn import RNNParams
 
 __all__ = ["LSTMSpec", "fusable", "fused_scan"]
-
-
-class LSTMSpec(NamedTuple):
-    """Which LSTM variant a fused kernel computes (see `seqjax.lstm` for the equations)."""
-
-    input_gate: bool = True
-    forget_gate: bool = True          # False: NFG (f = 1)
-    output_gate: bool = True
-    coupled: bool = False             # CIFG: f = 1 - i
-    input_identity: bool = False      # NIAF: g = a_g
-    output_identity: bool = False     # NOAF: h = o * c
-
-    def gates(self) -> tuple[str, ...]:
-        """The computed gate blocks, in column order."""
-        on = {"i": self.input_gate, "f": self.forget_gate and not self.coupled, "g": True, "o": self.output_gate}
-        return tuple(g for g in "ifgo" if on[g])
-
-    def sigmoid_gates(self) -> tuple[str, ...]:
-        """The computed sigmoid gates in peephole row order (i, f, o)."""
-        return tuple(g for g in self.gates() if g != "g")
-
-
-_LSTM_OPTIONS = {  # non-default option in seqjax.lstm's cell name -> LSTMSpec field
-    "input_gate=False": "input_gate", "forget_gate=False": "forget_gate", "output_gate=False": "output_gate",
-    "coupled_input_forget=True": "coupled", "input_activation='identity'": "input_identity",
-    "output_activation='identity'": "output_identity",
-}
-
-
-def _lstm_spec(cell: Cell, params: LSTMParams) -> LSTMSpec | None:
-    """The variant of an LSTM cell, read from the options `seqjax.lstm` lists in its name; None if not fusable."""
-    H = cell.hidden_size
-    P = H if params.w_proj is None else params.w_proj.shape[-1]
-    if params.w_gates is not None or not (cell.name.startswith("lstm(") and cell.name.endswith(")")):
-        return None
-    parts = cell.name[len("lstm("):-1].split(", ")
-    expected = {f"hidden_size={H}"}
-    if params.peep is not None:
-        expected.add("peepholes=True")
-    if params.w_proj is not None:
-        expected.add(f"proj_size={P}")
-    flags = {}
-    for part in parts:
-        if part in _LSTM_OPTIONS:
-            flags[_LSTM_OPTIONS[part]] = not part.endswith("False")
-        elif part in expected:
-            expected.discard(part)
-        else:
-            return None  # gate recurrence, another activation, a custom callable, ...
-    spec = LSTMSpec(**flags)
-    if expected or params.w_h.shape != (P, len(spec.gates()) * H):
-        return None
-    if params.peep is not None and params.peep.shape != (len(spec.sigmoid_gates()), H):
-        return None
-    return spec
 
 
 def fusable(cell: Cell, params) -> str | LSTMSpec | None:
@@ -100,32 +44,32 @@ def fusable(cell: Cell, params) -> str | LSTMSpec | None:
 
     Returns an `LSTMSpec` for the LSTM variants, ``"gru"`` (``reset_after=True``),
     ``"gru_cho"`` (``reset_after=False``), ``"rnn_tanh"`` or ``"rnn_relu"``.
-    Qualify: every `seqjax.lstm` variant with tanh or identity activations,
-    with or without peepholes and ``proj_size`` (all of Greff et al.'s except
-    FGR); both GRU forms; the Elman RNN with tanh or relu. Params must be
-    float32 or float64 throughout.
+    Qualify: cells built by `seqjax.lstm` (every variant with tanh or identity
+    activations, with or without peepholes and ``proj_size``: all of Greff et
+    al.'s except FGR), `seqjax.gru` (both forms) and `seqjax.rnn` (tanh or relu),
+    whose ``project`` and ``step`` are unchanged (`Cell.fused`), with params
+    of the cell's family, float32 or float64 throughout.
     """
-    if cell.layers is not None:
+    if cell.layers is not None or cell.fused is None:
+        return None
+    kind, project, step = cell.fused
+    if cell.project is not project or cell.step is not step:
         return None
     leaves = jax.tree.leaves(params)
     if not leaves or any(jnp.result_type(a) not in (jnp.float32, jnp.float64) for a in leaves):
         return None
     if len({jnp.result_type(a) for a in leaves}) != 1:
         return None
-    H = cell.hidden_size
-    if isinstance(params, LSTMParams):
-        return _lstm_spec(cell, params)
-    if isinstance(params, GRUParams):
-        if params.b_hn is not None and cell.name == f"gru(hidden_size={H}, reset_after=True)":
-            return "gru"
-        if params.b_hn is None and cell.name == f"gru(hidden_size={H}, reset_after=False)":
-            return "gru_cho"
-        return None
-    if isinstance(params, RNNParams):
-        for act in ("tanh", "relu"):
-            if cell.name == f"rnn(hidden_size={H}, activation={act})":
-                return "rnn_" + act
-    return None
+    if isinstance(kind, LSTMSpec):
+        H = cell.hidden_size
+        if not isinstance(params, LSTMParams) or params.w_gates is not None:
+            return None
+        if params.w_h.shape[-1] != len(kind.gates()) * H:
+            return None
+        if params.peep is not None and params.peep.shape != (len(kind.sigmoid_gates()), H):
+            return None
+        return kind
+    return kind if isinstance(params, GRUParams if kind.startswith("gru") else RNNParams) else None
 
 
 # ----------------------------------------------------------------------------- per-cell steps

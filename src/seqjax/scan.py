@@ -154,10 +154,10 @@ def _fused_kind(call, loop, cell, params, unroll, remat, backward):
     kind = fusable(cell, params)
     if kind is None and backward == "fused":
         raise ValueError(
-            f"{call}: backward='fused' needs a fusable cell (seqjax.fused.fusable: an LSTM variant with tanh or "
-            "identity activations and no gate recurrence, optionally with peepholes and/or proj_size; GRU; Elman "
-            f"RNN with tanh or relu; float32/float64 params), got {cell.name}; pass backward='auto' to fall back "
-            "to autodiff")
+            f"{call}: backward='fused' needs a fusable cell (seqjax.fused.fusable: built by seqjax.lstm with tanh "
+            "or identity activations and no gate recurrence, optionally with peepholes and/or proj_size, by "
+            "seqjax.gru, or by seqjax.rnn with tanh or relu, its project and step unchanged; float32/float64 "
+            f"params), got {cell.name}; pass backward='auto' to fall back to autodiff")
     return kind
 
 

@@ -45,6 +45,13 @@ class Cell(NamedTuple):
         the weight concatenation (and, in the backward pass, its gradient
         split) happens once per sequence, not per step. ``None`` when a cell
         has no such form.
+      fused: set by seqjax's own constructors: ``(kind, project, step)``, the
+        `seqjax.fused` kernel that computes this cell (`seqjax.fused.LSTMSpec`,
+        ``"gru"``, ``"gru_cho"``, ``"rnn_tanh"`` or ``"rnn_relu"``) and the
+        functions it was derived from. `seqjax.fused.fusable` uses the kernel only
+        while ``project`` and ``step`` are still those functions, so a cell
+        rebuilt with another step (``cell._replace(step=...)``) or a hand-made
+        `Cell` is differentiated by autodiff. None: no fused kernel.
     """
 
     init: Callable[..., Any]
@@ -58,17 +65,22 @@ class Cell(NamedTuple):
     name: str
     layers: tuple | None = None
     fused_apply: Callable[..., Any] | None = None
+    fused: tuple | None = None
 
 
 def make_cell(*, init, initial_carry, project, step, input_size, hidden_size, output_size, name, layers=None,
-              fused_apply=None) -> Cell:
-    """Builds a `Cell` whose ``apply`` is ``step`` after ``project``."""
+              fused_apply=None, fused_kind=None) -> Cell:
+    """Builds a `Cell` whose ``apply`` is ``step`` after ``project``.
+
+    ``fused_kind``: the `seqjax.fused` kernel that computes exactly this
+    ``project`` and ``step`` (see `Cell.fused`), or None.
+    """
 
     def apply(params, carry, x):
         return step(params, carry, project(params, x))
 
     return Cell(init, initial_carry, project, step, apply, input_size, hidden_size, output_size, name, layers,
-                fused_apply)
+                fused_apply, None if fused_kind is None else (fused_kind, project, step))
 
 
 def fused_input_recurrent(w_x: Array, w_h: Array, b: Array, finish: Callable[[Any, Array], Any]):

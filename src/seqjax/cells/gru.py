@@ -97,4 +97,5 @@ def gru(hidden_size: int, *, reset_after: bool = True,
 
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=H,
-                     name=f"gru(hidden_size={H}, reset_after={reset_after})")
+                     name=f"gru(hidden_size={H}, reset_after={reset_after})",
+                     fused_kind="gru" if reset_after else "gru_cho")

@@ -12,6 +12,26 @@ from seqjax.cells.base import (Array, Cell, check_input, check_positive_int, com
 ACTIVATIONS = {"tanh": jnp.tanh, "identity": lambda a: a, "relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid}
 
 
+class LSTMSpec(NamedTuple):
+    """Which LSTM variant a fused kernel computes (see `seqjax.lstm` for the equations)."""
+
+    input_gate: bool = True
+    forget_gate: bool = True          # False: NFG (f = 1)
+    output_gate: bool = True
+    coupled: bool = False             # CIFG: f = 1 - i
+    input_identity: bool = False      # NIAF: g = a_g
+    output_identity: bool = False     # NOAF: h = o * c
+
+    def gates(self) -> tuple[str, ...]:
+        """The computed gate blocks, in column order."""
+        on = {"i": self.input_gate, "f": self.forget_gate and not self.coupled, "g": True, "o": self.output_gate}
+        return tuple(g for g in "ifgo" if on[g])
+
+    def sigmoid_gates(self) -> tuple[str, ...]:
+        """The computed sigmoid gates in peephole row order (i, f, o)."""
+        return tuple(g for g in self.gates() if g != "g")
+
+
 class LSTMParams(NamedTuple):
     """Parameters of `seqjax.lstm`.
 
@@ -215,9 +235,15 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
                                  ("output_activation", output_activation, "tanh")]:
         if value != default:
             opts.append(f"{name}={value!r}" if isinstance(value, (str, bool, int)) else f"{name}=custom")
+    fusable_act = ("tanh", "identity")
+    spec = None
+    if not gate_recurrence and input_activation in fusable_act and output_activation in fusable_act:
+        spec = LSTMSpec(input_gate=input_gate, forget_gate=forget_gate, output_gate=output_gate,
+                        coupled=coupled_input_forget, input_identity=input_activation == "identity",
+                        output_identity=output_activation == "identity")
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=P,
-                     name=f"lstm({', '.join(opts)})", fused_apply=fused_apply)
+                     name=f"lstm({', '.join(opts)})", fused_apply=fused_apply, fused_kind=spec)
 
 
 def lstm_variant(name: str, hidden_size: int, **kwargs) -> Cell:

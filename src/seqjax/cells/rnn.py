@@ -81,4 +81,5 @@ def rnn(hidden_size: int, *, activation: str | Callable = "tanh",
 
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=hidden_size, output_size=hidden_size,
-                     name=f"rnn(hidden_size={hidden_size}, activation={act_name})", fused_apply=fused_apply)
+                     name=f"rnn(hidden_size={hidden_size}, activation={act_name})", fused_apply=fused_apply,
+                     fused_kind=f"rnn_{activation}" if activation in ("tanh", "relu") else None)
