@@ -17,7 +17,6 @@ import os
 import platform
 import random
 import resource
-import statistics
 import sys
 import time
 from typing import Any, Callable

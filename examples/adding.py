@@ -44,7 +44,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -57,6 +56,7 @@ from flax import nnx
 
 import seqjax.nnx as snx
 from seqjax.tasks import ADDING_TOLERANCE, adding_correct, adding_problem
+from _report import write_results  # examples/_report.py
 
 # ----------------------------------------------------------------------------
 # config
@@ -369,13 +369,8 @@ def main(argv=None):
                    hs_criterion=f"training stops when the last {HS_WINDOW} training sequences were all within "
                                 f"{ADDING_TOLERANCE} of the target and their mean squared error < {HS_MEAN_ERROR}",
                    hs_reference=dict(sequences=HS[T][0], wrong=HS[T][1], weights=93, trials=10) if T in HS else None,
-                   results=summaries, plots=plots, jax_version=jax.__version__, backend=jax.default_backend(),
-                   wall_seconds=time.perf_counter() - t0)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nwrote {os.path.join(args.out, 'results.json')} and {len(plots)} plot in "
-          f"{time.perf_counter() - t0:.0f}s")
-    return results
+                   results=summaries, plots=plots)
+    return write_results(args.out, results, list(plots.values()), t0)
 
 
 if __name__ == "__main__":

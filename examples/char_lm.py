@@ -51,6 +51,7 @@ import seqjax
 from seqjax import tbptt
 from seqjax.generate import generate
 from seqjax.train import init_state
+from _report import write_results  # examples/_report.py
 
 # ----------------------------------------------------------------------------
 # config
@@ -465,12 +466,8 @@ def main(argv=None):
            "beats_best_ngram": bool(final_bpc < best), "train_seconds": train_seconds, "train_tokens": tokens,
            "tokens_per_second": tokens / max(train_seconds, 1e-9), "updates": gsteps, "curve": curve,
            "samples": samples + [{"step": gsteps, "text": final_sample}], "checkpoint": os.path.abspath(ckpt),
-           "plots": plots, "seconds": time.perf_counter() - t_start, "backend": jax.default_backend()}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {os.path.join(args.out, 'results.json')}, {plots['learning_curve']} and {ckpt} "
-          f"({res['seconds'] / 60:.1f} min)")
-    return res
+           "plots": plots, "seconds": time.perf_counter() - t_start}
+    return write_results(args.out, res, [plots["learning_curve"], ckpt], t_start)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -46,6 +45,7 @@ import optax
 
 import seqjax
 from seqjax.tasks import COMPARE_SPLITS, compare_dataset
+from _report import write_results  # examples/_report.py
 
 # ----------------------------------------------------------------------------
 # config
@@ -229,13 +229,8 @@ def main(argv=None):
     results = dict(mode="quick" if args.quick else "full", config=cfg, settings=SETTINGS, input_scale=scale,
                    original_settings=ORIGINAL, splits=list(COMPARE_SPLITS), majority_class=majority,
                    majority_baseline_test_accuracy=baseline, test_accuracy=test, seeds_at_99pct=int(n99),
-                   runs=runs, plots=plots, jax_version=jax.__version__, backend=jax.default_backend(),
-                   wall_seconds=time.perf_counter() - t0)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nwrote {os.path.join(args.out, 'results.json')} and {len(plots)} plot in "
-          f"{time.perf_counter() - t0:.0f}s")
-    return results
+                   runs=runs, plots=plots)
+    return write_results(args.out, results, list(plots.values()), t0)
 
 
 if __name__ == "__main__":

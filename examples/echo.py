@@ -34,7 +34,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -47,6 +46,7 @@ import optax
 import seqjax
 from seqjax import tbptt
 from seqjax.train import init_state
+from _report import write_results  # examples/_report.py
 
 # ----------------------------------------------------------------------------
 # config
@@ -261,13 +261,8 @@ def main(argv=None):
                   "results": study, "table": rows},
         "plots": plots,
         "seconds": time.perf_counter() - t_start,
-        "backend": jax.default_backend(),
     }
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"\nwrote {os.path.join(args.out, 'results.json')} and {', '.join(plots.values())} "
-          f"({res['seconds']:.0f}s)")
-    return res
+    return write_results(args.out, res, list(plots.values()), t_start)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import seqjax
 from seqjax import diagnostics, tasks
+from _report import write_results  # examples/_report.py
 
 # ---------------------------------------------------------------- config
 CONFIG = dict(
@@ -233,19 +234,19 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     key = jax.random.key(cfg["seed"])
     k1, k2, k3 = jax.random.split(key, 3)
-    t0 = time.time()
+    t0 = time.perf_counter()
     results = dict(settings=dict(cfg, quick=args.quick, jax=jax.__version__, backend=jax.default_backend()),
                    spectral=spectral_study(cfg["spectral"], k1),
                    temporal=temporal_study(cfg["temporal"], k2),
                    clipping=clipping_study(cfg["clipping"], k3))
-    results["wall_time_s"] = time.time() - t0
+    results["wall_time_s"] = time.perf_counter() - t0
 
     print("\n1. Spectral bound (tanh RNN, T=%d): ||dL/dh_t|| / ||dL/dh_s|| at s - t = 50" % cfg["spectral"]["T"])
     print(f"{'sigma_max':>10} {'radius':>8} {'measured ratio':>15} {'bound sigma^50':>15} {'bound holds':>12}")
     for sigma, r in results["spectral"].items():
         print(f"{r['sigma_max']:>10.3f} {r['spectral_radius']:>8.3f} {r['ratio_at_50']:>15.3e} "
               f"{r['sigma_max'] ** 50:>15.3e} {str(r['bound_holds']):>12}")
-    print(f"\n2. HARD temporal order: mean ||dL/dx_t|| at t1 (first X/Y) vs at the last step")
+    print("\n2. HARD temporal order: mean ||dL/dx_t|| at t1 (first X/Y) vs at the last step")
     print(f"{'cell':>5} {'step':>6} {'grad t1':>10} {'grad t2':>10} {'grad T':>10} {'t1/T':>9} {'accuracy':>9}")
     for kind, hist in results["temporal"].items():
         for h in (hist[0], hist[-1]):
@@ -257,12 +258,9 @@ def main(argv=None):
         fl = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
         print(f"{name:>10} {str(r['all_finite']):>11} {str(r['first_non_finite_step']):>22} {fl:>11} "
               f"{r['max_grad_norm']:>14.3e}")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
     plot(results, args.out)
-    print(f"\nwrote {args.out}/results.json and spectral_bound.png, temporal_order_gradients.png, clipping.png "
-          f"({results['wall_time_s']:.0f} s)")
-    return results
+    return write_results(args.out, results, ["spectral_bound.png", "temporal_order_gradients.png", "clipping.png"],
+                         t0)
 
 
 if __name__ == "__main__":

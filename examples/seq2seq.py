@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import seqjax
 from seqjax import seq2seq as s2s
+from _report import write_results  # examples/_report.py
 
 # ----------------------------------------------------------------------------
 # config
@@ -385,10 +383,7 @@ def main(argv=None):
     print(f"(bins: source characters; n = {[c['n'] for c in length_curve(src_len, np.ones_like(src_len, bool))]}; "
           f"beam width {cfg['beam_width']}, length penalty 1.0)")
     print("vec2seq e.g. " + "; ".join(f"{n} -> {w!r}" for n, w in v["examples"][:3]))
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {args.out}/results.json and {len(results['plots'])} plots in {results['total_seconds']:.0f}s")
-    return results
+    return write_results(args.out, results, list(results["plots"].values()), t_start)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,8 @@ from ``v = 0`` as PyTorch does.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import sys
 import time
 from functools import partial
 
@@ -47,7 +45,8 @@ from flax import nnx
 
 import seqjax
 import seqjax.nnx as snx
-from seqjax.tasks import CLASSES_6A, LEVELS, SYMBOLS, temporal_order
+from seqjax.tasks import CLASSES_6A, SYMBOLS, temporal_order
+from _report import write_results  # examples/_report.py
 
 # ----------------------------------------------------------------------------
 # config
@@ -425,7 +424,7 @@ def main(argv=None):
     easy = easy_study(cfg, rows)
     hard_nyu = hard_nyu_study(cfg, rows) if cfg["hard_nyu_epochs"] else {}
     better, run = better_study(cfg, list(range(cfg["better_seeds"])))
-    rows.append((f"HARD tuned", "LSTM", cfg["better_seeds"], stats(run["train"]["accuracy"][:, -32:].mean(1)),
+    rows.append(("HARD tuned", "LSTM", cfg["better_seeds"], stats(run["train"]["accuracy"][:, -32:].mean(1)),
                  better["final_test_accuracy"]))
 
     print_table(rows)
@@ -459,14 +458,8 @@ def main(argv=None):
                    test_size=TEST_SIZE, easy=easy, hard_nyu=hard_nyu, hard_better=better,
                    table=[dict(setting=s, cell=c, seeds=n, train_accuracy=tr, test_accuracy=te)
                           for s, c, n, tr, te in rows],
-                   plots={k: os.path.basename(v) for k, v in plots.items()},
-                   jax_version=jax.__version__, backend=jax.default_backend(),
-                   wall_seconds=time.perf_counter() - t0)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nwrote {os.path.join(args.out, 'results.json')} and {len(plots)} plots in "
-          f"{time.perf_counter() - t0:.0f}s")
-    return results
+                   plots={k: os.path.basename(v) for k, v in plots.items()})
+    return write_results(args.out, results, list(results["plots"].values()), t0)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,13 @@
-"""The flagship example runs end to end (--quick) and writes its results and plots."""
-import json
-import os
-import subprocess
-import sys
-
+"""The examples run end to end (--quick) and write their results and plots."""
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE = os.path.join(ROOT, "examples", "temporal_order.py")
+from example_runs import check_plots, run_quick
 
 
 @pytest.mark.slow
 def test_temporal_order_quick(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, EXAMPLE, "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Temporal order: accuracy" in proc.stdout
-    res = json.loads((out / "results.json").read_text())
+    out, res, stdout = run_quick(tmp_path, "temporal_order")
+    assert "Temporal order: accuracy" in stdout
     assert res["mode"] == "quick"
     assert set(res["easy"]) == {"rnn", "lstm", "gru"}
     for entry in res["easy"].values():
@@ -31,19 +21,7 @@ def test_temporal_order_quick(tmp_path):
     assert hb["eval_sequences"][-1] <= 31390 and hb["settings"]["hidden"] >= 4
     assert res["nyu_settings"]["hidden"] == 4 and res["nyu_settings"]["batch"] == 32
     assert res["table"] and {"setting", "cell", "seeds", "train_accuracy", "test_accuracy"} <= set(res["table"][0])
-    for name in res["plots"].values():
-        path = out / name
-        assert path.exists() and path.stat().st_size > 1000
-        with open(path, "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-def run_quick(tmp_path, name):
-    out = tmp_path / name
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, json.loads((out / "results.json").read_text()), proc.stdout
+    check_plots(res, out)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from flax import nnx
 
 from seqjax import losses as L
 from seqjax.train import (
-    History,
     NonFiniteLossError,
     TrainState,
     fit,

@@ -14,7 +14,7 @@ in ONE `jax.lax.scan`, each fed back as the next input.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,6 @@ def sample_logits(key: Array, logits: Array, *, temperature=1.0, top_k: Optional
                                    "has_carry"))
 def _generate(cell, params, embed_arg, readout_arg, prompt, key, temperature, carry, *, embed_fn, readout_fn,
               max_new_tokens, top_k, greedy, has_carry):
-    B = prompt.shape[0]
     emb = lambda ids: embed_fn(ids) if embed_arg is None else embed_fn(ids, embed_arg)
     out = lambda y: readout_fn(y) if readout_arg is None else readout_fn(y, readout_arg)
     xs = emb(prompt)                                              # [B, P, I]

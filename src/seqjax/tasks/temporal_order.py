@@ -15,7 +15,7 @@ B last), which makes no difference to the task.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
