@@ -6,7 +6,7 @@ input and forget gates, with peepholes) and Cho's GRU
 (`value_and_grad` of mean(ys²) w.r.t. params and input) at the three shapes of issue 3,
 interleaved, medians.
 
-    python bench/vjp_variants.py [--reps 7] [--out bench/results]
+    python bench/vjp_variants.py [--reps 7] [--out bench/results] [--quick]
 
 Writes <out>/vjp_variants.json and prints one line per configuration.
 """
@@ -30,11 +30,13 @@ VARIANTS = {"peephole": lambda H: seqjax.lstm(H, peepholes=True), "proj": lambda
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 7; 2 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and few reps (smoke test)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
+    args.reps = args.reps or (2 if args.quick else 7)
     rows = []
-    for sname, (B, T, I, H) in common.SHAPES.items():
+    for sname, (B, T, I, H) in (common.QUICK_SHAPES if args.quick else common.SHAPES).items():
         for vname, make in VARIANTS.items():
             cell = make(H)
             params = cell.init(jax.random.key(0), I)

@@ -1,0 +1,82 @@
+"""The benchmark scripts run end to end (--quick) and write the results they document.
+
+Only structure and invariants are checked (never timings): rows for every candidate and mode,
+positive medians, ratios to PyTorch consistent with the medians, plots that are PNGs.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(script, tmp_path, *args):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--quick", "--out", str(tmp_path),
+                           *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return proc
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peers_quick_with_variants(tmp_path):
+    proc = run_bench("peers.py", tmp_path, "--variants", "autodiff,unroll=1")
+    ok(proc)
+    res = json.loads((tmp_path / "peers.json").read_text())
+    assert res["environment"]["backend"] == "cpu" and res["reps"] == 3
+    libs = {(r["library"], r["mode"]) for r in res["rows"]}
+    for lib in ("seqjax", "seqjax autodiff", "seqjax unroll=1", "pytorch"):
+        assert {(lib, "fwd"), (lib, "train")} <= libs, lib
+    assert ("matmul floor", "fwd") in libs and ("matmul floor", "train") not in libs
+    torch_ms = {r["mode"]: r["median_ms"] for r in res["rows"] if r["library"] == "pytorch"}
+    for r in res["rows"]:
+        assert 0 < r["min_ms"] <= r["median_ms"] and r["n"] == 3
+        assert r["ratio_to_pytorch"] == pytest.approx(r["median_ms"] / torch_ms[r["mode"]])
+        if r["library"] != "pytorch":
+            assert r["compile_s"] > 0 and r["memory"]["temp_bytes"] >= 0
+    assert "jax.experimental.rnn: skipped" in proc.stdout  # GPU-only peer, said so on CPU
+    assert is_png(tmp_path / "peers.png")
+    assert "| seqjax autodiff |" in proc.stdout
+
+
+def test_peers_rejects_unknown_variant(tmp_path):
+    proc = run_bench("peers.py", tmp_path, "--variants", "turbo")
+    assert proc.returncode != 0 and "unknown variants: ['turbo']" in proc.stderr
+
+
+def test_levers_quick(tmp_path):
+    cands = "fused vjp,fused vjp hoist=True unroll=4,scan remat"
+    ok(run_bench("levers.py", tmp_path, "--candidates", cands, "--default"))
+    rows = json.loads((tmp_path / "levers.json").read_text())["rows"]
+    names = {r["library"] for r in rows}
+    assert names == set(cands.split(",")) | {"seqjax.scan (defaults)", "pytorch"}
+
+
+def test_scan_vs_unroll_quick(tmp_path):
+    proc = run_bench("scan_vs_unroll.py", tmp_path, "--unrolled-max-T", "5")
+    ok(proc)
+    res = json.loads((tmp_path / "scan_vs_unroll.json").read_text())
+    assert res["grid"]["T"] == [5, 10] and res["grid"]["unrolled_max_T"] == 5
+    runners = {(r["runner"], r["mode"], r["T"]) for r in res["rows"]}
+    assert ("unrolled", "train", 5) in runners and ("unrolled", "train", 10) not in runners
+    assert {("scan u=4", "train", 10), ("scan default", "train", 10), ("scan remat", "train", 10)} <= runners
+    for r in res["rows"]:
+        assert r["compile_s"] > 0 and r["median_ms"] > 0 and r["memory"]["temp_bytes"] >= 0
+    assert is_png(tmp_path / "scan_vs_unroll.png")
+
+
+def test_vjp_variants_quick(tmp_path):
+    ok(run_bench("vjp_variants.py", tmp_path))
+    rows = json.loads((tmp_path / "vjp_variants.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"peephole", "proj", "cifg", "gru_cho"}
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["fused_ms"] / r["autodiff_ms"])
