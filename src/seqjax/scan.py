@@ -137,7 +137,8 @@ def unroll_default() -> int:
     Decided by the benchmarks (bench/results/levers.md): on XLA:CPU unrolling
     made training slower; on an H100, where each loop iteration costs kernel
     launches, unroll=8 cut the LSTM train step 23.3 -> 11.3 ms (long shape)
-    and 3.06 -> 1.84 ms (standard shape).
+    and 3.06 -> 1.84 ms (standard shape), for a longer compile (LSTM long
+    train step: 0.5 -> 2.9 s). Pass ``unroll=1`` where compile time matters more.
     """
     return 1 if jax.default_backend() == "cpu" else 8
 
