@@ -247,6 +247,9 @@ def test_fusable_only_for_seqjax_own_step():
     assert fused.fusable(lstm, params) == fused.LSTMSpec()
     assert fused.fusable(seqjax.rnn(H, activation=jnp.tanh), seqjax.rnn(H).init(jax.random.key(0), I)) is None
     assert fused.fusable(seqjax.lstm_variant("CIFG", H), params) is None  # 4-gate params for a 3-gate cell
+    gru, cho = seqjax.gru(H), seqjax.gru(H, reset_after=False)
+    assert fused.fusable(gru, cho.init(jax.random.key(0), I)) is None  # no b_hn
+    assert fused.fusable(cho, gru.init(jax.random.key(0), I)) is None
 
 
 def test_forward_mode_needs_autodiff():

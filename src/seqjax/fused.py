@@ -69,7 +69,9 @@ def fusable(cell: Cell, params) -> str | LSTMSpec | None:
         if params.peep is not None and params.peep.shape != (len(kind.sigmoid_gates()), H):
             return None
         return kind
-    return kind if isinstance(params, GRUParams if kind.startswith("gru") else RNNParams) else None
+    if kind.startswith("gru"):  # reset_after=True has the separate b_hn, Cho's form has none
+        return kind if isinstance(params, GRUParams) and (params.b_hn is None) == (kind == "gru_cho") else None
+    return kind if isinstance(params, RNNParams) else None
 
 
 # ----------------------------------------------------------------------------- per-cell steps
