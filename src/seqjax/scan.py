@@ -146,7 +146,7 @@ def unroll_default() -> int:
 BACKWARD_MODES = ("auto", "fused", "autodiff")
 
 
-def _fused_kind(call, loop, cell, params, unroll, remat, backward):
+def _fused_kind(call, loop, cell, params, remat, backward):
     """The `seqjax.fused` kernel this run's gradient uses, or None for plain autodiff."""
     if backward not in BACKWARD_MODES:
         raise ValueError(f"{call}: backward must be one of {list(BACKWARD_MODES)}, got {backward!r}")
@@ -183,7 +183,7 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
             carries.append(c)
         return tuple(carries), (ys if time_major else jnp.swapaxes(ys, 0, 1))
 
-    kind = _fused_kind(call, loop, cell, params, unroll, remat, backward)
+    kind = _fused_kind(call, loop, cell, params, remat, backward)
     if kind is not None:
         carry, ys = fused_scan(kind, params, plan.xs, plan.carry, plan.valid, plan.resets, reverse, hoist, remat,
                                unroll)

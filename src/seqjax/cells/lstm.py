@@ -153,10 +153,11 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
     out_act = resolve_activation(call, "output_activation", output_activation, ACTIVATIONS)
     P = proj_size or H
 
-    computes_f = forget_gate and not coupled_input_forget
-    gates = [g for g, on in (("i", input_gate), ("f", computes_f), ("g", True), ("o", output_gate)) if on]
+    layout = LSTMSpec(input_gate=input_gate, forget_gate=forget_gate, output_gate=output_gate,
+                      coupled=coupled_input_forget)
+    gates = layout.gates()
     col = {g: k for k, g in enumerate(gates)}            # gate -> block index in the G*H columns
-    sig = [g for g in ("i", "f", "o") if g in col]       # sigmoid gates, order of peep / w_gates
+    sig = layout.sigmoid_gates()                         # sigmoid gates, order of peep / w_gates
     G, S = len(gates), len(sig)
 
     def init(key, input_size: int) -> LSTMParams:
@@ -238,9 +239,8 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
     fusable_act = ("tanh", "identity")
     spec = None
     if not gate_recurrence and input_activation in fusable_act and output_activation in fusable_act:
-        spec = LSTMSpec(input_gate=input_gate, forget_gate=forget_gate, output_gate=output_gate,
-                        coupled=coupled_input_forget, input_identity=input_activation == "identity",
-                        output_identity=output_activation == "identity")
+        spec = layout._replace(input_identity=input_activation == "identity",
+                               output_identity=output_activation == "identity")
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=P,
                      name=f"lstm({', '.join(opts)})", fused_apply=fused_apply, fused_kind=spec)
