@@ -29,20 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import peers  # noqa: E402
 
-import seqjax  # noqa: E402
-
-
-def _cell(cell_name, H):
-    return {"lstm": lambda: seqjax.lstm(H, forget_bias=0.0), "gru": lambda: seqjax.gru(H),
-            "rnn": lambda: seqjax.rnn(H)}[cell_name]()
-
-
-def scan_builder(**scan_kwargs):
-    def build(cell_name, B, T, I, H, key):
-        cell = _cell(cell_name, H)
-        return (lambda p, x: seqjax.scan(cell, p, x, **scan_kwargs)[1]), cell.init(key, I)
-    return build
-
+scan_builder = peers.seqjax_builder  # (**scan kwargs) -> builder of (run, params)
 
 CANDIDATES = {
     "scan hoist=False": scan_builder(hoist=False, backward="autodiff"),
