@@ -222,7 +222,11 @@ def test_fusable_kinds_and_dtypes():
 
 
 def test_fusable_only_for_seqjax_own_step():
-    """A cell with another step (replaced, or hand-made under an LSTM's name) is differentiated by autodiff."""
+    """A cell with another step or projection (replaced, or hand-made under an LSTM's name) runs that step.
+
+    Neither the custom VJP nor the constructor's `fused_apply` may stand in for it: values and gradients
+    are checked against a hand-written `lax.scan` over the replacement step.
+    """
     lstm = seqjax.lstm(H)
     params = lstm.init(jax.random.key(0), I)
     xs = jax.random.normal(jax.random.key(1), (B, T, I))
@@ -235,13 +239,24 @@ def test_fusable_only_for_seqjax_own_step():
     replaced = lstm._replace(step=leaky_step, apply=lambda p, c, x: leaky_step(p, c, lstm.project(p, x)))
     impostor = seqjax.Cell(lstm.init, lstm.initial_carry, lstm.project, leaky_step, replaced.apply,
                            lstm.input_size, H, H, lstm.name)
-    other_project = lstm._replace(project=lambda p, x: 2.0 * lstm.project(p, x))
-    for cell in (replaced, impostor, other_project):
+    double = lambda p, x: 2.0 * lstm.project(p, x)  # noqa: E731
+    other_project = lstm._replace(project=double, apply=lambda p, c, x: lstm.step(p, c, double(p, x)))
+
+    def by_hand(project, step):  # sum(ys²) of a plain lax.scan, batch-major xs
+        def loss(p):
+            body = lambda c, x: step(p, c, project(p, x))  # noqa: E731
+            carry = lstm.initial_carry(p, (B,))
+            return jnp.sum(jax.lax.scan(body, carry, jnp.swapaxes(xs, 0, 1))[1] ** 2)
+        return loss
+
+    refs = [by_hand(lstm.project, leaky_step)] * 2 + [by_hand(double, lstm.step)]
+    for cell, ref in zip((replaced, impostor, other_project), refs):
         assert fused.fusable(cell, params) is None
-        loss = lambda p: jnp.sum(seqjax.scan(cell, p, xs)[1] ** 2)  # noqa: E731
-        want = jax.grad(lambda p: jnp.sum(seqjax.unrolled(cell, p, xs)[1] ** 2))(params)
-        for a, b in zip(jax.tree.leaves(jax.grad(loss)(params)), jax.tree.leaves(want)):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        for runner in (seqjax.scan, seqjax.unrolled):
+            loss = lambda p: jnp.sum(runner(cell, p, xs, hoist=False)[1] ** 2)  # noqa: E731
+            np.testing.assert_allclose(loss(params), ref(params), rtol=1e-5)
+            for a, b in zip(jax.tree.leaves(jax.grad(loss)(params)), jax.tree.leaves(jax.grad(ref)(params))):
+                np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="needs a fusable cell"):
             seqjax.scan(cell, params, xs, backward="fused")
     assert fused.fusable(lstm, params) == fused.LSTMSpec()

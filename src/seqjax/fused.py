@@ -31,7 +31,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import Array, Cell, matmul
+from seqjax.cells.base import Array, Cell, has_own_step, matmul
 from seqjax.cells.gru import GRUParams
 from seqjax.cells.lstm import LSTMCarry, LSTMParams, LSTMSpec
 from seqjax.cells.rnn import RNNParams
@@ -50,11 +50,9 @@ def fusable(cell: Cell, params) -> str | LSTMSpec | None:
     whose ``project`` and ``step`` are unchanged (`Cell.fused`), with params
     of the cell's family, float32 or float64 throughout.
     """
-    if cell.layers is not None or cell.fused is None:
+    if cell.layers is not None or not has_own_step(cell) or cell.fused[0] is None:
         return None
-    kind, project, step = cell.fused
-    if cell.project is not project or cell.step is not step:
-        return None
+    kind = cell.fused[0]
     leaves = jax.tree.leaves(params)
     if not leaves or any(jnp.result_type(a) not in (jnp.float32, jnp.float64) for a in leaves):
         return None

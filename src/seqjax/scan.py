@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.cells.base import Array, Cell
+from seqjax.cells.base import Array, Cell, has_own_step
 from seqjax.fused import fusable, fused_scan
 
 
@@ -102,7 +102,7 @@ def _body(cell: Cell, params, init_carry, projected: bool, remat: bool):
 
     if projected:
         advance = lambda carry, px: cell.step(params, carry, px)  # noqa: E731
-    elif cell.fused_apply is not None:
+    elif cell.fused_apply is not None and has_own_step(cell):
         advance = cell.fused_apply(params)  # weights concatenated here, outside the loop
     else:
         advance = lambda carry, x: cell.apply(params, carry, x)  # noqa: E731

@@ -44,14 +44,12 @@ class Cell(NamedTuple):
         ``[x, h] @ [[W_x], [W_h]]``; runners call it once outside the loop, so
         the weight concatenation (and, in the backward pass, its gradient
         split) happens once per sequence, not per step. ``None`` when a cell
-        has no such form.
+        has no such form. Used only while `has_own_step` holds.
       fused: set by seqjax's own constructors: ``(kind, project, step)``, the
         `seqjax.fused` kernel that computes this cell (`seqjax.fused.LSTMSpec`,
-        ``"gru"``, ``"gru_cho"``, ``"rnn_tanh"`` or ``"rnn_relu"``) and the
-        functions it was derived from. `seqjax.fused.fusable` uses the kernel only
-        while ``project`` and ``step`` are still those functions, so a cell
-        rebuilt with another step (``cell._replace(step=...)``) or a hand-made
-        `Cell` is differentiated by autodiff. None: no fused kernel.
+        ``"gru"``, ``"gru_cho"``, ``"rnn_tanh"`` or ``"rnn_relu"``, or None) and
+        the functions it and ``fused_apply`` were derived from. None for a
+        hand-made `Cell`.
     """
 
     init: Callable[..., Any]
@@ -79,8 +77,20 @@ def make_cell(*, init, initial_carry, project, step, input_size, hidden_size, ou
     def apply(params, carry, x):
         return step(params, carry, project(params, x))
 
+    derived = fused_apply is not None or fused_kind is not None
     return Cell(init, initial_carry, project, step, apply, input_size, hidden_size, output_size, name, layers,
-                fused_apply, None if fused_kind is None else (fused_kind, project, step))
+                fused_apply, (fused_kind, project, step) if derived else None)
+
+
+def has_own_step(cell: Cell) -> bool:
+    """Whether ``cell.project`` and ``cell.step`` are still the functions its constructor derived
+    ``fused_apply`` and the `seqjax.fused` kernel from (see `Cell.fused`).
+
+    False after ``cell._replace(step=...)`` or ``_replace(project=...)`` and for a
+    hand-made `Cell`: such cells run their own ``apply``/``step`` and are
+    differentiated by autodiff.
+    """
+    return cell.fused is not None and cell.project is cell.fused[1] and cell.step is cell.fused[2]
 
 
 def fused_input_recurrent(w_x: Array, w_h: Array, b: Array, finish: Callable[[Any, Array], Any]):
