@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks (and the GPU-relevant tests) on a GPU machine that has
 # jax[cuda], torch, flax and equinox installed; seqjax runs from the checkout.
-#   bash bench/gpu.sh OUT_DIR STAGE...   stages: env peers levers levers-cmdbuf scan tests memtest
+#   bash bench/gpu.sh OUT_DIR STAGE...   stages: env peers levers levers-cmdbuf scan tests memtest flags kernels
 set -u
 out=${1:?usage: bench/gpu.sh OUT_DIR STAGE...}; shift
 mkdir -p "$out"
@@ -18,6 +18,20 @@ for stage in "$@"; do
     levers-cmdbuf) XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL ${XLA_FLAGS:-}" \
               $py bench/levers.py --cells lstm --shapes long,standard --reps 15 --out "$out" --name levers_gpu_cmdbuf \
               --candidates "fused vjp hoist=True,fused vjp hoist=True unroll=8,scan hoist=True" || echo "levers-cmdbuf failed";;
+    flags) $py - "$out/xla_gpu_flags.txt" <<'PY'
+import glob, os, re, site, sys
+names = set()
+for root in site.getsitepackages():
+    for so in glob.glob(os.path.join(root, "jax*", "**", "*.so*"), recursive=True):
+        names |= set(re.findall(rb"xla_gpu_[a-z0-9_]+", open(so, "rb").read()))
+open(sys.argv[1], "w").write("\n".join(sorted(n.decode() for n in names)) + "\n")
+print(len(names), "xla_gpu_* names")
+PY
+           ;;
+    kernels) for flags in "" ${KERNEL_FLAGS:-}; do
+               XLA_FLAGS="${flags//;/ }" $py bench/loop_kernels.py --cells lstm,gru,rnn --shapes long,standard --out "$out" \
+                 --label="${flags:-no flags}" ${KERNEL_ARGS:-} || echo "kernels failed with XLA_FLAGS=$flags"
+             done;;
     scan) $py bench/scan_vs_unroll.py --unrolled-max-T 25 --out "$out" --name scan_vs_unroll_gpu;;
     memtest) XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider tests/test_fused.py -k memory 2>&1 | tail -5;;
     tests) XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest $py -m pytest -q -n 4 -p no:cacheprovider \

@@ -80,3 +80,29 @@ def test_vjp_variants_quick(tmp_path):
     assert {r["variant"] for r in rows} == {"peephole", "proj", "cifg", "gru_cho"}
     for r in rows:
         assert r["ratio"] == pytest.approx(r["fused_ms"] / r["autodiff_ms"])
+
+
+def test_loop_kernels_quick(tmp_path):
+    proc = run_bench("loop_kernels.py", tmp_path, "--cells", "lstm,rnn", "--label", "probe")
+    ok(proc)
+    runs = json.loads((tmp_path / "loop_kernels.json").read_text())["runs"]
+    rows = runs["probe"]["rows"]
+    assert {(r["cell"], r["mode"]) for r in rows} == {(c, m) for c in ("lstm", "rnn") for m in ("fwd", "train")}
+    for r in rows:
+        # the forward is one loop; the train step (custom VJP) a forward and a backward loop
+        assert len(r["loops"]) == (1 if r["mode"] == "fwd" else 2), r
+        for loop in r["loops"]:
+            assert loop["launches"] == sum(loop["ops"].values()) > 0
+            assert any("dot" in op for op in loop["ops"]), loop  # the recurrent GEMM runs every step
+        assert r["median_ms"] > 0
+
+
+def test_pallas_probes_interpret(tmp_path):
+    ok(run_bench("pallas_step.py", tmp_path, "--interpret", "--cells", "rnn,lstm,gru"))
+    rows = json.loads((tmp_path / "pallas_step.json").read_text())["rows"]
+    impls = {(r["cell"], r["impl"]): r for r in rows}
+    for cell in ("rnn", "lstm", "gru"):
+        assert impls[(cell, "pallas persistent")]["max_abs_diff"] < 1e-5
+    for cell in ("rnn", "lstm"):
+        assert impls[(cell, "pallas step")]["max_abs_diff"] < 1e-5
+    assert "the per-step probe covers rnn and lstm" in impls[("gru", "pallas step")]["failed"]
