@@ -308,6 +308,9 @@ def main(argv=None):
     ap.add_argument("--name", default="peers", help="basename of the JSON/PNG written")
     ap.add_argument("--min-time", type=float, default=0.0, help="keep timing a configuration for this many s")
     ap.add_argument("--variants", default="", help="extra seqjax rows, comma list of " + ",".join(VARIANTS))
+    ap.add_argument("--libs", default=None,
+                    help="comma list of the JAX candidates to run (default: all; PyTorch always runs): "
+                         + ",".join(jax_candidates()))
     args = ap.parse_args(argv)
 
     cells = common.parse_list(args.cells or ("lstm" if args.quick else None), CELLS, "cells")
@@ -325,6 +328,8 @@ def main(argv=None):
         torch_ok = False
     cands = jax_candidates({f"seqjax {v}": seqjax_builder(**VARIANTS[v])
                             for v in common.parse_list(args.variants, VARIANTS, "variants") if args.variants})
+    if args.libs is not None:
+        cands = {k: cands[k] for k in common.parse_list(args.libs, list(cands), "libs")}
     try:
         from tqdm import tqdm
         progress = tqdm(total=len(cells) * len(shapes) * reps, desc="peers", file=sys.stderr)
