@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks (and the GPU-relevant tests) on a GPU machine that has
 # jax[cuda], torch, flax and equinox installed; seqjax runs from the checkout.
-#   bash bench/gpu.sh OUT_DIR STAGE...   stages: env peers peers-haiku levers levers-cmdbuf scan tests memtest flags kernels
+#   bash bench/gpu.sh OUT_DIR STAGE...   stages: env peers peers-haiku peers-highest levers levers-cmdbuf scan tests memtest flags kernels
 set -u
 out=${1:?usage: bench/gpu.sh OUT_DIR STAGE...}; shift
 mkdir -p "$out"
@@ -16,6 +16,7 @@ for stage in "$@"; do
     peers-haiku)  # Haiku is not in the GPU image: install wheels carried in out/wheels (pip download dm-haiku jmp tabulate)
            $py -m pip install -q --no-deps --no-index out/wheels/*.whl && \
            $py bench/peers.py --libs seqjax,haiku --out "$out" --name peers_gpu_haiku;;
+    peers-highest) $py bench/peers.py --libs seqjax --precision highest --out "$out" --name peers_gpu_highest;;
     levers) $py bench/levers.py --cells lstm,gru,rnn --reps 15 --out "$out" --name levers_gpu --candidates \
               "fused vjp,fused vjp hoist=True,fused vjp hoist=True unroll=4,fused vjp hoist=True unroll=8,fused vjp hoist=True unroll=16,scan hoist=True,scan hoist=True unroll=8";;
     levers-cmdbuf) XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL ${XLA_FLAGS:-}" \

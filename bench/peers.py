@@ -311,6 +311,9 @@ def main(argv=None):
     ap.add_argument("--libs", default=None,
                     help="comma list of the JAX candidates to run (default: all; PyTorch always runs): "
                          + ",".join(jax_candidates()))
+    ap.add_argument("--precision", choices=("default", "highest"), default="default",
+                    help="highest: full-fp32 matmuls everywhere (jax_default_matmul_precision=highest; "
+                         "PyTorch/cuDNN with TF32 off); default: each library's default (TF32 on GPUs)")
     args = ap.parse_args(argv)
 
     cells = common.parse_list(args.cells or ("lstm" if args.quick else None), CELLS, "cells")
@@ -319,10 +322,15 @@ def main(argv=None):
     reps = args.reps or (3 if args.quick else 15)
 
     notes = set()
+    if args.precision == "highest":
+        jax.config.update("jax_default_matmul_precision", "highest")
     try:
         import torch
         torch.set_num_threads(os.cpu_count())
         torch_ok = True
+        if args.precision == "highest":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
     except ImportError:
         notes.add("pytorch: skipped, not installed")
         torch_ok = False
@@ -349,6 +357,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     common.write_json(os.path.join(args.out, f"{args.name}.json"),
                       dict(rows=rows, notes=sorted(notes), reps=reps, torch_threads=os.cpu_count(),
+                           precision=args.precision,
                            wall_s=time.time() - t0))
     plot(rows, os.path.join(args.out, f"{args.name}.png"))
     print(tables(rows))
