@@ -11,6 +11,10 @@ cell: the loop is launch-bound. Two ways out are probed here, forward pass only:
   rows), the recurrent weights loaded once and kept on chip, as cuDNN's persistent
   kernels do. That needs W_h to fit in one SM's shared memory: RNN, GRU and (with W_h
   re-read from L2 every step) LSTM.
+* "pallas grid-sync": cuDNN's multi-SM design for the LSTM. One program per block of ``--bh``
+  hidden units keeps its columns of W_h on chip, and all programs step together through a
+  grid barrier (atomic step counters and a spin loop). ``--gridsync-parts`` builds parts of
+  the barrier only, for diagnosis. On the H100 the spin loop crashed Triton's compiler.
 
 The results and the decision are in bench/results/levers.md (run 7).
 
@@ -26,6 +30,7 @@ import argparse
 import functools
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -37,6 +42,12 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 import seqjax  # noqa: E402
+
+
+def _lstm_update(gate, c):
+    """One LSTM step from ``gate(k)``, the pre-activation of gate k in the order (i, f, g, o): (c, h)."""
+    c = jax.nn.sigmoid(gate(1)) * c + jax.nn.sigmoid(gate(0)) * jnp.tanh(gate(2))
+    return c, jax.nn.sigmoid(gate(3)) * jnp.tanh(c)
 
 
 def _rnn_kernel(t_ref, xp_ref, h_ref, w_ref, ys_in_ref, h_out_ref, ys_ref, *, bh):
@@ -55,14 +66,11 @@ def _lstm_kernel(t_ref, xp_ref, h_ref, c_ref, wi_ref, wf_ref, wg_ref, wo_ref, ys
     t = t_ref[()]
     h = h_ref[...]
 
-    def gate(k, w_ref):
-        return plgpu.dot(h, w_ref[...]) + xp_ref[t, :, pl.ds(k * H + j * bh, bh)]
-    i = jax.nn.sigmoid(gate(0, wi_ref))
-    f = jax.nn.sigmoid(gate(1, wf_ref))
-    g = jnp.tanh(gate(2, wg_ref))
-    o = jax.nn.sigmoid(gate(3, wo_ref))
-    c = f * c_ref[...] + i * g
-    hn = o * jnp.tanh(c)
+    w_refs = (wi_ref, wf_ref, wg_ref, wo_ref)
+
+    def gate(k):
+        return plgpu.dot(h, w_refs[k][...]) + xp_ref[t, :, pl.ds(k * H + j * bh, bh)]
+    c, hn = _lstm_update(gate, c_ref[...])
     c_out_ref[...] = c
     h_out_ref[...] = hn
     ys_ref[t, :, pl.ds(j * bh, bh)] = hn
@@ -138,14 +146,11 @@ def _lstm_persistent_kernel(xp_ref, h0_ref, c0_ref, wi_ref, wf_ref, wg_ref, wo_r
         # The row offset min(t, 0) is always 0 but depends on t, so Triton cannot hoist the load.
         w_rows = pl.ds(jnp.minimum(t, 0), H)
 
-        def gate(k, w_ref):
-            return plgpu.dot(h, w_ref[w_rows, :]) + xp_ref[t, rows, pl.ds(k * H, H)]
-        i = jax.nn.sigmoid(gate(0, wi_ref))
-        f = jax.nn.sigmoid(gate(1, wf_ref))
-        g = jnp.tanh(gate(2, wg_ref))
-        o = jax.nn.sigmoid(gate(3, wo_ref))
-        c = f * c + i * g
-        h = o * jnp.tanh(c)
+        w_refs = (wi_ref, wf_ref, wg_ref, wo_ref)
+
+        def gate(k):
+            return plgpu.dot(h, w_refs[k][w_rows, :]) + xp_ref[t, rows, pl.ds(k * H, H)]
+        c, h = _lstm_update(gate, c)
         ys_ref[t, rows, :] = h
         return h, c
     h, c = jax.lax.fori_loop(0, xp_ref.shape[0], body, (h0_ref[rows, :], c0_ref[rows, :]))
@@ -168,6 +173,67 @@ def _gru_persistent_kernel(xp_ref, h0_ref, bhn_ref, wr_ref, wz_ref, wn_ref, ys_r
         ys_ref[t, rows, :] = h
         return h
     hT_ref[rows, :] = jax.lax.fori_loop(0, xp_ref.shape[0], body, h0_ref[rows, :])
+
+
+def _lstm_gridsync_kernel(xp_ref, c0_ref, wi_ref, wf_ref, wg_ref, wo_ref, hbuf_in_ref, flags_in_ref,
+                          hbuf_ref, flags_ref, cT_ref, *, bh, P, sync_threads, parts):
+    """One program per block of ``bh`` hidden units, all resident, in step through a grid barrier.
+
+    hbuf [T+1, B, H] holds h_0 (row 0) and every h_t; flags [P] int32 (zeros) counts
+    the steps each program has finished. Program j keeps its gate columns of W_h on
+    chip and its block of c in registers; every step it reads the whole h_{t-1}.
+    """
+    j = pl.program_id(0)
+    H = c0_ref.shape[1]
+    cols = pl.ds(j * bh, bh)
+    ws = [w_ref[...] for w_ref in (wi_ref, wf_ref, wg_ref, wo_ref)]
+
+    def body(t, c):
+        h = plgpu.load(hbuf_ref.at[t], volatile=True) if "volatile" in parts else hbuf_ref[t]
+
+        def gate(k):
+            return plgpu.dot(h, ws[k]) + xp_ref[t, :, pl.ds(k * H + j * bh, bh)]
+        c, h_t = _lstm_update(gate, c)
+        hbuf_ref[t + 1, :, cols] = h_t
+        # grid barrier: every thread's stores done, then publish "step t done" (release) and wait for all
+        if sync_threads and "barrier" in parts:  # (the interpreter has no threads)
+            plgpu.debug_barrier()
+        if "publish" in parts:
+            plgpu.atomic_add(flags_ref, (j,), jnp.int32(1))  # flags[j]: the steps program j has finished
+        if "spin" in parts:
+            zeros = jnp.zeros((P,), jnp.int32)
+            jax.lax.while_loop(lambda seen: jnp.min(seen) < t + 1,
+                               lambda _: plgpu.atomic_add(flags_ref, (pl.ds(0, P),), zeros),
+                               plgpu.atomic_add(flags_ref, (pl.ds(0, P),), zeros))
+        if sync_threads and "barrier" in parts:
+            plgpu.debug_barrier()
+        return c
+    cT_ref[:, cols] = jax.lax.fori_loop(0, xp_ref.shape[0], body, c0_ref[:, cols])
+
+
+GRIDSYNC_PARTS = ("volatile", "barrier", "publish", "spin")
+
+
+def gridsync_lstm_forward(xp, h0, c0, w_h, *, bh=32, num_warps=4, interpret=False, parts=GRIDSYNC_PARTS):
+    """LSTM forward as one persistent kernel over H // bh programs with a grid barrier per step. ys [T, B, H]."""
+    T, B, _ = xp.shape
+    H = h0.shape[1]
+    P = 1 if interpret else H // bh  # the interpreter runs programs one after another: one program only
+    bh = H // P
+    hbuf = jnp.zeros((T + 1, B, H), xp.dtype).at[0].set(h0)
+    wspec = pl.BlockSpec((H, bh), lambda j: (0, j))
+    call = pl.pallas_call(
+        functools.partial(_lstm_gridsync_kernel, bh=bh, P=P, sync_threads=not interpret,
+                          parts=tuple(parts)), grid=(P,),
+        in_specs=[_full(xp.shape), _full(c0.shape), wspec, wspec, wspec, wspec, _full(hbuf.shape), _full((P,))],
+        out_specs=[_full(hbuf.shape), _full((P,)), _full(c0.shape)],
+        out_shape=[jax.ShapeDtypeStruct(hbuf.shape, xp.dtype), jax.ShapeDtypeStruct((P,), jnp.int32),
+                   jax.ShapeDtypeStruct(c0.shape, xp.dtype)],
+        input_output_aliases={6: 0, 7: 1},
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret, name="lstm_gridsync")
+    ws = [w_h[:, k * H:(k + 1) * H] for k in range(4)]
+    return call(xp, c0, *ws, hbuf, jnp.zeros((P,), jnp.int32))[0][1:]
 
 
 def persistent_forward(cell_name, xp, h0, w_h, b_hn=None, *, bb=16, num_warps=8, num_stages=None, interpret=False):
@@ -198,12 +264,18 @@ def seqjax_cell(cell_name, H):
             "gru": lambda: seqjax.gru(H, bias_init=jax.nn.initializers.normal(0.1))}[cell_name]()
 
 
-def pallas_run(cell_name, params, x, bh, interpret, persistent=False, num_warps=8, num_stages=None):
+def pallas_run(cell_name, params, x, bh, interpret, persistent=False, num_warps=8, num_stages=None,
+               gridsync=False, gridsync_parts=GRIDSYNC_PARTS):
     """The probe's forward with seqjax's params: x [B, T, I] -> ys [B, T, H]."""
     B, T, I = x.shape
     xp = (x.swapaxes(0, 1).reshape(T * B, I) @ params.w_x + params.b).reshape(T, B, -1)
     H = params.w_h.shape[0]
     h0 = jnp.zeros((B, H), x.dtype)
+    if gridsync:
+        if cell_name != "lstm":
+            raise NotImplementedError("the grid-barrier probe covers the lstm")
+        return gridsync_lstm_forward(xp, h0, h0, params.w_h, bh=bh, num_warps=num_warps, interpret=interpret,
+                                     parts=gridsync_parts).swapaxes(0, 1)
     if not persistent and cell_name == "gru":
         raise NotImplementedError("the per-step probe covers rnn and lstm")
     if persistent:
@@ -224,7 +296,9 @@ def main(argv=None):
     ap.add_argument("--bh", type=int, default=32, help="hidden units per program")
     ap.add_argument("--num-warps", type=int, default=8, help="warps of the persistent kernel")
     ap.add_argument("--num-stages", type=int, default=None, help="Triton pipeline stages of the persistent kernel")
-    ap.add_argument("--impls", default="pallas step,pallas persistent")
+    ap.add_argument("--gridsync-parts", default=",".join(GRIDSYNC_PARTS),
+                    help="the grid barrier's parts to build (diagnosis; all are needed for correct results)")
+    ap.add_argument("--impls", default="pallas step,pallas persistent,pallas grid-sync")
     ap.add_argument("--interpret", action="store_true", help="run the kernels in Pallas' interpreter (CPU)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -240,15 +314,20 @@ def main(argv=None):
             runs = {"seqjax.scan": lambda p, x: seqjax.scan(cell, p, x)[1],
                     "pallas step": lambda p, x: pallas_run(cell_name, p, x, args.bh, args.interpret),
                     "pallas persistent": lambda p, x: pallas_run(cell_name, p, x, args.bh, args.interpret, True,
-                                                                 args.num_warps, args.num_stages)}
+                                                                 args.num_warps, args.num_stages),
+                    "pallas grid-sync": lambda p, x: pallas_run(cell_name, p, x, args.bh, args.interpret,
+                                                                num_warps=args.num_warps, gridsync=True,
+                                                                gridsync_parts=args.gridsync_parts.split(","))}
             runs = {k: v for k, v in runs.items() if k == "seqjax.scan" or k in args.impls.split(",")}
             fns, outs = {}, {}
             for name, f in list(runs.items()):
                 try:
                     c = common.compile_timed(f, params, x)
                 except Exception as e:  # noqa: BLE001 - e.g. the kernel's shared memory exceeds the chip's
-                    print(f"{cell_name} {sname} {name}: failed: {str(e).splitlines()[0][:200]}")
-                    rows.append(dict(cell=cell_name, shape=sname, impl=name, failed=str(e)[:500]))
+                    why = f"{type(e).__name__}: {e}".strip()
+                    print(f"{cell_name} {sname} {name}: failed: {why.splitlines()[0][:300]}")
+                    rows.append(dict(cell=cell_name, shape=sname, impl=name, failed=why[:2000],
+                                     traceback=traceback.format_exc()[-3000:]))
                     del runs[name]
                     continue
                 outs[name] = np.asarray(c["compiled"](params, x))

@@ -105,4 +105,6 @@ def test_pallas_probes_interpret(tmp_path):
         assert impls[(cell, "pallas persistent")]["max_abs_diff"] < 1e-5
     for cell in ("rnn", "lstm"):
         assert impls[(cell, "pallas step")]["max_abs_diff"] < 1e-5
+    assert impls[("lstm", "pallas grid-sync")]["max_abs_diff"] < 1e-5  # one program in the interpreter
     assert "the per-step probe covers rnn and lstm" in impls[("gru", "pallas step")]["failed"]
+    assert "the grid-barrier probe covers the lstm" in impls[("rnn", "pallas grid-sync")]["failed"]
