@@ -77,7 +77,7 @@ def test_scan_vs_unroll_quick(tmp_path):
 def test_vjp_variants_quick(tmp_path):
     ok(run_bench("vjp_variants.py", tmp_path))
     rows = json.loads((tmp_path / "vjp_variants.json").read_text())["rows"]
-    assert {r["variant"] for r in rows} == {"peephole", "proj", "cifg", "gru_cho"}
+    assert {r["variant"] for r in rows} == {"peephole", "proj", "cifg", "gru_cho", "lstm_bf16", "gru_bf16"}
     for r in rows:
         assert r["ratio"] == pytest.approx(r["fused_ms"] / r["autodiff_ms"])
 

@@ -217,8 +217,11 @@ def test_fusable_kinds_and_dtypes():
     assert spec(coupled_input_forget=True, output_activation="identity") == \
         fused.LSTMSpec(coupled=True, output_identity=True)
     cell = seqjax.lstm(H)
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), cell.init(jax.random.key(0), I))
-    assert fused.fusable(cell, params) is None
+    params = cell.init(jax.random.key(0), I)
+    assert fused.fusable(cell, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)) == fused.LSTMSpec()
+    assert fused.fusable(cell, params._replace(b=params.b.astype(jnp.bfloat16))) is None  # mixed dtypes
+    assert fused.fusable(cell, jax.tree.map(lambda a: a.astype(jnp.float16), params)._replace(
+        b=params.b.astype(jnp.bfloat16))) is None  # two 16-bit dtypes
 
 
 def test_fusable_only_for_seqjax_own_step():
@@ -276,6 +279,39 @@ def test_forward_mode_needs_autodiff():
         jax.jvp(lambda x: seqjax.scan(cell, params, x)[1], (xs,), (xs,))
     out, tangent = jax.jvp(lambda x: seqjax.scan(cell, params, x, backward="autodiff")[1], (xs,), (xs,))
     assert tangent.shape == out.shape and np.all(np.isfinite(tangent))
+
+
+def _rel_err(a, ref):
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-12)
+
+
+@pytest.mark.parametrize("name,dtype",
+                         [(n, jnp.bfloat16) for n in ("lstm_peep_proj", "lstm_cifg_niaf", "gru", "gru_cho", "rnn_relu")]
+                         + [(n, jnp.float16) for n in ("lstm", "rnn_tanh")])
+def test_vjp_16bit_params(name, dtype):
+    """16-bit params (every option at once): the custom VJP runs the cell's forward (gates in float32, carry
+    rounded to the params' dtype each step) and its gradients, in the params' dtypes, are at least as close
+    to a float32 reference on the same values as autodiff's."""
+    cell, params, xs, carry, kw = _setup(name, ALL, dtype=dtype)
+    assert fused.fusable(cell, params) is not None
+
+    def values_and_grads(run, p, x, c):
+        return jax.jit(lambda p, x, c: (run(cell, p, x, c, kw), jax.grad(_loss(run, cell, kw), (0, 1, 2))(p, x, c)))(
+            p, x, c)
+
+    got, g_got = values_and_grads(_vjp_run, params, xs, carry)
+    want, g_ad = values_and_grads(_plain_run, params, xs, carry)
+    wide = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
+    _, g_ref = values_and_grads(_plain_run, wide(params), wide(xs), wide(carry))
+    eps = float(jnp.finfo(dtype).eps)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # the same forward: equal up to an ulp
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=eps, atol=eps)
+    for a, b, ref in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ad), jax.tree.leaves(g_ref)):
+        assert a.dtype == b.dtype
+        err, err_autodiff = _rel_err(a, ref), _rel_err(b, ref)
+        assert err <= 1.25 * err_autodiff + eps / 4, (a.shape, err, err_autodiff)
 
 
 def test_mixed_input_dtype_gradient():

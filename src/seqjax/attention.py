@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.cells.base import Array, check_positive_int, matmul
+from seqjax.cells.base import Array, check_positive_int, init_param, matmul
 
 __all__ = [
     "AdditiveParams", "MultiHeadParams", "additive_init", "additive_project_keys", "additive_scores",
@@ -239,10 +239,10 @@ def additive_init(key, query_size: int, key_size: int, attention_size: int, *,
     for name, n in (("query_size", query_size), ("key_size", key_size), ("attention_size", attention_size)):
         check_positive_int(call, name, n)
     kq, kk, kb, kv = jax.random.split(key, 4)
-    return AdditiveParams(kernel_init(kq, (query_size, attention_size), param_dtype),
-                          kernel_init(kk, (key_size, attention_size), param_dtype),
-                          bias_init(kb, (attention_size,), param_dtype),
-                          v_init(kv, (attention_size,), param_dtype))
+    return AdditiveParams(init_param(kernel_init, kq, (query_size, attention_size), param_dtype),
+                          init_param(kernel_init, kk, (key_size, attention_size), param_dtype),
+                          init_param(bias_init, kb, (attention_size,), param_dtype),
+                          init_param(v_init, kv, (attention_size,), param_dtype))
 
 
 def additive_project_keys(params: AdditiveParams, keys: Array) -> Array:
@@ -438,10 +438,10 @@ def multi_head_init(key, num_heads: int, query_size: int, key_size: int | None =
 
     def kernel(k, fan_in, shape):
         # fan-in is the input width (flax's LinearGeneral initialises the flattened [in, N*Dh] matrix)
-        return kernel_init(k, (fan_in, int(np.prod(shape[1:]))), param_dtype).reshape(shape)
+        return init_param(kernel_init, k, (fan_in, int(np.prod(shape[1:]))), param_dtype).reshape(shape)
 
     def bias(k, shape):
-        return bias_init(k, shape, param_dtype) if use_bias else None
+        return init_param(bias_init, k, shape, param_dtype) if use_bias else None
 
     return MultiHeadParams(kernel(ks[0], query_size, (query_size, N, head_size)), bias(ks[1], (N, head_size)),
                            kernel(ks[2], key_size, (key_size, N, head_size)), bias(ks[3], (N, head_size)),

@@ -20,7 +20,9 @@ mode (`jax.grad`, `jax.vjp`) works, forward mode (`jax.jvp`, `jax.jacfwd`,
 
 Covered (`fusable`): every LSTM variant of `seqjax.lstm` with tanh or identity activations (with or
 without peepholes and projection; Greff et al.'s variants except FGR), the GRU in both forms and the
-Elman RNN (tanh or relu), float32 or float64 params. ``lengths`` (as a [T, B]
+Elman RNN (tanh or relu), with params all of one dtype: float32, float64, or a 16-bit float
+(bfloat16 or float16: the gate arithmetic and the cotangents run in float32, as in the cells, and the
+carry, the outputs and the gradients come back in the params' dtype). ``lengths`` (as a [T, B]
 validity mask), ``resets``, ``reverse``, a given initial carry and the hoisted
 projection have the same semantics as in `seqjax.scan`.
 """
@@ -31,7 +33,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import Array, Cell, has_own_step, matmul
+from seqjax.cells.base import Array, Cell, compute_dtype, has_own_step, matmul
 from seqjax.cells.gru import GRUParams
 from seqjax.cells.lstm import LSTMCarry, LSTMParams, LSTMSpec
 from seqjax.cells.rnn import RNNParams
@@ -48,15 +50,13 @@ def fusable(cell: Cell, params) -> str | LSTMSpec | None:
     activations, with or without peepholes and ``proj_size``: all of Greff et
     al.'s except FGR), `seqjax.gru` (both forms) and `seqjax.rnn` (tanh or relu),
     whose ``project`` and ``step`` are unchanged (`Cell.fused`), with params
-    of the cell's family, float32 or float64 throughout.
+    of the cell's family, all of one dtype: float32, float64, bfloat16 or float16.
     """
     if cell.layers is not None or not has_own_step(cell) or cell.fused[0] is None:
         return None
     kind = cell.fused[0]
-    leaves = jax.tree.leaves(params)
-    if not leaves or any(jnp.result_type(a) not in (jnp.float32, jnp.float64) for a in leaves):
-        return None
-    if len({jnp.result_type(a) for a in leaves}) != 1:
+    dtypes = {jnp.result_type(a) for a in jax.tree.leaves(params)}
+    if len(dtypes) != 1 or dtypes.pop() not in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16):
         return None
     if isinstance(kind, LSTMSpec):
         H = cell.hidden_size
@@ -90,7 +90,7 @@ def _lstm_fwd(spec: LSTMSpec):
     row = {g: k for k, g in enumerate(spec.sigmoid_gates())}
 
     def fwd(p, start, a):
-        H, c0 = start.c.shape[-1], start.c
+        H, c0 = start.c.shape[-1], start.c.astype(a.dtype)
 
         def gate(g, c):
             pre = a[:, col[g] * H:(col[g] + 1) * H]
@@ -106,7 +106,9 @@ def _lstm_fwd(spec: LSTMSpec):
         h = oc if o is None else o * oc
         if p.w_proj is not None:
             h = matmul(h, p.w_proj)
-        return LSTMCarry(h, c), h, (i, f, g, o, c0, oc)
+        pd = p.w_h.dtype  # the carry's dtype (16-bit params: the gate arithmetic above ran in float32)
+        h = h.astype(pd)
+        return LSTMCarry(h, c.astype(pd)), h, (i, f, g, o, c0, oc)
 
     return fwd
 
@@ -160,7 +162,7 @@ def _gru_fwd(p, h0, pre):
     z = jax.nn.sigmoid(px[:, H:2 * H] + gh[:, H:2 * H])
     hn = gh[:, 2 * H:] + p.b_hn
     n = jnp.tanh(px[:, 2 * H:] + r * hn)
-    h = (1 - z) * n + z * h0
+    h = ((1 - z) * n + z * h0).astype(p.w_h.dtype)
     return h, h, (r, z, n, hn, h0)
 
 
@@ -181,7 +183,7 @@ def _gru_cho_fwd(p, h0, pre):
     r = jax.nn.sigmoid(px[:, :H] + gh_rz[:, :H])
     z = jax.nn.sigmoid(px[:, H:2 * H] + gh_rz[:, H:])
     n = jnp.tanh(px[:, 2 * H:] + matmul(r * h0, w_hn))
-    h = (1 - z) * n + z * h0
+    h = ((1 - z) * n + z * h0).astype(p.w_h.dtype)
     return h, h, (r, z, n, h0)
 
 
@@ -199,7 +201,8 @@ def _gru_cho_back(p, wT, res, dnew, dy):
 def _rnn_fwd(act):
     def fwd(p, h0, a):
         h = act(a)
-        return h, h, h
+        out = h.astype(p.w_h.dtype)
+        return out, out, h
     return fwd
 
 
@@ -310,6 +313,10 @@ def _fused_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, remat, u
 def _fused_bwd(kind, reverse, hoist, remat, unroll, saved, cts):
     params, xs, saved_steps, h_start, valid, resets = saved
     dfinal, dys = cts
+    # the state cotangents run in the compute dtype (float32 for 16-bit params) and are cast back at the end
+    ct = compute_dtype(params.w_h.dtype)
+    carry_dtypes = jax.tree.map(lambda a: a.dtype, dfinal)
+    dfinal = jax.tree.map(lambda a: a.astype(ct), dfinal)
     step, back = _step_fns(kind)
     wT = _transposed(kind, params)
     if remat:  # recompute each step's residuals from its start carry
@@ -322,6 +329,7 @@ def _fused_bwd(kind, reverse, hoist, remat, unroll, saved, cts):
     def body(dcarry, inp):
         r_t, dy, v, rs = inp
         r_t = residuals(r_t)
+        dy = dy.astype(ct)
         if v is not None:
             dnew = _where(v, dcarry, _zeros(dcarry))
             dy = jnp.where(v[:, None], dy, jnp.zeros((), dy.dtype))
@@ -336,7 +344,8 @@ def _fused_bwd(kind, reverse, hoist, remat, unroll, saved, cts):
 
     dcarry0, (dpx, extra) = jax.lax.scan(body, dfinal, (per_step, dys, valid, resets), reverse=not reverse,
                                          unroll=unroll)
-    rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  [T, B, K] -> [T*B, K] (explicit K: T may be 0)
+    dcarry0 = jax.tree.map(lambda a, dt: a.astype(dt), dcarry0, carry_dtypes)
+    rows = lambda a: a.reshape(-1, a.shape[-1]).astype(ct)  # noqa: E731  [T, B, K] -> [T*B, K] (T may be 0)
     dpx2 = rows(dpx)
     if kind == "gru":
         H = extra["dghn"].shape[-1]
@@ -350,8 +359,9 @@ def _fused_bwd(kind, reverse, hoist, remat, unroll, saved, cts):
                                 jax.lax.dot_general(rows(extra["rh"]), dpx2[:, 2 * H:], contract_rows)], axis=1)
     else:
         dw_h = jax.lax.dot_general(rows(h_start), dgh2, contract_rows)
-    dw_x = jax.lax.dot_general(rows(xs).astype(dpx2.dtype), dpx2, contract_rows)
-    dxs = jax.lax.dot_general(dpx2, params.w_x, (((1,), (1,)), ((), ()))).reshape(xs.shape).astype(xs.dtype)
+    dw_x = jax.lax.dot_general(rows(xs), dpx2, contract_rows)
+    dxs = jax.lax.dot_general(dpx2, params.w_x.astype(ct), (((1,), (1,)), ((), ())))
+    dxs = dxs.reshape(xs.shape).astype(xs.dtype)
     grads = dict(w_x=dw_x, w_h=dw_h, b=jnp.sum(dpx2, 0))
     if kind == "gru":
         grads["b_hn"] = jnp.sum(rows(extra["dghn"]), 0)
@@ -359,6 +369,7 @@ def _fused_bwd(kind, reverse, hoist, remat, unroll, saved, cts):
         grads["peep"] = jnp.sum(extra["peep"], 0)
     if "h_full" in extra:  # dW_proj = sum_t (o_t * tanh c_t)^T dh_t
         grads["w_proj"] = jax.lax.dot_general(rows(extra["h_full"]), rows(extra["dh"]), contract_rows)
+    grads = {k: v.astype(getattr(params, k).dtype) for k, v in grads.items()}
     return params._replace(**grads), dxs, dcarry0, None, None
 
 
@@ -375,7 +386,7 @@ def fused_scan(kind: str | LSTMSpec, params, xs_tm: Array, carry0, valid: Array 
 
     Args:
       kind: from `fusable`.
-      params: the cell's params (float32/float64).
+      params: the cell's params, all float32, float64, bfloat16 or float16.
       xs_tm: [T, B, I], floating point.
       carry0: initial carry for batch B (`LSTMCarry` with ``gates=None``, or h [B, H]).
       valid: [T, B] bool (steps inside each sequence's length) or None.

@@ -157,8 +157,9 @@ def _fused_kind(call, loop, cell, params, remat, backward):
         raise ValueError(
             f"{call}: backward='fused' needs a fusable cell (seqjax.fused.fusable: built by seqjax.lstm with tanh "
             "or identity activations and no gate recurrence, optionally with peepholes and/or proj_size, by "
-            "seqjax.gru, or by seqjax.rnn with tanh or relu, its project and step unchanged; float32/float64 "
-            f"params), got {cell.name}; pass backward='auto' to fall back to autodiff")
+            "seqjax.gru, or by seqjax.rnn with tanh or relu, its project and step unchanged; params all "
+            f"float32, float64, bfloat16 or float16), got {cell.name}; pass backward='auto' to fall "
+            "back to autodiff")
     return kind
 
 
@@ -235,10 +236,10 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       * ``backward``: how reverse mode differentiates the loop. ``"auto"`` (default)
         uses `seqjax.fused`'s custom VJP where it applies (LSTM variants with
         tanh or identity activations, also with peepholes and/or ``proj_size``,
-        not FGR; GRU in both forms; Elman RNN;
-        float32/64; ``remat=False``): the backward loop carries the
-        state gradients only and the weight gradients and ``dxs`` become single
-        GEMMs over all T*B rows (8-50 % faster training on CPU,
+        not FGR; GRU in both forms; Elman RNN; params all float32, float64,
+        bfloat16 or float16; ``remat=False``): the backward loop carries
+        the state gradients only and the weight gradients and ``dxs`` become
+        single GEMMs over all T*B rows (8-50 % faster training on CPU,
         bench/results/levers.md). Elsewhere it is plain autodiff. ``"fused"``
         demands the custom VJP (ValueError where it does not apply); with
         ``remat=True`` it saves only each step's start carry and recomputes the

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax import attention as attn
-from seqjax.cells.base import Array, Cell, check_choice, check_positive_int, make_cell, matmul, zeros_carry
+from seqjax.cells.base import Array, Cell, check_choice, check_positive_int, init_param, make_cell, matmul, zeros_carry
 from seqjax.cells.gru import gru
 from seqjax.cells.lstm import lstm
 from seqjax.layers import bidirectional
@@ -186,7 +186,7 @@ def attention_decoder(cell: Cell, attention: str | None = "additive", *, memory_
         elif attention is None:
             ap = None
         else:
-            ap = kernel_init(ka, (H, Dm), param_dtype)
+            ap = init_param(kernel_init, ka, (H, Dm), param_dtype)
         return AttentionDecoderParams(cp, ap)
 
     def bind(params: AttentionDecoderParams, memory: Array | None = None, lengths: Array | None = None) -> Cell:

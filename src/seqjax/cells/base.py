@@ -175,13 +175,23 @@ def zeros_carry(batch_shape, width: int, dtype) -> Array:
     return jnp.zeros((*tuple(batch_shape), width), dtype)
 
 
+def init_param(init: Initializer, key, shape, dtype) -> Array:
+    """``init(key, shape)`` as ``dtype``; 16-bit params are drawn in float32, then rounded.
+
+    Drawing in float32 keeps the statistics of the float32 draw, e.g. an
+    orthogonal matrix stays orthogonal to the 16-bit rounding. It also avoids
+    initialisers without 16-bit kernels: the QR behind `orthogonal` has none on CPU.
+    """
+    return init(key, shape, compute_dtype(dtype)).astype(dtype)
+
+
 def gate_blocks(init: Initializer, key, fan_in: int, width: int, n: int, dtype) -> Array:
     """``n`` independently initialised [fan_in, width] blocks side by side: [fan_in, n * width].
 
     Initialising per gate keeps e.g. each recurrent gate matrix orthogonal.
     """
     keys = jax.random.split(key, n)
-    return jnp.concatenate([init(k, (fan_in, width), dtype) for k in keys], axis=-1)
+    return jnp.concatenate([init_param(init, k, (fan_in, width), dtype) for k in keys], axis=-1)
 
 
 def chain_init(parts, key, input_size: int) -> tuple:

@@ -6,7 +6,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import Array, Cell, check_input, check_positive_int, compute_dtype, gate_blocks, make_cell, matmul, zeros_carry
+from seqjax.cells.base import (Array, Cell, check_input, check_positive_int, compute_dtype, gate_blocks, init_param,
+                               make_cell, matmul, zeros_carry)
 
 
 class GRUParams(NamedTuple):
@@ -70,8 +71,8 @@ def gru(hidden_size: int, *, reset_after: bool = True,
         kx, kh, kb, kn = jax.random.split(key, 4)
         return GRUParams(gate_blocks(kernel_init, kx, input_size, H, 3, param_dtype),
                          gate_blocks(recurrent_init, kh, H, H, 3, param_dtype),
-                         bias_init(kb, (3 * H,), param_dtype),
-                         bias_init(kn, (H,), param_dtype) if reset_after else None)
+                         init_param(bias_init, kb, (3 * H,), param_dtype),
+                         init_param(bias_init, kn, (H,), param_dtype) if reset_after else None)
 
     def initial_carry(params: GRUParams, batch_shape=()) -> Array:
         return zeros_carry(batch_shape, H, params.w_h.dtype)

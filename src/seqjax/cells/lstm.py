@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.cells.base import (Array, Cell, check_input, check_positive_int, compute_dtype, fused_input_recurrent,
-                               gate_blocks, make_cell, matmul, resolve_activation, zeros_carry)
+                               gate_blocks, init_param, make_cell, matmul, resolve_activation, zeros_carry)
 
 ACTIVATIONS = {"tanh": jnp.tanh, "identity": lambda a: a, "relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid}
 
@@ -163,15 +163,15 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
     def init(key, input_size: int) -> LSTMParams:
         check_positive_int(call + ".init", "input_size", input_size)
         kx, kh, kb, kp, kproj, kg = jax.random.split(key, 6)
-        b = bias_init(kb, (G * H,), param_dtype)
+        b = init_param(bias_init, kb, (G * H,), param_dtype)
         if "f" in col:
             b = b.at[col["f"] * H:(col["f"] + 1) * H].set(forget_bias)
         return LSTMParams(
             w_x=gate_blocks(kernel_init, kx, input_size, H, G, param_dtype),
             w_h=gate_blocks(recurrent_init, kh, P, H, G, param_dtype),
             b=b,
-            peep=peephole_init(kp, (S, H), param_dtype) if peepholes and S else None,
-            w_proj=kernel_init(kproj, (H, P), param_dtype) if proj_size else None,
+            peep=init_param(peephole_init, kp, (S, H), param_dtype) if peepholes and S else None,
+            w_proj=init_param(kernel_init, kproj, (H, P), param_dtype) if proj_size else None,
             w_gates=gate_blocks(recurrent_init, kg, S * H, H, S, param_dtype) if gate_recurrence and S else None)
 
     def initial_carry(params: LSTMParams, batch_shape=()) -> LSTMCarry:

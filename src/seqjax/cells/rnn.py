@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.cells.base import (Array, Cell, check_input, check_positive_int, compute_dtype, fused_input_recurrent,
-                               make_cell, matmul, resolve_activation, zeros_carry)
+                               init_param, make_cell, matmul, resolve_activation, zeros_carry)
 
 ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
@@ -58,9 +58,9 @@ def rnn(hidden_size: int, *, activation: str | Callable = "tanh",
     def init(key, input_size: int) -> RNNParams:
         check_positive_int(call + ".init", "input_size", input_size)
         kx, kh, kb = jax.random.split(key, 3)
-        return RNNParams(kernel_init(kx, (input_size, hidden_size), param_dtype),
-                         recurrent_init(kh, (hidden_size, hidden_size), param_dtype),
-                         bias_init(kb, (hidden_size,), param_dtype))
+        return RNNParams(init_param(kernel_init, kx, (input_size, hidden_size), param_dtype),
+                         init_param(recurrent_init, kh, (hidden_size, hidden_size), param_dtype),
+                         init_param(bias_init, kb, (hidden_size,), param_dtype))
 
     def initial_carry(params: RNNParams, batch_shape=()) -> Array:
         return zeros_carry(batch_shape, hidden_size, params.w_h.dtype)
