@@ -102,7 +102,7 @@ def main(argv=None):
     scan_kwargs = {}
     for item in filter(None, args.scan.split(",")):
         k, _, v = item.partition("=")
-        scan_kwargs[k.strip()] = {"True": True, "False": False, "None": None}.get(v, v) if not v.isdigit() else int(v)
+        scan_kwargs[k.strip()] = int(v) if v.isdigit() else {"True": True, "False": False, "None": None}.get(v, v)
     shapes = common.QUICK_SHAPES if args.quick else common.SHAPES
     reps = 3 if args.quick else args.reps
     cells = common.parse_list(args.cells, peers.CELLS, "cells")
@@ -120,8 +120,8 @@ def main(argv=None):
                 compiled = c["compiled"]
                 if args.dump:
                     tag = re.sub(r"\W+", "_", args.label).strip("_")
-                    with open(os.path.join(args.out, f"hlo_{tag}_{cell}_{sname}_{mode}.txt"), "w") as f:
-                        f.write(compiled.as_text())
+                    with open(os.path.join(args.out, f"hlo_{tag}_{cell}_{sname}_{mode}.txt"), "w") as fh:
+                        fh.write(compiled.as_text())
                 fns[mode] = lambda compiled=compiled: compiled(params, x)
                 rows.append(dict(cell=cell, shape=sname, mode=mode, compile_s=c["compile_s"],
                                  loops=loop_bodies(compiled.as_text())))
@@ -137,8 +137,8 @@ def main(argv=None):
     path = os.path.join(args.out, f"{args.name}.json")
     runs = {}
     if os.path.exists(path):
-        with open(path) as f:
-            runs = json.load(f).get("runs", {})
+        with open(path) as fh:
+            runs = json.load(fh).get("runs", {})
     runs[args.label] = dict(scan=scan_kwargs, xla_flags=os.environ.get("XLA_FLAGS", ""), rows=rows)
     common.write_json(path, dict(runs=runs))
 
