@@ -21,6 +21,8 @@ CELLS = {
     **{f"lstm_{v}": (lambda v=v: seqjax.lstm_variant(v, H)) for v in ["NIG", "NFG", "NOG", "NIAF", "NOAF", "CIFG"]},
     "lstm_nog_noaf_proj": lambda: seqjax.lstm(H, output_gate=False, output_activation="identity", proj_size=2),
     "lstm_cifg_niaf": lambda: seqjax.lstm(H, coupled_input_forget=True, input_activation="identity"),
+    "lstm_relu_out": lambda: seqjax.lstm(H, proj_size=3, output_activation="relu"),
+    "lstm_sigmoid_in": lambda: seqjax.lstm(H, peepholes=True, input_activation="sigmoid"),
     "gru": lambda: seqjax.gru(H),
     "gru_cho": lambda: seqjax.gru(H, reset_after=False),
     "rnn_tanh": lambda: seqjax.rnn(H),
@@ -28,8 +30,6 @@ CELLS = {
 }
 NOT_FUSABLE = {
     "lstm_fgr": lambda: seqjax.lstm_variant("FGR", H),
-    "lstm_relu_out": lambda: seqjax.lstm(H, proj_size=3, output_activation="relu"),
-    "lstm_sigmoid_in": lambda: seqjax.lstm(H, input_activation="sigmoid"),
     "lstm_callable": lambda: seqjax.lstm(H, output_activation=lambda c: c),
     "stack": lambda: seqjax.stack([seqjax.lstm(H), seqjax.gru(4)]),
 }
@@ -161,8 +161,8 @@ def _check_grads_64(name, opts, remat=False):
         jax.test_util.check_grads(f, (params, xs, carry), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["lstm", "lstm_peep_proj", "lstm_CIFG", "lstm_nog_noaf_proj", "gru", "gru_cho",
-                                  "rnn_relu"])
+@pytest.mark.parametrize("name", ["lstm", "lstm_peep_proj", "lstm_CIFG", "lstm_nog_noaf_proj", "lstm_sigmoid_in",
+                                  "gru", "gru_cho", "rnn_relu"])
 def test_vjp_check_grads(name):
     _check_grads_64(name, dict(ALL, time_major=False))
     _check_grads_64(name, {}, remat=True)
@@ -215,7 +215,9 @@ def test_fusable_kinds_and_dtypes():
     assert spec(peepholes=True, proj_size=2) == fused.LSTMSpec()
     assert spec(input_gate=False) == fused.LSTMSpec(input_gate=False)
     assert spec(coupled_input_forget=True, output_activation="identity") == \
-        fused.LSTMSpec(coupled=True, output_identity=True)
+        fused.LSTMSpec(coupled=True, output_activation="identity")
+    assert spec(input_activation="relu", output_activation="sigmoid") == \
+        fused.LSTMSpec(input_activation="relu", output_activation="sigmoid")
     cell = seqjax.lstm(H)
     params = cell.init(jax.random.key(0), I)
     assert fused.fusable(cell, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)) == fused.LSTMSpec()
@@ -286,21 +288,28 @@ def _rel_err(a, ref):
     return np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-12)
 
 
-@pytest.mark.parametrize("name,dtype",
-                         [(n, jnp.bfloat16) for n in ("lstm_peep_proj", "lstm_cifg_niaf", "gru", "gru_cho", "rnn_relu")]
-                         + [(n, jnp.float16) for n in ("lstm", "rnn_tanh")])
-def test_vjp_16bit_params(name, dtype):
+@pytest.mark.parametrize("name,dtype,loop",
+                         [(n, jnp.bfloat16, {}) for n in ("lstm_peep_proj", "lstm_cifg_niaf", "gru", "gru_cho",
+                                                          "rnn_relu")]
+                         + [(n, jnp.float16, {}) for n in ("lstm", "rnn_tanh")]
+                         + [pytest.param("lstm_peep_proj", jnp.bfloat16, dict(hoist=True, unroll=3),
+                                         id="lstm_peep_proj-bf16-hoist-unroll3"),
+                            pytest.param("gru_cho", jnp.bfloat16, dict(remat=True), id="gru_cho-bf16-remat")])
+def test_vjp_16bit_params(name, dtype, loop):
     """16-bit params (every option at once): the custom VJP runs the cell's forward (gates in float32, carry
     rounded to the params' dtype each step) and its gradients, in the params' dtypes, are at least as close
-    to a float32 reference on the same values as autodiff's."""
+    to a float32 reference on the same values as autodiff's. Also hoisted and unrolled, and rematerialised."""
     cell, params, xs, carry, kw = _setup(name, ALL, dtype=dtype)
     assert fused.fusable(cell, params) is not None
+
+    def vjp_run(cell, params, xs, carry, kw):
+        return _vjp_run(cell, params, xs, carry, kw, **loop)
 
     def values_and_grads(run, p, x, c):
         return jax.jit(lambda p, x, c: (run(cell, p, x, c, kw), jax.grad(_loss(run, cell, kw), (0, 1, 2))(p, x, c)))(
             p, x, c)
 
-    got, g_got = values_and_grads(_vjp_run, params, xs, carry)
+    got, g_got = values_and_grads(vjp_run, params, xs, carry)
     want, g_ad = values_and_grads(_plain_run, params, xs, carry)
     wide = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
     _, g_ref = values_and_grads(_plain_run, wide(params), wide(xs), wide(carry))

@@ -18,9 +18,9 @@ loop (bench/results/levers.md). The trade-off of a `jax.custom_vjp`: reverse
 mode (`jax.grad`, `jax.vjp`) works, forward mode (`jax.jvp`, `jax.jacfwd`,
 `jax.hessian`) raises; ``seqjax.scan(..., backward="autodiff")`` keeps forward mode.
 
-Covered (`fusable`): every LSTM variant of `seqjax.lstm` with tanh or identity activations (with or
-without peepholes and projection; Greff et al.'s variants except FGR), the GRU in both forms and the
-Elman RNN (tanh or relu), with params all of one dtype: float32, float64, or a 16-bit float
+Covered (`fusable`): every LSTM variant of `seqjax.lstm` with named activations (tanh, identity, relu or
+sigmoid; not a callable), with or without peepholes and projection (Greff et al.'s variants except
+FGR), the GRU in both forms and the Elman RNN (tanh or relu), with params all of one dtype: float32, float64, or a 16-bit float
 (bfloat16 or float16: the gate arithmetic and the cotangents run in float32, as in the cells, and the
 carry, the outputs and the gradients come back in the params' dtype). ``lengths`` (as a [T, B]
 validity mask), ``resets``, ``reverse``, a given initial carry and the hoisted
@@ -46,9 +46,9 @@ def fusable(cell: Cell, params) -> str | LSTMSpec | None:
 
     Returns an `LSTMSpec` for the LSTM variants, ``"gru"`` (``reset_after=True``),
     ``"gru_cho"`` (``reset_after=False``), ``"rnn_tanh"`` or ``"rnn_relu"``.
-    Qualify: cells built by `seqjax.lstm` (every variant with tanh or identity
-    activations, with or without peepholes and ``proj_size``: all of Greff et
-    al.'s except FGR), `seqjax.gru` (both forms) and `seqjax.rnn` (tanh or relu),
+    Qualify: cells built by `seqjax.lstm` (every variant with named activations,
+    with or without peepholes and ``proj_size``: all of Greff et al.'s except
+    FGR), `seqjax.gru` (both forms) and `seqjax.rnn` (tanh or relu),
     whose ``project`` and ``step`` are unchanged (`Cell.fused`), with params
     of the cell's family, all of one dtype: float32, float64, bfloat16 or float16.
     """
@@ -85,9 +85,19 @@ def _h(kind, carry):
     return carry.h if isinstance(kind, LSTMSpec) else carry
 
 
+# activation name -> (function, derivative from the function's output): every name in seqjax.lstm's ACTIVATIONS
+_ACTIVATIONS = {
+    "tanh": (jnp.tanh, lambda y: 1 - y * y),
+    "identity": (lambda a: a, lambda y: 1.0),
+    "sigmoid": (jax.nn.sigmoid, lambda y: y * (1 - y)),
+    "relu": (jax.nn.relu, lambda y: (y > 0).astype(y.dtype)),  # 0 at 0, as jax.nn.relu's gradient
+}
+
+
 def _lstm_fwd(spec: LSTMSpec):
     col = {g: k for k, g in enumerate(spec.gates())}
     row = {g: k for k, g in enumerate(spec.sigmoid_gates())}
+    in_act, out_act = _ACTIVATIONS[spec.input_activation][0], _ACTIVATIONS[spec.output_activation][0]
 
     def fwd(p, start, a):
         H, c0 = start.c.shape[-1], start.c.astype(a.dtype)
@@ -99,10 +109,10 @@ def _lstm_fwd(spec: LSTMSpec):
         i = gate("i", c0) if spec.input_gate else None
         f = gate("f", c0) if "f" in col else None
         a_g = a[:, col["g"] * H:(col["g"] + 1) * H]
-        g = a_g if spec.input_identity else jnp.tanh(a_g)
+        g = in_act(a_g)
         c = _f_value(spec, i, f) * c0 + (g if i is None else i * g)
         o = gate("o", c) if spec.output_gate else None
-        oc = c if spec.output_identity else jnp.tanh(c)
+        oc = out_act(c)
         h = oc if o is None else o * oc
         if p.w_proj is not None:
             h = matmul(h, p.w_proj)
@@ -119,6 +129,8 @@ def _f_value(spec, i, f):
 
 
 def _lstm_back(spec: LSTMSpec):
+    d_in, d_out = _ACTIVATIONS[spec.input_activation][1], _ACTIVATIONS[spec.output_activation][1]
+
     def back(p, wT, res, dnew, dy):
         i, f, g, o, c0, oc = res
         dh = dnew.h + dy
@@ -126,7 +138,7 @@ def _lstm_back(spec: LSTMSpec):
         if p.w_proj is not None:
             extra.update(dh=dh, h_full=oc if o is None else o * oc)
             dh = matmul(dh, wT["w_proj"])
-        d_oc = 1.0 if spec.output_identity else 1 - oc * oc
+        d_oc = d_out(oc)
         da = {}
         if o is None:
             dc = dnew.c + dh * d_oc
@@ -135,7 +147,7 @@ def _lstm_back(spec: LSTMSpec):
             dc = dnew.c + dh * o * d_oc
             if p.peep is not None:
                 dc = dc + da["o"] * p.peep[-1]
-        da["g"] = (dc if i is None else dc * i) * (1.0 if spec.input_identity else 1 - g * g)
+        da["g"] = (dc if i is None else dc * i) * d_in(g)
         if i is not None:
             da["i"] = dc * (g - c0 if spec.coupled else g) * i * (1 - i)
         if f is not None:

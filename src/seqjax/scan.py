@@ -155,8 +155,8 @@ def _fused_kind(call, loop, cell, params, remat, backward):
     kind = fusable(cell, params)
     if kind is None and backward == "fused":
         raise ValueError(
-            f"{call}: backward='fused' needs a fusable cell (seqjax.fused.fusable: built by seqjax.lstm with tanh "
-            "or identity activations and no gate recurrence, optionally with peepholes and/or proj_size, by "
+            f"{call}: backward='fused' needs a fusable cell (seqjax.fused.fusable: built by seqjax.lstm with named "
+            "activations (not callables) and no gate recurrence, optionally with peepholes and/or proj_size, by "
             "seqjax.gru, or by seqjax.rnn with tanh or relu, its project and step unchanged; params all "
             f"float32, float64, bfloat16 or float16), got {cell.name}; pass backward='auto' to fall "
             "back to autodiff")
@@ -235,7 +235,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         the loop (``None``: the backend's measured default, `hoist_default`).
       * ``backward``: how reverse mode differentiates the loop. ``"auto"`` (default)
         uses `seqjax.fused`'s custom VJP where it applies (LSTM variants with
-        tanh or identity activations, also with peepholes and/or ``proj_size``,
+        named activations, also with peepholes and/or ``proj_size``,
         not FGR; GRU in both forms; Elman RNN; params all float32, float64,
         bfloat16 or float16; ``remat=False``): the backward loop carries
         the state gradients only and the weight gradients and ``dxs`` become

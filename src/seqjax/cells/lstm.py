@@ -19,8 +19,8 @@ class LSTMSpec(NamedTuple):
     forget_gate: bool = True          # False: NFG (f = 1)
     output_gate: bool = True
     coupled: bool = False             # CIFG: f = 1 - i
-    input_identity: bool = False      # NIAF: g = a_g
-    output_identity: bool = False     # NOAF: h = o * c
+    input_activation: str = "tanh"    # of g; "identity": NIAF (g = a_g); a name in ACTIVATIONS
+    output_activation: str = "tanh"   # of c; "identity": NOAF (h = o * c)
 
     def gates(self) -> tuple[str, ...]:
         """The computed gate blocks, in column order."""
@@ -236,11 +236,9 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
                                  ("output_activation", output_activation, "tanh")]:
         if value != default:
             opts.append(f"{name}={value!r}" if isinstance(value, (str, bool, int)) else f"{name}=custom")
-    fusable_act = ("tanh", "identity")
-    spec = None
-    if not gate_recurrence and input_activation in fusable_act and output_activation in fusable_act:
-        spec = layout._replace(input_identity=input_activation == "identity",
-                               output_identity=output_activation == "identity")
+    spec = None  # the custom VJP covers named activations (it differentiates them from their outputs)
+    if not gate_recurrence and isinstance(input_activation, str) and isinstance(output_activation, str):
+        spec = layout._replace(input_activation=input_activation, output_activation=output_activation)
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=P,
                      name=f"lstm({', '.join(opts)})", fused_apply=fused_apply, fused_kind=spec)
