@@ -20,10 +20,10 @@ mode (`jax.grad`, `jax.vjp`) works, forward mode (`jax.jvp`, `jax.jacfwd`,
 
 Covered (`fusable`): every LSTM variant of `seqjax.lstm` with named activations (tanh, identity, relu or
 sigmoid; not a callable), with or without peepholes and projection (Greff et al.'s variants except
-FGR), the GRU in both forms and the Elman RNN (tanh or relu), with params all of one dtype: float32, float64, or a 16-bit float
-(bfloat16 or float16: the gate arithmetic and the cotangents run in float32, as in the cells, and the
-carry, the outputs and the gradients come back in the params' dtype). ``lengths`` (as a [T, B]
-validity mask), ``resets``, ``reverse``, a given initial carry and the hoisted
+FGR), the GRU in both forms and the Elman RNN (tanh or relu), with params all of one dtype: float32,
+float64, or a 16-bit float (bfloat16 or float16: the gate arithmetic and the cotangents run in
+float32, as in the cells, and the carry, the outputs and the gradients come back in the params'
+dtype). ``lengths`` (as a [T, B] validity mask), ``resets``, ``reverse``, a given initial carry and the hoisted
 projection have the same semantics as in `seqjax.scan`.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell, compute_dtype, has_own_step, matmul
 from seqjax.cells.gru import GRUParams
+from seqjax.cells.lstm import ACTIVATIONS as LSTM_ACTIVATIONS
 from seqjax.cells.lstm import LSTMCarry, LSTMParams, LSTMSpec
 from seqjax.cells.rnn import RNNParams
 
@@ -85,19 +86,19 @@ def _h(kind, carry):
     return carry.h if isinstance(kind, LSTMSpec) else carry
 
 
-# activation name -> (function, derivative from the function's output): every name in seqjax.lstm's ACTIVATIONS
-_ACTIVATIONS = {
-    "tanh": (jnp.tanh, lambda y: 1 - y * y),
-    "identity": (lambda a: a, lambda y: 1.0),
-    "sigmoid": (jax.nn.sigmoid, lambda y: y * (1 - y)),
-    "relu": (jax.nn.relu, lambda y: (y > 0).astype(y.dtype)),  # 0 at 0, as jax.nn.relu's gradient
+# the derivative of each of seqjax.lstm's named ACTIVATIONS, from the activation's output y
+_DERIVATIVES = {
+    "tanh": lambda y: 1 - y * y,
+    "identity": lambda y: 1.0,
+    "sigmoid": lambda y: y * (1 - y),
+    "relu": lambda y: (y > 0).astype(y.dtype),  # 0 at 0, as jax.nn.relu's gradient
 }
 
 
 def _lstm_fwd(spec: LSTMSpec):
     col = {g: k for k, g in enumerate(spec.gates())}
     row = {g: k for k, g in enumerate(spec.sigmoid_gates())}
-    in_act, out_act = _ACTIVATIONS[spec.input_activation][0], _ACTIVATIONS[spec.output_activation][0]
+    in_act, out_act = LSTM_ACTIVATIONS[spec.input_activation], LSTM_ACTIVATIONS[spec.output_activation]
 
     def fwd(p, start, a):
         H, c0 = start.c.shape[-1], start.c.astype(a.dtype)
@@ -129,7 +130,7 @@ def _f_value(spec, i, f):
 
 
 def _lstm_back(spec: LSTMSpec):
-    d_in, d_out = _ACTIVATIONS[spec.input_activation][1], _ACTIVATIONS[spec.output_activation][1]
+    d_in, d_out = _DERIVATIVES[spec.input_activation], _DERIVATIVES[spec.output_activation]
 
     def back(p, wT, res, dnew, dy):
         i, f, g, o, c0, oc = res
