@@ -37,6 +37,7 @@ from seqjax.cells.base import Array, Cell, compute_dtype, has_own_step, matmul
 from seqjax.cells.gru import GRUParams
 from seqjax.cells.lstm import ACTIVATIONS as LSTM_ACTIVATIONS
 from seqjax.cells.lstm import LSTMCarry, LSTMParams, LSTMSpec
+from seqjax.cells.rnn import ACTIVATIONS as RNN_ACTIVATIONS
 from seqjax.cells.rnn import RNNParams
 
 __all__ = ["LSTMSpec", "fusable", "fused_scan"]
@@ -86,7 +87,7 @@ def _h(kind, carry):
     return carry.h if isinstance(kind, LSTMSpec) else carry
 
 
-# the derivative of each of seqjax.lstm's named ACTIVATIONS, from the activation's output y
+# the derivative of each named activation of seqjax.lstm and seqjax.rnn, from the activation's output y
 _DERIVATIVES = {
     "tanh": lambda y: 1 - y * y,
     "identity": lambda y: 1.0,
@@ -211,7 +212,9 @@ def _gru_cho_back(p, wT, res, dnew, dy):
     return jnp.concatenate([dr, dz, dn], -1), {"rh": r * h0}, dh0
 
 
-def _rnn_fwd(act):
+def _rnn_fwd(act_name):
+    act = RNN_ACTIVATIONS[act_name]
+
     def fwd(p, h0, a):
         h = act(a)
         out = h.astype(p.w_h.dtype)
@@ -219,17 +222,17 @@ def _rnn_fwd(act):
     return fwd
 
 
-def _rnn_back(kind):
+def _rnn_back(act_name):
+    derivative = _DERIVATIVES[act_name]
+
     def back(p, wT, h, dnew, dy):
-        dh = dnew + dy
-        da = dh * (1 - h * h) if kind == "rnn_tanh" else jnp.where(h > 0, dh, jnp.zeros_like(dh))
+        da = (dnew + dy) * derivative(h)
         return da, {}, matmul(da, wT["w_h"])
     return back
 
 
-_FWD = {"gru": _gru_fwd, "gru_cho": _gru_cho_fwd, "rnn_tanh": _rnn_fwd(jnp.tanh), "rnn_relu": _rnn_fwd(jax.nn.relu)}
-_BACK = {"gru": _gru_back, "gru_cho": _gru_cho_back, "rnn_tanh": _rnn_back("rnn_tanh"),
-         "rnn_relu": _rnn_back("rnn_relu")}
+_FWD = {"gru": _gru_fwd, "gru_cho": _gru_cho_fwd, "rnn_tanh": _rnn_fwd("tanh"), "rnn_relu": _rnn_fwd("relu")}
+_BACK = {"gru": _gru_back, "gru_cho": _gru_cho_back, "rnn_tanh": _rnn_back("tanh"), "rnn_relu": _rnn_back("relu")}
 
 
 def _step_fns(kind):
