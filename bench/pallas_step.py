@@ -76,6 +76,12 @@ def _lstm_kernel(t_ref, xp_ref, h_ref, c_ref, wi_ref, wf_ref, wg_ref, wo_ref, ys
     ys_ref[t, :, pl.ds(j * bh, bh)] = hn
 
 
+def _gate_weights(w_h):
+    """[H, G*H] -> G per-gate [H, H] blocks."""
+    H = w_h.shape[0]
+    return [w_h[:, k * H:(k + 1) * H] for k in range(w_h.shape[1] // H)]
+
+
 def _full(shape):
     return pl.BlockSpec(shape, lambda j: (0,) * len(shape))
 
@@ -103,7 +109,7 @@ def lstm_forward(xp, h0, c0, w_h, *, bh=32, unroll=8, interpret=False):
     """LSTM forward (gates i, f, g, o) over a hoisted projection. xp: [T, B, 4H] f32; ys [T, B, H]."""
     T, B, H4 = xp.shape
     H = H4 // 4
-    ws = [w_h[:, k * H:(k + 1) * H] for k in range(4)]
+    ws = _gate_weights(w_h)
     ys_shape = (T, B, H)
     wspec = pl.BlockSpec((H, bh), lambda j: (0, j))
     step = pl.pallas_call(
@@ -232,7 +238,7 @@ def gridsync_lstm_forward(xp, h0, c0, w_h, *, bh=32, num_warps=4, interpret=Fals
         input_output_aliases={6: 0, 7: 1},
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret, name="lstm_gridsync")
-    ws = [w_h[:, k * H:(k + 1) * H] for k in range(4)]
+    ws = _gate_weights(w_h)
     return call(xp, c0, *ws, hbuf, jnp.zeros((P,), jnp.int32))[0][1:]
 
 
@@ -245,10 +251,10 @@ def persistent_forward(cell_name, xp, h0, w_h, b_hn=None, *, bb=16, num_warps=8,
     if cell_name == "rnn":
         kernel, args, outs = _rnn_persistent_kernel, (xp, h0, w_h), [ys, out]
     elif cell_name == "gru":
-        kernel, args = _gru_persistent_kernel, (xp, h0, b_hn, *[w_h[:, k * H:(k + 1) * H] for k in range(3)])
+        kernel, args = _gru_persistent_kernel, (xp, h0, b_hn, *_gate_weights(w_h))
         outs = [ys, out]
     else:
-        kernel, args = _lstm_persistent_kernel, (xp, h0, h0, *[w_h[:, k * H:(k + 1) * H] for k in range(4)])
+        kernel, args = _lstm_persistent_kernel, (xp, h0, h0, *_gate_weights(w_h))
         outs = [ys, out, out]
     call = pl.pallas_call(
         functools.partial(kernel, bb=bb), grid=(B // bb,),
