@@ -92,7 +92,13 @@ def rss_bytes() -> dict:
 
 
 def time_once(fn: Callable[[], Any]) -> float:
-    """Seconds one call of ``fn`` takes, waiting for its result."""
+    """Seconds one call of ``fn`` takes, waiting for its result.
+
+    A function marked ``fn.self_timed = True`` (one that runs elsewhere, as
+    `ProcessTimer`'s do) returns the seconds it measured itself.
+    """
+    if getattr(fn, "self_timed", False):
+        return float(fn())
     t0 = time.perf_counter()
     block(fn())
     return time.perf_counter() - t0
@@ -128,6 +134,47 @@ def interleave(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 2, sh
             progress.update(1)
     gc.collect()
     return samples
+
+
+def _serve(conn, factory, args):
+    fns = factory(*args)
+    while True:
+        name = conn.recv()
+        if name is None:
+            break
+        conn.send(time_once(fns[name]))
+    conn.close()
+
+
+class ProcessTimer:
+    """Runs functions in a child process and times them there, one call per request.
+
+    Isolates libraries whose thread pools fight when they share a process (two
+    OpenMP thread teams on 2 cores: PyTorch's and oneDNN's under seqjax):
+    while the child runs, this process waits on a pipe, and the other way round.
+    ``factory(*args)`` runs in the child (a fresh interpreter, ``spawn``) and
+    returns ``{name: fn}``; `fn(name)` gives a function for `interleave` that
+    returns the child's own timing (``self_timed``), without the pipe's latency.
+    """
+
+    def __init__(self, factory: Callable[..., dict], *args):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, factory, args), daemon=True)
+        self._proc.start()
+        child.close()
+
+    def fn(self, name: str) -> Callable[[], float]:
+        def run():
+            self._conn.send(name)
+            return self._conn.recv()
+        run.self_timed = True
+        return run
+
+    def close(self):
+        self._conn.send(None)
+        self._proc.join(timeout=30)
 
 
 def summarise(samples: list[float]) -> dict:

@@ -50,6 +50,10 @@ def _fwd_train(run):
 
 def seqjax_builder(**scan_kwargs):
     def build(cell_name, B, T, I, H, key):
+        if scan_kwargs.get("kernel") == "onednn":
+            if cell_name != "lstm":
+                raise LookupError("oneDNN's kernel is the LSTM's")
+            seqjax.native.load_onednn()  # NativeUnavailable (a RuntimeError): skipped with a note
         cell = {"lstm": lambda: seqjax.lstm(H, forget_bias=0.0), "gru": lambda: seqjax.gru(H),
                 "rnn": lambda: seqjax.rnn(H)}[cell_name]()
         params = cell.init(key, I)
@@ -157,6 +161,8 @@ VARIANTS = {  # --variants: seqjax.scan options worth comparing with the default
     "no-hoist": dict(hoist=False),
     "autodiff-hoist": dict(backward="autodiff", hoist=True),
     "autodiff-no-hoist": dict(backward="autodiff", hoist=False),
+    "xla": dict(kernel="xla"),
+    "onednn": dict(kernel="onednn"),
 }
 
 
@@ -203,10 +209,22 @@ def torch_candidate(cell_name, B, T, I, H, seed=0):
     return fwd, train, dev
 
 
+def torch_fns(cell_name, B, T, I, H, threads):
+    """PyTorch's fwd/train for `common.ProcessTimer` (runs in the child process)."""
+    import torch
+    torch.set_num_threads(threads)
+    fwd, train, _ = torch_candidate(cell_name, B, T, I, H)
+    return {"fwd": fwd, "train": train}
+
+
 # --------------------------------------------------------------------------- driver
 
-def bench_config(cell_name, shape_name, shape, reps, candidates, torch_ok, notes, progress=None, min_time_s=0.0):
-    """Compiles every candidate for one (cell, shape), then times all of them interleaved."""
+def bench_config(cell_name, shape_name, shape, reps, candidates, torch_ok, notes, progress=None, min_time_s=0.0,
+                 torch_process=False):
+    """Compiles every candidate for one (cell, shape), then times all of them interleaved.
+
+    ``torch_process``: PyTorch runs in a child process (`common.ProcessTimer`), still interleaved.
+    """
     B, T, I, H = shape
     key = jax.random.key(0)
     x = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
@@ -229,13 +247,22 @@ def bench_config(cell_name, shape_name, shape, reps, candidates, torch_ok, notes
             compiled = c["compiled"]
             fns[(name, mode)] = (lambda compiled=compiled, params=params: compiled(params, x))
             meta[(name, mode)] = {k: v for k, v in c.items() if k != "compiled"}
-    if torch_ok:
+    timer = None
+    if torch_ok and torch_process:
+        timer = common.ProcessTimer(torch_fns, cell_name, B, T, I, H, os.cpu_count())
+        fns[("pytorch", "fwd")], fns[("pytorch", "train")] = timer.fn("fwd"), timer.fn("train")
+        meta[("pytorch", "fwd")] = meta[("pytorch", "train")] = {}
+    elif torch_ok:
         tf, tt, dev = torch_candidate(cell_name, B, T, I, H)
         label = "pytorch" + (" (cuDNN)" if dev == "cuda" else "")
         fns[(label, "fwd")], fns[(label, "train")] = tf, tt
         meta[(label, "fwd")] = meta[(label, "train")] = {}
     keyed = {f"{n}|{m}": f for (n, m), f in fns.items()}
-    samples = common.interleave(keyed, reps=reps, warmup=2, progress=progress, min_time_s=min_time_s)
+    try:
+        samples = common.interleave(keyed, reps=reps, warmup=2, progress=progress, min_time_s=min_time_s)
+    finally:
+        if timer is not None:
+            timer.close()
     rows = []
     for (n, m) in fns:
         s = common.summarise(samples[f"{n}|{m}"])
@@ -314,6 +341,9 @@ def main(argv=None):
     ap.add_argument("--precision", choices=("default", "highest"), default="default",
                     help="highest: full-fp32 matmuls everywhere (jax_default_matmul_precision=highest; "
                          "PyTorch/cuDNN with TF32 off); default: each library's default (TF32 on GPUs)")
+    ap.add_argument("--torch", choices=("auto", "process", "inline"), default="auto",
+                    help="where PyTorch runs: in a child process (isolated thread pools, still interleaved) or "
+                         "in this one; auto: process on CPU, inline on GPU")
     args = ap.parse_args(argv)
 
     cells = common.parse_list(args.cells or ("lstm" if args.quick else None), CELLS, "cells")
@@ -334,6 +364,7 @@ def main(argv=None):
     except ImportError:
         notes.add("pytorch: skipped, not installed")
         torch_ok = False
+    torch_process = args.torch == "process" or (args.torch == "auto" and jax.default_backend() == "cpu")
     cands = jax_candidates({f"seqjax {v}": seqjax_builder(**VARIANTS[v])
                             for v in common.parse_list(args.variants, VARIANTS, "variants") if args.variants})
     if args.libs is not None:
@@ -349,7 +380,8 @@ def main(argv=None):
         for sname, shape in shapes.items():
             if progress is not None:
                 progress.set_postfix_str(f"{cell} {sname}")
-            rows += bench_config(cell, sname, shape, reps, cands, torch_ok, notes, progress, args.min_time)
+            rows += bench_config(cell, sname, shape, reps, cands, torch_ok, notes, progress, args.min_time,
+                                 torch_process)
     if progress is not None:
         progress.close()
     for n in sorted(notes):
@@ -357,6 +389,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     common.write_json(os.path.join(args.out, f"{args.name}.json"),
                       dict(rows=rows, notes=sorted(notes), reps=reps, torch_threads=os.cpu_count(),
+                           torch_process=torch_process,
                            precision=args.precision,
                            wall_s=time.time() - t0))
     plot(rows, os.path.join(args.out, f"{args.name}.png"))

@@ -12,7 +12,7 @@ from seqjax.scan import hoist_default, scan, unroll_default, unrolled
 from seqjax.generate import generate
 from seqjax.interop import from_torch, from_torch_carry, to_torch_state_dict, torch_carry
 from seqjax.train import History, NonFiniteLossError, TrainState, fit, init_state, make_nnx_train_step, make_train_step
-from seqjax import attention, diagnostics, fused, losses, nnx, seq2seq, tasks, tbptt  # noqa: E402  (submodules)
+from seqjax import attention, diagnostics, fused, losses, native, nnx, seq2seq, tasks, tbptt  # noqa: E402  (submodules)
 
 __all__ = [
     "BidirectionalParams", "History", "NonFiniteLossError", "TrainState", "fit", "init_state", "losses",

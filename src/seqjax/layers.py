@@ -54,12 +54,12 @@ class BidirectionalParams(NamedTuple):
 
 
 def sequence(cell: Cell, *, reverse: bool = False, unroll: int | None = None, remat: bool = False,
-             hoist: bool | None = None) -> Layer:
+             hoist: bool | None = None, kernel: str = "auto") -> Layer:
     """The layer that runs ``cell`` over a sequence with `seqjax.scan`.
 
     Args:
       cell: a `Cell`.
-      reverse, unroll, remat, hoist: passed to `seqjax.scan`.
+      reverse, unroll, remat, hoist, kernel: passed to `seqjax.scan`.
 
     Returns:
       A `Layer` with the cell's params and carry; ys [B, T, O].
@@ -70,14 +70,15 @@ def sequence(cell: Cell, *, reverse: bool = False, unroll: int | None = None, re
     def apply(params, xs, *, carry=None, lengths=None, resets=None, time_major=False, key=None):
         del key
         return scan(cell, params, xs, carry=carry, lengths=lengths, resets=resets, reverse=reverse,
-                    time_major=time_major, unroll=unroll, remat=remat, hoist=hoist)
+                    time_major=time_major, unroll=unroll, remat=remat, hoist=hoist, kernel=kernel)
 
     return Layer(cell.init, apply, cell.initial_carry, cell.output_size,
                  f"sequence({cell.name}{', reverse=True' if reverse else ''})")
 
 
 def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | None = "concat",
-                  unroll: int | None = None, remat: bool = False, hoist: bool | None = None) -> Layer:
+                  unroll: int | None = None, remat: bool = False, hoist: bool | None = None,
+                  kernel: str = "auto") -> Layer:
     """A bidirectional layer: ``forward`` reads the sequence left to right, ``backward`` right to left.
 
     With ``lengths`` the backward direction reads only each sequence's valid
@@ -90,7 +91,7 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | N
       merge: how the two output sequences combine: "concat" (ys [B, T, 2O]),
         "sum", "mean", "mul" (ys [B, T, O]), or None (ys is the pair
         ``(ys_forward, ys_backward)``).
-      unroll, remat, hoist: passed to `seqjax.scan`.
+      unroll, remat, hoist, kernel: passed to `seqjax.scan`.
 
     Returns:
       A `Layer` with `BidirectionalParams` and carry ``(forward_carry, backward_carry)``.
@@ -106,7 +107,7 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | N
         raise ValueError(f"{call}: merge={merge!r} needs equal output sizes, got forward {forward.output_size} and "
                          f"backward {backward.output_size}")
     combine = MERGES[merge]
-    opts = dict(unroll=unroll, remat=remat, hoist=hoist)
+    opts = dict(unroll=unroll, remat=remat, hoist=hoist, kernel=kernel)
 
     def init(key, input_size):
         kf, kb = jax.random.split(key)
@@ -190,7 +191,8 @@ def deep(layers: Sequence[Layer | Cell], *, dropout_rate: float = 0.0) -> Layer:
 
 
 def multilayer(cell: Cell, num_layers: int = 1, *, bidirectional: bool = False, dropout: float = 0.0,
-               merge: str = "concat", unroll: int | None = None, remat: bool = False, hoist: bool | None = None) -> Layer:
+               merge: str = "concat", unroll: int | None = None, remat: bool = False, hoist: bool | None = None,
+               kernel: str = "auto") -> Layer:
     """The PyTorch-style multi-layer RNN layer (``nn.LSTM(num_layers=..., bidirectional=..., dropout=...)``).
 
     Every layer uses the same cell definition (layer k > 0 reads layer k-1's
@@ -202,7 +204,7 @@ def multilayer(cell: Cell, num_layers: int = 1, *, bidirectional: bool = False, 
       bidirectional: run each layer in both directions.
       dropout: dropout rate between layers (training only: pass ``key`` to ``apply``).
       merge: how directions combine when bidirectional (see `bidirectional`).
-      unroll, remat, hoist: passed to `seqjax.scan`.
+      unroll, remat, hoist, kernel: passed to `seqjax.scan`.
 
     Returns:
       A `Layer`: params and carry are L-tuples (per layer; a bidirectional
@@ -218,6 +220,6 @@ def multilayer(cell: Cell, num_layers: int = 1, *, bidirectional: bool = False, 
         raise ValueError(f"{call}: num_layers must be a positive int, got {num_layers!r}")
     if not isinstance(bidirectional, bool):
         raise ValueError(f"{call}: bidirectional must be a bool, got {bidirectional!r}")
-    opts = dict(unroll=unroll, remat=remat, hoist=hoist)
+    opts = dict(unroll=unroll, remat=remat, hoist=hoist, kernel=kernel)
     make = (lambda: _bidirectional(cell, merge=merge, **opts)) if bidirectional else (lambda: sequence(cell, **opts))
     return deep([make() for _ in range(num_layers)], dropout_rate=dropout)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax import native
 from seqjax.cells.base import Array, Cell, has_own_step
 from seqjax.fused import fusable, fused_scan
 
@@ -163,8 +164,45 @@ def _fused_kind(call, loop, cell, params, remat, backward):
     return kind
 
 
+KERNELS = ("auto", "xla", "onednn")
+
+
+def _onednn_blocker(loop, cell, params, lengths, resets, remat, backward) -> str | None:
+    """Why oneDNN's LSTM cannot run this call (None if it can)."""
+    from seqjax.onednn import unsupported_reason
+    if loop is not _lax_loop:
+        return "seqjax.unrolled is the plain-JAX reference"
+    if jax.default_backend() != "cpu":
+        return f"it is a CPU kernel and the default backend is {jax.default_backend()}"
+    if lengths is not None or resets is not None:
+        return "oneDNN has no per-sequence lengths or resets"
+    if remat:
+        return "remat=True (oneDNN keeps its own workspace for the backward pass)"
+    if backward != "auto":
+        return f"backward={backward!r} (oneDNN's kernel has its own backward pass; pass backward='auto')"
+    return unsupported_reason(cell, params)
+
+
+def _use_onednn(call, kernel, loop, cell, params, lengths, resets, remat, backward) -> bool:
+    """Whether this run goes through `seqjax.onednn.lstm_scan`; raises where ``kernel="onednn"`` cannot."""
+    if kernel not in KERNELS:
+        raise ValueError(f"{call}: kernel must be one of {list(KERNELS)}, got {kernel!r}")
+    if kernel == "xla" or (kernel == "auto" and not native.onednn_installed()):
+        return False
+    blocker = _onednn_blocker(loop, cell, params, lengths, resets, remat, backward)
+    if blocker is not None and kernel == "onednn":
+        raise ValueError(f"{call}: kernel='onednn' cannot run this call: {blocker}; pass kernel='auto' or 'xla'")
+    if blocker is not None:
+        return False
+    if kernel == "onednn":
+        native.load_onednn()  # NativeUnavailable names what is missing
+        return True
+    from seqjax.onednn import AUTO_MIN_HIDDEN
+    return cell.hidden_size >= AUTO_MIN_HIDDEN and native.onednn_usable()
+
+
 def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_major, unroll, remat, hoist,
-         backward="autodiff"):
+         backward="autodiff", kernel="xla"):
     plan = _plan(call, cell, params, xs, carry, lengths, resets, time_major)
     _check_bool(call, "reverse", reverse)
     _check_bool(call, "remat", remat)
@@ -180,10 +218,14 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
         ys, carries = plan.xs, []
         for sub, p, c in zip(cell.layers, params, plan.carry):
             c, ys = _run(call, loop, sub, p, ys, c, lengths, None if plan.resets is None else plan.resets,
-                         reverse, True, unroll, remat, hoist, backward)
+                         reverse, True, unroll, remat, hoist, backward, kernel)
             carries.append(c)
         return tuple(carries), (ys if time_major else jnp.swapaxes(ys, 0, 1))
 
+    if _use_onednn(call, kernel, loop, cell, params, lengths, resets, remat, backward):
+        from seqjax.onednn import lstm_scan
+        carry, ys = lstm_scan(params, plan.xs, plan.carry, reverse)
+        return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
     kind = _fused_kind(call, loop, cell, params, remat, backward)
     if kind is not None:
         carry, ys = fused_scan(kind, params, plan.xs, plan.carry, plan.valid, plan.resets, reverse, hoist, remat,
@@ -210,7 +252,7 @@ def _python_loop(body, carry, xs, reverse, unroll):
 
 def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None, resets: Array | None = None,
          reverse: bool = False, time_major: bool = False, unroll: int | None = None, remat: bool = False,
-         hoist: bool | None = None, backward: str = "auto"):
+         hoist: bool | None = None, backward: str = "auto", kernel: str = "auto"):
     """Runs ``cell`` over a sequence with `jax.lax.scan`: ``(final_carry, ys)``.
 
     Equivalent Python loop (batch-major, no options)::
@@ -248,6 +290,16 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         ``"autodiff"`` differentiates the `lax.scan` directly. The custom VJP
         has no forward mode: for `jax.jvp`, `jax.jacfwd` or `jax.hessian` through
         a fusable cell pass ``backward="autodiff"``.
+      * ``kernel``: ``"xla"`` runs the loop above, compiled by XLA. ``"onednn"``
+        runs the whole recurrence, forward and backward, as oneDNN's fused LSTM
+        primitive on the CPU (`seqjax.onednn`, the kernel of PyTorch's CPU
+        ``nn.LSTM``; needs ``pip install 'seqjax[onednn]'``): the standard LSTM
+        (also with peepholes and/or ``proj_size``), float32, no ``lengths``,
+        ``resets`` or ``remat``, reverse-mode gradients only (ValueError
+        otherwise). ``"auto"`` (default) takes oneDNN where it applies, is
+        installed and won the benchmarks (``hidden_size >= 128``,
+        `seqjax.onednn.AUTO_MIN_HIDDEN`; first use compiles it, ~10 s, cached),
+        XLA elsewhere. ``unroll`` and ``hoist`` do not apply to oneDNN.
       * A stacked cell (`seqjax.stack`) runs layer by layer.
 
     Truncated BPTT: feed ``jax.lax.stop_gradient(final_carry)`` back as ``carry``.
@@ -261,6 +313,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       resets: [B, T] bool (or [T, B] with ``time_major``).
       reverse, time_major, remat: bools. unroll: positive int.
       backward: "auto", "fused" or "autodiff".
+      kernel: "auto", "xla" or "onednn".
 
     Returns:
       ``(final_carry, ys)`` with ys [B, T, O] (or [T, B, O]) in the params' dtype.
@@ -271,21 +324,23 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       >>> carry, ys = seqjax.scan(cell, params, jnp.ones((4, 20, 8)), lengths=jnp.array([20, 5, 0, 13]))
     """
     return _run("seqjax.scan", _lax_loop, cell, params, xs, carry, lengths, resets, reverse, time_major, unroll,
-                remat, hoist, backward)
+                remat, hoist, backward, kernel)
 
 
 def unrolled(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None,
              resets: Array | None = None, reverse: bool = False, time_major: bool = False, unroll: int | None = None,
-             remat: bool = False, hoist: bool | None = None, backward: str = "auto"):
+             remat: bool = False, hoist: bool | None = None, backward: str = "auto", kernel: str = "auto"):
     """`scan` as a Python loop over time: same arguments, same results.
 
     The reference implementation for tests and the baseline of the
     scan-vs-unroll benchmark. Under `jax.jit` the loop is unrolled into one
     straight-line program, so compile time grows with T. ``unroll`` is accepted
-    for signature compatibility and ignored; so is ``backward`` (validated),
-    since the reference is always differentiated by plain autodiff.
+    for signature compatibility and ignored; so are ``backward`` and ``kernel``
+    (validated), since the reference is always plain JAX differentiated by autodiff.
     """
     if backward not in BACKWARD_MODES:
         raise ValueError(f"seqjax.unrolled: backward must be one of {list(BACKWARD_MODES)}, got {backward!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"seqjax.unrolled: kernel must be one of {list(KERNELS)}, got {kernel!r}")
     return _run("seqjax.unrolled", _python_loop, cell, params, xs, carry, lengths, resets, reverse, time_major,
                 unroll, remat, hoist)

@@ -1,0 +1,186 @@
+"""oneDNN's LSTM kernel (seqjax.onednn, kernel="onednn"): numerics against NumPy and autodiff, invariants, errors.
+
+Skipped where oneDNN or a C++ compiler is missing (``pip install 'seqjax[onednn]'``);
+CI installs both. The first test to load the kernels compiles them (~10 s, cached).
+"""
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+import pytest
+
+import seqjax
+from seqjax import native
+from reference import lstm_step
+
+pytestmark = pytest.mark.skipif(not native.onednn_installed(),
+                                reason="oneDNN or a C++ compiler missing: pip install 'seqjax[onednn]'")
+
+B, T, I, H = 3, 7, 5, 6
+VARIANTS = {
+    "plain": dict(),
+    "peep": dict(peepholes=True),
+    "proj": dict(proj_size=4),
+    "peep_proj": dict(peepholes=True, proj_size=4),
+}
+
+
+def _setup(variant, seed=0):
+    cell = seqjax.lstm(H, **VARIANTS[variant])
+    keys = jax.random.split(jax.random.key(seed), 4)
+    params = cell.init(keys[0], I)
+    if params.peep is not None:  # peepholes start at zero: make them count
+        params = params._replace(peep=0.5 * jax.random.normal(keys[1], params.peep.shape))
+    xs = jax.random.normal(keys[2], (B, T, I))
+    carry = jax.tree.map(lambda a: 0.5 * jax.random.normal(keys[3], a.shape), cell.initial_carry(params, (B,)))
+    return cell, params, xs, carry
+
+
+def _numpy_scan(params, xs, carry, reverse):
+    p = jax.tree.map(np.asarray, params)
+    state = (np.asarray(carry.h, np.float64), np.asarray(carry.c, np.float64), None)
+    ys = [None] * T
+    for t in (reversed(range(T)) if reverse else range(T)):
+        state, ys[t] = lstm_step(p, state, np.asarray(xs[:, t], np.float64))
+    return state, np.stack(ys, axis=1)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forward_matches_numpy(variant, reverse):
+    cell, params, xs, carry = _setup(variant)
+    final, ys = jax.jit(lambda p, x, c: seqjax.scan(cell, p, x, carry=c, reverse=reverse, kernel="onednn"))(
+        params, xs, carry)
+    (h, c, _), ys_ref = _numpy_scan(params, xs, carry, reverse)
+    np.testing.assert_allclose(ys, ys_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(final.h, h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(final.c, c, rtol=1e-5, atol=1e-6)
+    assert final.gates is None and ys.dtype == jnp.float32
+
+
+def _loss(cell, kernel, reverse, backward="auto"):
+    def loss(params, xs, carry):
+        final, ys = seqjax.scan(cell, params, xs, carry=carry, reverse=reverse, kernel=kernel, backward=backward)
+        weights = jnp.linspace(-1.0, 1.0, ys.size).reshape(ys.shape)  # every output gets its own cotangent
+        return jnp.sum(weights * ys) + jnp.sum(jnp.sin(final.h)) + jnp.sum(final.c ** 2)
+    return loss
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients_match_autodiff(variant, reverse):
+    """oneDNN's backward primitive against autodiff of XLA's loop, for params, inputs and the initial carry."""
+    cell, params, xs, carry = _setup(variant, seed=1)
+    grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2)))(params, xs, carry)  # noqa: E731
+    got = grad(_loss(cell, "onednn", reverse))
+    want = grad(_loss(cell, "xla", reverse, backward="autodiff"))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+def test_gradients_match_finite_differences():
+    cell, params, xs, carry = _setup("peep_proj", seed=2)
+    loss = _loss(cell, "onednn", reverse=False)
+    jax.test_util.check_grads(loss, (params, xs, carry), order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
+
+
+def test_jit_vmap_and_stack_agree():
+    cell, params, xs, carry = _setup("peep")
+    run = lambda x, kernel: seqjax.scan(cell, params, x, kernel=kernel)[1]  # noqa: E731
+    eager = run(xs, "onednn")
+    np.testing.assert_allclose(jax.jit(run, static_argnums=1)(xs, "onednn"), eager, rtol=0, atol=0)
+    per_row = jax.vmap(lambda x: run(x[None], "onednn")[0])(xs)
+    np.testing.assert_allclose(per_row, eager, rtol=1e-6, atol=1e-6)
+    stacked = seqjax.stack([seqjax.lstm(H), seqjax.lstm(3, proj_size=2)])
+    sp = stacked.init(jax.random.key(3), I)
+    np.testing.assert_allclose(seqjax.scan(stacked, sp, xs, kernel="onednn")[1],
+                               seqjax.scan(stacked, sp, xs, kernel="xla")[1], rtol=1e-5, atol=1e-6)
+
+
+def test_layers_pass_the_kernel_on():
+    """A bidirectional layer (its backward direction is oneDNN's right-to-left) and an NNX LSTM."""
+    from flax import nnx
+    xs = jax.random.normal(jax.random.key(5), (B, T, I))
+    make = lambda kernel: seqjax.bidirectional(seqjax.lstm(H, peepholes=True), kernel=kernel)  # noqa: E731
+    params = make("xla").init(jax.random.key(4), I)
+    assert "seqjax_onednn" in _targets(lambda p, x: make("onednn").apply(p, x)[1], params, xs)
+    np.testing.assert_allclose(make("onednn").apply(params, xs)[1], make("xla").apply(params, xs)[1],
+                               rtol=1e-5, atol=1e-6)
+    module = seqjax.nnx.LSTM(I, H, num_layers=2, kernel="onednn", rngs=nnx.Rngs(0))
+    assert module(xs).shape == (B, T, H)
+    with pytest.raises(ValueError, match="kernel='onednn' cannot run this call"):
+        module(xs, lengths=jnp.array([7, 3, 0]))
+
+
+def _targets(fn, *args):
+    return str(jax.make_jaxpr(fn)(*args))
+
+
+def test_auto_picks_onednn_only_where_it_applies():
+    from seqjax.onednn import AUTO_MIN_HIDDEN
+    small, params_small, xs, _ = _setup("plain")
+    assert H < AUTO_MIN_HIDDEN
+    assert "seqjax_onednn" not in _targets(lambda p, x: seqjax.scan(small, p, x)[1], params_small, xs)
+    cell = seqjax.lstm(AUTO_MIN_HIDDEN, peepholes=True)
+    params = cell.init(jax.random.key(0), I)
+    auto = lambda p, x, **kw: seqjax.scan(cell, p, x, **kw)[1]  # noqa: E731
+    assert "seqjax_onednn_lstm_forward" in _targets(auto, params, xs)
+    assert "seqjax_onednn_lstm_forward" not in _targets(lambda p, x: auto(p, x, kernel="xla"), params, xs)
+    lengths = jnp.array([7, 3, 0])
+    assert "seqjax_onednn" not in _targets(lambda p, x: auto(p, x, lengths=lengths), params, xs)
+    assert "seqjax_onednn" not in _targets(lambda p, x: auto(p, x, backward="fused"), params, xs)
+    gru = seqjax.gru(H)
+    gp = gru.init(jax.random.key(0), I)
+    assert "seqjax_onednn" not in _targets(lambda p, x: seqjax.scan(gru, p, x)[1], gp, xs)
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    assert "seqjax_onednn" not in _targets(auto, p16, xs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lengths=np.array([7, 3, 0])), "no per-sequence lengths"),
+    (dict(resets=np.zeros((B, T), bool)), "no per-sequence lengths or resets"),
+    (dict(remat=True), "remat=True"),
+    (dict(backward="autodiff"), "backward='autodiff'"),
+    (dict(backward="fused"), "backward='fused'"),
+])
+def test_onednn_refuses_what_it_cannot_run(kwargs, message):
+    cell, params, xs, _ = _setup("plain")
+    with pytest.raises(ValueError, match=f"kernel='onednn' cannot run this call: .*{message}"):
+        seqjax.scan(cell, params, xs, kernel="onednn", **kwargs)
+
+
+@pytest.mark.parametrize("make_cell, message", [
+    (lambda: seqjax.gru(H), "is not the standard LSTM"),
+    (lambda: seqjax.lstm_variant("CIFG", H), "is not the standard LSTM"),
+    (lambda: seqjax.lstm(H, output_activation="identity"), "is not the standard LSTM"),
+    (lambda: seqjax.lstm(H, param_dtype=jnp.bfloat16), "float32 only"),
+])
+def test_onednn_refuses_other_cells(make_cell, message):
+    cell = make_cell()
+    params = cell.init(jax.random.key(0), I)
+    with pytest.raises(ValueError, match=message):
+        seqjax.scan(cell, params, jnp.ones((B, T, I)), kernel="onednn")
+
+
+def test_unknown_kernel_is_rejected():
+    cell, params, xs, _ = _setup("plain")
+    for run in (seqjax.scan, seqjax.unrolled):
+        with pytest.raises(ValueError, match=r"kernel must be one of \['auto', 'xla', 'onednn'\], got 'cudnn'"):
+            run(cell, params, xs, kernel="cudnn")
+
+
+def test_missing_onednn_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEQJAX_ONEDNN_ROOT", str(tmp_path))
+    with pytest.raises(native.NativeUnavailable, match=r"oneDNN not found .*pip install 'seqjax\[onednn\]'"):
+        native.onednn_location()
+
+
+def test_kernels_are_cached(monkeypatch):
+    native.load_onednn()
+    path = native._build()
+    assert path.is_file() and path.parent == native._cache_dir()
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("a cached build must not compile again")
+    monkeypatch.setattr(native.subprocess, "run", no_compiler)
+    assert native._build() == path
