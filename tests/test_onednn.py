@@ -11,37 +11,56 @@ import pytest
 
 import seqjax
 from seqjax import native
-from reference import lstm_step
+from reference import gru_step, lstm_step, rnn_step
 
 pytestmark = pytest.mark.skipif(not native.onednn_installed(),
                                 reason="oneDNN or a C++ compiler missing: pip install 'seqjax[onednn]'")
 
 B, T, I, H = 3, 7, 5, 6
 VARIANTS = {
-    "plain": dict(),
-    "peep": dict(peepholes=True),
-    "proj": dict(proj_size=4),
-    "peep_proj": dict(peepholes=True, proj_size=4),
+    "lstm": lambda: seqjax.lstm(H),
+    "lstm_peep": lambda: seqjax.lstm(H, peepholes=True),
+    "lstm_proj": lambda: seqjax.lstm(H, proj_size=4),
+    "lstm_peep_proj": lambda: seqjax.lstm(H, peepholes=True, proj_size=4),
+    "gru": lambda: seqjax.gru(H),
+    "gru_cho": lambda: seqjax.gru(H, reset_after=False),
+    "rnn_tanh": lambda: seqjax.rnn(H),
+    "rnn_relu": lambda: seqjax.rnn(H, activation="relu"),
 }
 
 
 def _setup(variant, seed=0):
-    cell = seqjax.lstm(H, **VARIANTS[variant])
-    keys = jax.random.split(jax.random.key(seed), 4)
+    cell = VARIANTS[variant]()
+    keys = jax.random.split(jax.random.key(seed), 5)
     params = cell.init(keys[0], I)
-    if params.peep is not None:  # peepholes start at zero: make them count
-        params = params._replace(peep=0.5 * jax.random.normal(keys[1], params.peep.shape))
+    # peepholes, biases and b_hn start at zero or one value: make every one count
+    params = jax.tree.map(lambda a, k: a + 0.3 * jax.random.normal(k, a.shape), params,
+                          jax.tree.unflatten(jax.tree.structure(params),
+                                             list(jax.random.split(keys[1], len(jax.tree.leaves(params))))))
     xs = jax.random.normal(keys[2], (B, T, I))
     carry = jax.tree.map(lambda a: 0.5 * jax.random.normal(keys[3], a.shape), cell.initial_carry(params, (B,)))
     return cell, params, xs, carry
 
 
-def _numpy_scan(params, xs, carry, reverse):
-    p = jax.tree.map(np.asarray, params)
-    state = (np.asarray(carry.h, np.float64), np.asarray(carry.c, np.float64), None)
+def _numpy_step(variant, p, state, x):
+    if variant.startswith("lstm"):
+        return lstm_step(p, state, x)
+    if variant.startswith("gru"):
+        h = gru_step(p, state, x, reset_after=variant == "gru")
+    else:
+        h = rnn_step(p, state, x, np.tanh if variant == "rnn_tanh" else lambda a: np.maximum(a, 0.0))
+    return h, h
+
+
+def _numpy_scan(variant, params, xs, carry, reverse):
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    if variant.startswith("lstm"):
+        state = (np.asarray(carry.h, np.float64), np.asarray(carry.c, np.float64), None)
+    else:
+        state = np.asarray(carry, np.float64)
     ys = [None] * T
     for t in (reversed(range(T)) if reverse else range(T)):
-        state, ys[t] = lstm_step(p, state, np.asarray(xs[:, t], np.float64))
+        state, ys[t] = _numpy_step(variant, p, state, np.asarray(xs[:, t], np.float64))
     return state, np.stack(ys, axis=1)
 
 
@@ -51,18 +70,23 @@ def test_forward_matches_numpy(variant, reverse):
     cell, params, xs, carry = _setup(variant)
     final, ys = jax.jit(lambda p, x, c: seqjax.scan(cell, p, x, carry=c, reverse=reverse, kernel="onednn"))(
         params, xs, carry)
-    (h, c, _), ys_ref = _numpy_scan(params, xs, carry, reverse)
+    final_ref, ys_ref = _numpy_scan(variant, params, xs, carry, reverse)
     np.testing.assert_allclose(ys, ys_ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(final.h, h, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(final.c, c, rtol=1e-5, atol=1e-6)
-    assert final.gates is None and ys.dtype == jnp.float32
+    if variant.startswith("lstm"):
+        np.testing.assert_allclose(final.h, final_ref[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(final.c, final_ref[1], rtol=1e-5, atol=1e-6)
+        assert final.gates is None
+    else:
+        np.testing.assert_allclose(final, final_ref, rtol=1e-5, atol=1e-6)
+    assert ys.dtype == jnp.float32
 
 
 def _loss(cell, kernel, reverse, backward="auto"):
     def loss(params, xs, carry):
         final, ys = seqjax.scan(cell, params, xs, carry=carry, reverse=reverse, kernel=kernel, backward=backward)
         weights = jnp.linspace(-1.0, 1.0, ys.size).reshape(ys.shape)  # every output gets its own cotangent
-        return jnp.sum(weights * ys) + jnp.sum(jnp.sin(final.h)) + jnp.sum(final.c ** 2)
+        h, c = (final.h, final.c) if isinstance(final, seqjax.LSTMCarry) else (final, final)
+        return jnp.sum(weights * ys) + jnp.sum(jnp.sin(h)) + jnp.sum(c ** 2)
     return loss
 
 
@@ -79,13 +103,13 @@ def test_gradients_match_autodiff(variant, reverse):
 
 
 def test_gradients_match_finite_differences():
-    cell, params, xs, carry = _setup("peep_proj", seed=2)
+    cell, params, xs, carry = _setup("lstm_peep_proj", seed=2)
     loss = _loss(cell, "onednn", reverse=False)
     jax.test_util.check_grads(loss, (params, xs, carry), order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
 
 
 def test_jit_vmap_and_stack_agree():
-    cell, params, xs, carry = _setup("peep")
+    cell, params, xs, carry = _setup("lstm_peep")
     run = lambda x, kernel: seqjax.scan(cell, params, x, kernel=kernel)[1]  # noqa: E731
     eager = run(xs, "onednn")
     np.testing.assert_allclose(jax.jit(run, static_argnums=1)(xs, "onednn"), eager, rtol=0, atol=0)
@@ -118,22 +142,24 @@ def _targets(fn, *args):
 
 def test_auto_picks_onednn_only_where_it_applies():
     from seqjax.onednn import AUTO_MIN_HIDDEN
-    small, params_small, xs, _ = _setup("plain")
-    assert H < AUTO_MIN_HIDDEN
+    small, params_small, xs, _ = _setup("lstm")
+    assert H < AUTO_MIN_HIDDEN["lstm"]
     assert "seqjax_onednn" not in _targets(lambda p, x: seqjax.scan(small, p, x)[1], params_small, xs)
-    cell = seqjax.lstm(AUTO_MIN_HIDDEN, peepholes=True)
+    cell = seqjax.lstm(AUTO_MIN_HIDDEN["lstm"], peepholes=True)
     params = cell.init(jax.random.key(0), I)
     auto = lambda p, x, **kw: seqjax.scan(cell, p, x, **kw)[1]  # noqa: E731
-    assert "seqjax_onednn_lstm_forward" in _targets(auto, params, xs)
-    assert "seqjax_onednn_lstm_forward" not in _targets(lambda p, x: auto(p, x, kernel="xla"), params, xs)
+    assert "seqjax_onednn_rnn_forward" in _targets(auto, params, xs)
+    assert "seqjax_onednn" not in _targets(lambda p, x: auto(p, x, kernel="xla"), params, xs)
     lengths = jnp.array([7, 3, 0])
     assert "seqjax_onednn" not in _targets(lambda p, x: auto(p, x, lengths=lengths), params, xs)
     assert "seqjax_onednn" not in _targets(lambda p, x: auto(p, x, backward="fused"), params, xs)
-    gru = seqjax.gru(H)
-    gp = gru.init(jax.random.key(0), I)
-    assert "seqjax_onednn" not in _targets(lambda p, x: seqjax.scan(gru, p, x)[1], gp, xs)
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     assert "seqjax_onednn" not in _targets(auto, p16, xs)
+    big = {"gru": seqjax.gru(256), "gru_cho": seqjax.gru(256, reset_after=False), "rnn_tanh": seqjax.rnn(256),
+           "rnn_relu": seqjax.rnn(256, activation="relu")}
+    for kind, other in big.items():
+        routed = "seqjax_onednn" in _targets(lambda p, x: seqjax.scan(other, p, x)[1], other.init(jax.random.key(0), I), xs)
+        assert routed == (kind in AUTO_MIN_HIDDEN and 256 >= AUTO_MIN_HIDDEN[kind]), kind
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -144,15 +170,16 @@ def test_auto_picks_onednn_only_where_it_applies():
     (dict(backward="fused"), "backward='fused'"),
 ])
 def test_onednn_refuses_what_it_cannot_run(kwargs, message):
-    cell, params, xs, _ = _setup("plain")
+    cell, params, xs, _ = _setup("lstm")
     with pytest.raises(ValueError, match=f"kernel='onednn' cannot run this call: .*{message}"):
         seqjax.scan(cell, params, xs, kernel="onednn", **kwargs)
 
 
 @pytest.mark.parametrize("make_cell, message", [
-    (lambda: seqjax.gru(H), "is not the standard LSTM"),
-    (lambda: seqjax.lstm_variant("CIFG", H), "is not the standard LSTM"),
-    (lambda: seqjax.lstm(H, output_activation="identity"), "is not the standard LSTM"),
+    (lambda: seqjax.lstm_variant("CIFG", H), "oneDNN has no primitive for lstm"),
+    (lambda: seqjax.lstm_variant("FGR", H), "oneDNN has no primitive for lstm"),
+    (lambda: seqjax.lstm(H, output_activation="identity"), "oneDNN has no primitive for lstm"),
+    (lambda: seqjax.rnn(H, activation=jnp.sin), "oneDNN has no primitive for rnn"),
     (lambda: seqjax.lstm(H, param_dtype=jnp.bfloat16), "float32 only"),
 ])
 def test_onednn_refuses_other_cells(make_cell, message):
@@ -163,7 +190,7 @@ def test_onednn_refuses_other_cells(make_cell, message):
 
 
 def test_unknown_kernel_is_rejected():
-    cell, params, xs, _ = _setup("plain")
+    cell, params, xs, _ = _setup("lstm")
     for run in (seqjax.scan, seqjax.unrolled):
         with pytest.raises(ValueError, match=r"kernel must be one of \['auto', 'xla', 'onednn'\], got 'cudnn'"):
             run(cell, params, xs, kernel="cudnn")

@@ -25,7 +25,7 @@ import jax
 
 __all__ = ["NativeUnavailable", "load_onednn", "onednn_installed", "onednn_location", "onednn_usable"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "onednn_lstm.cc"
+_SOURCE = Path(__file__).with_name("csrc") / "onednn_rnn.cc"
 _INSTALL_HINT = "install it with: pip install 'seqjax[onednn]'"
 
 
@@ -81,7 +81,7 @@ def _build() -> Path:
                  version_header.read_bytes() if version_header.is_file() else b""):
         key.update(part)
     cache = _cache_dir()
-    target = cache / f"onednn_lstm-{key.hexdigest()[:16]}.so"
+    target = cache / f"onednn_rnn-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -104,18 +104,18 @@ def _build() -> Path:
 def load_onednn() -> ctypes.CDLL:
     """The oneDNN kernel library, built if needed, with its FFI targets registered for the CPU.
 
-    Registers ``seqjax_onednn_lstm_forward`` and ``seqjax_onednn_lstm_backward``.
+    Registers ``seqjax_onednn_rnn_forward`` and ``seqjax_onednn_rnn_backward``.
 
     Raises:
       NativeUnavailable: oneDNN or the compiler is missing, or the build failed.
     """
     lib = ctypes.CDLL(str(_build()))
-    lib.seqjax_onednn_lstm_workspace_bytes.restype = ctypes.c_int64
-    lib.seqjax_onednn_lstm_workspace_bytes.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_int] * 3 + [
+    lib.seqjax_onednn_workspace_bytes.restype = ctypes.c_int64
+    lib.seqjax_onednn_workspace_bytes.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_int] * 3 + [
         ctypes.c_char_p, ctypes.c_int64]
     lib.seqjax_onednn_version.restype = ctypes.c_char_p
-    for name, symbol in [("seqjax_onednn_lstm_forward", lib.SeqjaxOnednnLstmForward),
-                         ("seqjax_onednn_lstm_backward", lib.SeqjaxOnednnLstmBackward)]:
+    for name, symbol in [("seqjax_onednn_rnn_forward", lib.SeqjaxOnednnRnnForward),
+                         ("seqjax_onednn_rnn_backward", lib.SeqjaxOnednnRnnBackward)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib
 

@@ -168,8 +168,8 @@ KERNELS = ("auto", "xla", "onednn")
 
 
 def _onednn_blocker(loop, cell, params, lengths, resets, remat, backward) -> str | None:
-    """Why oneDNN's LSTM cannot run this call (None if it can)."""
-    from seqjax.onednn import unsupported_reason
+    """Why oneDNN cannot run this call (None if it can)."""
+    from seqjax.onednn import kind_of
     if loop is not _lax_loop:
         return "seqjax.unrolled is the plain-JAX reference"
     if jax.default_backend() != "cpu":
@@ -180,11 +180,11 @@ def _onednn_blocker(loop, cell, params, lengths, resets, remat, backward) -> str
         return "remat=True (oneDNN keeps its own workspace for the backward pass)"
     if backward != "auto":
         return f"backward={backward!r} (oneDNN's kernel has its own backward pass; pass backward='auto')"
-    return unsupported_reason(cell, params)
+    return kind_of(cell, params)[1]
 
 
 def _use_onednn(call, kernel, loop, cell, params, lengths, resets, remat, backward) -> bool:
-    """Whether this run goes through `seqjax.onednn.lstm_scan`; raises where ``kernel="onednn"`` cannot."""
+    """Whether this run goes through `seqjax.onednn.onednn_scan`; raises where ``kernel="onednn"`` cannot."""
     if kernel not in KERNELS:
         raise ValueError(f"{call}: kernel must be one of {list(KERNELS)}, got {kernel!r}")
     if kernel == "xla" or (kernel == "auto" and not native.onednn_installed()):
@@ -197,8 +197,9 @@ def _use_onednn(call, kernel, loop, cell, params, lengths, resets, remat, backwa
     if kernel == "onednn":
         native.load_onednn()  # NativeUnavailable names what is missing
         return True
-    from seqjax.onednn import AUTO_MIN_HIDDEN
-    return cell.hidden_size >= AUTO_MIN_HIDDEN and native.onednn_usable()
+    from seqjax.onednn import AUTO_MIN_HIDDEN, kind_of
+    least = AUTO_MIN_HIDDEN.get(kind_of(cell, params)[0])
+    return least is not None and cell.hidden_size >= least and native.onednn_usable()
 
 
 def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_major, unroll, remat, hoist,
@@ -223,8 +224,8 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
         return tuple(carries), (ys if time_major else jnp.swapaxes(ys, 0, 1))
 
     if _use_onednn(call, kernel, loop, cell, params, lengths, resets, remat, backward):
-        from seqjax.onednn import lstm_scan
-        carry, ys = lstm_scan(params, plan.xs, plan.carry, reverse)
+        from seqjax.onednn import kind_of, onednn_scan
+        carry, ys = onednn_scan(kind_of(cell, params)[0], params, plan.xs, plan.carry, reverse)
         return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
     kind = _fused_kind(call, loop, cell, params, remat, backward)
     if kind is not None:
@@ -291,15 +292,16 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         has no forward mode: for `jax.jvp`, `jax.jacfwd` or `jax.hessian` through
         a fusable cell pass ``backward="autodiff"``.
       * ``kernel``: ``"xla"`` runs the loop above, compiled by XLA. ``"onednn"``
-        runs the whole recurrence, forward and backward, as oneDNN's fused LSTM
-        primitive on the CPU (`seqjax.onednn`, the kernel of PyTorch's CPU
-        ``nn.LSTM``; needs ``pip install 'seqjax[onednn]'``): the standard LSTM
-        (also with peepholes and/or ``proj_size``), float32, no ``lengths``,
-        ``resets`` or ``remat``, reverse-mode gradients only (ValueError
+        runs the whole recurrence, forward and backward, as one of oneDNN's
+        fused RNN primitives on the CPU (`seqjax.onednn`; the kernel of
+        PyTorch's CPU ``nn.LSTM``; needs ``pip install 'seqjax[onednn]'``): the
+        standard LSTM (also with peepholes and/or ``proj_size``), both GRUs and
+        the tanh/relu RNN, float32, no ``lengths``, ``resets`` or ``remat``,
+        ``backward="auto"``, reverse-mode gradients only (ValueError
         otherwise). ``"auto"`` (default) takes oneDNN where it applies, is
-        installed and won the benchmarks (``hidden_size >= 128``,
-        `seqjax.onednn.AUTO_MIN_HIDDEN`; first use compiles it, ~10 s, cached),
-        XLA elsewhere. ``unroll`` and ``hoist`` do not apply to oneDNN.
+        installed and won the benchmarks (`seqjax.onednn.AUTO_MIN_HIDDEN`; first
+        use compiles it, ~10 s, cached), XLA elsewhere. ``unroll`` and
+        ``hoist`` do not apply to oneDNN.
       * A stacked cell (`seqjax.stack`) runs layer by layer.
 
     Truncated BPTT: feed ``jax.lax.stop_gradient(final_carry)`` back as ``carry``.

@@ -1,9 +1,11 @@
-// oneDNN's fused LSTM primitive (forward and backward) as XLA FFI handlers for seqjax.onednn.
+// oneDNN's fused RNN primitives (forward and backward) as XLA FFI handlers for seqjax.onednn:
+// the LSTM (optionally with peepholes and projection), the GRU in both forms and the Elman RNN.
 //
-// The layouts are seqjax's (and oneDNN's user formats): x [T, N, I] time-major, h [N, P], c [N, H],
-// w_x [I, 4H] and w_h [P, 4H] with gate blocks (i, f, g, o) (oneDNN's ldigo), b [4H] (ldgo),
-// peep [3, H] (rows i, f, o; ldgo), w_proj [H, P] (ldio). P = H without projection. An absent
-// peep or w_proj is passed as a zero-size buffer. All float32.
+// Layouts are oneDNN's user formats, which seqjax.onednn packs the params into: x [T, N, I]
+// time-major, h [N, P], c [N, H] (LSTM only), w_x [I, G*H] and w_h [P, G*H] with G gate blocks in
+// oneDNN's order (ldigo), b [B*H] (ldgo, B bias blocks), peep [3, H] (rows i, f, o; ldgo),
+// w_proj [H, P] (ldio). P = H without projection. Absent operands (c for the GRU and RNN, peep,
+// w_proj) are zero-size buffers. The attribute ``cell`` picks the primitive (`Cell`). All float32.
 //
 // Primitive descriptors and primitives are built once per shape and cached; the packed weights
 // (oneDNN picks their layout, `format_tag::any`) are reordered from the user layout on every call.
@@ -22,6 +24,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <sys/mman.h>
+
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -31,11 +35,18 @@ using tag = memory::format_tag;
 
 namespace {
 
+// Must match seqjax.onednn's _CELLS.
+enum Cell : int64_t { kLstm = 0, kGru = 1, kGruCho = 2, kRnnTanh = 3, kRnnRelu = 4 };
+
+int64_t gate_blocks(int64_t cell) { return cell == kLstm ? 4 : (cell == kGru || cell == kGruCho) ? 3 : 1; }
+int64_t bias_blocks(int64_t cell) { return cell == kGru ? 4 : gate_blocks(cell); }  // lbr GRU: + b_hn
+
 struct Shape {
-  int64_t T, N, I, H, P;
+  int64_t cell, T, N, I, H, P;
   bool peep, proj, reverse;
-  auto key() const { return std::make_tuple(T, N, I, H, P, peep, proj, reverse); }
+  auto key() const { return std::make_tuple(cell, T, N, I, H, P, peep, proj, reverse); }
   bool operator<(const Shape& o) const { return key() < o.key(); }
+  bool lstm() const { return cell == kLstm; }
 };
 
 dnnl::engine& cpu_engine() {
@@ -46,22 +57,24 @@ dnnl::engine& cpu_engine() {
 memory::desc f32(memory::dims dims, tag t) { return memory::desc(dims, memory::data_type::f32, t); }
 
 // The user-layout descriptors of one shape; ``any`` replaces the weights' layouts for oneDNN to choose.
+// Descriptors of absent operands are empty (zero) descriptors.
 struct Descs {
   memory::desc src_layer, src_iter, src_iter_c, w_layer, w_iter, w_peep, w_proj, bias, dst_layer, dst_iter,
       dst_iter_c;
   Descs(const Shape& s, bool any) {
     tag wt = any ? tag::any : tag::ldigo;
+    int64_t G = gate_blocks(s.cell);
     src_layer = f32({s.T, s.N, s.I}, tag::tnc);
     src_iter = f32({1, 1, s.N, s.P}, tag::ldnc);
-    src_iter_c = f32({1, 1, s.N, s.H}, tag::ldnc);
-    w_layer = f32({1, 1, s.I, 4, s.H}, wt);
-    w_iter = f32({1, 1, s.P, 4, s.H}, wt);
+    src_iter_c = s.lstm() ? f32({1, 1, s.N, s.H}, tag::ldnc) : memory::desc();
+    w_layer = f32({1, 1, s.I, G, s.H}, wt);
+    w_iter = f32({1, 1, s.P, G, s.H}, wt);
     w_peep = s.peep ? f32({1, 1, 3, s.H}, tag::ldgo) : memory::desc();
     w_proj = s.proj ? f32({1, 1, s.H, s.P}, any ? tag::any : tag::ldio) : memory::desc();
-    bias = f32({1, 1, 4, s.H}, tag::ldgo);
+    bias = f32({1, 1, bias_blocks(s.cell), s.H}, tag::ldgo);
     dst_layer = f32({s.T, s.N, s.P}, tag::tnc);
     dst_iter = f32({1, 1, s.N, s.P}, tag::ldnc);
-    dst_iter_c = f32({1, 1, s.N, s.H}, tag::ldnc);
+    dst_iter_c = src_iter_c;
   }
 };
 
@@ -91,50 +104,87 @@ memory scratchpad(const memory::desc& md) {
   return memory(md, cpu_engine(), buffer.get());
 }
 
-dnnl::lstm_forward::primitive_desc forward_pd(const Shape& s, dnnl::prop_kind kind) {
-  Descs d(s, true);
-  return dnnl::lstm_forward::primitive_desc(cpu_engine(), kind, direction(s), d.src_layer, d.src_iter,
-                                            d.src_iter_c, d.w_layer, d.w_iter, d.w_peep, d.w_proj, d.bias,
-                                            d.dst_layer, d.dst_iter, d.dst_iter_c, user_scratchpad());
+dnnl::algorithm activation(const Shape& s) {
+  return s.cell == kRnnRelu ? dnnl::algorithm::eltwise_relu : dnnl::algorithm::eltwise_tanh;
 }
 
-struct Forward {
-  dnnl::lstm_forward::primitive_desc pd;
-  dnnl::lstm_forward prim;
+struct Primitive {
+  dnnl::rnn_primitive_desc_base pd;
+  dnnl::primitive prim;
 };
 
-struct Backward {
-  dnnl::lstm_backward::primitive_desc pd;
-  dnnl::lstm_backward prim;
-};
+template <typename Fwd>
+Primitive make_forward(const typename Fwd::primitive_desc& pd) { return {pd, Fwd(pd)}; }
+
+Primitive build_forward(const Shape& s, dnnl::prop_kind kind) {
+  Descs d(s, true);
+  auto& e = cpu_engine();
+  auto dir = direction(s);
+  auto attr = user_scratchpad();
+  switch (s.cell) {
+    case kLstm:
+      return make_forward<dnnl::lstm_forward>({e, kind, dir, d.src_layer, d.src_iter, d.src_iter_c, d.w_layer,
+                                               d.w_iter, d.w_peep, d.w_proj, d.bias, d.dst_layer, d.dst_iter,
+                                               d.dst_iter_c, attr});
+    case kGru:
+      return make_forward<dnnl::lbr_gru_forward>(
+          {e, kind, dir, d.src_layer, d.src_iter, d.w_layer, d.w_iter, d.bias, d.dst_layer, d.dst_iter, attr});
+    case kGruCho:
+      return make_forward<dnnl::gru_forward>(
+          {e, kind, dir, d.src_layer, d.src_iter, d.w_layer, d.w_iter, d.bias, d.dst_layer, d.dst_iter, attr});
+    default:
+      return make_forward<dnnl::vanilla_rnn_forward>({e, kind, activation(s), dir, d.src_layer, d.src_iter,
+                                                      d.w_layer, d.w_iter, d.bias, d.dst_layer, d.dst_iter, attr});
+  }
+}
+
+template <typename Fwd, typename Bwd, typename... Extra>
+Primitive make_backward(const Shape& s, const Descs& d, Extra... head) {
+  typename Fwd::primitive_desc hint(cpu_engine(), dnnl::prop_kind::forward_training, head..., direction(s),
+                                    d.src_layer, d.src_iter, d.w_layer, d.w_iter, d.bias, d.dst_layer, d.dst_iter,
+                                    user_scratchpad());
+  typename Bwd::primitive_desc pd(cpu_engine(), dnnl::prop_kind::backward, head..., direction(s), d.src_layer,
+                                  d.src_iter, d.w_layer, d.w_iter, d.bias, d.dst_layer, d.dst_iter, d.src_layer,
+                                  d.src_iter, d.w_layer, d.w_iter, d.bias, d.dst_layer, d.dst_iter, hint,
+                                  user_scratchpad());
+  return {pd, Bwd(pd)};
+}
+
+Primitive build_backward(const Shape& s) {
+  Descs d(s, true);
+  switch (s.cell) {
+    case kLstm: {
+      dnnl::lstm_forward::primitive_desc hint(cpu_engine(), dnnl::prop_kind::forward_training, direction(s),
+                                              d.src_layer, d.src_iter, d.src_iter_c, d.w_layer, d.w_iter, d.w_peep,
+                                              d.w_proj, d.bias, d.dst_layer, d.dst_iter, d.dst_iter_c,
+                                              user_scratchpad());
+      dnnl::lstm_backward::primitive_desc pd(
+          cpu_engine(), dnnl::prop_kind::backward, direction(s), d.src_layer, d.src_iter, d.src_iter_c, d.w_layer,
+          d.w_iter, d.w_peep, d.w_proj, d.bias, d.dst_layer, d.dst_iter, d.dst_iter_c, d.src_layer, d.src_iter,
+          d.src_iter_c, d.w_layer, d.w_iter, d.w_peep, d.w_proj, d.bias, d.dst_layer, d.dst_iter, d.dst_iter_c,
+          hint, user_scratchpad());
+      return {pd, dnnl::lstm_backward(pd)};
+    }
+    case kGru:
+      return make_backward<dnnl::lbr_gru_forward, dnnl::lbr_gru_backward>(s, d);
+    case kGruCho:
+      return make_backward<dnnl::gru_forward, dnnl::gru_backward>(s, d);
+    default:
+      return make_backward<dnnl::vanilla_rnn_forward, dnnl::vanilla_rnn_backward>(s, d, activation(s));
+  }
+}
 
 std::mutex cache_mutex;
 
-// training: forward_training (writes the workspace the backward reads); else forward_inference.
-const Forward& forward(const Shape& s, bool training) {
-  static std::map<std::pair<Shape, bool>, std::unique_ptr<Forward>> cache;
+// 0: forward_inference, 1: forward_training (writes the workspace the backward reads), 2: backward.
+const Primitive& primitive(const Shape& s, int stage) {
+  static std::map<std::pair<Shape, int>, std::unique_ptr<Primitive>> cache;
   std::lock_guard<std::mutex> lock(cache_mutex);
-  auto& slot = cache[{s, training}];
+  auto& slot = cache[{s, stage}];
   if (!slot) {
-    auto pd = forward_pd(s, training ? dnnl::prop_kind::forward_training : dnnl::prop_kind::forward_inference);
-    slot.reset(new Forward{pd, dnnl::lstm_forward(pd)});
-  }
-  return *slot;
-}
-
-const Backward& backward(const Shape& s) {
-  static std::map<Shape, std::unique_ptr<Backward>> cache;
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  auto& slot = cache[s];
-  if (!slot) {
-    Descs d(s, true);
-    auto hint = forward_pd(s, dnnl::prop_kind::forward_training);
-    auto pd = dnnl::lstm_backward::primitive_desc(
-        cpu_engine(), dnnl::prop_kind::backward, direction(s), d.src_layer, d.src_iter, d.src_iter_c, d.w_layer,
-        d.w_iter, d.w_peep, d.w_proj, d.bias, d.dst_layer, d.dst_iter, d.dst_iter_c, d.src_layer, d.src_iter,
-        d.src_iter_c, d.w_layer, d.w_iter, d.w_peep, d.w_proj, d.bias, d.dst_layer, d.dst_iter, d.dst_iter_c,
-        hint, user_scratchpad());
-    slot.reset(new Backward{pd, dnnl::lstm_backward(pd)});
+    slot.reset(new Primitive(stage == 2 ? build_backward(s)
+                                        : build_forward(s, stage == 1 ? dnnl::prop_kind::forward_training
+                                                                      : dnnl::prop_kind::forward_inference)));
   }
   return *slot;
 }
@@ -155,10 +205,22 @@ struct Operand {
 
 memory wrap(const memory::desc& md, void* data) { return memory(md, cpu_engine(), data); }
 
-Shape shape_of(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& c0, ffi::Buffer<ffi::F32>& w_h,
-               ffi::Buffer<ffi::F32>& peep, ffi::Buffer<ffi::F32>& w_proj, bool reverse) {
-  auto xd = x.dimensions(), cd = c0.dimensions(), wd = w_h.dimensions();
-  return Shape{xd[0], xd[1], xd[2], cd[1], wd[0], peep.element_count() > 0, w_proj.element_count() > 0, reverse};
+// Asks for transparent huge pages on the 2 MiB-aligned interior of a buffer XLA has just
+// allocated (the workspace: ~130 MB at B=64, T=100, H=256), before oneDNN first touches it:
+// one page fault per 2 MiB instead of per 4 KiB. Advisory; a no-op where THP is off.
+void prefer_huge_pages(void* data, size_t size) {
+  const uintptr_t huge = uintptr_t(2) << 20;
+  uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + huge - 1) & ~(huge - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(data) + size) & ~(huge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
+
+Shape shape_of(int64_t cell, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w_h, ffi::Buffer<ffi::F32>& peep,
+               ffi::Buffer<ffi::F32>& w_proj, bool reverse) {
+  auto xd = x.dimensions(), wd = w_h.dimensions();
+  bool proj = w_proj.element_count() > 0;
+  int64_t H = wd[1] / gate_blocks(cell);
+  return Shape{cell, xd[0], xd[1], xd[2], H, wd[0], peep.element_count() > 0, proj, reverse};
 }
 
 // Runs every oneDNN call on one thread of its own. GNU OpenMP keeps a thread team per thread that
@@ -214,15 +276,14 @@ ffi::Error guarded(F&& body) {
   }
 }
 
-ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                           ffi::Buffer<ffi::F32> w_x, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b,
-                           ffi::Buffer<ffi::F32> peep, ffi::Buffer<ffi::F32> w_proj,
-                           ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> hT,
-                           ffi::ResultBuffer<ffi::F32> cT, ffi::ResultBuffer<ffi::U8> workspace, bool training,
-                           bool reverse) {
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error ForwardImpl(F32 x, F32 h0, F32 c0, F32 w_x, F32 w_h, F32 b, F32 peep, F32 w_proj, F32Out y, F32Out hT,
+                       F32Out cT, ffi::ResultBuffer<ffi::U8> workspace, int64_t cell, bool training, bool reverse) {
   return guarded([&] {
-    Shape s = shape_of(x, c0, w_h, peep, w_proj, reverse);
-    const Forward& f = forward(s, training);
+    Shape s = shape_of(cell, x, w_h, peep, w_proj, reverse);
+    const Primitive& f = primitive(s, training ? 1 : 0);
     Descs d(s, false);
     dnnl::stream st(cpu_engine());
     Operand wl(d.w_layer, f.pd.weights_layer_desc(), w_x.untyped_data());
@@ -232,15 +293,17 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, ff
     std::unordered_map<int, memory> args = {
         {DNNL_ARG_SRC_LAYER, wrap(d.src_layer, x.untyped_data())},
         {DNNL_ARG_SRC_ITER, wrap(d.src_iter, h0.untyped_data())},
-        {DNNL_ARG_SRC_ITER_C, wrap(d.src_iter_c, c0.untyped_data())},
         {DNNL_ARG_WEIGHTS_LAYER, wl.prim},
         {DNNL_ARG_WEIGHTS_ITER, wi.prim},
         {DNNL_ARG_BIAS, wrap(d.bias, b.untyped_data())},
         {DNNL_ARG_DST_LAYER, wrap(d.dst_layer, y->untyped_data())},
         {DNNL_ARG_DST_ITER, wrap(d.dst_iter, hT->untyped_data())},
-        {DNNL_ARG_DST_ITER_C, wrap(d.dst_iter_c, cT->untyped_data())},
         {DNNL_ARG_SCRATCHPAD, scratchpad(f.pd.scratchpad_desc())},
     };
+    if (s.lstm()) {
+      args[DNNL_ARG_SRC_ITER_C] = wrap(d.src_iter_c, c0.untyped_data());
+      args[DNNL_ARG_DST_ITER_C] = wrap(d.dst_iter_c, cT->untyped_data());
+    }
     if (s.peep) args[DNNL_ARG_WEIGHTS_PEEPHOLE] = wrap(d.w_peep, peep.untyped_data());
     std::unique_ptr<Operand> wp;
     if (s.proj) {
@@ -251,6 +314,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, ff
     if (training) {
       if (workspace->size_bytes() < f.pd.workspace_desc().get_size())
         throw std::runtime_error("workspace buffer smaller than oneDNN's workspace");
+      prefer_huge_pages(workspace->untyped_data(), workspace->size_bytes());
       args[DNNL_ARG_WORKSPACE] = memory(f.pd.workspace_desc(), cpu_engine(), workspace->untyped_data());
     }
     f.prim.execute(st, args);
@@ -258,18 +322,13 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, ff
   });
 }
 
-ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                            ffi::Buffer<ffi::F32> w_x, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b,
-                            ffi::Buffer<ffi::F32> peep, ffi::Buffer<ffi::F32> w_proj, ffi::Buffer<ffi::F32> y,
-                            ffi::Buffer<ffi::F32> hT, ffi::Buffer<ffi::F32> cT, ffi::Buffer<ffi::U8> workspace,
-                            ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> dhT, ffi::Buffer<ffi::F32> dcT,
-                            ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dh0,
-                            ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dw_x,
-                            ffi::ResultBuffer<ffi::F32> dw_h, ffi::ResultBuffer<ffi::F32> db,
-                            ffi::ResultBuffer<ffi::F32> dpeep, ffi::ResultBuffer<ffi::F32> dw_proj, bool reverse) {
+ffi::Error BackwardImpl(F32 x, F32 h0, F32 c0, F32 w_x, F32 w_h, F32 b, F32 peep, F32 w_proj, F32 y, F32 hT, F32 cT,
+                        ffi::Buffer<ffi::U8> workspace, F32 dy, F32 dhT, F32 dcT, F32Out dx, F32Out dh0, F32Out dc0,
+                        F32Out dw_x, F32Out dw_h, F32Out db, F32Out dpeep, F32Out dw_proj, int64_t cell,
+                        bool reverse) {
   return guarded([&] {
-    Shape s = shape_of(x, c0, w_h, peep, w_proj, reverse);
-    const Backward& bw = backward(s);
+    Shape s = shape_of(cell, x, w_h, peep, w_proj, reverse);
+    const Primitive& bw = primitive(s, 2);
     Descs d(s, false);
     dnnl::stream st(cpu_engine());
     Operand wl(d.w_layer, bw.pd.weights_layer_desc(), w_x.untyped_data());
@@ -285,25 +344,27 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, f
     std::unordered_map<int, memory> args = {
         {DNNL_ARG_SRC_LAYER, wrap(d.src_layer, x.untyped_data())},
         {DNNL_ARG_SRC_ITER, wrap(d.src_iter, h0.untyped_data())},
-        {DNNL_ARG_SRC_ITER_C, wrap(d.src_iter_c, c0.untyped_data())},
         {DNNL_ARG_WEIGHTS_LAYER, wl.prim},
         {DNNL_ARG_WEIGHTS_ITER, wi.prim},
         {DNNL_ARG_BIAS, wrap(d.bias, b.untyped_data())},
         {DNNL_ARG_DST_LAYER, wrap(d.dst_layer, y.untyped_data())},
         {DNNL_ARG_DST_ITER, wrap(d.dst_iter, hT.untyped_data())},
-        {DNNL_ARG_DST_ITER_C, wrap(d.dst_iter_c, cT.untyped_data())},
         {DNNL_ARG_WORKSPACE, memory(bw.pd.workspace_desc(), cpu_engine(), workspace.untyped_data())},
         {DNNL_ARG_DIFF_DST_LAYER, wrap(d.dst_layer, dy.untyped_data())},
         {DNNL_ARG_DIFF_DST_ITER, wrap(d.dst_iter, dhT.untyped_data())},
-        {DNNL_ARG_DIFF_DST_ITER_C, wrap(d.dst_iter_c, dcT.untyped_data())},
         {DNNL_ARG_DIFF_SRC_LAYER, wrap(d.src_layer, dx->untyped_data())},
         {DNNL_ARG_DIFF_SRC_ITER, wrap(d.src_iter, dh0->untyped_data())},
-        {DNNL_ARG_DIFF_SRC_ITER_C, wrap(d.src_iter_c, dc0->untyped_data())},
         {DNNL_ARG_DIFF_WEIGHTS_LAYER, dwl.prim},
         {DNNL_ARG_DIFF_WEIGHTS_ITER, dwi.prim},
         {DNNL_ARG_DIFF_BIAS, wrap(d.bias, db->untyped_data())},
         {DNNL_ARG_SCRATCHPAD, scratchpad(bw.pd.scratchpad_desc())},
     };
+    if (s.lstm()) {
+      args[DNNL_ARG_SRC_ITER_C] = wrap(d.src_iter_c, c0.untyped_data());
+      args[DNNL_ARG_DST_ITER_C] = wrap(d.dst_iter_c, cT.untyped_data());
+      args[DNNL_ARG_DIFF_DST_ITER_C] = wrap(d.dst_iter_c, dcT.untyped_data());
+      args[DNNL_ARG_DIFF_SRC_ITER_C] = wrap(d.src_iter_c, dc0->untyped_data());
+    }
     if (s.peep) {
       std::memset(dpeep->untyped_data(), 0, dpeep->size_bytes());
       args[DNNL_ARG_WEIGHTS_PEEPHOLE] = wrap(d.w_peep, peep.untyped_data());
@@ -328,7 +389,7 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOnednnLstmForward, LstmForwardImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOnednnRnnForward, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0
@@ -342,10 +403,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOnednnLstmForward, LstmForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // hT
                                   .Ret<ffi::Buffer<ffi::F32>>()  // cT
                                   .Ret<ffi::Buffer<ffi::U8>>()   // workspace
+                                  .Attr<int64_t>("cell")
                                   .Attr<bool>("training")
                                   .Attr<bool>("reverse"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOnednnLstmBackward, LstmBackwardImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOnednnRnnBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0
@@ -370,18 +432,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOnednnLstmBackward, LstmBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dpeep
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw_proj
+                                  .Attr<int64_t>("cell")
                                   .Attr<bool>("reverse"));
 
-// The workspace bytes the forward_training primitive of this shape writes, or -1 if oneDNN rejects
-// the shape (the message, if any, is copied to ``error``). Called through ctypes at trace time.
-extern "C" int64_t seqjax_onednn_lstm_workspace_bytes(int64_t T, int64_t N, int64_t I, int64_t H, int64_t P,
-                                                      int peep, int proj, int reverse, char* error,
-                                                      int64_t error_len) {
+// The workspace bytes the forward_training primitive of this cell and shape writes (building all
+// three primitives), or -1 if oneDNN rejects them (the message, if any, is copied to ``error``).
+// Called through ctypes at trace time.
+extern "C" int64_t seqjax_onednn_workspace_bytes(int64_t cell, int64_t T, int64_t N, int64_t I, int64_t H, int64_t P,
+                                                 int peep, int proj, int reverse, char* error, int64_t error_len) {
   try {
-    Shape s{T, N, I, H, P, peep != 0, proj != 0, reverse != 0};
-    forward(s, false);
-    backward(s);
-    return static_cast<int64_t>(forward(s, true).pd.workspace_desc().get_size());
+    if (cell < kLstm || cell > kRnnRelu) throw std::invalid_argument("unknown cell " + std::to_string(cell));
+    Shape s{cell, T, N, I, H, P, peep != 0, proj != 0, reverse != 0};
+    primitive(s, 0);
+    primitive(s, 2);
+    return static_cast<int64_t>(primitive(s, 1).pd.workspace_desc().get_size());
   } catch (const std::exception& e) {
     if (error && error_len > 0) {
       std::strncpy(error, e.what(), error_len - 1);
