@@ -51,8 +51,6 @@ def _fwd_train(run):
 def seqjax_builder(**scan_kwargs):
     def build(cell_name, B, T, I, H, key):
         if scan_kwargs.get("kernel") == "onednn":
-            if cell_name != "lstm":
-                raise LookupError("oneDNN's kernel is the LSTM's")
             seqjax.native.load_onednn()  # NativeUnavailable (a RuntimeError): skipped with a note
         cell = {"lstm": lambda: seqjax.lstm(H, forget_bias=0.0), "gru": lambda: seqjax.gru(H),
                 "rnn": lambda: seqjax.rnn(H)}[cell_name]()

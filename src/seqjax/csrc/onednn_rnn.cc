@@ -24,8 +24,6 @@
 #include <unordered_map>
 #include <vector>
 
-#include <sys/mman.h>
-
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -205,16 +203,6 @@ struct Operand {
 
 memory wrap(const memory::desc& md, void* data) { return memory(md, cpu_engine(), data); }
 
-// Asks for transparent huge pages on the 2 MiB-aligned interior of a buffer XLA has just
-// allocated (the workspace: ~130 MB at B=64, T=100, H=256), before oneDNN first touches it:
-// one page fault per 2 MiB instead of per 4 KiB. Advisory; a no-op where THP is off.
-void prefer_huge_pages(void* data, size_t size) {
-  const uintptr_t huge = uintptr_t(2) << 20;
-  uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + huge - 1) & ~(huge - 1);
-  uintptr_t end = (reinterpret_cast<uintptr_t>(data) + size) & ~(huge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-}
-
 Shape shape_of(int64_t cell, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w_h, ffi::Buffer<ffi::F32>& peep,
                ffi::Buffer<ffi::F32>& w_proj, bool reverse) {
   auto xd = x.dimensions(), wd = w_h.dimensions();
@@ -314,7 +302,6 @@ ffi::Error ForwardImpl(F32 x, F32 h0, F32 c0, F32 w_x, F32 w_h, F32 b, F32 peep,
     if (training) {
       if (workspace->size_bytes() < f.pd.workspace_desc().get_size())
         throw std::runtime_error("workspace buffer smaller than oneDNN's workspace");
-      prefer_huge_pages(workspace->untyped_data(), workspace->size_bytes());
       args[DNNL_ARG_WORKSPACE] = memory(f.pd.workspace_desc(), cpu_engine(), workspace->untyped_data());
     }
     f.prim.execute(st, args);
