@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import shutil
+import site
 import subprocess
 import sys
 import warnings
@@ -36,14 +37,15 @@ class NativeUnavailable(RuntimeError):
 def onednn_location() -> tuple[Path, Path]:
     """``(include_dir, lib_dir)`` of the oneDNN installation the kernels build against.
 
-    Looks in ``$SEQJAX_ONEDNN_ROOT`` if set, else in this Python environment's
-    prefix (where the ``onednn-cpu-gomp`` wheels put ``include/`` and ``lib/``).
+    Looks in ``$SEQJAX_ONEDNN_ROOT`` if set, else where pip puts the
+    ``onednn-cpu-gomp`` wheels' ``include/`` and ``lib/``: this environment's
+    prefix, the user base (``pip install --user``), the base interpreter's prefix.
 
     Raises:
       NativeUnavailable: no ``oneapi/dnnl/dnnl.hpp`` and ``libdnnl.so`` there.
     """
     root = os.environ.get("SEQJAX_ONEDNN_ROOT")
-    roots = [Path(root)] if root else [Path(sys.prefix), Path(sys.base_prefix)]
+    roots = [Path(root)] if root else [Path(sys.prefix), Path(site.getuserbase()), Path(sys.base_prefix)]
     for r in roots:
         inc, lib = r / "include", r / "lib"
         if (inc / "oneapi" / "dnnl" / "dnnl.hpp").is_file() and any(lib.glob("libdnnl.so*")):
