@@ -211,3 +211,31 @@ def test_kernels_are_cached(monkeypatch):
         raise AssertionError("a cached build must not compile again")
     monkeypatch.setattr(native.subprocess, "run", no_compiler)
     assert native._build() == path
+
+
+def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "_SOURCE", broken)
+    monkeypatch.setenv("SEQJAX_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(native.NativeUnavailable, match=r"(?s)compiling broken.cc failed .*error: expected unqualified-id"):
+        native._build()
+    assert not list((tmp_path / "cache").glob("*.so")) and not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_auto_falls_back_to_xla_with_a_warning_when_the_kernels_do_not_load(monkeypatch):
+    def unusable():
+        raise native.NativeUnavailable("no kernels in this test")
+    monkeypatch.setattr(native, "load_onednn", unusable)
+    native.onednn_usable.cache_clear()
+    try:
+        cell = seqjax.lstm(128)
+        params = cell.init(jax.random.key(0), I)
+        xs = jnp.ones((B, T, I))
+        with pytest.warns(RuntimeWarning, match="unusable, using XLA's loop instead: no kernels in this test"):
+            jaxpr = _targets(lambda p, x: seqjax.scan(cell, p, x)[1], params, xs)
+        assert "seqjax_onednn" not in jaxpr
+        with pytest.raises(native.NativeUnavailable, match="no kernels in this test"):
+            seqjax.scan(cell, params, xs, kernel="onednn")
+    finally:
+        native.onednn_usable.cache_clear()

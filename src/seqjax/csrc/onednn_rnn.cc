@@ -22,6 +22,7 @@
 #include <thread>
 #include <tuple>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -81,8 +82,9 @@ dnnl::rnn_direction direction(const Shape& s) {
                    : dnnl::rnn_direction::unidirectional_left2right;
 }
 
-// The primitives take their scratchpad from the caller (`scratchpad`), not from oneDNN's global one,
-// which is per creating thread: XLA runs the kernels on its own worker threads.
+// The primitives take their scratchpad from the caller (`scratchpad`). With oneDNN's own
+// (library-mode) scratchpad the forward-training LSTM crashed in copy_bias_to_ws when it ran on an
+// XLA worker thread rather than the thread that created it.
 dnnl::primitive_attr user_scratchpad() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -374,51 +376,42 @@ ffi::Error BackwardImpl(F32 x, F32 h0, F32 c0, F32 w_x, F32 w_h, F32 b, F32 peep
   });
 }
 
+// The eight operands both handlers take first: x, h0, c0, w_x, w_h, b, peep, w_proj.
+template <typename Binding>
+auto with_operands(Binding binding) {
+  return std::move(binding).template Arg<F32>().template Arg<F32>().template Arg<F32>().template Arg<F32>()
+      .template Arg<F32>().template Arg<F32>().template Arg<F32>().template Arg<F32>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOnednnRnnForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_h
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // peep
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_proj
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // hT
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // cT
-                                  .Ret<ffi::Buffer<ffi::U8>>()   // workspace
+                              with_operands(ffi::Ffi::Bind())
+                                  .Ret<F32>()                   // y
+                                  .Ret<F32>()                   // hT
+                                  .Ret<F32>()                   // cT
+                                  .Ret<ffi::Buffer<ffi::U8>>()  // workspace
                                   .Attr<int64_t>("cell")
                                   .Attr<bool>("training")
                                   .Attr<bool>("reverse"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxOnednnRnnBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_h
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // peep
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_proj
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // y
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // hT
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // cT
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // workspace
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dhT
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dcT
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh0
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dc0
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_x
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_h
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // db
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dpeep
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_proj
+                              with_operands(ffi::Ffi::Bind())
+                                  .Arg<F32>()                   // y
+                                  .Arg<F32>()                   // hT
+                                  .Arg<F32>()                   // cT
+                                  .Arg<ffi::Buffer<ffi::U8>>()  // workspace
+                                  .Arg<F32>()                   // dy
+                                  .Arg<F32>()                   // dhT
+                                  .Arg<F32>()                   // dcT
+                                  .Ret<F32>()                   // dx
+                                  .Ret<F32>()                   // dh0
+                                  .Ret<F32>()                   // dc0
+                                  .Ret<F32>()                   // dw_x
+                                  .Ret<F32>()                   // dw_h
+                                  .Ret<F32>()                   // db
+                                  .Ret<F32>()                   // dpeep
+                                  .Ret<F32>()                   // dw_proj
                                   .Attr<int64_t>("cell")
                                   .Attr<bool>("reverse"));
 
