@@ -153,6 +153,7 @@ def test_auto_picks_onednn_only_where_it_applies():
     lengths = jnp.array([7, 3, 0])
     assert "seqjax_onednn" not in _targets(lambda p, x: auto(p, x, lengths=lengths), params, xs)
     assert "seqjax_onednn" not in _targets(lambda p, x: auto(p, x, backward="fused"), params, xs)
+    assert "seqjax_onednn" not in _targets(auto, params, jnp.ones((B, 0, I)))
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     assert "seqjax_onednn" not in _targets(auto, p16, xs)
     big = {"gru": seqjax.gru(256), "gru_cho": seqjax.gru(256, reset_after=False), "rnn_tanh": seqjax.rnn(256),
@@ -168,11 +169,13 @@ def test_auto_picks_onednn_only_where_it_applies():
     (dict(remat=True), "remat=True"),
     (dict(backward="autodiff"), "backward='autodiff'"),
     (dict(backward="fused"), "backward='fused'"),
+    (dict(xs=np.ones((B, 0, I), np.float32)), r"an empty sequence or batch \(T, B\) = \(0, 3\)"),
 ])
 def test_onednn_refuses_what_it_cannot_run(kwargs, message):
     cell, params, xs, _ = _setup("lstm")
+    kwargs = {"xs": xs, **kwargs}
     with pytest.raises(ValueError, match=f"kernel='onednn' cannot run this call: .*{message}"):
-        seqjax.scan(cell, params, xs, kernel="onednn", **kwargs)
+        seqjax.scan(cell, params, kernel="onednn", **kwargs)
 
 
 @pytest.mark.parametrize("make_cell, message", [
@@ -239,3 +242,13 @@ def test_auto_falls_back_to_xla_with_a_warning_when_the_kernels_do_not_load(monk
             seqjax.scan(cell, params, xs, kernel="onednn")
     finally:
         native.onednn_usable.cache_clear()
+
+
+def test_build_native_prints_the_library(capsys, monkeypatch, tmp_path):
+    from seqjax import build_native
+    assert build_native.main() == 0
+    assert ".so  (oneDNN 3." in capsys.readouterr().out
+    monkeypatch.setenv("SEQJAX_ONEDNN_ROOT", str(tmp_path))
+    monkeypatch.setattr(build_native, "load_onednn", lambda: native.onednn_location())
+    assert build_native.main() == 1
+    assert "oneDNN not found" in capsys.readouterr().err

@@ -6,7 +6,7 @@ compiled with the system C++ compiler (``$CXX``, default ``g++``) on first use,
 about 10 s, into a cache folder (``$SEQJAX_CACHE_DIR``, default
 ``~/.cache/seqjax``), keyed by the source, the compiler command and the
 versions of jax and oneDNN; later processes load the cached library.
-``python -m seqjax.native`` builds it ahead of time and prints where it is.
+``python -m seqjax.build_native`` builds it ahead of time and prints where it is.
 """
 from __future__ import annotations
 
@@ -142,8 +142,3 @@ def onednn_usable() -> bool:
                       RuntimeWarning, stacklevel=2)
         return False
     return True
-
-
-if __name__ == "__main__":
-    library = load_onednn()
-    print(f"{_build()}  (oneDNN {library.seqjax_onednn_version().decode()})")

@@ -93,7 +93,8 @@ def _forward(cell, training, reverse, xs, h0, c0, w_x, w_h, b, peep, w_proj):
     T, N, I = xs.shape
     P = w_h.shape[0]
     H = b.shape[0] // _BIAS_BLOCKS[cell]
-    ws = _workspace_bytes(cell, T, N, I, H, P, peep.size > 0, w_proj.size > 0, reverse) if training else 0
+    ws = _workspace_bytes(cell, T, N, I, H, P, peep.size > 0, w_proj.size > 0, reverse)  # checks the shape now
+    ws = ws if training else 0
     f32 = jnp.float32
     out = (jax.ShapeDtypeStruct((T, N, P), f32), jax.ShapeDtypeStruct((N, P), f32),
            jax.ShapeDtypeStruct(c0.shape, f32), jax.ShapeDtypeStruct((ws,), jnp.uint8))

@@ -167,11 +167,13 @@ def _fused_kind(call, loop, cell, params, remat, backward):
 KERNELS = ("auto", "xla", "onednn")
 
 
-def _onednn_blocker(loop, cell, params, lengths, resets, remat, backward) -> str | None:
+def _onednn_blocker(loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
     """Why oneDNN cannot run this call (None if it can)."""
     from seqjax.onednn import kind_of
     if loop is not _lax_loop:
         return "seqjax.unrolled is the plain-JAX reference"
+    if 0 in xs_tm.shape[:2]:
+        return f"an empty sequence or batch (T, B) = {xs_tm.shape[:2]}"
     if jax.default_backend() != "cpu":
         return f"it is a CPU kernel and the default backend is {jax.default_backend()}"
     if lengths is not None or resets is not None:
@@ -183,13 +185,13 @@ def _onednn_blocker(loop, cell, params, lengths, resets, remat, backward) -> str
     return kind_of(cell, params)[1]
 
 
-def _use_onednn(call, kernel, loop, cell, params, lengths, resets, remat, backward) -> bool:
+def _use_onednn(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> bool:
     """Whether this run goes through `seqjax.onednn.onednn_scan`; raises where ``kernel="onednn"`` cannot."""
     if kernel not in KERNELS:
         raise ValueError(f"{call}: kernel must be one of {list(KERNELS)}, got {kernel!r}")
     if kernel == "xla" or (kernel == "auto" and not native.onednn_installed()):
         return False
-    blocker = _onednn_blocker(loop, cell, params, lengths, resets, remat, backward)
+    blocker = _onednn_blocker(loop, cell, params, xs_tm, lengths, resets, remat, backward)
     if blocker is not None and kernel == "onednn":
         raise ValueError(f"{call}: kernel='onednn' cannot run this call: {blocker}; pass kernel='auto' or 'xla'")
     if blocker is not None:
@@ -223,7 +225,7 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
             carries.append(c)
         return tuple(carries), (ys if time_major else jnp.swapaxes(ys, 0, 1))
 
-    if _use_onednn(call, kernel, loop, cell, params, lengths, resets, remat, backward):
+    if _use_onednn(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward):
         from seqjax.onednn import kind_of, onednn_scan
         carry, ys = onednn_scan(kind_of(cell, params)[0], params, plan.xs, plan.carry, reverse)
         return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
