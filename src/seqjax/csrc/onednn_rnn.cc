@@ -269,44 +269,64 @@ ffi::Error guarded(F&& body) {
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 
+// The arguments forward and backward both pass: the inputs, the weights reordered into the
+// primitive's layout (the memory handles in ``args`` keep those buffers alive), the forward's outputs
+// (written by the forward, read by the backward) and the scratchpad.
+struct Args {
+  Descs d;
+  std::unordered_map<int, memory> args;
+
+  Args(const Shape& s, const dnnl::rnn_primitive_desc_base& pd, dnnl::stream& st, void* x, void* h0, void* c0,
+       void* w_x, void* w_h, void* b, void* peep, void* w_proj, void* y, void* hT, void* cT)
+      : d(s, false) {
+    args = {
+        {DNNL_ARG_SRC_LAYER, wrap(d.src_layer, x)},
+        {DNNL_ARG_SRC_ITER, wrap(d.src_iter, h0)},
+        {DNNL_ARG_BIAS, wrap(d.bias, b)},
+        {DNNL_ARG_DST_LAYER, wrap(d.dst_layer, y)},
+        {DNNL_ARG_DST_ITER, wrap(d.dst_iter, hT)},
+        {DNNL_ARG_SCRATCHPAD, scratchpad(pd.scratchpad_desc())},
+    };
+    weight(st, DNNL_ARG_WEIGHTS_LAYER, d.w_layer, pd.weights_layer_desc(), w_x);
+    weight(st, DNNL_ARG_WEIGHTS_ITER, d.w_iter, pd.weights_iter_desc(), w_h);
+    if (s.lstm()) {
+      args[DNNL_ARG_SRC_ITER_C] = wrap(d.src_iter_c, c0);
+      args[DNNL_ARG_DST_ITER_C] = wrap(d.dst_iter_c, cT);
+    }
+    if (s.peep) args[DNNL_ARG_WEIGHTS_PEEPHOLE] = wrap(d.w_peep, peep);
+    if (s.proj) weight(st, DNNL_ARG_WEIGHTS_PROJECTION, d.w_proj, pd.weights_projection_desc(), w_proj);
+  }
+
+ private:
+  void weight(dnnl::stream& st, int arg, const memory::desc& user, const memory::desc& prim, void* data) {
+    Operand w(user, prim, data);
+    w.to_prim(st);
+    args[arg] = w.prim;
+  }
+};
+
+// A weight gradient: zeroed (oneDNN accumulates into it), in the primitive's layout.
+Operand zeroed_gradient(const memory::desc& user, const memory::desc& prim, void* data) {
+  Operand g(user, prim, data);
+  std::memset(g.prim.get_data_handle(), 0, g.prim.get_desc().get_size());
+  return g;
+}
+
 ffi::Error ForwardImpl(F32 x, F32 h0, F32 c0, F32 w_x, F32 w_h, F32 b, F32 peep, F32 w_proj, F32Out y, F32Out hT,
                        F32Out cT, ffi::ResultBuffer<ffi::U8> workspace, int64_t cell, bool training, bool reverse) {
   return guarded([&] {
     Shape s = shape_of(cell, x, w_h, peep, w_proj, reverse);
     const Primitive& f = primitive(s, training ? 1 : 0);
-    Descs d(s, false);
     dnnl::stream st(cpu_engine());
-    Operand wl(d.w_layer, f.pd.weights_layer_desc(), w_x.untyped_data());
-    Operand wi(d.w_iter, f.pd.weights_iter_desc(), w_h.untyped_data());
-    wl.to_prim(st);
-    wi.to_prim(st);
-    std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC_LAYER, wrap(d.src_layer, x.untyped_data())},
-        {DNNL_ARG_SRC_ITER, wrap(d.src_iter, h0.untyped_data())},
-        {DNNL_ARG_WEIGHTS_LAYER, wl.prim},
-        {DNNL_ARG_WEIGHTS_ITER, wi.prim},
-        {DNNL_ARG_BIAS, wrap(d.bias, b.untyped_data())},
-        {DNNL_ARG_DST_LAYER, wrap(d.dst_layer, y->untyped_data())},
-        {DNNL_ARG_DST_ITER, wrap(d.dst_iter, hT->untyped_data())},
-        {DNNL_ARG_SCRATCHPAD, scratchpad(f.pd.scratchpad_desc())},
-    };
-    if (s.lstm()) {
-      args[DNNL_ARG_SRC_ITER_C] = wrap(d.src_iter_c, c0.untyped_data());
-      args[DNNL_ARG_DST_ITER_C] = wrap(d.dst_iter_c, cT->untyped_data());
-    }
-    if (s.peep) args[DNNL_ARG_WEIGHTS_PEEPHOLE] = wrap(d.w_peep, peep.untyped_data());
-    std::unique_ptr<Operand> wp;
-    if (s.proj) {
-      wp.reset(new Operand(d.w_proj, f.pd.weights_projection_desc(), w_proj.untyped_data()));
-      wp->to_prim(st);
-      args[DNNL_ARG_WEIGHTS_PROJECTION] = wp->prim;
-    }
+    Args a(s, f.pd, st, x.untyped_data(), h0.untyped_data(), c0.untyped_data(), w_x.untyped_data(),
+           w_h.untyped_data(), b.untyped_data(), peep.untyped_data(), w_proj.untyped_data(), y->untyped_data(),
+           hT->untyped_data(), cT->untyped_data());
     if (training) {
       if (workspace->size_bytes() < f.pd.workspace_desc().get_size())
         throw std::runtime_error("workspace buffer smaller than oneDNN's workspace");
-      args[DNNL_ARG_WORKSPACE] = memory(f.pd.workspace_desc(), cpu_engine(), workspace->untyped_data());
+      a.args[DNNL_ARG_WORKSPACE] = memory(f.pd.workspace_desc(), cpu_engine(), workspace->untyped_data());
     }
-    f.prim.execute(st, args);
+    f.prim.execute(st, a.args);
     st.wait();
   });
 }
@@ -318,54 +338,35 @@ ffi::Error BackwardImpl(F32 x, F32 h0, F32 c0, F32 w_x, F32 w_h, F32 b, F32 peep
   return guarded([&] {
     Shape s = shape_of(cell, x, w_h, peep, w_proj, reverse);
     const Primitive& bw = primitive(s, 2);
-    Descs d(s, false);
     dnnl::stream st(cpu_engine());
-    Operand wl(d.w_layer, bw.pd.weights_layer_desc(), w_x.untyped_data());
-    Operand wi(d.w_iter, bw.pd.weights_iter_desc(), w_h.untyped_data());
-    Operand dwl(d.w_layer, bw.pd.diff_weights_layer_desc(), dw_x->untyped_data());
-    Operand dwi(d.w_iter, bw.pd.diff_weights_iter_desc(), dw_h->untyped_data());
-    wl.to_prim(st);
-    wi.to_prim(st);
-    // oneDNN accumulates into the weight gradients
-    std::memset(dwl.prim.get_data_handle(), 0, dwl.prim.get_desc().get_size());
-    std::memset(dwi.prim.get_data_handle(), 0, dwi.prim.get_desc().get_size());
+    Args a(s, bw.pd, st, x.untyped_data(), h0.untyped_data(), c0.untyped_data(), w_x.untyped_data(),
+           w_h.untyped_data(), b.untyped_data(), peep.untyped_data(), w_proj.untyped_data(), y.untyped_data(),
+           hT.untyped_data(), cT.untyped_data());
+    const Descs& d = a.d;
+    auto& args = a.args;
+    Operand dwl = zeroed_gradient(d.w_layer, bw.pd.diff_weights_layer_desc(), dw_x->untyped_data());
+    Operand dwi = zeroed_gradient(d.w_iter, bw.pd.diff_weights_iter_desc(), dw_h->untyped_data());
     std::memset(db->untyped_data(), 0, db->size_bytes());
-    std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC_LAYER, wrap(d.src_layer, x.untyped_data())},
-        {DNNL_ARG_SRC_ITER, wrap(d.src_iter, h0.untyped_data())},
-        {DNNL_ARG_WEIGHTS_LAYER, wl.prim},
-        {DNNL_ARG_WEIGHTS_ITER, wi.prim},
-        {DNNL_ARG_BIAS, wrap(d.bias, b.untyped_data())},
-        {DNNL_ARG_DST_LAYER, wrap(d.dst_layer, y.untyped_data())},
-        {DNNL_ARG_DST_ITER, wrap(d.dst_iter, hT.untyped_data())},
-        {DNNL_ARG_WORKSPACE, memory(bw.pd.workspace_desc(), cpu_engine(), workspace.untyped_data())},
-        {DNNL_ARG_DIFF_DST_LAYER, wrap(d.dst_layer, dy.untyped_data())},
-        {DNNL_ARG_DIFF_DST_ITER, wrap(d.dst_iter, dhT.untyped_data())},
-        {DNNL_ARG_DIFF_SRC_LAYER, wrap(d.src_layer, dx->untyped_data())},
-        {DNNL_ARG_DIFF_SRC_ITER, wrap(d.src_iter, dh0->untyped_data())},
-        {DNNL_ARG_DIFF_WEIGHTS_LAYER, dwl.prim},
-        {DNNL_ARG_DIFF_WEIGHTS_ITER, dwi.prim},
-        {DNNL_ARG_DIFF_BIAS, wrap(d.bias, db->untyped_data())},
-        {DNNL_ARG_SCRATCHPAD, scratchpad(bw.pd.scratchpad_desc())},
-    };
+    args[DNNL_ARG_WORKSPACE] = memory(bw.pd.workspace_desc(), cpu_engine(), workspace.untyped_data());
+    args[DNNL_ARG_DIFF_DST_LAYER] = wrap(d.dst_layer, dy.untyped_data());
+    args[DNNL_ARG_DIFF_DST_ITER] = wrap(d.dst_iter, dhT.untyped_data());
+    args[DNNL_ARG_DIFF_SRC_LAYER] = wrap(d.src_layer, dx->untyped_data());
+    args[DNNL_ARG_DIFF_SRC_ITER] = wrap(d.src_iter, dh0->untyped_data());
+    args[DNNL_ARG_DIFF_WEIGHTS_LAYER] = dwl.prim;
+    args[DNNL_ARG_DIFF_WEIGHTS_ITER] = dwi.prim;
+    args[DNNL_ARG_DIFF_BIAS] = wrap(d.bias, db->untyped_data());
     if (s.lstm()) {
-      args[DNNL_ARG_SRC_ITER_C] = wrap(d.src_iter_c, c0.untyped_data());
-      args[DNNL_ARG_DST_ITER_C] = wrap(d.dst_iter_c, cT.untyped_data());
       args[DNNL_ARG_DIFF_DST_ITER_C] = wrap(d.dst_iter_c, dcT.untyped_data());
       args[DNNL_ARG_DIFF_SRC_ITER_C] = wrap(d.src_iter_c, dc0->untyped_data());
     }
     if (s.peep) {
       std::memset(dpeep->untyped_data(), 0, dpeep->size_bytes());
-      args[DNNL_ARG_WEIGHTS_PEEPHOLE] = wrap(d.w_peep, peep.untyped_data());
       args[DNNL_ARG_DIFF_WEIGHTS_PEEPHOLE] = wrap(d.w_peep, dpeep->untyped_data());
     }
-    std::unique_ptr<Operand> wp, dwp;
+    std::unique_ptr<Operand> dwp;
     if (s.proj) {
-      wp.reset(new Operand(d.w_proj, bw.pd.weights_projection_desc(), w_proj.untyped_data()));
-      dwp.reset(new Operand(d.w_proj, bw.pd.diff_weights_projection_desc(), dw_proj->untyped_data()));
-      wp->to_prim(st);
-      std::memset(dwp->prim.get_data_handle(), 0, dwp->prim.get_desc().get_size());
-      args[DNNL_ARG_WEIGHTS_PROJECTION] = wp->prim;
+      dwp.reset(new Operand(zeroed_gradient(d.w_proj, bw.pd.diff_weights_projection_desc(),
+                                            dw_proj->untyped_data())));
       args[DNNL_ARG_DIFF_WEIGHTS_PROJECTION] = dwp->prim;
     }
     bw.prim.execute(st, args);
