@@ -63,11 +63,17 @@ def _cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "seqjax"
 
 
-def _compile_command(out: Path) -> list[str]:
+def _toolchain() -> tuple[str, Path, Path]:
+    """``(compiler, oneDNN include dir, oneDNN lib dir)``; raises `NativeUnavailable` naming what is missing."""
     inc, lib = onednn_location()
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise NativeUnavailable(f"no C++ compiler: {cxx!r} is not on PATH (set $CXX); it builds the oneDNN kernels")
+    return cxx, inc, lib
+
+
+def _compile_command(toolchain: tuple[str, Path, Path], out: Path) -> list[str]:
+    cxx, inc, lib = toolchain
     return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", str(_SOURCE),
             "-isystem", jax.ffi.include_dir(), "-isystem", str(inc), f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}",
             "-o", str(out)]
@@ -75,9 +81,9 @@ def _compile_command(out: Path) -> list[str]:
 
 def _build() -> Path:
     """The path of the compiled kernel library, compiling it first if the cache lacks it."""
-    probe = _compile_command(Path("OUT"))
-    inc, _ = onednn_location()
-    version_header = inc / "oneapi" / "dnnl" / "dnnl_version.h"
+    toolchain = _toolchain()
+    probe = _compile_command(toolchain, Path("OUT"))
+    version_header = toolchain[1] / "oneapi" / "dnnl" / "dnnl_version.h"
     key = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), " ".join(probe).encode(), jax.__version__.encode(),
                  version_header.read_bytes() if version_header.is_file() else b""):
@@ -92,7 +98,7 @@ def _build() -> Path:
         if target.is_file():
             return target
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        cmd = _compile_command(tmp)
+        cmd = _compile_command(toolchain, tmp)
         print(f"seqjax.native: compiling the oneDNN kernels into {target} (once, ~10 s)", file=sys.stderr)
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -126,7 +132,7 @@ def load_onednn() -> ctypes.CDLL:
 def onednn_installed() -> bool:
     """Whether oneDNN and a C++ compiler are here, so `load_onednn` can build (checked once per process)."""
     try:
-        _compile_command(Path("OUT"))
+        _toolchain()
     except NativeUnavailable:
         return False
     return True

@@ -38,7 +38,6 @@ __all__ = ["AUTO_MIN_HIDDEN", "NativeUnavailable", "available", "kind_of", "oned
 
 # kind (as `seqjax.fused.fusable` names it; "lstm" for the standard LSTMSpec) -> the C++ `Cell` enum
 _CELLS = {"lstm": 0, "gru": 1, "gru_cho": 2, "rnn_tanh": 3, "rnn_relu": 4}
-_BIAS_BLOCKS = {0: 4, 1: 4, 2: 3, 3: 1, 4: 1}  # bias blocks of H per C++ cell (the lbr GRU adds b_hn)
 
 #: ``seqjax.scan(kernel="auto")`` takes oneDNN for these kinds from this hidden size up: where it beat
 #: XLA's loop on the 2-core CPU (bench/results/peers_onednn.json, median ms, oneDNN vs XLA):
@@ -92,7 +91,7 @@ def _workspace_bytes(cell, T, N, I, H, P, peep, proj, reverse) -> int:
 def _forward(cell, training, reverse, xs, h0, c0, w_x, w_h, b, peep, w_proj):
     T, N, I = xs.shape
     P = w_h.shape[0]
-    H = b.shape[0] // _BIAS_BLOCKS[cell]
+    H = c0.shape[-1] if cell == _CELLS["lstm"] else P  # only the LSTM has a c (and a projection)
     ws = _workspace_bytes(cell, T, N, I, H, P, peep.size > 0, w_proj.size > 0, reverse)  # checks the shape now
     ws = ws if training else 0
     f32 = jnp.float32
@@ -150,14 +149,13 @@ def onednn_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False):
         raise ValueError(f"seqjax.onednn.onednn_scan: kind must be one of {list(_CELLS)}, got {kind!r}")
     load_onednn()
     empty = jnp.zeros((0,), jnp.float32)
+    w_x, w_h, b = params.w_x, params.w_h, params.b
     if kind == "lstm":
         h0, c0 = carry0.h, carry0.c
-        w_x, w_h, b = params.w_x, params.w_h, params.b
         peep = empty if params.peep is None else params.peep
         w_proj = empty if params.w_proj is None else params.w_proj
     else:
         h0, c0, peep, w_proj = carry0, empty, empty, empty
-        w_x, w_h, b = params.w_x, params.w_h, params.b
         if kind.startswith("gru"):
             H = w_h.shape[0]
             w_x, w_h, b = _gru_to_onednn(w_x, H), _gru_to_onednn(w_h, H), _gru_to_onednn(b, H)

@@ -167,9 +167,8 @@ def _fused_kind(call, loop, cell, params, remat, backward):
 KERNELS = ("auto", "xla", "onednn")
 
 
-def _onednn_blocker(loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
-    """Why oneDNN cannot run this call (None if it can)."""
-    from seqjax.onednn import kind_of
+def _onednn_blocker(loop, xs_tm, lengths, resets, remat, backward) -> str | None:
+    """Why oneDNN cannot run this call, whatever the cell (None if nothing in the call stops it)."""
     if loop is not _lax_loop:
         return "seqjax.unrolled is the plain-JAX reference"
     if 0 in xs_tm.shape[:2]:
@@ -182,26 +181,27 @@ def _onednn_blocker(loop, cell, params, xs_tm, lengths, resets, remat, backward)
         return "remat=True (oneDNN keeps its own workspace for the backward pass)"
     if backward != "auto":
         return f"backward={backward!r} (oneDNN's kernel has its own backward pass; pass backward='auto')"
-    return kind_of(cell, params)[1]
+    return None
 
 
-def _use_onednn(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> bool:
-    """Whether this run goes through `seqjax.onednn.onednn_scan`; raises where ``kernel="onednn"`` cannot."""
+def _onednn_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
+    """The `seqjax.onednn` kind this run goes through, or None; raises where ``kernel="onednn"`` cannot."""
     if kernel not in KERNELS:
         raise ValueError(f"{call}: kernel must be one of {list(KERNELS)}, got {kernel!r}")
     if kernel == "xla" or (kernel == "auto" and not native.onednn_installed()):
-        return False
-    blocker = _onednn_blocker(loop, cell, params, xs_tm, lengths, resets, remat, backward)
-    if blocker is not None and kernel == "onednn":
+        return None
+    from seqjax.onednn import AUTO_MIN_HIDDEN, kind_of
+    blocker = _onednn_blocker(loop, xs_tm, lengths, resets, remat, backward)
+    kind, blocker = (None, blocker) if blocker is not None else kind_of(cell, params)
+    if kind is None and kernel == "onednn":
         raise ValueError(f"{call}: kernel='onednn' cannot run this call: {blocker}; pass kernel='auto' or 'xla'")
-    if blocker is not None:
-        return False
+    if kind is None:
+        return None
     if kernel == "onednn":
         native.load_onednn()  # NativeUnavailable names what is missing
-        return True
-    from seqjax.onednn import AUTO_MIN_HIDDEN, kind_of
-    least = AUTO_MIN_HIDDEN.get(kind_of(cell, params)[0])
-    return least is not None and cell.hidden_size >= least and native.onednn_usable()
+        return kind
+    least = AUTO_MIN_HIDDEN.get(kind)
+    return kind if least is not None and cell.hidden_size >= least and native.onednn_usable() else None
 
 
 def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_major, unroll, remat, hoist,
@@ -225,9 +225,10 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
             carries.append(c)
         return tuple(carries), (ys if time_major else jnp.swapaxes(ys, 0, 1))
 
-    if _use_onednn(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward):
-        from seqjax.onednn import kind_of, onednn_scan
-        carry, ys = onednn_scan(kind_of(cell, params)[0], params, plan.xs, plan.carry, reverse)
+    onednn_kind = _onednn_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
+    if onednn_kind is not None:
+        from seqjax.onednn import onednn_scan
+        carry, ys = onednn_scan(onednn_kind, params, plan.xs, plan.carry, reverse)
         return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
     kind = _fused_kind(call, loop, cell, params, remat, backward)
     if kind is not None:
