@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks (and the GPU-relevant tests) on a GPU machine that has
 # jax[cuda], torch, flax and equinox installed; seqjax runs from the checkout.
-#   bash bench/gpu.sh OUT_DIR STAGE...   stages: env peers peers-haiku peers-highest levers levers-cmdbuf scan tests memtest flags kernels
+#   bash bench/gpu.sh OUT_DIR STAGE...   stages: env cuda cuda-sweep peers peers-haiku peers-highest levers levers-cmdbuf scan tests memtest flags kernels
 set -u
 out=${1:?usage: bench/gpu.sh OUT_DIR STAGE...}; shift
 mkdir -p "$out"
@@ -12,6 +12,8 @@ for stage in "$@"; do
   case $stage in
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
          $py -c "import jax, torch, flax; print(jax.__version__, jax.devices(), torch.__version__, flax.__version__)";;
+    cuda) XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -x -n 4 -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -30;;
+    cuda-sweep) XLA_PYTHON_CLIENT_PREALLOCATE=false $py bench/cuda_sweep.py --out "$out" --name cuda_sweep_gpu ${SWEEP_ARGS:-};;
     peers) $py bench/peers.py --variants autodiff,unroll=1 --out "$out" --name peers_gpu;;
     peers-haiku)  # Haiku is not in the GPU image: install wheels carried in out/wheels (pip download dm-haiku jmp tabulate)
            $py -m pip install -q --no-deps --no-index out/wheels/*.whl && \

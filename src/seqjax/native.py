@@ -1,12 +1,18 @@
-"""Builds and loads seqjax's native CPU kernels (`seqjax/csrc/*.cc`) and registers them with XLA's FFI.
+"""Builds and loads seqjax's native kernels (`seqjax/csrc/`) and registers them with XLA's FFI.
 
-The kernels link against oneDNN, installed with ``pip install 'seqjax[onednn]'``
+Two libraries, each compiled on first use into a cache folder (``$SEQJAX_CACHE_DIR``,
+default ``~/.cache/seqjax``), keyed by the source, the compiler command and the
+versions involved; later processes load the cached library.
+
+**oneDNN (CPU).** The kernels link against oneDNN, installed with ``pip install 'seqjax[onednn]'``
 (the ``onednn-cpu-gomp`` library and ``onednn-devel-cpu-gomp`` headers). They are
 compiled with the system C++ compiler (``$CXX``, default ``g++``) on first use,
-about 10 s, into a cache folder (``$SEQJAX_CACHE_DIR``, default
-``~/.cache/seqjax``), keyed by the source, the compiler command and the
-versions of jax and oneDNN; later processes load the cached library.
-``python -m seqjax.build_native`` builds it ahead of time and prints where it is.
+about 10 s. ``python -m seqjax.build_native`` builds it ahead of time and prints where it is.
+
+**CUDA (Hopper GPUs).** `seqjax.cuda`'s persistent kernels (``cuda_rnn.cu``) are
+compiled with ``nvcc`` for sm_90 (about a minute) and need nothing beyond the CUDA
+toolkit's compiler: ``$SEQJAX_NVCC``, ``$CUDA_HOME/bin/nvcc``, ``nvcc`` on
+``PATH`` or ``/usr/local/cuda/bin/nvcc``, in that order.
 """
 from __future__ import annotations
 
@@ -24,14 +30,16 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["NativeUnavailable", "load_onednn", "onednn_installed", "onednn_location", "onednn_usable"]
+__all__ = ["NativeUnavailable", "build_cuda", "cuda_installed", "cuda_usable", "load_cuda", "load_onednn", "nvcc_location", "onednn_installed",
+           "onednn_location", "onednn_usable"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "onednn_rnn.cc"
+_CUDA_SOURCE = Path(__file__).with_name("csrc") / "cuda_rnn.cu"
 _INSTALL_HINT = "install it with: pip install 'seqjax[onednn]'"
 
 
 class NativeUnavailable(RuntimeError):
-    """The native kernels cannot be used here (oneDNN or a C++ compiler missing, or the build failed)."""
+    """The native kernels cannot be used here (oneDNN, a C++ compiler or nvcc missing, or the build failed)."""
 
 
 def onednn_location() -> tuple[Path, Path]:
@@ -80,16 +88,24 @@ def _compile_command(toolchain: tuple[str, Path, Path], out: Path) -> list[str]:
 
 
 def _build() -> Path:
-    """The path of the compiled kernel library, compiling it first if the cache lacks it."""
+    """The path of the compiled oneDNN kernel library, compiling it first if the cache lacks it."""
     toolchain = _toolchain()
-    probe = _compile_command(toolchain, Path("OUT"))
     version_header = toolchain[1] / "oneapi" / "dnnl" / "dnnl_version.h"
+    return _cached_build("onednn_rnn", _SOURCE, lambda out: _compile_command(toolchain, out),
+                         version_header.read_bytes() if version_header.is_file() else b"", "the oneDNN kernels", "~10 s")
+
+
+def _cached_build(stem: str, source: Path, command, version: bytes, what: str, duration: str) -> Path:
+    """Compiles ``source`` with ``command(out_path)`` into the cache unless it holds the result already.
+
+    The cache key covers the source, the command, jax's version and ``version``
+    (the versions of what the library builds against).
+    """
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(probe).encode(), jax.__version__.encode(),
-                 version_header.read_bytes() if version_header.is_file() else b""):
+    for part in (source.read_bytes(), " ".join(command(Path("OUT"))).encode(), jax.__version__.encode(), version):
         key.update(part)
     cache = _cache_dir()
-    target = cache / f"onednn_rnn-{key.hexdigest()[:16]}.so"
+    target = cache / f"{stem}-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -98,12 +114,12 @@ def _build() -> Path:
         if target.is_file():
             return target
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        cmd = _compile_command(toolchain, tmp)
-        print(f"seqjax.native: compiling the oneDNN kernels into {target} (once, ~10 s)", file=sys.stderr)
+        cmd = command(tmp)
+        print(f"seqjax.native: compiling {what} into {target} (once, {duration})", file=sys.stderr)
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
-            raise NativeUnavailable(f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+            raise NativeUnavailable(f"compiling {source.name} failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
         os.replace(tmp, target)
     return target
 
@@ -146,5 +162,82 @@ def onednn_usable() -> bool:
     except NativeUnavailable as e:
         warnings.warn(f"seqjax: the oneDNN kernels are installed but unusable, using XLA's loop instead: {e}",
                       RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def nvcc_location() -> str:
+    """The CUDA compiler that builds `seqjax.cuda`'s kernels.
+
+    ``$SEQJAX_NVCC``, else ``$CUDA_HOME/bin/nvcc`` (or ``$CUDA_PATH``), else
+    ``nvcc`` on ``PATH``, else ``/usr/local/cuda/bin/nvcc``.
+
+    Raises:
+      NativeUnavailable: none of them exists.
+    """
+    given = os.environ.get("SEQJAX_NVCC")
+    if given:
+        if shutil.which(given) is None:
+            raise NativeUnavailable(f"$SEQJAX_NVCC={given!r} is not an executable")
+        return shutil.which(given)
+    homes = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")]
+    for cand in [str(Path(h) / "bin" / "nvcc") for h in homes if h] + ["nvcc", "/usr/local/cuda/bin/nvcc"]:
+        found = shutil.which(cand)
+        if found:
+            return found
+    raise NativeUnavailable("no CUDA compiler: nvcc is not in $CUDA_HOME/bin, on PATH or in /usr/local/cuda/bin "
+                            "(set $SEQJAX_NVCC); it builds seqjax.cuda's kernels")
+
+
+def _cuda_compile_command(nvcc: str, out: Path) -> list[str]:
+    return [nvcc, "-O3", "-std=c++17", "-arch=sm_90", "--shared", "-Xcompiler", "-fPIC", str(_CUDA_SOURCE),
+            "-isystem", jax.ffi.include_dir(), "-o", str(out)]
+
+
+def build_cuda() -> Path:
+    """The path of the compiled CUDA kernel library, compiling it first if the cache lacks it (no GPU needed)."""
+    nvcc = nvcc_location()
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode()
+    return _cached_build("cuda_rnn", _CUDA_SOURCE, lambda out: _cuda_compile_command(nvcc, out), version,
+                         "the CUDA kernels", "~1 min")
+
+
+@functools.cache
+def load_cuda() -> ctypes.CDLL:
+    """The CUDA kernel library, built if needed, with its FFI targets registered for CUDA.
+
+    Registers ``seqjax_cuda_rnn_forward`` and ``seqjax_cuda_rnn_backward``.
+
+    Raises:
+      NativeUnavailable: nvcc is missing or the build failed.
+    """
+    lib = ctypes.CDLL(str(build_cuda()))
+    for planner in (lib.seqjax_cuda_plan, lib.seqjax_cuda_plan_model):
+        planner.restype = ctypes.c_int
+        planner.argtypes = [ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int64]
+    for name, symbol in [("seqjax_cuda_rnn_forward", lib.SeqjaxCudaRnnForward),
+                         ("seqjax_cuda_rnn_backward", lib.SeqjaxCudaRnnBackward)]:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="CUDA")
+    return lib
+
+
+@functools.cache
+def cuda_usable() -> bool:
+    """Whether `load_cuda` succeeds; a failure is reported once as a warning (``kernel="auto"`` falls back)."""
+    try:
+        load_cuda()
+    except NativeUnavailable as e:
+        warnings.warn(f"seqjax: nvcc is here but the CUDA kernels are unusable, using XLA's loop instead: {e}",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+@functools.cache
+def cuda_installed() -> bool:
+    """Whether nvcc is here, so `load_cuda` can build (checked once per process)."""
+    try:
+        nvcc_location()
+    except NativeUnavailable:
         return False
     return True

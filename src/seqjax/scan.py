@@ -164,37 +164,39 @@ def _fused_kind(call, loop, cell, params, remat, backward):
     return kind
 
 
-KERNELS = ("auto", "xla", "onednn")
+KERNELS = ("auto", "xla", "onednn", "cuda")
 
 
-def _onednn_blocker(loop, xs_tm, lengths, resets, remat, backward) -> str | None:
-    """Why oneDNN cannot run this call, whatever the cell (None if nothing in the call stops it)."""
+def _native_blocker(loop, xs_tm, lengths, resets, remat, backward, backend: str) -> str | None:
+    """Why a native kernel for ``backend`` ("cpu" or "gpu") cannot run this call, whatever the cell (None: nothing)."""
     if loop is not _lax_loop:
         return "seqjax.unrolled is the plain-JAX reference"
     if 0 in xs_tm.shape[:2]:
         return f"an empty sequence or batch (T, B) = {xs_tm.shape[:2]}"
-    if jax.default_backend() != "cpu":
-        return f"it is a CPU kernel and the default backend is {jax.default_backend()}"
+    if jax.default_backend() != backend:
+        return f"it is a {backend.upper()} kernel and the default backend is {jax.default_backend()}"
     if lengths is not None or resets is not None:
-        return "oneDNN has no per-sequence lengths or resets"
+        return "the native kernels have no per-sequence lengths or resets"
     if remat:
-        return "remat=True (oneDNN keeps its own workspace for the backward pass)"
+        return "remat=True (the native kernels keep their own residuals for the backward pass)"
     if backward != "auto":
-        return f"backward={backward!r} (oneDNN's kernel has its own backward pass; pass backward='auto')"
+        return f"backward={backward!r} (the native kernels have their own backward pass; pass backward='auto')"
     return None
+
+
+def _refuse(call, kernel, blocker):
+    raise ValueError(f"{call}: kernel={kernel!r} cannot run this call: {blocker}; pass kernel='auto' or 'xla'")
 
 
 def _onednn_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
     """The `seqjax.onednn` kind this run goes through, or None; raises where ``kernel="onednn"`` cannot."""
-    if kernel not in KERNELS:
-        raise ValueError(f"{call}: kernel must be one of {list(KERNELS)}, got {kernel!r}")
-    if kernel == "xla" or (kernel == "auto" and not native.onednn_installed()):
+    if kernel not in ("auto", "onednn") or (kernel == "auto" and not native.onednn_installed()):
         return None
     from seqjax.onednn import AUTO_MIN_HIDDEN, kind_of
-    blocker = _onednn_blocker(loop, xs_tm, lengths, resets, remat, backward)
+    blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "cpu")
     kind, blocker = (None, blocker) if blocker is not None else kind_of(cell, params)
     if kind is None and kernel == "onednn":
-        raise ValueError(f"{call}: kernel='onednn' cannot run this call: {blocker}; pass kernel='auto' or 'xla'")
+        _refuse(call, kernel, blocker)
     if kind is None:
         return None
     if kernel == "onednn":
@@ -202,6 +204,29 @@ def _onednn_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat
         return kind
     least = AUTO_MIN_HIDDEN.get(kind)
     return kind if least is not None and cell.hidden_size >= least and native.onednn_usable() else None
+
+
+def _cuda_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
+    """The `seqjax.cuda` kind this run goes through, or None; raises where ``kernel="cuda"`` cannot."""
+    if kernel not in ("auto", "cuda"):
+        return None
+    if kernel == "auto" and (jax.default_backend() != "gpu" or not native.cuda_installed()):
+        return None
+    from seqjax import cuda
+    blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "gpu")
+    kind, blocker = (None, blocker) if blocker is not None else cuda.kind_of(cell, params)
+    if kind is None and kernel == "cuda":
+        _refuse(call, kernel, blocker)
+    if kind is None:
+        return None
+    T, B = xs_tm.shape[:2]
+    if kernel == "auto":
+        return kind if native.cuda_usable() and cuda.auto_eligible(kind, T, B, cell.hidden_size) else None
+    try:
+        cuda.plan(kind, B, cell.hidden_size)  # NativeUnavailable names what is missing
+    except ValueError as e:
+        _refuse(call, kernel, str(e))
+    return kind
 
 
 def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_major, unroll, remat, hoist,
@@ -225,6 +250,13 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
             carries.append(c)
         return tuple(carries), (ys if time_major else jnp.swapaxes(ys, 0, 1))
 
+    if kernel not in KERNELS:
+        raise ValueError(f"{call}: kernel must be one of {list(KERNELS)}, got {kernel!r}")
+    cuda_kind = _cuda_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
+    if cuda_kind is not None:
+        from seqjax.cuda import cuda_scan
+        carry, ys = cuda_scan(cuda_kind, params, plan.xs, plan.carry, reverse)
+        return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
     onednn_kind = _onednn_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
     if onednn_kind is not None:
         from seqjax.onednn import onednn_scan
@@ -303,8 +335,13 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         ``backward="auto"``, reverse-mode gradients only (ValueError
         otherwise). ``"auto"`` (default) takes oneDNN where it applies, is
         installed and won the benchmarks (`seqjax.onednn.AUTO_MIN_HIDDEN`; first
-        use compiles it, ~10 s, cached), XLA elsewhere. ``unroll`` and
-        ``hoist`` do not apply to oneDNN.
+        use compiles it, ~10 s, cached), XLA elsewhere. ``"cuda"`` runs the
+        whole recurrence as one persistent kernel on a Hopper GPU (`seqjax.cuda`:
+        the standard LSTM, the GRU with ``reset_after=True``, the tanh/relu RNN,
+        float32, the same restrictions as oneDNN, batches up to about 1024 * 16 / H);
+        first use compiles it with nvcc, ~1 min, cached. ``"auto"`` does not take
+        it yet (`seqjax.cuda.AUTO`).
+        ``unroll`` and ``hoist`` do not apply to oneDNN or CUDA.
       * A stacked cell (`seqjax.stack`) runs layer by layer.
 
     Truncated BPTT: feed ``jax.lax.stop_gradient(final_carry)`` back as ``carry``.
@@ -318,7 +355,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       resets: [B, T] bool (or [T, B] with ``time_major``).
       reverse, time_major, remat: bools. unroll: positive int.
       backward: "auto", "fused" or "autodiff".
-      kernel: "auto", "xla" or "onednn".
+      kernel: "auto", "xla", "onednn" or "cuda".
 
     Returns:
       ``(final_carry, ys)`` with ys [B, T, O] (or [T, B, O]) in the params' dtype.
