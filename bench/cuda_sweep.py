@@ -7,6 +7,7 @@ forward and train step (value_and_grad of mean(ys**2) w.r.t. params and input),
 median ms over interleaved rounds; compile time separately. GPU only.
 
     python bench/cuda_sweep.py --out bench/results/gpu --name cuda_sweep_gpu
+    python bench/cuda_sweep.py --plot-only bench/results/gpu/cuda_sweep_gpu.json   # redraw the PNG
 """
 from __future__ import annotations
 
@@ -38,17 +39,20 @@ def _candidates(cell_name, B, T, I, H, configs):
     cell = CELLS[cell_name](H)
     kind = KINDS[cell_name]
     runs = {"xla loop": lambda p, x: seqjax.scan(cell, p, x, kernel="xla")[1]}
+    plans = {}
     for cs, threads in configs:
         try:
             chosen = cuda.plan(kind, B, H, cs, threads)
         except ValueError as e:
             print(f"  skip cluster={cs} threads={threads}: {e}")
             continue
-        name = f"cuda cluster={chosen['cluster']} fwd/bwd threads={chosen['forward_threads']}/{chosen['backward_threads']}"
+        name = f"cuda cluster={chosen['cluster']}" + (" (automatic plan)" if (cs, threads) == (0, 0) else "") + \
+            (f" threads~{threads}" if threads else "")
+        plans[name] = chosen
         runs[name] = (lambda c, t: lambda p, x: cuda.cuda_scan(
             kind, p, jnp.swapaxes(x, 0, 1), cell.initial_carry(p, (x.shape[0],)), cluster=c, threads=t)[1]
             .swapaxes(0, 1))(cs, threads)
-    return cell, runs
+    return cell, runs, plans
 
 
 def _torch_fns(cell_name, B, T, I, H):
@@ -72,6 +76,30 @@ def _torch_fns(cell_name, B, T, I, H):
     return fwd, train
 
 
+def plot(rows, path):
+    """Median ms relative to cuDNN per cell/shape, forward and train step, one bar per implementation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [dict(r, impl=r["impl"].split(" fwd/bwd")[0]) for r in rows]  # older runs named the thread counts
+    groups = sorted({(r["cell"], r["shape"]) for r in rows})
+    impls = sorted({r["impl"] for r in rows}, key=lambda n: (not n.startswith("pytorch"), n.startswith("cuda"), n))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=True)
+    for ax, mode in zip(axes, ("fwd", "train")):
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            vals = [next((r.get("ratio_to_cudnn", float("nan")) for r in rows if (r["cell"], r["shape"]) == g
+                          and r["impl"] == impl and r["mode"] == mode), float("nan")) for g in groups]
+            ax.bar([i + k * width for i in range(len(groups))], vals, width, label=impl)
+        ax.axhline(1.2, color="k", ls="--", lw=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [f"{c}\n{s}" for c, s in groups])
+        ax.set_yscale("log")
+        ax.set_title(f"{mode}: median time / cuDNN's (dashed: 1.2)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", default="lstm,gru,rnn")
@@ -81,7 +109,12 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--name", default="cuda_sweep")
+    ap.add_argument("--plot-only", default=None, help="redraw the PNG of this JSON and exit")
     args = ap.parse_args()
+    if args.plot_only:
+        import json
+        plot(json.load(open(args.plot_only))["rows"], args.plot_only.replace(".json", ".png"))
+        return
     if jax.default_backend() != "gpu":
         sys.exit("bench/cuda_sweep.py needs a GPU (the default backend is " + jax.default_backend() + ")")
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
@@ -90,7 +123,7 @@ def main():
         for shape in args.shapes.split(","):
             B, T, I, H = SHAPES[shape]
             print(f"== {cell_name} {shape} B={B} T={T} I={I} H={H}")
-            cell, runs = _candidates(cell_name, B, T, I, H, configs)
+            cell, runs, plans = _candidates(cell_name, B, T, I, H, configs)
             params = cell.init(jax.random.key(0), I)
             x = jax.random.normal(jax.random.key(1), (B, T, I))
             fns, compile_s = {}, {}
@@ -119,6 +152,8 @@ def main():
                 name, mode = key.split("|")
                 row = dict(cell=cell_name, shape=shape, B=B, T=T, I=I, H=H, impl=name, mode=mode,
                            **common.summarise(s), **compile_s.get((name, mode), {}))
+                if name in plans:
+                    row["plan"] = plans[name]
                 rows.append(row)
             cudnn = {m: next((r["median_ms"] for r in rows if r["cell"] == cell_name and r["shape"] == shape
                               and r["impl"] == "pytorch (cuDNN)" and r["mode"] == m), None) for m in ("fwd", "train")}
@@ -131,6 +166,7 @@ def main():
                       f"  {r['impl']}")
     common.write_json(os.path.join(args.out, args.name + ".json"), dict(rows=rows, reps=args.reps,
                                                                          configs=args.configs))
+    plot(rows, os.path.join(args.out, args.name + ".png"))
 
 
 if __name__ == "__main__":

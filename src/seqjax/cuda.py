@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell, matmul
-from seqjax.cells.lstm import LSTMCarry, LSTMSpec
-from seqjax.fused import _start_h, fusable
+from seqjax.cells.lstm import LSTMCarry
+from seqjax.fused import _start_h, native_kind
 from seqjax.native import NativeUnavailable, load_cuda
 
 __all__ = ["AUTO", "NativeUnavailable", "auto_eligible", "cuda_scan", "kind_of", "plan"]
@@ -59,20 +59,9 @@ def kind_of(cell: Cell, params) -> tuple[str | None, str | None]:
     Checks the cell and params only; the call's options, the shape and the
     device are checked by `seqjax.scan` and `plan`.
     """
-    if cell.layers is not None:
-        return None, "a stacked cell runs layer by layer (each layer is checked on its own)"
-    kind = fusable(cell, params)
-    if isinstance(kind, LSTMSpec):
-        plain = kind == LSTMSpec() and params.peep is None and params.w_proj is None
-        kind = "lstm" if plain else None
-    if kind not in _CELLS:
-        return None, (f"the CUDA kernels have no form of {cell.name} (they compute seqjax.lstm with all gates, tanh "
-                      "activations, no peepholes, projection or gate recurrence, seqjax.gru with reset_after=True "
-                      "and seqjax.rnn with tanh or relu)")
-    dtypes = {jnp.result_type(a) for a in jax.tree.leaves(params)}
-    if dtypes != {jnp.dtype(jnp.float32)}:
-        return None, f"the CUDA kernels are float32 only, got params of dtype(s) {sorted(map(str, dtypes))}"
-    return kind, None
+    return native_kind(cell, params, _CELLS, False,
+                       "they compute seqjax.lstm with all gates, tanh activations, no peepholes, projection or gate "
+                       "recurrence, seqjax.gru with reset_after=True and seqjax.rnn with tanh or relu", "the CUDA kernels")
 
 
 def plan(kind: str, batch: int, hidden: int, cluster: int = 0, threads: int = 0, model: bool = False) -> dict:

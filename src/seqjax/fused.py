@@ -40,7 +40,7 @@ from seqjax.cells.lstm import LSTMCarry, LSTMParams, LSTMSpec
 from seqjax.cells.rnn import ACTIVATIONS as RNN_ACTIVATIONS
 from seqjax.cells.rnn import RNNParams
 
-__all__ = ["LSTMSpec", "fusable", "fused_scan"]
+__all__ = ["LSTMSpec", "fusable", "fused_scan", "native_kind"]
 
 
 def fusable(cell: Cell, params) -> str | LSTMSpec | None:
@@ -72,6 +72,30 @@ def fusable(cell: Cell, params) -> str | LSTMSpec | None:
     if kind.startswith("gru"):  # reset_after=True has the separate b_hn, Cho's form has none
         return kind if isinstance(params, GRUParams) and (params.b_hn is None) == (kind == "gru_cho") else None
     return kind if isinstance(params, RNNParams) else None
+
+
+def native_kind(cell: Cell, params, kinds, lstm_extras: bool, no_form: str,
+                what: str) -> tuple[str | None, str | None]:
+    """A native kernel's kind for ``cell``: ``(kind, None)``, or ``(None, why not)``.
+
+    The kind is `fusable`'s, with "lstm" for the standard LSTM (all gates, tanh
+    activations, no gate recurrence; with ``lstm_extras`` also with peepholes
+    and/or a projection); it must be in ``kinds`` and the params float32.
+    ``no_form`` finishes "... have no form of <cell>" when the kind is missing;
+    ``what`` names the kernels in the messages.
+    """
+    if cell.layers is not None:
+        return None, "a stacked cell runs layer by layer (each layer is checked on its own)"
+    kind = fusable(cell, params)
+    if isinstance(kind, LSTMSpec):
+        plain = lstm_extras or (params.peep is None and params.w_proj is None)
+        kind = "lstm" if kind == LSTMSpec() and plain else None
+    if kind not in kinds:
+        return None, f"{what} have no form of {cell.name} ({no_form})"
+    dtypes = {jnp.result_type(a) for a in jax.tree.leaves(params)}
+    if dtypes != {jnp.dtype(jnp.float32)}:
+        return None, f"{what} are float32 only, got params of dtype(s) {sorted(map(str, dtypes))}"
+    return kind, None
 
 
 # ----------------------------------------------------------------------------- per-cell steps

@@ -154,16 +154,20 @@ def onednn_installed() -> bool:
     return True
 
 
+def _usable(load, what: str) -> bool:
+    """Whether ``load()`` succeeds; a failure is reported as a warning (``kernel="auto"`` falls back to XLA)."""
+    try:
+        load()
+    except NativeUnavailable as e:
+        warnings.warn(f"seqjax: {what} unusable, using XLA's loop instead: {e}", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 @functools.cache
 def onednn_usable() -> bool:
     """Whether `load_onednn` succeeds; a failure is reported once as a warning (``kernel="auto"`` falls back)."""
-    try:
-        load_onednn()
-    except NativeUnavailable as e:
-        warnings.warn(f"seqjax: the oneDNN kernels are installed but unusable, using XLA's loop instead: {e}",
-                      RuntimeWarning, stacklevel=2)
-        return False
-    return True
+    return _usable(load_onednn, "the oneDNN kernels are installed but")
 
 
 def nvcc_location() -> str:
@@ -224,13 +228,7 @@ def load_cuda() -> ctypes.CDLL:
 @functools.cache
 def cuda_usable() -> bool:
     """Whether `load_cuda` succeeds; a failure is reported once as a warning (``kernel="auto"`` falls back)."""
-    try:
-        load_cuda()
-    except NativeUnavailable as e:
-        warnings.warn(f"seqjax: nvcc is here but the CUDA kernels are unusable, using XLA's loop instead: {e}",
-                      RuntimeWarning, stacklevel=2)
-        return False
-    return True
+    return _usable(load_cuda, "nvcc is here but the CUDA kernels are")
 
 
 @functools.cache

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell
-from seqjax.cells.lstm import LSTMCarry, LSTMSpec
-from seqjax.fused import fusable
+from seqjax.cells.lstm import LSTMCarry
+from seqjax.fused import native_kind
 from seqjax.native import NativeUnavailable, load_onednn
 
 __all__ = ["AUTO_MIN_HIDDEN", "NativeUnavailable", "available", "kind_of", "onednn_scan"]
@@ -63,19 +63,10 @@ def kind_of(cell: Cell, params) -> tuple[str | None, str | None]:
     Checks the cell and params only; ``lengths``/``resets``, the backend and
     the installation are checked by `seqjax.scan`.
     """
-    if cell.layers is not None:
-        return None, "a stacked cell runs layer by layer (each layer is checked on its own)"
-    kind = fusable(cell, params)
-    if isinstance(kind, LSTMSpec):
-        kind = "lstm" if kind == LSTMSpec() else None
-    if kind not in _CELLS:
-        return None, (f"oneDNN has no primitive for {cell.name} (it computes seqjax.lstm with all gates, tanh "
-                      "activations and no gate recurrence, optionally with peepholes and/or proj_size, "
-                      "seqjax.gru in both forms and seqjax.rnn with tanh or relu)")
-    dtypes = {jnp.result_type(a) for a in jax.tree.leaves(params)}
-    if dtypes != {jnp.dtype(jnp.float32)}:
-        return None, f"the oneDNN kernels here are float32 only, got params of dtype(s) {sorted(map(str, dtypes))}"
-    return kind, None
+    return native_kind(cell, params, _CELLS, True,
+                       "oneDNN computes seqjax.lstm with all gates, tanh activations and no gate recurrence, "
+                       "optionally with peepholes and/or proj_size, seqjax.gru in both forms and seqjax.rnn with "
+                       "tanh or relu", "the oneDNN kernels")
 
 
 def _workspace_bytes(cell, T, N, I, H, P, peep, proj, reverse) -> int:
