@@ -12,9 +12,9 @@ the whole time loop, forward or backward (``csrc/cuda_rnn.cu``):
 * one thread-block cluster of up to 16 blocks; each block keeps the recurrent
   weights of its share of the hidden units in registers for the whole sequence;
 * forward, each step: every block multiplies the full ``h_{t-1}`` by its weight
-  slice, applies the gate arithmetic to its units and writes its part of ``h_t``
-  into every block's shared memory (distributed shared memory); one cluster
-  barrier per step;
+  slice, applies the gate arithmetic to its units and copies its part of ``h_t``
+  into every block's shared memory (distributed shared memory); each block waits
+  on its own barrier for exactly those bytes, with no cluster-wide barrier;
 * backward: the same weight slice, transposed, turns each block's gate
   gradients into partial ``dA_t W_h^T`` sums that are reduce-scattered to the
   blocks owning the units.
@@ -50,7 +50,6 @@ __all__ = ["AUTO", "NativeUnavailable", "auto_eligible", "cuda_scan", "kind_of",
 
 # kind -> the C++ `Cell` enum (seqjax.onednn's numbering)
 _CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 3, "rnn_relu": 4}
-_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 def kind_of(cell: Cell, params) -> tuple[str | None, str | None]:

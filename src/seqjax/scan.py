@@ -213,6 +213,8 @@ def _cuda_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, 
     if kernel == "auto" and (jax.default_backend() != "gpu" or not native.cuda_installed()):
         return None
     from seqjax import cuda
+    if kernel == "auto" and not cuda.AUTO:
+        return None
     blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "gpu")
     kind, blocker = (None, blocker) if blocker is not None else cuda.kind_of(cell, params)
     if kind is None and kernel == "cuda":

@@ -6,8 +6,9 @@
 // (w_h[:, cols], H x G*U floats), in registers for the whole sequence.
 //
 // * Forward, every step: each block multiplies the full h_{t-1} (in its shared memory) by its slice,
-//   applies the gate arithmetic to its units, and writes its part of h_t into the shared memory of every
-//   block of the cluster (distributed shared memory); one cluster barrier ends the step.
+//   applies the gate arithmetic to its units, and copies its part of h_t into the shared memory of every
+//   block of the cluster (distributed shared memory, one bulk copy per block). Each block waits on its
+//   own mbarrier for exactly the bytes it needs; no cluster-wide barrier runs per step.
 // * Backward, every step: each block turns dh_t of its units into the gate gradients dA_t, multiplies its
 //   columns of dA_t by its slice transposed (a partial dA_t W_h^T over all H outputs), and sends each
 //   block the partial sums of that block's units, which the block adds up: a reduce-scatter instead of
@@ -539,7 +540,7 @@ struct Side {
 
 // The first launchable k-chunk for the forward (`forward`) or backward kernel of a cluster of `cs` blocks.
 // Order: the chunks whose matmul fits in `target` threads, smallest first (most threads), then the
-// others, largest first (fewest threads). A forward chunk must lie in one block of U units of the
+// others, largest first (fewest threads); the forward's chunk of 4 comes last. A forward chunk must lie in one block of U units of the
 // blocked h or span whole blocks.
 // What the planner asks of the GPU: its compute capability, shared memory per block and whether a
 // launch configuration fits (`launchable`, or a model of it for testing the planner without a GPU).
@@ -565,13 +566,14 @@ bool choose(const Device& dev, int cell, bool forward, int cs, int B, int H, int
             std::string* why) {
   const int G = gates_of(cell), U = H / cs, N = G * U;
   const int k = forward ? H : N, outputs = forward ? N : H;
-  const std::vector<int> options = forward ? std::vector<int>{4, 8, 16, 32, 64} : std::vector<int>{4, 8, 16, 32, 48, 64};
+  const std::vector<int> options = forward ? std::vector<int>{8, 16, 32, 64} : std::vector<int>{4, 8, 16, 32, 48, 64};
   std::vector<int> order, rest;
   for (int kpt : options) {
     if (k % kpt || (forward && U % kpt && kpt % U)) continue;
     (outputs * (k / kpt) <= target ? order : rest).push_back(kpt);
   }
   order.insert(order.end(), rest.rbegin(), rest.rend());
+  if (forward) order.push_back(4);  // last resort (H = 4): the benchmarked plans never needed it
   const int smem_max = dev.smem_max;
   if (order.empty()) *why = "no k-chunk of " + std::to_string(k) + " fits the " + (forward ? "forward" : "backward");
   for (int kpt : order) {
