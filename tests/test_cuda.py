@@ -58,6 +58,12 @@ def test_planner_on_a_model_h100():
     """The launch planner's choices and limits, for a model H100 (no GPU needed)."""
     assert cuda.plan("lstm", 16, 128, model=True) == dict(cluster=16, forward_threads=256, backward_threads=256,
                                                            forward_smem=33296, backward_smem=43024)
+    # the plans bench/results/gpu/cuda_sweep_gpu.json measured: a planner that changes them needs a new run
+    measured = {("lstm", 16, 128): (256, 256), ("gru", 16, 128): (192, 384), ("rnn_tanh", 16, 128): (128, 256),
+                ("lstm", 32, 64): (128, 256), ("gru", 32, 64): (128, 192), ("rnn_tanh", 32, 64): (128, 128)}
+    for (kind, B, H), threads in measured.items():
+        got = cuda.plan(kind, B, H, model=True)
+        assert (got["cluster"], got["forward_threads"], got["backward_threads"]) == (16, *threads), (kind, B, H)
     for kind in cuda._CELLS:
         for B in (1, 2, 3, 16, 33, 64, 256):
             for H in (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024):
