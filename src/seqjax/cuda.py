@@ -60,7 +60,8 @@ def kind_of(cell: Cell, params) -> tuple[str | None, str | None]:
     """
     return native_kind(cell, params, _CELLS, False,
                        "they compute seqjax.lstm with all gates, tanh activations, no peepholes, projection or gate "
-                       "recurrence, seqjax.gru with reset_after=True and seqjax.rnn with tanh or relu", "the CUDA kernels")
+                       "recurrence, seqjax.gru with reset_after=True and seqjax.rnn with tanh or relu",
+                       "the CUDA kernels")
 
 
 def plan(kind: str, batch: int, hidden: int, cluster: int = 0, threads: int = 0, model: bool = False) -> dict:

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["NativeUnavailable", "build_cuda", "cuda_installed", "cuda_usable", "load_cuda", "load_onednn", "nvcc_location", "onednn_installed",
-           "onednn_location", "onednn_usable"]
+__all__ = ["NativeUnavailable", "build_cuda", "cuda_installed", "cuda_usable", "load_cuda", "load_onednn",
+           "nvcc_location", "onednn_installed", "onednn_location", "onednn_usable"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "onednn_rnn.cc"
 _CUDA_SOURCE = Path(__file__).with_name("csrc") / "cuda_rnn.cu"
