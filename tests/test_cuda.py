@@ -1,7 +1,7 @@
 """The persistent CUDA kernels (seqjax.cuda, kernel="cuda"): numerics against NumPy and XLA's loop, errors.
 
 The numerics need a Hopper GPU (compute capability 9.0) and run where the
-default backend is a GPU (`bash bench/gpu.sh OUT tests`); the build check needs
+default backend is a GPU (`bash bench/gpu.sh OUT cuda`); the build and planner checks need
 only nvcc, and the error paths run everywhere.
 """
 import jax
