@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks (and the GPU-relevant tests) on a GPU machine that has
 # jax[cuda], torch, flax and equinox installed; seqjax runs from the checkout.
-#   bash bench/gpu.sh OUT_DIR STAGE...   stages: env cuda cuda-sweep peers peers-haiku peers-highest levers levers-cmdbuf scan tests memtest flags kernels
+#   bash bench/gpu.sh OUT_DIR STAGE...   stages: env cuda cuda-sweep tests-cuda-auto peers peers-haiku peers-highest levers levers-cmdbuf scan tests memtest flags kernels
 set -u
 out=${1:?usage: bench/gpu.sh OUT_DIR STAGE...}; shift
 mkdir -p "$out"
@@ -40,6 +40,10 @@ PY
              done;;
     scan) $py bench/scan_vs_unroll.py --unrolled-max-T 25 --out "$out" --name scan_vs_unroll_gpu;;
     memtest) XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider tests/test_fused.py -k memory 2>&1 | tail -5;;
+    tests-cuda-auto)  # the core suite with kernel="auto" routed through seqjax.cuda (tests/cuda_auto.py)
+           PYTHONPATH="$PWD/tests:$PYTHONPATH" XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
+             $py -m pytest -q -n 4 -p no:cacheprovider -p cuda_auto tests/test_cuda.py tests/test_fused.py \
+             tests/test_runners.py tests/test_cells_reference.py tests/test_layers.py tests/test_nnx.py 2>&1 | tail -40;;
     tests) XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest $py -m pytest -q -n 4 -p no:cacheprovider \
              tests/test_fused.py tests/test_runners.py tests/test_cells_reference.py tests/test_layers.py \
              2>&1 | tail -40;;

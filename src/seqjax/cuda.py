@@ -102,7 +102,7 @@ def _plan(kind, batch, hidden, cluster, threads, model) -> tuple | str:
 #: CUDA vs XLA, forward / train step; LSTM, GRU, RNN at (B, T, H) = (16, 1000, 128): 3.12 vs 4.46 /
 #: 6.16 vs 11.2, 2.67 vs 4.10 / 5.50 vs 9.93, 2.03 vs 4.04 / 3.98 vs 7.57; at (32, 50, 64): 0.386 vs
 #: 0.411 / 0.545 vs 0.854, 0.335 vs 0.402 / 0.509 vs 0.788, 0.415 vs 0.450 / 0.580 vs 0.653), but
-#: seqjax's GPU test suite routed through them (``bash bench/gpu.sh OUT cuda tests``) has not yet
+#: seqjax's GPU test suite routed through them (``bash bench/gpu.sh OUT cuda tests-cuda-auto``) has not yet
 #: passed on a GPU with the final launch planner. Pass ``kernel="cuda"`` to use them.
 AUTO = False
 
