@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 SHAPES = {  # (B, T, I, H)
@@ -37,6 +38,14 @@ def floor_flops(cell: str, B: int, T: int, I: int, H: int) -> float:
     """FLOPs of the matmul floor of a forward pass: the input GEMM plus T recurrent GEMMs."""
     G = GATES[cell]
     return 2.0 * B * T * I * G * H + 2.0 * B * T * H * G * H
+
+
+def mean_square_loss(run):
+    """mean(ys²) as a function of (params, x): the loss of every benchmarked train step."""
+    def loss(params, x):
+        ys = run(params, x)
+        return jnp.mean(jnp.square(ys))
+    return loss
 
 
 def block(tree):

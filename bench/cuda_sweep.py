@@ -25,14 +25,10 @@ import common  # noqa: E402
 import seqjax  # noqa: E402
 from seqjax import cuda  # noqa: E402
 
-SHAPES = {"small": (32, 50, 8, 64), "standard": (64, 100, 128, 256), "long": (16, 1000, 32, 128)}
+SHAPES = common.SHAPES
 CELLS = {"lstm": lambda H: seqjax.lstm(H, forget_bias=0.0), "gru": lambda H: seqjax.gru(H),
          "rnn": lambda H: seqjax.rnn(H)}
 KINDS = {"lstm": "lstm", "gru": "gru", "rnn": "rnn_tanh"}
-
-
-def _loss(run):
-    return lambda p, x: jnp.mean(run(p, x) ** 2)
 
 
 def _candidates(cell_name, B, T, I, H, configs):
@@ -128,7 +124,7 @@ def main():
             x = jax.random.normal(jax.random.key(1), (B, T, I))
             fns, compile_s = {}, {}
             for name, run in runs.items():
-                for mode, f in (("fwd", run), ("train", jax.value_and_grad(_loss(run), argnums=(0, 1)))):
+                for mode, f in (("fwd", run), ("train", jax.value_and_grad(common.mean_square_loss(run), argnums=(0, 1)))):
                     timed = common.compile_timed(f, params, x)
                     compiled = timed.pop("compiled")
                     compile_s[(name, mode)] = timed

@@ -32,16 +32,8 @@ import seqjax  # noqa: E402
 CELLS = ("lstm", "gru", "rnn")
 
 
-def _loss_of(run):
-    """mean(ys²) as a function of (params, x)."""
-    def loss(params, x):
-        ys = run(params, x)
-        return jnp.mean(jnp.square(ys))
-    return loss
-
-
 def _fwd_train(run):
-    loss = _loss_of(run)
+    loss = common.mean_square_loss(run)
     return run, jax.value_and_grad(loss, argnums=(0, 1))
 
 
