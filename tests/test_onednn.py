@@ -140,8 +140,10 @@ def _targets(fn, *args):
     return str(jax.make_jaxpr(fn)(*args))
 
 
-def test_auto_picks_onednn_only_where_it_applies():
+def test_auto_picks_onednn_only_where_it_applies(monkeypatch):
+    """Among the cells seqjax.avx2 does not take (here: with its auto routing off)."""
     from seqjax.onednn import AUTO_MIN_HIDDEN
+    monkeypatch.setattr(seqjax.avx2, "AUTO", False)
     small, params_small, xs, _ = _setup("lstm")
     assert H < AUTO_MIN_HIDDEN["lstm"]
     assert "seqjax_onednn" not in _targets(lambda p, x: seqjax.scan(small, p, x)[1], params_small, xs)
@@ -195,7 +197,7 @@ def test_onednn_refuses_other_cells(make_cell, message):
 def test_unknown_kernel_is_rejected():
     cell, params, xs, _ = _setup("lstm")
     for run in (seqjax.scan, seqjax.unrolled):
-        with pytest.raises(ValueError, match=r"kernel must be one of \['auto', 'xla', 'onednn', 'cuda'\], got 'cudnn'"):
+        with pytest.raises(ValueError, match=r"kernel must be one of \['auto', 'xla', 'avx2', 'onednn', 'cuda'\], got 'cudnn'"):
             run(cell, params, xs, kernel="cudnn")
 
 
@@ -230,6 +232,7 @@ def test_auto_falls_back_to_xla_with_a_warning_when_the_kernels_do_not_load(monk
     def unusable():
         raise native.NativeUnavailable("no kernels in this test")
     monkeypatch.setattr(native, "load_onednn", unusable)
+    monkeypatch.setattr(seqjax.avx2, "AUTO", False)
     native.onednn_usable.cache_clear()
     try:
         cell = seqjax.lstm(128)

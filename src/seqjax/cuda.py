@@ -36,20 +36,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from functools import partial
 
-import jax
-import jax.numpy as jnp
-
-from seqjax.cells.base import Array, Cell, matmul
-from seqjax.cells.lstm import LSTMCarry
-from seqjax.fused import _start_h, native_kind
+from seqjax.cells.base import Array, Cell
+from seqjax.fused import native_kind
 from seqjax.native import NativeUnavailable, load_cuda
+from seqjax.persistent import CELLS as _CELLS
+from seqjax.persistent import native_scan
 
 __all__ = ["AUTO", "NativeUnavailable", "auto_eligible", "cuda_scan", "kind_of", "plan"]
-
-# kind -> the C++ `Cell` enum (seqjax.onednn's numbering)
-_CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 3, "rnn_relu": 4}
 
 
 def kind_of(cell: Cell, params) -> tuple[str | None, str | None]:
@@ -124,55 +118,6 @@ def auto_eligible(kind: str, T: int, B: int, H: int) -> bool:
     return True
 
 
-def _empty():
-    return jnp.zeros((0,), jnp.float32)
-
-
-def _sds(shape):
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
-
-
-def _forward(cell, training, reverse, cluster, threads, px, w_h, b_hn, h0, c0):
-    T, B, GH = px.shape
-    H = h0.shape[-1]
-    residuals = training and cell in (_CELLS["lstm"], _CELLS["gru"])
-    out = (_sds((T, B, H)), _sds((B, H)), _sds(c0.shape), _sds((T, B, GH) if residuals else (0,)),
-           _sds((T, B, H) if residuals else (0,)))
-    call = jax.ffi.ffi_call("seqjax_cuda_rnn_forward", out, vmap_method="sequential")
-    return call(px, w_h, b_hn, h0, c0, cell=cell, reverse=bool(reverse), cluster=cluster, threads=threads)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _run(cell, reverse, cluster, threads, px, w_h, b_hn, h0, c0):
-    ys, hT, cT, _, _ = _forward(cell, False, reverse, cluster, threads, px, w_h, b_hn, h0, c0)
-    return ys, hT, cT
-
-
-def _run_fwd(cell, reverse, cluster, threads, px, w_h, b_hn, h0, c0):
-    ys, hT, cT, act, aux = _forward(cell, True, reverse, cluster, threads, px, w_h, b_hn, h0, c0)
-    return (ys, hT, cT), (w_h, b_hn, h0, c0, ys, act, aux)
-
-
-def _run_bwd(cell, reverse, cluster, threads, saved, cts):
-    w_h, b_hn, h0, c0, ys, act, aux = saved
-    dys, dhT, dcT = cts
-    T, B, H = ys.shape
-    gru = cell == _CELLS["gru"]
-    out = (_sds((T, B, w_h.shape[1])), _sds((T, B, H) if gru else (0,)), _sds((B, H)), _sds(c0.shape))
-    call = jax.ffi.ffi_call("seqjax_cuda_rnn_backward", out, vmap_method="sequential")
-    dpx, dghn, dh0, dc0 = call(dys, dhT, dcT, w_h, ys, h0, c0, act, aux, cell=cell, reverse=bool(reverse),
-                               cluster=cluster, threads=threads)
-    # the recurrent GEMM's output gradient: dpx, except the GRU's n block, which saw r * (h W_hn + b_hn)
-    dgh = jnp.concatenate([dpx[..., :2 * H], dghn], -1) if gru else dpx
-    rows = lambda a: a.reshape(T * B, a.shape[-1])  # noqa: E731
-    dw_h = jax.lax.dot_general(rows(_start_h(ys, h0, reverse)), rows(dgh), (((0,), (0,)), ((), ())))
-    db_hn = jnp.sum(rows(dghn), 0) if gru else jnp.zeros_like(b_hn)
-    return dpx, dw_h, db_hn, dh0, dc0
-
-
-_run.defvjp(_run_fwd, _run_bwd)
-
-
 def cuda_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False, cluster: int = 0, threads: int = 0):
     """A whole recurrence in one persistent CUDA kernel, time-major: ``(final_carry, ys [T, B, H])``.
 
@@ -194,14 +139,7 @@ def cuda_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False, cl
     """
     if kind not in _CELLS:
         raise ValueError(f"seqjax.cuda.cuda_scan: kind must be one of {list(_CELLS)}, got {kind!r}")
-    T, B, _ = xs_tm.shape
-    H = params.w_h.shape[0]
-    plan(kind, B, H, cluster, threads)  # raises at trace time where the kernel could not launch
-    px = matmul(xs_tm.astype(jnp.float32), params.w_x) + params.b
-    if kind == "lstm":
-        h0, c0 = carry0.h, carry0.c
-    else:
-        h0, c0 = carry0, _empty()
-    b_hn = params.b_hn if kind == "gru" else _empty()
-    ys, hT, cT = _run(_CELLS[kind], bool(reverse), int(cluster), int(threads), px, params.w_h, b_hn, h0, c0)
-    return (LSTMCarry(hT, cT, None) if kind == "lstm" else hT), ys
+    _, B, _ = xs_tm.shape
+    plan(kind, B, params.w_h.shape[0], cluster, threads)  # raises at trace time where the kernel could not launch
+    return native_scan("seqjax_cuda_rnn", kind, params, xs_tm, carry0, reverse,
+                       (("cluster", int(cluster)), ("threads", int(threads))))

@@ -9,6 +9,9 @@ versions involved; later processes load the cached library.
 compiled with the system C++ compiler (``$CXX``, default ``g++``) on first use,
 about 10 s. ``python -m seqjax.build_native`` builds it ahead of time and prints where it is.
 
+**AVX2 (x86 CPUs).** `seqjax.avx2`'s kernels (``cpu_rnn.cc``) need only a C++
+compiler (``$CXX``, default ``g++``), about 8 s, and a CPU with AVX2 and FMA.
+
 **CUDA (Hopper GPUs).** `seqjax.cuda`'s persistent kernels (``cuda_rnn.cu``) are
 compiled with ``nvcc`` for sm_90 (about a minute) and need nothing beyond the CUDA
 toolkit's compiler: ``$SEQJAX_NVCC``, ``$CUDA_HOME/bin/nvcc``, ``nvcc`` on
@@ -30,11 +33,12 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["NativeUnavailable", "build_cuda", "cuda_installed", "cuda_usable", "load_cuda", "load_onednn",
+__all__ = ["NativeUnavailable", "avx2_installed", "avx2_usable", "build_avx2", "build_cuda", "load_avx2", "cuda_installed", "cuda_usable", "load_cuda", "load_onednn",
            "nvcc_location", "onednn_installed", "onednn_location", "onednn_usable"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "onednn_rnn.cc"
 _CUDA_SOURCE = Path(__file__).with_name("csrc") / "cuda_rnn.cu"
+_AVX2_SOURCE = Path(__file__).with_name("csrc") / "cpu_rnn.cc"
 _INSTALL_HINT = "install it with: pip install 'seqjax[onednn]'"
 
 
@@ -71,13 +75,18 @@ def _cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "seqjax"
 
 
+def _compiler(what: str) -> str:
+    """The C++ compiler, ``$CXX`` or ``g++``; raises `NativeUnavailable` if it is not on PATH."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise NativeUnavailable(f"no C++ compiler: {cxx!r} is not on PATH (set $CXX); it builds {what}")
+    return cxx
+
+
 def _toolchain() -> tuple[str, Path, Path]:
     """``(compiler, oneDNN include dir, oneDNN lib dir)``; raises `NativeUnavailable` naming what is missing."""
     inc, lib = onednn_location()
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        raise NativeUnavailable(f"no C++ compiler: {cxx!r} is not on PATH (set $CXX); it builds the oneDNN kernels")
-    return cxx, inc, lib
+    return _compiler("the oneDNN kernels"), inc, lib
 
 
 def _compile_command(toolchain: tuple[str, Path, Path], out: Path) -> list[str]:
@@ -239,3 +248,70 @@ def cuda_installed() -> bool:
     except NativeUnavailable:
         return False
     return True
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _avx2_toolchain() -> str:
+    """The C++ compiler for `seqjax.avx2`; raises `NativeUnavailable` if it or the CPU's AVX2/FMA is missing."""
+    import platform
+    missing = {"avx2", "fma"} - _cpu_flags()
+    if platform.machine().lower() not in ("x86_64", "amd64") or missing:
+        raise NativeUnavailable(f"seqjax.avx2 needs an x86-64 CPU with AVX2 and FMA; this one is {platform.machine()}"
+                                f"{' without ' + ', '.join(sorted(missing)) if missing else ''}")
+    return _compiler("seqjax.avx2's kernels")
+
+
+def _avx2_compile_command(cxx: str, out: Path) -> list[str]:
+    return [cxx, "-O3", "-std=c++17", "-mavx2", "-mfma", "-shared", "-fPIC", "-Wall", str(_AVX2_SOURCE),
+            "-isystem", jax.ffi.include_dir(), "-o", str(out)]
+
+
+def build_avx2() -> Path:
+    """The path of the compiled AVX2 kernel library, compiling it first if the cache lacks it."""
+    cxx = _avx2_toolchain()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.encode()
+    return _cached_build("cpu_rnn", _AVX2_SOURCE, lambda out: _avx2_compile_command(cxx, out), version,
+                         "the AVX2 kernels", "~8 s")
+
+
+@functools.cache
+def load_avx2() -> ctypes.CDLL:
+    """The AVX2 kernel library, built if needed, with its FFI targets registered for the CPU.
+
+    Registers ``seqjax_avx2_rnn_forward`` and ``seqjax_avx2_rnn_backward``.
+
+    Raises:
+      NativeUnavailable: the CPU lacks AVX2/FMA, the compiler is missing, or the build failed.
+    """
+    lib = ctypes.CDLL(str(build_avx2()))
+    for name, symbol in [("seqjax_avx2_rnn_forward", lib.SeqjaxAvx2RnnForward),
+                         ("seqjax_avx2_rnn_backward", lib.SeqjaxAvx2RnnBackward)]:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+    return lib
+
+
+@functools.cache
+def avx2_installed() -> bool:
+    """Whether this CPU has AVX2 and FMA and a C++ compiler is here, so `load_avx2` can build."""
+    try:
+        _avx2_toolchain()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+@functools.cache
+def avx2_usable() -> bool:
+    """Whether `load_avx2` succeeds; a failure is reported once as a warning (``kernel="auto"`` falls back)."""
+    return _usable(load_avx2, "the AVX2 kernels could be built but")

@@ -164,7 +164,7 @@ def _fused_kind(call, loop, cell, params, remat, backward):
     return kind
 
 
-KERNELS = ("auto", "xla", "onednn", "cuda")
+KERNELS = ("auto", "xla", "avx2", "onednn", "cuda")
 
 
 def _native_blocker(loop, xs_tm, lengths, resets, remat, backward, backend: str) -> str | None:
@@ -204,6 +204,28 @@ def _onednn_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat
         return kind
     least = AUTO_MIN_HIDDEN.get(kind)
     return kind if least is not None and cell.hidden_size >= least and native.onednn_usable() else None
+
+
+def _avx2_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
+    """The `seqjax.avx2` kind this run goes through, or None; raises where ``kernel="avx2"`` cannot."""
+    if kernel not in ("auto", "avx2"):
+        return None
+    from seqjax import avx2
+    if kernel == "auto" and (not avx2.AUTO or jax.default_backend() != "cpu" or not native.avx2_installed()):
+        return None
+    blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "cpu")
+    kind, blocker = (None, blocker) if blocker is not None else avx2.kind_of(cell, params)
+    if kind is not None:
+        blocker = avx2.shape_blocker(cell.hidden_size)
+        kind = None if blocker else kind
+    if kind is None and kernel == "avx2":
+        _refuse(call, kernel, blocker)
+    if kind is None:
+        return None
+    if kernel == "avx2":
+        native.load_avx2()  # NativeUnavailable names what is missing
+        return kind
+    return kind if native.avx2_usable() else None
 
 
 def _cuda_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
@@ -258,6 +280,11 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
     if cuda_kind is not None:
         from seqjax.cuda import cuda_scan
         carry, ys = cuda_scan(cuda_kind, params, plan.xs, plan.carry, reverse)
+        return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
+    avx2_kind = _avx2_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
+    if avx2_kind is not None:
+        from seqjax.avx2 import avx2_scan
+        carry, ys = avx2_scan(avx2_kind, params, plan.xs, plan.carry, reverse)
         return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
     onednn_kind = _onednn_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
     if onednn_kind is not None:

@@ -1,0 +1,534 @@
+// Whole recurrences as XLA FFI handlers for x86 CPUs with AVX2 and FMA (seqjax.avx2): the standard LSTM,
+// the GRU (reset_after, PyTorch's and cuDNN's form) and the tanh/relu Elman RNN, float32, forward and
+// backward. Same operands and results as seqjax.cuda's kernels (cuda_rnn.cu), so one jax.custom_vjp
+// serves both: XLA computes the input projection px = x W_x + b (one GEMM) and the weight gradients.
+//
+// Each step multiplies h_{t-1} by the recurrent weights and applies the gate arithmetic while the gate
+// pre-activations are still in registers: a tile is R batch rows x 8 hidden units x all G gates, with
+// W_h packed once per call so that a unit block's G gate columns are contiguous. Work is split into
+// chunks of 8 hidden units; the calling thread and (for big enough steps) one helper from XLA's
+// intra-op thread pool claim chunks step by step (`Team`). The backward pass fuses a chunk's share of
+// dh_{t-1} = dA_t W_h^T with the next step's gate derivatives of the same units, so either pass has
+// one barrier per step.
+#include <immintrin.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Must match seqjax.cuda's _CELLS (seqjax.onednn's numbering).
+enum Cell : int64_t { kLstm = 0, kGru = 1, kRnnTanh = 3, kRnnRelu = 4 };
+constexpr int gates_of(int64_t cell) { return cell == kLstm ? 4 : cell == kGru ? 3 : 1; }
+constexpr int kU = 8;  // hidden units per chunk: one AVX register
+
+// ------------------------------------------------------------------------------------ vector math
+
+inline __m256 v(float x) { return _mm256_set1_ps(x); }
+
+// tanh: Eigen's 13/6 rational minimax approximation (the one XLA:CPU uses), a few ulp over the whole
+// range; beyond |x| = 7.905 tanh rounds to +-1 in float32.
+inline __m256 tanh8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, v(-7.90531110763549805f)), v(7.90531110763549805f));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = v(-2.76076847742355e-16f);
+  p = _mm256_fmadd_ps(p, x2, v(2.00018790482477e-13f));
+  p = _mm256_fmadd_ps(p, x2, v(-8.60467152213735e-11f));
+  p = _mm256_fmadd_ps(p, x2, v(5.12229709037114e-08f));
+  p = _mm256_fmadd_ps(p, x2, v(1.48572235717979e-05f));
+  p = _mm256_fmadd_ps(p, x2, v(6.37261928875436e-04f));
+  p = _mm256_fmadd_ps(p, x2, v(4.89352455891786e-03f));
+  __m256 q = v(1.19825839466702e-06f);
+  q = _mm256_fmadd_ps(q, x2, v(1.18534705686654e-04f));
+  q = _mm256_fmadd_ps(q, x2, v(2.26843463243900e-03f));
+  q = _mm256_fmadd_ps(q, x2, v(4.89352518554385e-03f));
+  return _mm256_div_ps(_mm256_mul_ps(x, p), q);
+}
+
+// sigmoid(x) = (1 + tanh(x / 2)) / 2: one division, absolute error ~3e-8.
+inline __m256 sigmoid8(__m256 x) { return _mm256_fmadd_ps(tanh8(_mm256_mul_ps(x, v(0.5f))), v(0.5f), v(0.5f)); }
+
+inline __m256 ld(const float* p) { return _mm256_loadu_ps(p); }
+inline void st(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+inline __m256 one_minus(__m256 x) { return _mm256_sub_ps(v(1.f), x); }
+inline __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+
+// ---------------------------------------------------------------------------------- the thread team
+
+// Runs `steps` steps of `chunks` chunks each, in order: every chunk of step s finishes before any chunk
+// of step s + 1 starts. The calling thread claims chunks, and so do `helpers` tasks scheduled on XLA's
+// intra-op pool; a claim names its step, so a helper that starts late (a busy pool) just joins in and one
+// that never starts costs nothing.
+class Team {
+ public:
+  using Work = std::function<void(int step, int chunk)>;
+
+  static void run(int steps, int chunks, int helpers, ffi::ThreadPool* pool, const Work& work) {
+    if (helpers <= 0 || pool == nullptr || pool->num_threads() <= 0) {
+      for (int s = 0; s < steps; ++s)
+        for (int c = 0; c < chunks; ++c) work(s, c);
+      return;
+    }
+    auto state = std::make_shared<State>();
+    state->work = &work;
+    state->chunks = chunks;
+    for (int i = 0; i < helpers; ++i) pool->Schedule([state] { state->help(); });
+    for (int s = 0; s < steps; ++s) {
+      state->next.store(static_cast<int64_t>(s) << kShift, std::memory_order_release);
+      state->claim_all();
+      const int64_t target = static_cast<int64_t>(s + 1) * chunks;
+      for (int spins = 0; state->done.load(std::memory_order_acquire) < target; ++spins) pause(spins);
+    }
+    state->next.store(static_cast<int64_t>(steps) << kShift | kMask, std::memory_order_release);
+    state->stop.store(true, std::memory_order_release);
+    // a helper that claimed nothing may still be reading `next`; it holds `state`, not `work`
+  }
+
+ private:
+  static constexpr int kShift = 24;
+  static constexpr int64_t kMask = (int64_t{1} << kShift) - 1;
+
+  static void pause(int spins) {
+    if (spins < 4096) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();  // an oversubscribed machine: let the thread we wait for run
+    }
+  }
+
+  struct State {
+    const Work* work = nullptr;
+    int chunks = 0;
+    std::atomic<int64_t> next{kMask};  // (step << kShift) | next chunk to claim
+    std::atomic<int64_t> done{0};      // chunks finished, all steps
+    std::atomic<bool> stop{false};
+
+    // Claims chunks of the step `next` names until none is left (compare-and-swap, so the chunk count
+    // never runs past `chunks` into the next step's numbers).
+    void claim_all() {
+      int64_t got = next.load(std::memory_order_acquire);
+      for (;;) {
+        if ((got & kMask) >= chunks) return;
+        if (!next.compare_exchange_weak(got, got + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+        (*work)(static_cast<int>(got >> kShift), static_cast<int>(got & kMask));
+        done.fetch_add(1, std::memory_order_acq_rel);
+        got = next.load(std::memory_order_acquire);
+      }
+    }
+
+    void help() {
+      for (int spins = 0; !stop.load(std::memory_order_acquire); ++spins) {
+        if ((next.load(std::memory_order_acquire) & kMask) < chunks) {
+          claim_all();
+          spins = 0;
+        } else {
+          pause(spins);
+        }
+      }
+    }
+  };
+};
+
+// ----------------------------------------------------------------------------------------- forward
+
+struct ForwardArgs {
+  const float* xs;    // [T, B, I]
+  const float* b;     // [G*H]: the bias of the gates' pre-activations
+  const float* b_hn;  // [H] (GRU) or null
+  const float* h0;    // [B, H]
+  float* ys;          // [T, B, H]
+  float* c;           // [B, H] (LSTM): c_{t-1}, updated in place (the cT result), or null
+  float* act;         // [T, B, G*H] the activated gates (training), or null
+  float* aux;         // [T, B, H] LSTM: c_t, GRU: h_{t-1} W_hn + b_hn (training), or null
+  const float* wx;    // packed W_x: [H/8][I][G][8], unit block, input feature, gate, unit
+  const float* wh;    // packed W_h: [H/8][H][G][8]
+  int T, B, I, H;
+  bool reverse;
+};
+
+// acc[r][gate(g)] += sum_k in[r][k] w[k][g] for R rows of `in` (row stride `stride`), K inputs, G gates.
+template <int R, int G, int A, typename Gate>
+inline void accumulate(__m256 (&acc)[R][A], const float* in, int stride, const float* w, int K, Gate gate) {
+  // Register budget (16): the accumulators plus either all G weight vectors and one broadcast, or all R
+  // broadcasts and one weight vector, whichever fits.
+  constexpr bool weights_first = R * A + G + 1 <= 16;
+  for (int k = 0; k < K; ++k, w += G * kU) {
+    if constexpr (weights_first) {
+      __m256 wk[G];
+#pragma GCC unroll 16
+      for (int g = 0; g < G; ++g) wk[g] = ld(w + g * kU);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m256 xk = _mm256_broadcast_ss(in + r * stride + k);
+#pragma GCC unroll 16
+        for (int g = 0; g < G; ++g) acc[r][gate(g)] = _mm256_fmadd_ps(xk, wk[g], acc[r][gate(g)]);
+      }
+    } else {
+      __m256 xk[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) xk[r] = _mm256_broadcast_ss(in + r * stride + k);
+#pragma GCC unroll 16
+      for (int g = 0; g < G; ++g) {
+        const __m256 wk = ld(w + g * kU);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[r][gate(g)] = _mm256_fmadd_ps(xk[r], wk, acc[r][gate(g)]);
+      }
+    }
+  }
+}
+
+// Rows b0 .. b0+R-1 of step t, units u .. u+7: h_t = cell(x_t W_x + b, h_{t-1} W_h). The GRU keeps a fourth
+// accumulator, x_t W_xn + b_n, apart from h_{t-1} W_hn + b_hn, which its reset gate scales.
+template <int CELL, int R>
+void forward_tile(const ForwardArgs& a, int t, const float* hp, int b0, int u) {
+  constexpr int G = gates_of(CELL), A = CELL == kGru ? 4 : G;
+  const int H = a.H, GH = G * H;
+  __m256 acc[R][A];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+    for (int g = 0; g < G; ++g) acc[r][g] = ld(a.b + g * H + u);
+    if constexpr (CELL == kGru) acc[r][3] = acc[r][2], acc[r][2] = ld(a.b_hn + u);
+  }
+  const int block = u / kU;
+  accumulate<R, G>(acc, a.xs + (static_cast<size_t>(t) * a.B + b0) * a.I, a.I,
+                   a.wx + static_cast<size_t>(block) * a.I * G * kU, a.I,
+                   [](int g) { return CELL == kGru && g == 2 ? 3 : g; });
+  const float* h = hp + static_cast<size_t>(b0) * H;
+  accumulate<R, G>(acc, h, H, a.wh + static_cast<size_t>(block) * H * G * kU, H, [](int g) { return g; });
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const size_t row = static_cast<size_t>(t) * a.B + b0 + r;
+    __m256 h_new;
+    if constexpr (CELL == kLstm) {
+      const __m256 i = sigmoid8(acc[r][0]), f = sigmoid8(acc[r][1]), g = tanh8(acc[r][2]), o = sigmoid8(acc[r][3]);
+      float* cp = a.c + static_cast<size_t>(b0 + r) * H + u;
+      const __m256 c = _mm256_fmadd_ps(f, ld(cp), mul(i, g));
+      st(cp, c);
+      h_new = mul(o, tanh8(c));
+      if (a.act) {
+        float* q = a.act + row * GH + u;
+        st(q, i), st(q + H, f), st(q + 2 * H, g), st(q + 3 * H, o);
+        st(a.aux + row * H + u, c);
+      }
+    } else if constexpr (CELL == kGru) {
+      const __m256 rg = sigmoid8(acc[r][0]), z = sigmoid8(acc[r][1]), hn = acc[r][2];
+      const __m256 n = tanh8(_mm256_fmadd_ps(rg, hn, acc[r][3]));
+      const __m256 hprev = ld(h + r * H + u);
+      h_new = _mm256_fmadd_ps(z, _mm256_sub_ps(hprev, n), n);  // (1 - z) n + z h_{t-1}
+      if (a.act) {
+        float* q = a.act + row * GH + u;
+        st(q, rg), st(q + H, z), st(q + 2 * H, n);
+        st(a.aux + row * H + u, hn);
+      }
+    } else if constexpr (CELL == kRnnTanh) {
+      h_new = tanh8(acc[r][0]);
+    } else {
+      h_new = _mm256_max_ps(acc[r][0], _mm256_setzero_ps());
+    }
+    st(a.ys + row * H + u, h_new);
+  }
+}
+
+// Tile heights: as many rows as keep the R*A accumulators, R broadcasts and a weight vector in the 16 AVX
+// registers.
+template <int CELL>
+constexpr int forward_rows() {
+  return gates_of(CELL) == 1 ? 12 : 3;
+}
+
+template <int CELL, int R>
+void forward_rows_rest(const ForwardArgs& a, int t, const float* hp, int b0, int u, int rows) {
+  if constexpr (R > 0) {
+    if (rows == R) return forward_tile<CELL, R>(a, t, hp, b0, u);
+    forward_rows_rest<CELL, R - 1>(a, t, hp, b0, u, rows);
+  }
+}
+
+template <int CELL>
+void forward_chunk(const ForwardArgs& a, int s, int chunk) {
+  constexpr int R = forward_rows<CELL>();
+  const int t = a.reverse ? a.T - 1 - s : s;
+  const int tp = a.reverse ? t + 1 : t - 1;
+  const float* hp = s == 0 ? a.h0 : a.ys + static_cast<size_t>(tp) * a.B * a.H;
+  const int u = chunk * kU;
+  int b0 = 0;
+  for (; b0 + R <= a.B; b0 += R) forward_tile<CELL, R>(a, t, hp, b0, u);
+  if (b0 < a.B) forward_rows_rest<CELL, R - 1>(a, t, hp, b0, u, a.B - b0);
+}
+
+// W [K, G*H] -> [H/8][K][G][8]
+std::vector<float> pack_forward(const float* w, int K, int H, int G) {
+  std::vector<float> out(static_cast<size_t>(G) * K * H);
+  float* o = out.data();
+  for (int u = 0; u < H; u += kU)
+    for (int k = 0; k < K; ++k)
+      for (int g = 0; g < G; ++g, o += kU) std::memcpy(o, w + static_cast<size_t>(k) * G * H + g * H + u, kU * 4);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------- backward
+
+struct BackwardArgs {
+  const float* dys;  // [T, B, H]
+  const float* ys;   // [T, B, H]
+  const float* h0;   // [B, H]
+  const float* c0;   // [B, H] (LSTM) or null
+  const float* act;  // [T, B, G*H] from the forward pass (LSTM, GRU) or null
+  const float* aux;  // [T, B, H] from the forward pass (LSTM, GRU) or null
+  float* dpx;        // [T, B, G*H]: the gradient of px
+  float* dghn;       // [T, B, H] (GRU): the gradient of h_{t-1} W_hn + b_hn, or null
+  float* dh;         // [B, H]: the gradient reaching h_t from step t+1 (starts as dhT; ends as dh0)
+  float* dc;         // [B, H] (LSTM): the gradient reaching c_t (starts as dcT; ends as dc0), or null
+  float* dhz;        // [B, H] (GRU): dh_t z_t, the direct path to h_{t-1}, or null
+  float* dg;         // GRU: [2][B, G*H], the recurrent GEMM's output gradient of two steps, or null
+  const float* wt;   // packed W_h^T: [H/8][G*H][8], output unit block, gate column, output unit
+  int T, B, H;
+  bool reverse;
+};
+
+// The gate derivatives of backward step s (forward step t) for units u .. u+7, all rows.
+template <int CELL>
+void gate_grads(const BackwardArgs& a, int s, int u) {
+  constexpr int G = gates_of(CELL);
+  const int H = a.H, GH = G * H, B = a.B;
+  const int t = a.reverse ? s : a.T - 1 - s;
+  const int tp = a.reverse ? t + 1 : t - 1;
+  const bool first = tp < 0 || tp >= a.T;
+  for (int b = 0; b < B; ++b) {
+    const size_t row = static_cast<size_t>(t) * B + b, prow = static_cast<size_t>(tp) * B + b;
+    const size_t bu = static_cast<size_t>(b) * H + u;
+    const __m256 dh = _mm256_add_ps(ld(a.dh + bu), ld(a.dys + row * H + u));
+    float* dpx = a.dpx + row * GH + u;
+    if constexpr (CELL == kLstm) {
+      const float* q = a.act + row * GH + u;
+      const __m256 i = ld(q), f = ld(q + H), g = ld(q + 2 * H), o = ld(q + 3 * H);
+      const __m256 tc = tanh8(ld(a.aux + row * H + u));
+      const __m256 cprev = first ? ld(a.c0 + bu) : ld(a.aux + prow * H + u);
+      const __m256 dcc = _mm256_fmadd_ps(mul(dh, o), one_minus(mul(tc, tc)), ld(a.dc + bu));
+      st(dpx, mul(mul(dcc, g), mul(i, one_minus(i))));
+      st(dpx + H, mul(mul(dcc, cprev), mul(f, one_minus(f))));
+      st(dpx + 2 * H, mul(mul(dcc, i), one_minus(mul(g, g))));
+      st(dpx + 3 * H, mul(mul(dh, tc), mul(o, one_minus(o))));
+      st(a.dc + bu, mul(dcc, f));
+    } else if constexpr (CELL == kGru) {
+      const float* q = a.act + row * GH + u;
+      const __m256 rg = ld(q), z = ld(q + H), n = ld(q + 2 * H);
+      const __m256 hprev = first ? ld(a.h0 + bu) : ld(a.ys + prow * H + u);
+      const __m256 dn = mul(mul(dh, one_minus(z)), one_minus(mul(n, n)));
+      const __m256 dr = mul(mul(dn, ld(a.aux + row * H + u)), mul(rg, one_minus(rg)));
+      const __m256 dz = mul(mul(dh, _mm256_sub_ps(hprev, n)), mul(z, one_minus(z)));
+      const __m256 dhn = mul(dn, rg);
+      st(dpx, dr), st(dpx + H, dz), st(dpx + 2 * H, dn);
+      st(a.dghn + row * H + u, dhn);
+      float* dg = a.dg + (static_cast<size_t>(s & 1) * B + b) * GH + u;
+      st(dg, dr), st(dg + H, dz), st(dg + 2 * H, dhn);
+      st(a.dhz + bu, mul(dh, z));
+    } else {
+      const __m256 y = ld(a.ys + row * H + u);
+      const __m256 d = CELL == kRnnTanh ? one_minus(mul(y, y))
+                                         : _mm256_and_ps(_mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GT_OQ), v(1.f));
+      st(dpx, mul(dh, d));
+    }
+  }
+}
+
+// dh[b0 .. b0+R-1, u .. u+7] = dA_s W_h^T (+ dh_s z_s for the GRU), dA_s the recurrent GEMM's output gradient.
+template <int CELL, int R>
+void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int u) {
+  constexpr int G = gates_of(CELL);
+  const int GH = G * a.H;
+  __m256 acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = CELL == kGru ? ld(a.dhz + static_cast<size_t>(b0 + r) * a.H + u) : v(0.f);
+  const float* w = a.wt + static_cast<size_t>(u) * GH;
+  const float* d = da + static_cast<size_t>(b0) * GH;
+  for (int k = 0; k < GH; ++k, w += kU) {
+    const __m256 wk = ld(w);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(d + r * GH + k), wk, acc[r]);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) st(a.dh + static_cast<size_t>(b0 + r) * a.H + u, acc[r]);
+}
+
+template <int CELL, int R>
+void recurrent_rows_rest(const BackwardArgs& a, const float* da, int b0, int u, int rows) {
+  if constexpr (R > 0) {
+    if (rows == R) return recurrent_tile<CELL, R>(a, da, b0, u);
+    recurrent_rows_rest<CELL, R - 1>(a, da, b0, u, rows);
+  }
+}
+
+// Step s of the team: chunk u's part of dh_{t-1} = dA_t W_h^T, then its units' gate derivatives of
+// step s + 1 (which need only those dh entries). Step 0 computes only the gate derivatives of step 0.
+template <int CELL>
+void backward_chunk(const BackwardArgs& a, int s, int chunk) {
+  constexpr int R = 12;
+  const int u = chunk * kU;
+  if (s > 0) {
+    const int prev = s - 1, t = a.reverse ? prev : a.T - 1 - prev;
+    const float* da = CELL == kGru ? a.dg + static_cast<size_t>(prev & 1) * a.B * gates_of(CELL) * a.H
+                                   : a.dpx + static_cast<size_t>(t) * a.B * gates_of(CELL) * a.H;
+    int b0 = 0;
+    for (; b0 + R <= a.B; b0 += R) recurrent_tile<CELL, R>(a, da, b0, u);
+    if (b0 < a.B) recurrent_rows_rest<CELL, R - 1>(a, da, b0, u, a.B - b0);
+  }
+  if (s < a.T) gate_grads<CELL>(a, s, u);
+}
+
+// W_h [H, G*H] -> [H/8][G*H][8]
+std::vector<float> pack_backward(const float* w_h, int H, int G) {
+  std::vector<float> out(static_cast<size_t>(G) * H * H);
+  float* o = out.data();
+  const int GH = G * H;
+  for (int u = 0; u < H; u += kU)
+    for (int k = 0; k < GH; ++k, o += kU)
+      for (int j = 0; j < kU; ++j) o[j] = w_h[static_cast<size_t>(u + j) * GH + k];
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------ handlers
+
+template <typename Buf>
+const float* ptr_or_null(const Buf& b) {
+  return b.element_count() ? b.typed_data() : nullptr;
+}
+template <typename Buf>
+float* out_or_null(Buf& b) {
+  return b->element_count() ? b->typed_data() : nullptr;
+}
+
+// Helpers to ask for: `threads` - 1 if given, else one where a step has enough work to pay for a barrier.
+int helpers_for(int64_t threads, int64_t flops_per_step) {
+  if (threads > 0) return static_cast<int>(threads) - 1;
+  return flops_per_step >= (int64_t{1} << 19) ? 1 : 0;
+}
+
+ffi::Error check(int64_t cell, int H) {
+  if (cell != kLstm && cell != kGru && cell != kRnnTanh && cell != kRnnRelu)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "seqjax avx2: unknown cell " + std::to_string(cell));
+  if (H % kU != 0)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "seqjax avx2: the hidden size must be a multiple of 8, got " + std::to_string(H));
+  return ffi::Error::Success();
+}
+
+template <typename Fn>
+void dispatch(int64_t cell, Fn fn) {
+  switch (cell) {
+    case kLstm: return fn(std::integral_constant<int, kLstm>());
+    case kGru: return fn(std::integral_constant<int, kGru>());
+    case kRnnTanh: return fn(std::integral_constant<int, kRnnTanh>());
+    default: return fn(std::integral_constant<int, kRnnRelu>());
+  }
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
+                       ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_hn,
+                       ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> ys,
+                       ffi::ResultBuffer<ffi::F32> hT, ffi::ResultBuffer<ffi::F32> cT,
+                       ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> aux, int64_t cell,
+                       bool reverse, int64_t threads) {
+  const auto dims = xs.dimensions();
+  const int T = static_cast<int>(dims[0]), B = static_cast<int>(dims[1]), I = static_cast<int>(dims[2]);
+  const int H = static_cast<int>(h0.dimensions()[1]);
+  if (auto e = check(cell, H); e.failure()) return e;
+  const int G = gates_of(cell);
+  const size_t BH = static_cast<size_t>(B) * H;
+  float* c = out_or_null(cT);
+  if (c) std::memcpy(c, c0.typed_data(), BH * 4);
+  if (T == 0) {
+    std::memcpy(hT->typed_data(), h0.typed_data(), BH * 4);
+    return ffi::Error::Success();
+  }
+  const std::vector<float> wx = pack_forward(w_x.typed_data(), I, H, G), wh = pack_forward(w_h.typed_data(), H, H, G);
+  ForwardArgs a{xs.typed_data(), b.typed_data(), ptr_or_null(b_hn), h0.typed_data(), ys->typed_data(), c,
+                out_or_null(act), out_or_null(aux), wx.data(), wh.data(), T, B, I, H, reverse};
+  const int helpers = helpers_for(threads, int64_t{2} * B * (I + H) * G * H);
+  dispatch(cell, [&](auto kind) {
+    Team::run(T, H / kU, helpers, &pool, [&](int s, int chunk) { forward_chunk<decltype(kind)::value>(a, s, chunk); });
+  });
+  const int last = reverse ? 0 : T - 1;
+  std::memcpy(hT->typed_data(), a.ys + static_cast<size_t>(last) * BH, BH * 4);
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dhT,
+                        ffi::Buffer<ffi::F32> dcT, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> ys,
+                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> act,
+                        ffi::Buffer<ffi::F32> aux, ffi::ResultBuffer<ffi::F32> dpx,
+                        ffi::ResultBuffer<ffi::F32> dghn, ffi::ResultBuffer<ffi::F32> dh0,
+                        ffi::ResultBuffer<ffi::F32> dc0, int64_t cell, bool reverse, int64_t threads) {
+  const auto dims = dys.dimensions();
+  const int T = static_cast<int>(dims[0]), B = static_cast<int>(dims[1]), H = static_cast<int>(dims[2]);
+  if (auto e = check(cell, H); e.failure()) return e;
+  const int G = gates_of(cell);
+  const size_t BH = static_cast<size_t>(B) * H;
+  float* dc = out_or_null(dc0);
+  if (dc) std::memcpy(dc, dcT.typed_data(), BH * 4);
+  std::memcpy(dh0->typed_data(), dhT.typed_data(), BH * 4);
+  if (T == 0) return ffi::Error::Success();
+  const std::vector<float> wt = pack_backward(w_h.typed_data(), H, G);
+  std::vector<float> gru_scratch(cell == kGru ? BH + 2 * BH * G : 0);
+  float* dhz = cell == kGru ? gru_scratch.data() : nullptr;
+  BackwardArgs a{dys.typed_data(), ys.typed_data(), h0.typed_data(), ptr_or_null(c0), ptr_or_null(act),
+                 ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh0->typed_data(), dc, dhz,
+                 dhz ? dhz + BH : nullptr, wt.data(), T, B, H, reverse};
+  const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
+  dispatch(cell, [&](auto kind) {
+    Team::run(T + 1, H / kU, helpers, &pool, [&](int s, int chunk) { backward_chunk<decltype(kind)::value>(a, s, chunk); });
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxAvx2RnnForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_hn
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hT
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // cT
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // act
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // aux
+                                  .Attr<int64_t>("cell")
+                                  .Attr<bool>("reverse")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxAvx2RnnBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dys
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dhT
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dcT
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_h
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ys
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // act
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // aux
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dpx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dghn
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dc0
+                                  .Attr<int64_t>("cell")
+                                  .Attr<bool>("reverse")
+                                  .Attr<int64_t>("threads"));

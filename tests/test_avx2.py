@@ -1,0 +1,147 @@
+"""The AVX2 kernels (seqjax.avx2, kernel="avx2"): numerics against NumPy, XLA's loop and finite differences,
+thread-count and jit/vmap invariants, routing and errors. Skipped where the CPU lacks AVX2/FMA or no C++
+compiler is here."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import seqjax
+from seqjax import avx2, native
+from test_cuda import KINDS, _numpy_scan, _setup
+
+pytestmark = pytest.mark.skipif(not native.avx2_installed() or jax.default_backend() != "cpu",
+                                reason="needs an x86-64 CPU with AVX2 and FMA, a C++ compiler and the CPU backend")
+SHAPES = [(3, 7, 5, 16), (13, 6, 4, 24), (1, 3, 2, 8), (5, 9, 3, 64)]  # (B, T, I, H): tile remainders, one chunk
+
+
+def _run(kind, params, xs, carry, reverse, threads):
+    final, ys = jax.jit(lambda p, x, c: avx2.avx2_scan(kind, p, x, c, reverse, threads=threads))(
+        params, jnp.swapaxes(xs, 0, 1), carry)
+    return final, jnp.swapaxes(ys, 0, 1)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("B, T, I, H", SHAPES)
+def test_forward_matches_numpy(kind, reverse, B, T, I, H):
+    cell, params, xs, carry = _setup(kind, B, T, I, H)
+    final, ys = _run(kind, params, xs, carry, reverse, threads=2)
+    want_final, want_ys = _numpy_scan(kind, params, xs, carry, reverse)
+    np.testing.assert_allclose(ys, want_ys, rtol=2e-5, atol=2e-5)
+    for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(want_final)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("B, T, I, H", SHAPES[:2] + [(16, 40, 8, 128)])
+def test_gradients_match_xla(kind, reverse, B, T, I, H):
+    cell, params, xs, carry = _setup(kind, B, T, I, H, seed=1)
+    w = jax.random.normal(jax.random.key(7), (B, T, H))
+
+    def loss(kernel):
+        def f(p, x, c):
+            final, ys = seqjax.scan(cell, p, x, carry=c, reverse=reverse, kernel=kernel)
+            return jnp.sum(ys * w) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(final))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
+    got, want = loss("avx2")(params, xs, carry), loss("xla")(params, xs, carry)
+    for path, g, r in zip(range(99), jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(r)))),
+                                   err_msg=f"leaf {path}")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gradients_match_finite_differences(kind):
+    cell, params, xs, carry = _setup(kind, 2, 5, 3, 8, seed=2)
+    loss = lambda p, x, c: jnp.sum(jnp.cos(seqjax.scan(cell, p, x, carry=c, kernel="avx2")[1]))  # noqa: E731
+    jax.test_util.check_grads(loss, (params, xs, carry), order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_thread_count_does_not_change_a_bit(kind):
+    """Each chunk of 8 units is computed the same way whichever thread claims it."""
+    cell, params, xs, carry = _setup(kind, 7, 30, 4, 64, seed=3)
+    one, two = _run(kind, params, xs, carry, False, 1), _run(kind, params, xs, carry, False, 2)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_array_equal(a, b)
+    grad = lambda threads: jax.grad(lambda p: jnp.sum(_run(kind, p, xs, carry, True, threads)[1] ** 2))(params)  # noqa: E731
+    for a, b in zip(jax.tree.leaves(grad(1)), jax.tree.leaves(grad(2))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_jit_vmap_and_layers_agree():
+    cell, params, xs, carry = _setup("lstm", 4, 12, 3, 16, seed=4)
+    run = lambda x: seqjax.scan(cell, params, x, kernel="avx2")[1]  # noqa: E731
+    eager = run(xs)
+    np.testing.assert_array_equal(jax.jit(run)(xs), eager)
+    per_row = jax.vmap(lambda x: run(x[None])[0])(xs)
+    np.testing.assert_allclose(per_row, eager, rtol=1e-6, atol=1e-6)
+    make = lambda kernel: seqjax.bidirectional(seqjax.gru(16), kernel=kernel)  # noqa: E731
+    bp = make("xla").init(jax.random.key(5), 3)
+    got = make("avx2").apply(bp, xs)[1]
+    assert "seqjax_avx2_rnn_forward" in str(jax.make_jaxpr(lambda p, x: make("avx2").apply(p, x)[1])(bp, xs))
+    np.testing.assert_allclose(got, make("xla").apply(bp, xs)[1], rtol=1e-5, atol=1e-6)
+
+
+def _targets(cell, params, xs, **kw):
+    return str(jax.make_jaxpr(lambda p, x: seqjax.scan(cell, p, x, **kw)[1])(params, xs))
+
+
+def test_auto_takes_the_kernels_where_they_apply():
+    assert avx2.AUTO
+    cell, params, xs, _ = _setup("gru", 4, 20, 3, 32)
+    assert "seqjax_avx2_rnn_forward" in _targets(cell, params, xs)
+    assert "seqjax_avx2" not in _targets(cell, params, xs, kernel="xla")
+    assert "seqjax_avx2" not in _targets(cell, params, xs, lengths=jnp.array([20, 3, 0, 9]))
+    assert "seqjax_avx2" not in _targets(cell, params, xs, backward="autodiff")
+    assert "seqjax_avx2" not in _targets(cell, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), xs)
+    odd, odd_params, _, _ = _setup("lstm", 4, 20, 3, 12)
+    assert "seqjax_avx2" not in _targets(odd, odd_params, xs)
+    peep = seqjax.lstm(16, peepholes=True)
+    assert "seqjax_avx2" not in _targets(peep, peep.init(jax.random.key(0), 3), xs)
+
+
+@pytest.mark.parametrize("make_cell, kwargs, message", [
+    (lambda: seqjax.lstm(16), dict(lengths=jnp.array([3, 1])), "the native kernels have no per-sequence lengths"),
+    (lambda: seqjax.lstm(12), {}, "need a hidden size that is a multiple of 8, got 12"),
+    (lambda: seqjax.lstm(16, peepholes=True), {}, "the AVX2 kernels have no form of"),
+    (lambda: seqjax.gru(16, reset_after=False), {}, "the AVX2 kernels have no form of"),
+    (lambda: seqjax.rnn(16), dict(remat=True), "remat=True"),
+])
+def test_avx2_refuses_what_it_cannot_run(make_cell, kwargs, message):
+    cell = make_cell()
+    params = cell.init(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match=f"kernel='avx2' cannot run this call: .*{message}"):
+        seqjax.scan(cell, params, jnp.ones((2, 3, 3)), kernel="avx2", **kwargs)
+
+
+def test_direct_entry_point_checks_its_arguments():
+    cell, params, xs, carry = _setup("rnn_tanh", 2, 3, 3, 8)
+    xs_tm = jnp.swapaxes(xs, 0, 1)
+    with pytest.raises(ValueError, match="kind must be one of .*got 'lstmp'"):
+        avx2.avx2_scan("lstmp", params, xs_tm, carry)
+    with pytest.raises(ValueError, match="threads must be 0 .*, 1 or 2, got 3"):
+        avx2.avx2_scan("rnn_tanh", params, xs_tm, carry, threads=3)
+
+
+def test_a_cpu_without_avx2_is_named(monkeypatch):
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"sse2", "fma"})
+    with pytest.raises(native.NativeUnavailable, match="needs an x86-64 CPU with AVX2 and FMA; .* without avx2"):
+        native._avx2_toolchain()
+
+
+def test_auto_falls_back_to_xla_with_a_warning_when_the_kernels_do_not_load(monkeypatch):
+    def unusable():
+        raise native.NativeUnavailable("no kernels in this test")
+    monkeypatch.setattr(native, "load_avx2", unusable)
+    native.avx2_usable.cache_clear()
+    try:
+        cell, params, xs, _ = _setup("lstm", 2, 4, 3, 16)
+        with pytest.warns(RuntimeWarning, match="unusable, using XLA's loop instead: no kernels in this test"):
+            assert "seqjax_avx2" not in _targets(cell, params, xs)
+        with pytest.raises(native.NativeUnavailable, match="no kernels in this test"):
+            seqjax.scan(cell, params, xs, kernel="avx2")
+    finally:
+        native.avx2_usable.cache_clear()
