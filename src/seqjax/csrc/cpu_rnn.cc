@@ -12,6 +12,7 @@
 // one barrier per step.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -109,9 +110,10 @@ class Team {
   struct State {
     const Work* work = nullptr;
     int chunks = 0;
-    std::atomic<int64_t> next{kMask};  // (step << kShift) | next chunk to claim
-    std::atomic<int64_t> done{0};      // chunks finished, all steps
-    std::atomic<bool> stop{false};
+    // each on its own cache line: the threads write them at every claim
+    alignas(64) std::atomic<int64_t> next{kMask};  // (step << kShift) | next chunk to claim
+    alignas(64) std::atomic<int64_t> done{0};      // chunks finished, all steps
+    alignas(64) std::atomic<bool> stop{false};
 
     // Claims chunks of the step `next` names until none is left (compare-and-swap, so the chunk count
     // never runs past `chunks` into the next step's numbers).
@@ -291,11 +293,30 @@ struct BackwardArgs {
   float* dh;         // [B, H]: the gradient reaching h_t from step t+1 (starts as dhT; ends as dh0)
   float* dc;         // [B, H] (LSTM): the gradient reaching c_t (starts as dcT; ends as dc0), or null
   float* dhz;        // [B, H] (GRU): dh_t z_t, the direct path to h_{t-1}, or null
-  float* dg;         // GRU: [2][B, G*H], the recurrent GEMM's output gradient of two steps, or null
+  float* dap;        // [2][ceil(B/kRows)][G*H][kRows]: the recurrent GEMM's output gradient of two steps,
+                     // packed by tiles of kRows batch rows (rows past B stay zero)
   const float* wt;   // packed W_h^T: [H/8][G*H][8], output unit block, gate column, output unit
   int T, B, H;
   bool reverse;
 };
+
+// Batch rows per tile of the backward recurrent GEMM: 8 broadcasts and a weight load per 8 FMAs cost about
+// what 12 do per 12, and 8 pads common batch sizes less.
+constexpr int kRows = 8;
+
+// Writes row b's gradient of the recurrent GEMM's output, gates g at units u .. u+7, into the packed dA of
+// step s: in a tile the kRows values of one column are contiguous, so the GEMM broadcasts from one line.
+template <int G>
+inline void pack_da(const BackwardArgs& a, int s, int b, int u, const __m256 (&d)[G]) {
+  const int GH = G * a.H, tiles = (a.B + kRows - 1) / kRows;
+  float* tile = a.dap + ((static_cast<size_t>(s & 1) * tiles + b / kRows) * GH + u) * kRows + b % kRows;
+  alignas(32) float tmp[kU];
+  for (int g = 0; g < G; ++g) {
+    _mm256_store_ps(tmp, d[g]);
+    float* col = tile + static_cast<size_t>(g) * a.H * kRows;
+    for (int j = 0; j < kU; ++j) col[j * kRows] = tmp[j];
+  }
+}
 
 // The gate derivatives of backward step s (forward step t) for units u .. u+7, all rows.
 template <int CELL>
@@ -316,10 +337,10 @@ void gate_grads(const BackwardArgs& a, int s, int u) {
       const __m256 tc = tanh8(ld(a.aux + row * H + u));
       const __m256 cprev = first ? ld(a.c0 + bu) : ld(a.aux + prow * H + u);
       const __m256 dcc = _mm256_fmadd_ps(mul(dh, o), one_minus(mul(tc, tc)), ld(a.dc + bu));
-      st(dpx, mul(mul(dcc, g), mul(i, one_minus(i))));
-      st(dpx + H, mul(mul(dcc, cprev), mul(f, one_minus(f))));
-      st(dpx + 2 * H, mul(mul(dcc, i), one_minus(mul(g, g))));
-      st(dpx + 3 * H, mul(mul(dh, tc), mul(o, one_minus(o))));
+      const __m256 d[4] = {mul(mul(dcc, g), mul(i, one_minus(i))), mul(mul(dcc, cprev), mul(f, one_minus(f))),
+                           mul(mul(dcc, i), one_minus(mul(g, g))), mul(mul(dh, tc), mul(o, one_minus(o)))};
+      st(dpx, d[0]), st(dpx + H, d[1]), st(dpx + 2 * H, d[2]), st(dpx + 3 * H, d[3]);
+      pack_da<4>(a, s, b, u, d);
       st(a.dc + bu, mul(dcc, f));
     } else if constexpr (CELL == kGru) {
       const float* q = a.act + row * GH + u;
@@ -331,58 +352,50 @@ void gate_grads(const BackwardArgs& a, int s, int u) {
       const __m256 dhn = mul(dn, rg);
       st(dpx, dr), st(dpx + H, dz), st(dpx + 2 * H, dn);
       st(a.dghn + row * H + u, dhn);
-      float* dg = a.dg + (static_cast<size_t>(s & 1) * B + b) * GH + u;
-      st(dg, dr), st(dg + H, dz), st(dg + 2 * H, dhn);
+      const __m256 d[3] = {dr, dz, dhn};
+      pack_da<3>(a, s, b, u, d);
       st(a.dhz + bu, mul(dh, z));
     } else {
       const __m256 y = ld(a.ys + row * H + u);
       const __m256 d = CELL == kRnnTanh ? one_minus(mul(y, y))
                                          : _mm256_and_ps(_mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GT_OQ), v(1.f));
-      st(dpx, mul(dh, d));
+      const __m256 da[1] = {mul(dh, d)};
+      st(dpx, da[0]);
+      pack_da<1>(a, s, b, u, da);
     }
   }
 }
 
-// dh[b0 .. b0+R-1, u .. u+7] = dA_s W_h^T (+ dh_s z_s for the GRU), dA_s the recurrent GEMM's output gradient.
-template <int CELL, int R>
-void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int u) {
+// dh[b0 .. b0+rows-1, u .. u+7] = dA W_h^T (+ dh z for the GRU), dA one packed tile of the recurrent GEMM's
+// output gradient ([G*H][kRows]).
+template <int CELL>
+void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int rows, int u) {
   constexpr int G = gates_of(CELL);
   const int GH = G * a.H;
-  __m256 acc[R];
+  __m256 acc[kRows];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) acc[r] = CELL == kGru ? ld(a.dhz + static_cast<size_t>(b0 + r) * a.H + u) : v(0.f);
+  for (int r = 0; r < kRows; ++r)
+    acc[r] = CELL == kGru && r < rows ? ld(a.dhz + static_cast<size_t>(b0 + r) * a.H + u) : v(0.f);
   const float* w = a.wt + static_cast<size_t>(u) * GH;
-  const float* d = da + static_cast<size_t>(b0) * GH;
-  for (int k = 0; k < GH; ++k, w += kU) {
+  for (int k = 0; k < GH; ++k, w += kU, da += kRows) {
     const __m256 wk = ld(w);
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(d + r * GH + k), wk, acc[r]);
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(da + r), wk, acc[r]);
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) st(a.dh + static_cast<size_t>(b0 + r) * a.H + u, acc[r]);
-}
-
-template <int CELL, int R>
-void recurrent_rows_rest(const BackwardArgs& a, const float* da, int b0, int u, int rows) {
-  if constexpr (R > 0) {
-    if (rows == R) return recurrent_tile<CELL, R>(a, da, b0, u);
-    recurrent_rows_rest<CELL, R - 1>(a, da, b0, u, rows);
-  }
+  for (int r = 0; r < kRows; ++r)
+    if (r < rows) st(a.dh + static_cast<size_t>(b0 + r) * a.H + u, acc[r]);
 }
 
 // Step s of the team: chunk u's part of dh_{t-1} = dA_t W_h^T, then its units' gate derivatives of
 // step s + 1 (which need only those dh entries). Step 0 computes only the gate derivatives of step 0.
 template <int CELL>
 void backward_chunk(const BackwardArgs& a, int s, int chunk) {
-  constexpr int R = 12;
-  const int u = chunk * kU;
+  const int u = chunk * kU, GH = gates_of(CELL) * a.H, tiles = (a.B + kRows - 1) / kRows;
   if (s > 0) {
-    const int prev = s - 1, t = a.reverse ? prev : a.T - 1 - prev;
-    const float* da = CELL == kGru ? a.dg + static_cast<size_t>(prev & 1) * a.B * gates_of(CELL) * a.H
-                                   : a.dpx + static_cast<size_t>(t) * a.B * gates_of(CELL) * a.H;
-    int b0 = 0;
-    for (; b0 + R <= a.B; b0 += R) recurrent_tile<CELL, R>(a, da, b0, u);
-    if (b0 < a.B) recurrent_rows_rest<CELL, R - 1>(a, da, b0, u, a.B - b0);
+    const float* da = a.dap + static_cast<size_t>((s - 1) & 1) * tiles * GH * kRows;
+    for (int b0 = 0; b0 < a.B; b0 += kRows, da += static_cast<size_t>(GH) * kRows)
+      recurrent_tile<CELL>(a, da, b0, std::min(kRows, a.B - b0), u);
   }
   if (s < a.T) gate_grads<CELL>(a, s, u);
 }
@@ -480,11 +493,12 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   std::memcpy(dh0->typed_data(), dhT.typed_data(), BH * 4);
   if (T == 0) return ffi::Error::Success();
   const std::vector<float> wt = pack_backward(w_h.typed_data(), H, G);
-  std::vector<float> gru_scratch(cell == kGru ? BH + 2 * BH * G : 0);
-  float* dhz = cell == kGru ? gru_scratch.data() : nullptr;
+  std::vector<float> dhz_buffer(cell == kGru ? BH : 0);
+  float* dhz = cell == kGru ? dhz_buffer.data() : nullptr;
+  std::vector<float> dap(2 * static_cast<size_t>((B + kRows - 1) / kRows) * kRows * G * H, 0.f);
   BackwardArgs a{dys.typed_data(), ys.typed_data(), h0.typed_data(), ptr_or_null(c0), ptr_or_null(act),
                  ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh0->typed_data(), dc, dhz,
-                 dhz ? dhz + BH : nullptr, wt.data(), T, B, H, reverse};
+                 dap.data(), wt.data(), T, B, H, reverse};
   const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
   dispatch(cell, [&](auto kind) {
     Team::run(T + 1, H / kU, helpers, &pool, [&](int s, int chunk) { backward_chunk<decltype(kind)::value>(a, s, chunk); });
