@@ -44,6 +44,8 @@ def seqjax_builder(**scan_kwargs):
     def build(cell_name, B, T, I, H, key):
         if scan_kwargs.get("kernel") == "onednn":
             seqjax.native.load_onednn()  # NativeUnavailable (a RuntimeError): skipped with a note
+        if scan_kwargs.get("kernel") == "avx2":
+            seqjax.native.load_avx2()
         cell = {"lstm": lambda: seqjax.lstm(H, forget_bias=0.0), "gru": lambda: seqjax.gru(H),
                 "rnn": lambda: seqjax.rnn(H)}[cell_name]()
         params = cell.init(key, I)
@@ -153,6 +155,7 @@ VARIANTS = {  # --variants: seqjax.scan options worth comparing with the default
     "autodiff-no-hoist": dict(backward="autodiff", hoist=False),
     "xla": dict(kernel="xla"),
     "onednn": dict(kernel="onednn"),
+    "avx2": dict(kernel="avx2"),
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import seqjax
 from seqjax import avx2, native
-from test_cuda import KINDS, _numpy_scan, _setup
+from test_cuda import KINDS, _numpy_scan, _setup, assert_gradients_match_xla
 
 pytestmark = pytest.mark.skipif(not native.avx2_installed() or jax.default_backend() != "cpu",
                                 reason="needs an x86-64 CPU with AVX2 and FMA, a C++ compiler and the CPU backend")
@@ -37,19 +37,7 @@ def test_forward_matches_numpy(kind, reverse, B, T, I, H):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("B, T, I, H", SHAPES[:2] + [(16, 40, 8, 128)])
 def test_gradients_match_xla(kind, reverse, B, T, I, H):
-    cell, params, xs, carry = _setup(kind, B, T, I, H, seed=1)
-    w = jax.random.normal(jax.random.key(7), (B, T, H))
-
-    def loss(kernel):
-        def f(p, x, c):
-            final, ys = seqjax.scan(cell, p, x, carry=c, reverse=reverse, kernel=kernel)
-            return jnp.sum(ys * w) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(final))
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
-
-    got, want = loss("avx2")(params, xs, carry), loss("xla")(params, xs, carry)
-    for path, g, r in zip(range(99), jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(r)))),
-                                   err_msg=f"leaf {path}")
+    assert_gradients_match_xla("avx2", *_setup(kind, B, T, I, H, seed=1), reverse)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

@@ -144,8 +144,14 @@ def test_forward_matches_numpy(kind, reverse, B, T, I, H, cluster):
 @pytest.mark.parametrize("B, T, I, H, cluster", [(3, 7, 5, 16, 0), (5, 9, 3, 64, 4), (16, 40, 8, 128, 0),
                                                   (2, 5, 3, 256, 16)])
 def test_gradients_match_xla(kind, reverse, B, T, I, H, cluster):
-    cell, params, xs, carry = _setup(kind, B, T, I, H, seed=1)
-    w = jax.random.normal(jax.random.key(7), (B, T, H))
+    with jax.default_matmul_precision("highest"):
+        assert_gradients_match_xla("cuda", *_setup(kind, B, T, I, H, seed=1), reverse)
+
+
+def assert_gradients_match_xla(kernel, cell, params, xs, carry, reverse):
+    """The loss's value and gradients (params, xs, carry) through ``kernel`` match XLA's loop's (autodiff)."""
+    B, T, _ = xs.shape
+    w = jax.random.normal(jax.random.key(7), (B, T, cell.hidden_size))
 
     def loss(kernel):
         def f(p, x, c):
@@ -153,8 +159,7 @@ def test_gradients_match_xla(kind, reverse, B, T, I, H, cluster):
             return jnp.sum(ys * w) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(final))
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
 
-    with jax.default_matmul_precision("highest"):
-        got, want = loss("cuda")(params, xs, carry), loss("xla")(params, xs, carry)
+    got, want = loss(kernel)(params, xs, carry), loss("xla")(params, xs, carry)
     for path, g, r in zip(range(99), jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(r)))),
                                    err_msg=f"leaf {path}")

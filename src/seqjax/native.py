@@ -133,6 +133,14 @@ def _cached_build(stem: str, source: Path, command, version: bytes, what: str, d
     return target
 
 
+def _register(lib: ctypes.CDLL, target: str, symbol: str, platform: str) -> ctypes.CDLL:
+    """Registers ``lib``'s handlers ``<symbol>Forward/Backward`` as the FFI targets ``<target>_forward/_backward``."""
+    for step in ("forward", "backward"):
+        handler = getattr(lib, symbol + step.capitalize())
+        jax.ffi.register_ffi_target(f"{target}_{step}", jax.ffi.pycapsule(handler), platform=platform)
+    return lib
+
+
 @functools.cache
 def load_onednn() -> ctypes.CDLL:
     """The oneDNN kernel library, built if needed, with its FFI targets registered for the CPU.
@@ -147,10 +155,7 @@ def load_onednn() -> ctypes.CDLL:
     lib.seqjax_onednn_workspace_bytes.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_int] * 3 + [
         ctypes.c_char_p, ctypes.c_int64]
     lib.seqjax_onednn_version.restype = ctypes.c_char_p
-    for name, symbol in [("seqjax_onednn_rnn_forward", lib.SeqjaxOnednnRnnForward),
-                         ("seqjax_onednn_rnn_backward", lib.SeqjaxOnednnRnnBackward)]:
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
-    return lib
+    return _register(lib, "seqjax_onednn_rnn", "SeqjaxOnednnRnn", "cpu")
 
 
 @functools.cache
@@ -228,10 +233,7 @@ def load_cuda() -> ctypes.CDLL:
     for planner in (lib.seqjax_cuda_plan, lib.seqjax_cuda_plan_model):
         planner.restype = ctypes.c_int
         planner.argtypes = [ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int64]
-    for name, symbol in [("seqjax_cuda_rnn_forward", lib.SeqjaxCudaRnnForward),
-                         ("seqjax_cuda_rnn_backward", lib.SeqjaxCudaRnnBackward)]:
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="CUDA")
-    return lib
+    return _register(lib, "seqjax_cuda_rnn", "SeqjaxCudaRnn", "CUDA")
 
 
 @functools.cache
@@ -294,11 +296,7 @@ def load_avx2() -> ctypes.CDLL:
     Raises:
       NativeUnavailable: the CPU lacks AVX2/FMA, the compiler is missing, or the build failed.
     """
-    lib = ctypes.CDLL(str(build_avx2()))
-    for name, symbol in [("seqjax_avx2_rnn_forward", lib.SeqjaxAvx2RnnForward),
-                         ("seqjax_avx2_rnn_backward", lib.SeqjaxAvx2RnnBackward)]:
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
-    return lib
+    return _register(ctypes.CDLL(str(build_avx2())), "seqjax_avx2_rnn", "SeqjaxAvx2Rnn", "cpu")
 
 
 @functools.cache

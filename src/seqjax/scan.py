@@ -188,15 +188,24 @@ def _refuse(call, kernel, blocker):
     raise ValueError(f"{call}: kernel={kernel!r} cannot run this call: {blocker}; pass kernel='auto' or 'xla'")
 
 
+def _judged_kind(call, kernel, name, blocker, judge) -> str | None:
+    """``judge()``'s kind, ``judge() -> (kind, why not)``, unless ``blocker`` says why not already.
+
+    Raises where ``kernel == name`` (the kernel was asked for by name) and there is no kind.
+    """
+    kind, blocker = (None, blocker) if blocker is not None else judge()
+    if kind is None and kernel == name:
+        _refuse(call, kernel, blocker)
+    return kind
+
+
 def _onednn_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
     """The `seqjax.onednn` kind this run goes through, or None; raises where ``kernel="onednn"`` cannot."""
     if kernel not in ("auto", "onednn") or (kernel == "auto" and not native.onednn_installed()):
         return None
     from seqjax.onednn import AUTO_MIN_HIDDEN, kind_of
     blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "cpu")
-    kind, blocker = (None, blocker) if blocker is not None else kind_of(cell, params)
-    if kind is None and kernel == "onednn":
-        _refuse(call, kernel, blocker)
+    kind = _judged_kind(call, kernel, "onednn", blocker, lambda: kind_of(cell, params))
     if kind is None:
         return None
     if kernel == "onednn":
@@ -213,13 +222,12 @@ def _avx2_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, 
     from seqjax import avx2
     if kernel == "auto" and (not avx2.AUTO or jax.default_backend() != "cpu" or not native.avx2_installed()):
         return None
+    def judge():
+        kind, why = avx2.kind_of(cell, params)
+        why = why or avx2.shape_blocker(cell.hidden_size)
+        return (None, why) if why else (kind, None)
     blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "cpu")
-    kind, blocker = (None, blocker) if blocker is not None else avx2.kind_of(cell, params)
-    if kind is not None:
-        blocker = avx2.shape_blocker(cell.hidden_size)
-        kind = None if blocker else kind
-    if kind is None and kernel == "avx2":
-        _refuse(call, kernel, blocker)
+    kind = _judged_kind(call, kernel, "avx2", blocker, judge)
     if kind is None:
         return None
     if kernel == "avx2":
@@ -238,9 +246,7 @@ def _cuda_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, 
     if kernel == "auto" and not cuda.AUTO:
         return None
     blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "gpu")
-    kind, blocker = (None, blocker) if blocker is not None else cuda.kind_of(cell, params)
-    if kind is None and kernel == "cuda":
-        _refuse(call, kernel, blocker)
+    kind = _judged_kind(call, kernel, "cuda", blocker, lambda: cuda.kind_of(cell, params))
     if kind is None:
         return None
     T, B = xs_tm.shape[:2]
@@ -355,22 +361,31 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         ``"autodiff"`` differentiates the `lax.scan` directly. The custom VJP
         has no forward mode: for `jax.jvp`, `jax.jacfwd` or `jax.hessian` through
         a fusable cell pass ``backward="autodiff"``.
-      * ``kernel``: ``"xla"`` runs the loop above, compiled by XLA. ``"onednn"``
+      * ``kernel``: ``"xla"`` runs the loop above, compiled by XLA. ``"avx2"``
+        runs the whole recurrence, forward and backward, as one call into
+        seqjax's own CPU kernels (`seqjax.avx2`: x86-64 with AVX2 and FMA, a C++
+        compiler to build them once, ~8 s): the standard LSTM, the GRU with
+        ``reset_after=True`` and the tanh/relu RNN, float32, hidden size a
+        multiple of 8, no ``lengths``, ``resets`` or ``remat``,
+        ``backward="auto"``, reverse-mode gradients only (ValueError
+        otherwise). ``"auto"`` (default) takes it on the CPU wherever it
+        applies (`seqjax.avx2.AUTO`). ``"onednn"``
         runs the whole recurrence, forward and backward, as one of oneDNN's
         fused RNN primitives on the CPU (`seqjax.onednn`; the kernel of
         PyTorch's CPU ``nn.LSTM``; needs ``pip install 'seqjax[onednn]'``): the
         standard LSTM (also with peepholes and/or ``proj_size``), both GRUs and
         the tanh/relu RNN, float32, no ``lengths``, ``resets`` or ``remat``,
         ``backward="auto"``, reverse-mode gradients only (ValueError
-        otherwise). ``"auto"`` (default) takes oneDNN where it applies, is
-        installed and won the benchmarks (`seqjax.onednn.AUTO_MIN_HIDDEN`; first
-        use compiles it, ~10 s, cached), XLA elsewhere. ``"cuda"`` runs the
+        otherwise). For the cells AVX2 does not take, ``"auto"`` takes oneDNN
+        where it applies, is installed and won the benchmarks
+        (`seqjax.onednn.AUTO_MIN_HIDDEN`; first use compiles it, ~10 s, cached),
+        XLA elsewhere. ``"cuda"`` runs the
         whole recurrence as one persistent kernel on a Hopper GPU (`seqjax.cuda`:
         the standard LSTM, the GRU with ``reset_after=True``, the tanh/relu RNN,
         float32, the same restrictions as oneDNN, batches up to about 1024 * 16 / H);
         first use compiles it with nvcc, ~1 min, cached. ``"auto"`` does not take
         it yet (`seqjax.cuda.AUTO`).
-        ``unroll`` and ``hoist`` do not apply to oneDNN or CUDA.
+        ``unroll`` and ``hoist`` do not apply to the AVX2, oneDNN or CUDA kernels.
       * A stacked cell (`seqjax.stack`) runs layer by layer.
 
     Truncated BPTT: feed ``jax.lax.stop_gradient(final_carry)`` back as ``carry``.
@@ -384,7 +399,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       resets: [B, T] bool (or [T, B] with ``time_major``).
       reverse, time_major, remat: bools. unroll: positive int.
       backward: "auto", "fused" or "autodiff".
-      kernel: "auto", "xla", "onednn" or "cuda".
+      kernel: "auto", "xla", "avx2", "onednn" or "cuda".
 
     Returns:
       ``(final_carry, ys)`` with ys [B, T, O] (or [T, B, O]) in the params' dtype.
