@@ -1,34 +1,36 @@
 """Whole recurrences as single hand-written kernels for x86 CPUs with AVX2 and FMA.
 
-`seqjax.scan` uses them with ``kernel="avx2"``; `avx2_scan` is the direct entry
-point. XLA runs a recurrence as a loop of a GEMM and a few fused elementwise
-kernels per step, each a separate call with its own overhead, and the gate
+`seqjax.scan` uses them with ``kernel="avx2"`` (and ``kernel="auto"`` takes them on
+the CPU wherever they apply, `AUTO`); `avx2_scan` is the direct entry point.
+XLA runs a recurrence as a loop of a GEMM and a few fused elementwise kernels
+per step, each a separate call with its own overhead, and the gate
 pre-activations make a round trip through memory. Here one call runs the whole
-time loop (``csrc/cpu_rnn.cc``): each step multiplies ``h_{t-1}`` by ``W_h``
-(packed once per call) in tiles of a few batch rows x 8 hidden units x all
-gates, and applies the gate arithmetic while the tile is still in registers.
-The backward pass runs the reverse recurrence of the state gradients the same
-way. As with `seqjax.cuda` (same FFI contract, `seqjax.persistent`), XLA keeps
-the input projection and the weight gradients (GEMMs over all T*B rows), joined
-to the kernels by a `jax.custom_vjp` (reverse mode only).
+time loop (``csrc/cpu_rnn.cc``): each step multiplies ``[x_t, h_{t-1}]`` by
+``[W_x; W_h]`` (packed once per call) in tiles of a few batch rows x 8 hidden
+units x all gates, and applies the gate arithmetic while the tile is still in
+registers; no ``[T, B, G*H]`` input-projection buffer is built. The backward
+pass runs the reverse recurrence of the state gradients the same way; XLA
+computes the weight gradients and ``dxs`` as GEMMs over all T*B rows, joined to
+the kernels by a `jax.custom_vjp` (reverse mode only; `seqjax.persistent`,
+shared with `seqjax.cuda`).
 
-Steps with enough work (2 B G H^2 flops >= 2^19) are split between the calling
-thread and one helper from XLA's intra-op thread pool, by chunks of 8 hidden
-units, with one barrier per step.
+Steps with enough work (2 B G H (I + H) >= 2^19 flops) are split between the
+calling thread and one helper from XLA's intra-op thread pool, by chunks of 8
+hidden units, with one barrier per step; the results do not depend on it.
 
 Covered, float32 params, without ``lengths``, ``resets`` or ``remat``: the
 standard LSTM of `seqjax.lstm` (no peepholes or projection), `seqjax.gru` with
 ``reset_after=True`` and `seqjax.rnn` with tanh or relu, for hidden sizes that
 are multiples of 8. Needs an x86-64 CPU with AVX2 and FMA and a C++ compiler
-(`seqjax.native.load_avx2`, about 8 s once, cached). exp, sigmoid and tanh are
-vectorised here (a few float32 ulp), so results match XLA's to float32 rounding,
-not bit for bit.
+(`seqjax.native.load_avx2`, about 8 s once, cached). tanh and sigmoid are a
+vectorised rational approximation (Eigen's, as XLA:CPU's), so results match
+XLA's to float32 rounding, not bit for bit.
 """
 from __future__ import annotations
 
 from seqjax.cells.base import Array, Cell
 from seqjax.fused import native_kind
-from seqjax.native import NativeUnavailable
+from seqjax.native import NativeUnavailable, load_avx2
 from seqjax.persistent import CELLS, native_scan
 
 __all__ = ["AUTO", "NativeUnavailable", "avx2_scan", "kind_of", "shape_blocker"]
@@ -88,7 +90,6 @@ def avx2_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False, th
         raise ValueError(f"seqjax.avx2.avx2_scan: {why}")
     if threads not in (0, 1, 2):
         raise ValueError(f"seqjax.avx2.avx2_scan: threads must be 0 (automatic), 1 or 2, got {threads!r}")
-    from seqjax.native import load_avx2
     load_avx2()
     return native_scan("seqjax_avx2_rnn", kind, params, xs_tm, carry0, reverse, (("threads", int(threads)),),
                        projects=True)

@@ -24,6 +24,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import site
 import subprocess
@@ -33,8 +34,9 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["NativeUnavailable", "avx2_installed", "avx2_usable", "build_avx2", "build_cuda", "load_avx2", "cuda_installed", "cuda_usable", "load_cuda", "load_onednn",
-           "nvcc_location", "onednn_installed", "onednn_location", "onednn_usable"]
+__all__ = ["NativeUnavailable", "avx2_installed", "avx2_usable", "build_avx2", "build_cuda", "cuda_installed",
+           "cuda_usable", "load_avx2", "load_cuda", "load_onednn", "nvcc_location", "onednn_installed",
+           "onednn_location", "onednn_usable"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "onednn_rnn.cc"
 _CUDA_SOURCE = Path(__file__).with_name("csrc") / "cuda_rnn.cu"
@@ -266,7 +268,6 @@ def _cpu_flags() -> set[str]:
 
 def _avx2_toolchain() -> str:
     """The C++ compiler for `seqjax.avx2`; raises `NativeUnavailable` if it or the CPU's AVX2/FMA is missing."""
-    import platform
     missing = {"avx2", "fma"} - _cpu_flags()
     if platform.machine().lower() not in ("x86_64", "amd64") or missing:
         raise NativeUnavailable(f"seqjax.avx2 needs an x86-64 CPU with AVX2 and FMA; this one is {platform.machine()}"

@@ -1,15 +1,16 @@
 // Whole recurrences as XLA FFI handlers for x86 CPUs with AVX2 and FMA (seqjax.avx2): the standard LSTM,
 // the GRU (reset_after, PyTorch's and cuDNN's form) and the tanh/relu Elman RNN, float32, forward and
-// backward. Same operands and results as seqjax.cuda's kernels (cuda_rnn.cu), so one jax.custom_vjp
-// serves both: XLA computes the input projection px = x W_x + b (one GEMM) and the weight gradients.
+// backward. The backward handler has the operands and results of seqjax.cuda's (cuda_rnn.cu); the forward
+// one takes xs, W_x and b where the CUDA one takes px = x W_x + b, and computes the projection itself
+// (seqjax.persistent holds the jax.custom_vjp around both; XLA computes the weight gradients).
 //
-// Each step multiplies h_{t-1} by the recurrent weights and applies the gate arithmetic while the gate
-// pre-activations are still in registers: a tile is R batch rows x 8 hidden units x all G gates, with
-// W_h packed once per call so that a unit block's G gate columns are contiguous. Work is split into
-// chunks of 8 hidden units; the calling thread and (for big enough steps) one helper from XLA's
-// intra-op thread pool claim chunks step by step (`Team`). The backward pass fuses a chunk's share of
-// dh_{t-1} = dA_t W_h^T with the next step's gate derivatives of the same units, so either pass has
-// one barrier per step.
+// Each forward step multiplies [x_t, h_{t-1}] by the packed [W_x; W_h] and applies the gate arithmetic
+// while the gate pre-activations are still in registers: a tile is R batch rows x 8 hidden units x all G
+// gates, with the weights packed once per call so that a unit block's G gate columns are contiguous. Work
+// is split into chunks of 8 hidden units; the calling thread and (for big enough steps) one helper from
+// XLA's intra-op thread pool claim chunks step by step (`Team`). The backward pass fuses a chunk's share of
+// dh_{t-1} = dA_t W_h^T with the next step's gate derivatives of the same units, so either pass has one
+// barrier per step.
 #include <immintrin.h>
 
 #include <algorithm>
