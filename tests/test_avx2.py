@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import seqjax
-from seqjax import avx2, native
+from seqjax import avx2, native, persistent
 from test_cuda import KINDS, _numpy_scan, _setup, assert_gradients_match_xla
 
 pytestmark = pytest.mark.skipif(not native.avx2_installed() or jax.default_backend() != "cpu",
@@ -57,6 +57,28 @@ def test_thread_count_does_not_change_a_bit(kind):
     grad = lambda threads: jax.grad(lambda p: jnp.sum(_run(kind, p, xs, carry, True, threads)[1] ** 2))(params)  # noqa: E731
     for a, b in zip(jax.tree.leaves(grad(1)), jax.tree.leaves(grad(2))):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_backward_in_place_gives_the_same_bits_in_less_memory(kind):
+    """The backward target writes dpx over the forward's act (and the GRU's dghn over aux)."""
+    cell, params, xs, carry = _setup(kind, 16, 20, 4, 64, seed=6)
+    xs_tm = jnp.swapaxes(xs, 0, 1)
+    native.load_avx2()
+
+    def train(in_place):
+        def loss(p, x):
+            run = persistent.native_scan("seqjax_avx2_rnn", kind, p, x, carry, False, (("threads", 1),),
+                                         projects=True, in_place=in_place)
+            return jnp.sum(jnp.sin(run[1]))
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs_tm).compile()
+
+    copying, in_place = train(False), train(True)
+    for a, b in zip(jax.tree.leaves(copying(params, xs_tm)), jax.tree.leaves(in_place(params, xs_tm))):
+        np.testing.assert_array_equal(a, b)
+    act_bytes = 20 * 16 * params.w_h.shape[1] * 4
+    saved = copying.memory_analysis().temp_size_in_bytes - in_place.memory_analysis().temp_size_in_bytes
+    assert saved >= act_bytes, (saved, act_bytes)
 
 
 def test_jit_vmap_and_layers_agree():

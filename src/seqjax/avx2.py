@@ -92,4 +92,4 @@ def avx2_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False, th
         raise ValueError(f"seqjax.avx2.avx2_scan: threads must be 0 (automatic), 1 or 2, got {threads!r}")
     load_avx2()
     return native_scan("seqjax_avx2_rnn", kind, params, xs_tm, carry0, reverse, (("threads", int(threads)),),
-                       projects=True)
+                       projects=True, in_place=True)

@@ -13,11 +13,16 @@ Operands, float32, time-major: ``px [T, B, G*H]`` (or ``xs [T, B, I]``, ``w_x
 Forward results: ``ys [T, B, H]``, ``hT``, ``cT`` (LSTM), and for training
 ``act [T, B, G*H]`` (the activated gates) and ``aux [T, B, H]`` (LSTM: c_t;
 GRU: ``h_{t-1} W_hn + b_hn``). Backward results: ``dpx``, ``dghn [T, B, H]``
-(GRU: the gradient of ``h_{t-1} W_hn + b_hn``), ``dh0``, ``dc0``.
+(GRU: the gradient of ``h_{t-1} W_hn + b_hn``), ``dh0``, ``dc0``. A backward
+target that reads each element of ``act`` (and the GRU's ``aux``) before writing
+the same element of ``dpx`` (``dghn``) may declare itself ``in_place``: XLA then
+hands it those residual buffers as its results, which saves two of the train
+step's largest temporaries (25 MiB at the LSTM's (B, T, H) = (64, 100, 256)).
 """
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +37,15 @@ __all__ = ["CELLS", "native_scan"]
 CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 3, "rnn_relu": 4}
 
 
+class Target(NamedTuple):
+    """The static half of a call: which FFI targets, and how to call them."""
+    prefix: str  # the targets are prefix + "_forward" and prefix + "_backward"
+    cell: int  # `CELLS`' number
+    reverse: bool
+    attrs: tuple  # the targets' further attributes, ((name, value), ...)
+    in_place: bool  # the backward target may write dpx over act (and the GRU's dghn over aux)
+
+
 def _empty():
     return jnp.zeros((0,), jnp.float32)
 
@@ -40,31 +54,33 @@ def _sds(shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _forward(prefix, cell, training, reverse, attrs, inputs, w_h, b_hn, h0, c0):
+def _forward(target, training, inputs, w_h, b_hn, h0, c0):
     """The forward target's results; ``inputs`` is ``(px,)`` or, for kernels that project, ``(xs, w_x, b)``."""
     T, B = inputs[0].shape[:2]
     GH = w_h.shape[1]
     H = h0.shape[-1]
-    residuals = training and cell in (CELLS["lstm"], CELLS["gru"])
+    residuals = training and target.cell in (CELLS["lstm"], CELLS["gru"])
     out = (_sds((T, B, H)), _sds((B, H)), _sds(c0.shape), _sds((T, B, GH) if residuals else (0,)),
            _sds((T, B, H) if residuals else (0,)))
-    call = jax.ffi.ffi_call(f"{prefix}_forward", out, vmap_method="sequential")
-    return call(*inputs, w_h, b_hn, h0, c0, cell=cell, reverse=bool(reverse), **dict(attrs))
+    call = jax.ffi.ffi_call(f"{target.prefix}_forward", out, vmap_method="sequential")
+    return call(*inputs, w_h, b_hn, h0, c0, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
-def _backward(prefix, cell, reverse, attrs, saved, cts):
+def _backward(target, saved, cts):
     """``(dpx, dw_h, db_hn, dh0, dc0)`` from the backward target and the whole-sequence GEMM for dW_h."""
     w_h, b_hn, h0, c0, ys, act, aux = saved
     dys, dhT, dcT = cts
     T, B, H = ys.shape
-    gru = cell == CELLS["gru"]
+    gru = target.cell == CELLS["gru"]
     out = (_sds((T, B, w_h.shape[1])), _sds((T, B, H) if gru else (0,)), _sds((B, H)), _sds(c0.shape))
-    call = jax.ffi.ffi_call(f"{prefix}_backward", out, vmap_method="sequential")
-    dpx, dghn, dh0, dc0 = call(dys, dhT, dcT, w_h, ys, h0, c0, act, aux, cell=cell, reverse=bool(reverse),
-                               **dict(attrs))
+    # operands 7 and 8 are act and aux; results 0 and 1 are dpx and dghn
+    aliases = ({7: 0, 8: 1} if gru else {7: 0}) if target.in_place and act.size else None
+    call = jax.ffi.ffi_call(f"{target.prefix}_backward", out, vmap_method="sequential", input_output_aliases=aliases)
+    dpx, dghn, dh0, dc0 = call(dys, dhT, dcT, w_h, ys, h0, c0, act, aux, cell=target.cell, reverse=target.reverse,
+                               **dict(target.attrs))
     # the recurrent GEMM's output gradient: dpx, except the GRU's n block, which saw r * (h W_hn + b_hn)
     dgh = jnp.concatenate([dpx[..., :2 * H], dghn], -1) if gru else dpx
-    dw_h = jax.lax.dot_general(_rows(_start_h(ys, h0, reverse)), _rows(dgh), (((0,), (0,)), ((), ())))
+    dw_h = jax.lax.dot_general(_rows(_start_h(ys, h0, target.reverse)), _rows(dgh), (((0,), (0,)), ((), ())))
     db_hn = jnp.sum(_rows(dghn), 0) if gru else jnp.zeros_like(b_hn)
     return dpx, dw_h, db_hn, dh0, dc0
 
@@ -74,38 +90,34 @@ def _rows(a):
     return a.reshape(-1, a.shape[-1])
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _run(prefix, cell, reverse, attrs, px, w_h, b_hn, h0, c0):
-    ys, hT, cT, _, _ = _forward(prefix, cell, False, reverse, attrs, (px,), w_h, b_hn, h0, c0)
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _run(target, px, w_h, b_hn, h0, c0):
+    ys, hT, cT, _, _ = _forward(target, False, (px,), w_h, b_hn, h0, c0)
     return ys, hT, cT
 
 
-def _run_fwd(prefix, cell, reverse, attrs, px, w_h, b_hn, h0, c0):
-    ys, hT, cT, act, aux = _forward(prefix, cell, True, reverse, attrs, (px,), w_h, b_hn, h0, c0)
+def _run_fwd(target, px, w_h, b_hn, h0, c0):
+    ys, hT, cT, act, aux = _forward(target, True, (px,), w_h, b_hn, h0, c0)
     return (ys, hT, cT), (w_h, b_hn, h0, c0, ys, act, aux)
 
 
-def _run_bwd(prefix, cell, reverse, attrs, saved, cts):
-    return _backward(prefix, cell, reverse, attrs, saved, cts)
+_run.defvjp(_run_fwd, _backward)
 
 
-_run.defvjp(_run_fwd, _run_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _run_projecting(prefix, cell, reverse, attrs, xs, w_x, b, w_h, b_hn, h0, c0):
-    ys, hT, cT, _, _ = _forward(prefix, cell, False, reverse, attrs, (xs, w_x, b), w_h, b_hn, h0, c0)
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _run_projecting(target, xs, w_x, b, w_h, b_hn, h0, c0):
+    ys, hT, cT, _, _ = _forward(target, False, (xs, w_x, b), w_h, b_hn, h0, c0)
     return ys, hT, cT
 
 
-def _run_projecting_fwd(prefix, cell, reverse, attrs, xs, w_x, b, w_h, b_hn, h0, c0):
-    ys, hT, cT, act, aux = _forward(prefix, cell, True, reverse, attrs, (xs, w_x, b), w_h, b_hn, h0, c0)
+def _run_projecting_fwd(target, xs, w_x, b, w_h, b_hn, h0, c0):
+    ys, hT, cT, act, aux = _forward(target, True, (xs, w_x, b), w_h, b_hn, h0, c0)
     return (ys, hT, cT), (xs, w_x, (w_h, b_hn, h0, c0, ys, act, aux))
 
 
-def _run_projecting_bwd(prefix, cell, reverse, attrs, saved, cts):
+def _run_projecting_bwd(target, saved, cts):
     xs, w_x, rest = saved
-    dpx, dw_h, db_hn, dh0, dc0 = _backward(prefix, cell, reverse, attrs, rest, cts)
+    dpx, dw_h, db_hn, dh0, dc0 = _backward(target, rest, cts)
     dpx2 = _rows(dpx)
     dxs = (dpx2 @ w_x.T).reshape(xs.shape)
     dw_x = jax.lax.dot_general(_rows(xs), dpx2, (((0,), (0,)), ((), ())))
@@ -116,7 +128,7 @@ _run_projecting.defvjp(_run_projecting_fwd, _run_projecting_bwd)
 
 
 def native_scan(prefix: str, kind: str, params, xs_tm: Array, carry0, reverse: bool, attrs: tuple,
-                projects: bool = False):
+                projects: bool = False, in_place: bool = False):
     """``(final_carry, ys [T, B, H])`` of the recurrence run by the FFI targets ``prefix + "_forward"/"_backward"``.
 
     Args:
@@ -129,6 +141,8 @@ def native_scan(prefix: str, kind: str, params, xs_tm: Array, carry0, reverse: b
       attrs: the targets' further attributes, as ``((name, value), ...)``.
       projects: whether the forward target takes ``(xs, w_x, b)`` and computes
         the input projection itself, rather than ``px``.
+      in_place: whether the backward target may write ``dpx`` over ``act``
+        (and ``dghn`` over ``aux``); see the module docstring.
     """
     if kind not in CELLS:
         raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
@@ -138,10 +152,10 @@ def native_scan(prefix: str, kind: str, params, xs_tm: Array, carry0, reverse: b
         h0, c0 = carry0, _empty()
     b_hn = params.b_hn if kind == "gru" else _empty()
     xs_tm = xs_tm.astype(jnp.float32)
+    target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place))
     if projects:
-        ys, hT, cT = _run_projecting(prefix, CELLS[kind], bool(reverse), tuple(attrs), xs_tm, params.w_x, params.b,
-                                     params.w_h, b_hn, h0, c0)
+        ys, hT, cT = _run_projecting(target, xs_tm, params.w_x, params.b, params.w_h, b_hn, h0, c0)
     else:
         px = matmul(xs_tm, params.w_x) + params.b
-        ys, hT, cT = _run(prefix, CELLS[kind], bool(reverse), tuple(attrs), px, params.w_h, b_hn, h0, c0)
+        ys, hT, cT = _run(target, px, params.w_h, b_hn, h0, c0)
     return (LSTMCarry(hT, cT, None) if kind == "lstm" else hT), ys
