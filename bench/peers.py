@@ -44,8 +44,8 @@ def seqjax_builder(**scan_kwargs):
     def build(cell_name, B, T, I, H, key):
         if scan_kwargs.get("kernel") == "onednn":
             seqjax.native.load_onednn()  # NativeUnavailable (a RuntimeError): skipped with a note
-        if scan_kwargs.get("kernel") == "avx2":
-            seqjax.native.load_avx2()
+        if scan_kwargs.get("kernel") in ("avx2", "avx512"):
+            seqjax.native.load_avx2(scan_kwargs["kernel"])
         cell = {"lstm": lambda: seqjax.lstm(H, forget_bias=0.0), "gru": lambda: seqjax.gru(H),
                 "rnn": lambda: seqjax.rnn(H)}[cell_name]()
         params = cell.init(key, I)
@@ -156,6 +156,7 @@ VARIANTS = {  # --variants: seqjax.scan options worth comparing with the default
     "xla": dict(kernel="xla"),
     "onednn": dict(kernel="onednn"),
     "avx2": dict(kernel="avx2"),
+    "avx512": dict(kernel="avx512"),
 }
 
 

@@ -13,10 +13,14 @@ from test_cuda import KINDS, _numpy_scan, _setup, assert_gradients_match_xla
 pytestmark = pytest.mark.skipif(not native.avx2_installed() or jax.default_backend() != "cpu",
                                 reason="needs an x86-64 CPU with AVX2 and FMA, a C++ compiler and the CPU backend")
 SHAPES = [(3, 7, 5, 16), (13, 6, 4, 24), (1, 3, 2, 8), (5, 9, 3, 64)]  # (B, T, I, H): tile remainders, one chunk
+# the AVX-512 build: hidden sizes of one, two and four 16-unit chunks; batches below, between and above its
+# tile heights (6 rows for the LSTM and GRU, 16 for the RNN)
+SHAPES_512 = [(13, 6, 4, 16), (20, 5, 3, 32), (3, 7, 5, 64)]
+needs_avx512 = pytest.mark.skipif(not native.avx2_installed("avx512"), reason="needs a CPU with AVX-512F")
 
 
-def _run(kind, params, xs, carry, reverse, threads):
-    final, ys = jax.jit(lambda p, x, c: avx2.avx2_scan(kind, p, x, c, reverse, threads=threads))(
+def _run(kind, params, xs, carry, reverse, threads, isa="avx2"):
+    final, ys = jax.jit(lambda p, x, c: avx2.avx2_scan(kind, p, x, c, reverse, threads=threads, isa=isa))(
         params, jnp.swapaxes(xs, 0, 1), carry)
     return final, jnp.swapaxes(ys, 0, 1)
 
@@ -31,6 +35,37 @@ def test_forward_matches_numpy(kind, reverse, B, T, I, H):
     np.testing.assert_allclose(ys, want_ys, rtol=2e-5, atol=2e-5)
     for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(want_final)):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@needs_avx512
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("B, T, I, H", SHAPES_512)
+def test_avx512_gives_the_bits_of_avx2(kind, B, T, I, H):
+    """Each hidden unit sees the same operations in the same order in both builds, whatever the tiles."""
+    cell, params, xs, carry = _setup(kind, B, T, I, H, seed=7)
+    for reverse in (False, True):
+        narrow, wide = (_run(kind, params, xs, carry, reverse, 2, isa) for isa in ("avx2", "avx512"))
+        for a, b in zip(jax.tree.leaves(narrow), jax.tree.leaves(wide)):
+            np.testing.assert_array_equal(a, b)
+
+    def grads(isa):
+        return jax.grad(lambda p, x, c: jnp.sum(jnp.sin(_run(kind, p, x, c, True, 0, isa)[1])), argnums=(0, 1, 2))(
+            params, xs, carry)
+    for a, b in zip(jax.tree.leaves(grads("avx2")), jax.tree.leaves(grads("avx512"))):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_avx512
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_avx512_matches_numpy_and_xla(kind):
+    B, T, I, H = SHAPES_512[0]
+    cell, params, xs, carry = _setup(kind, B, T, I, H, seed=8)
+    final, ys = _run(kind, params, xs, carry, False, 1, "avx512")
+    want_final, want_ys = _numpy_scan(kind, params, xs, carry, False)
+    np.testing.assert_allclose(ys, want_ys, rtol=2e-5, atol=2e-5)
+    for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(want_final)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert_gradients_match_xla("avx512", cell, params, xs, carry, True)
 
 
 @pytest.mark.parametrize("kind, reverse, B, T, I, H",
@@ -101,16 +136,21 @@ def _targets(cell, params, xs, **kw):
 
 def test_auto_takes_the_kernels_where_they_apply():
     assert avx2.AUTO
+    wide = "avx512" if native.avx2_installed("avx512") else "avx2"
     cell, params, xs, _ = _setup("gru", 4, 20, 3, 32)
-    assert "seqjax_avx2_rnn_forward" in _targets(cell, params, xs)
-    assert "seqjax_avx2" not in _targets(cell, params, xs, kernel="xla")
-    assert "seqjax_avx2" not in _targets(cell, params, xs, lengths=jnp.array([20, 3, 0, 9]))
-    assert "seqjax_avx2" not in _targets(cell, params, xs, backward="autodiff")
-    assert "seqjax_avx2" not in _targets(cell, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), xs)
+    assert avx2.auto_isa(32) == wide
+    assert f"seqjax_{wide}_rnn_forward" in _targets(cell, params, xs)
+    assert "seqjax_avx" not in _targets(cell, params, xs, kernel="xla")
+    assert "seqjax_avx" not in _targets(cell, params, xs, lengths=jnp.array([20, 3, 0, 9]))
+    assert "seqjax_avx" not in _targets(cell, params, xs, backward="autodiff")
+    assert "seqjax_avx" not in _targets(cell, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), xs)
+    narrow, narrow_params, _, _ = _setup("rnn_tanh", 4, 20, 3, 24)  # a multiple of 8, not of 16
+    assert avx2.auto_isa(24) == "avx2"
+    assert "seqjax_avx2_rnn_forward" in _targets(narrow, narrow_params, xs)
     odd, odd_params, _, _ = _setup("lstm", 4, 20, 3, 12)
-    assert "seqjax_avx2" not in _targets(odd, odd_params, xs)
+    assert "seqjax_avx" not in _targets(odd, odd_params, xs)
     peep = seqjax.lstm(16, peepholes=True)
-    assert "seqjax_avx2" not in _targets(peep, peep.init(jax.random.key(0), 3), xs)
+    assert "seqjax_avx" not in _targets(peep, peep.init(jax.random.key(0), 3), xs)
 
 
 @pytest.mark.parametrize("make_cell, kwargs, message", [
@@ -127,6 +167,14 @@ def test_avx2_refuses_what_it_cannot_run(make_cell, kwargs, message):
         seqjax.scan(cell, params, jnp.ones((2, 3, 3)), kernel="avx2", **kwargs)
 
 
+def test_avx512_refuses_hidden_sizes_that_are_not_multiples_of_16():
+    cell = seqjax.lstm(24)
+    params = cell.init(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match="kernel='avx512' cannot run this call: the avx512 kernels need a hidden size "
+                                         "that is a multiple of 16, got 24"):
+        seqjax.scan(cell, params, jnp.ones((2, 3, 3)), kernel="avx512")
+
+
 def test_direct_entry_point_checks_its_arguments():
     cell, params, xs, carry = _setup("rnn_tanh", 2, 3, 3, 8)
     xs_tm = jnp.swapaxes(xs, 0, 1)
@@ -134,23 +182,32 @@ def test_direct_entry_point_checks_its_arguments():
         avx2.avx2_scan("lstmp", params, xs_tm, carry)
     with pytest.raises(ValueError, match="threads must be 0 .*, 1 or 2, got 3"):
         avx2.avx2_scan("rnn_tanh", params, xs_tm, carry, threads=3)
+    with pytest.raises(ValueError, match=r"isa must be one of \['avx2', 'avx512'\], got 'sse'"):
+        avx2.avx2_scan("rnn_tanh", params, xs_tm, carry, isa="sse")
+    with pytest.raises(ValueError, match="isa must be one of .*got 'neon'"):
+        native.load_avx2("neon")
 
 
-def test_a_cpu_without_avx2_is_named(monkeypatch):
+def test_a_cpu_without_avx2_or_avx512_is_named(monkeypatch):
     monkeypatch.setattr(native, "_cpu_flags", lambda: {"sse2", "fma"})
-    with pytest.raises(native.NativeUnavailable, match="needs an x86-64 CPU with AVX2 and FMA; .* without avx2"):
+    with pytest.raises(native.NativeUnavailable, match="avx2 kernels need an x86-64 CPU with AVX2 and FMA; .* without "
+                                                       "avx2"):
         native._avx2_toolchain()
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"sse2", "fma", "avx2"})
+    with pytest.raises(native.NativeUnavailable, match="avx512 kernels need an x86-64 CPU with AVX-512F; .* without "
+                                                       "avx512f"):
+        native._avx2_toolchain("avx512")
 
 
 def test_auto_falls_back_to_xla_with_a_warning_when_the_kernels_do_not_load(monkeypatch):
-    def unusable():
+    def unusable(isa="avx2"):
         raise native.NativeUnavailable("no kernels in this test")
     monkeypatch.setattr(native, "load_avx2", unusable)
     native.avx2_usable.cache_clear()
     try:
         cell, params, xs, _ = _setup("lstm", 2, 4, 3, 16)
         with pytest.warns(RuntimeWarning, match="unusable, using XLA's loop instead: no kernels in this test"):
-            assert "seqjax_avx2" not in _targets(cell, params, xs)
+            assert "seqjax_avx" not in _targets(cell, params, xs)
         with pytest.raises(native.NativeUnavailable, match="no kernels in this test"):
             seqjax.scan(cell, params, xs, kernel="avx2")
     finally:

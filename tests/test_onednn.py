@@ -197,7 +197,7 @@ def test_onednn_refuses_other_cells(make_cell, message):
 def test_unknown_kernel_is_rejected():
     cell, params, xs, _ = _setup("lstm")
     for run in (seqjax.scan, seqjax.unrolled):
-        with pytest.raises(ValueError, match=r"kernel must be one of \['auto', 'xla', 'avx2', 'onednn', 'cuda'\], got 'cudnn'"):
+        with pytest.raises(ValueError, match=r"kernel must be one of \['auto', 'xla', 'avx2', 'avx512', 'onednn', 'cuda'\], got 'cudnn'"):
             run(cell, params, xs, kernel="cudnn")
 
 

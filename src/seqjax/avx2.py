@@ -1,7 +1,12 @@
-"""Whole recurrences as single hand-written kernels for x86 CPUs with AVX2 and FMA.
+"""Whole recurrences as single hand-written kernels for x86 CPUs with AVX2 and FMA, or AVX-512.
 
-`seqjax.scan` uses them with ``kernel="avx2"`` (and ``kernel="auto"`` takes them on
-the CPU wherever they apply, `AUTO`); `avx2_scan` is the direct entry point.
+`seqjax.scan` uses them with ``kernel="avx2"`` or ``kernel="avx512"`` (and
+``kernel="auto"`` takes them on the CPU wherever they apply, `AUTO`: the AVX-512
+build where the CPU has AVX-512F and the hidden size is a multiple of 16, else
+the AVX2 one); `avx2_scan` is the direct entry point. Both builds come from one
+source (``csrc/cpu_rnn.cc``) and give the same bits: a vector register holds 8
+(AVX2) or 16 (AVX-512) hidden units, and each unit sees the same operations in
+the same order.
 XLA runs a recurrence as a loop of a GEMM and a few fused elementwise kernels
 per step, each a separate call with its own overhead, and the gate
 pre-activations make a round trip through memory. Here one call runs the whole
@@ -21,8 +26,9 @@ hidden units, with one barrier per step; the results do not depend on it.
 Covered, float32 params, without ``lengths``, ``resets`` or ``remat``: the
 standard LSTM of `seqjax.lstm` (no peepholes or projection), `seqjax.gru` with
 ``reset_after=True`` and `seqjax.rnn` with tanh or relu, for hidden sizes that
-are multiples of 8. Needs an x86-64 CPU with AVX2 and FMA and a C++ compiler
-(`seqjax.native.load_avx2`, about 8 s once, cached). tanh and sigmoid are a
+are multiples of 8 (AVX2) or 16 (AVX-512). Needs an x86-64 CPU with AVX2 and FMA
+(or AVX-512F) and a C++ compiler (`seqjax.native.load_avx2`, about 8 s per
+build once, cached). tanh and sigmoid are a
 vectorised rational approximation (Eigen's, as XLA:CPU's), so results match
 XLA's to float32 rounding, not bit for bit.
 """
@@ -30,10 +36,14 @@ from __future__ import annotations
 
 from seqjax.cells.base import Array, Cell
 from seqjax.fused import native_kind
+from seqjax import native
 from seqjax.native import NativeUnavailable, load_avx2
 from seqjax.persistent import CELLS, native_scan
 
-__all__ = ["AUTO", "NativeUnavailable", "avx2_scan", "kind_of", "shape_blocker"]
+__all__ = ["AUTO", "ISAS", "NativeUnavailable", "auto_isa", "avx2_scan", "kind_of", "shape_blocker"]
+
+#: The instruction sets the kernels are built for, and the hidden units one vector register holds in each.
+ISAS = {"avx2": 8, "avx512": 16}
 
 #: Whether ``seqjax.scan(kernel="auto")`` takes these kernels on the CPU wherever they apply (and the CPU has
 #: AVX2 and FMA and a C++ compiler is here). On the 2-core CPU they beat XLA's loop in forward and train
@@ -55,15 +65,30 @@ def kind_of(cell: Cell, params) -> tuple[str | None, str | None]:
                        "the AVX2 kernels")
 
 
-def shape_blocker(hidden: int) -> str | None:
-    """Why the kernels cannot run this hidden size, or None."""
-    if hidden % 8:
-        return f"the AVX2 kernels need a hidden size that is a multiple of 8, got {hidden}"
+def shape_blocker(hidden: int, isa: str = "avx2") -> str | None:
+    """Why the ``isa`` kernels cannot run this hidden size, or None."""
+    _check_isa("seqjax.avx2.shape_blocker", isa)
+    if hidden % ISAS[isa]:
+        return f"the {isa} kernels need a hidden size that is a multiple of {ISAS[isa]}, got {hidden}"
     return None
 
 
-def avx2_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False, threads: int = 0):
-    """A whole recurrence in one AVX2 kernel call, time-major: ``(final_carry, ys [T, B, H])``.
+def auto_isa(hidden: int) -> str:
+    """The build ``kernel="auto"`` runs for this hidden size: "avx512" where this CPU has AVX-512F, a
+    compiler is here and ``hidden`` is a multiple of 16, else "avx2"."""
+    if not shape_blocker(hidden, "avx512") and native.avx2_installed("avx512"):
+        return "avx512"
+    return "avx2"
+
+
+def _check_isa(call: str, isa) -> None:
+    if isa not in ISAS:
+        raise ValueError(f"{call}: isa must be one of {list(ISAS)}, got {isa!r}")
+
+
+def avx2_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False, threads: int = 0,
+              isa: str = "avx2"):
+    """A whole recurrence in one kernel call, time-major: ``(final_carry, ys [T, B, H])``.
 
     Same results as ``seqjax.scan(cell, params, xs_tm, carry=carry0,
     time_major=True, reverse=reverse)`` to float32 rounding, for the cell whose
@@ -71,25 +96,28 @@ def avx2_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False, th
 
     Args:
       kind: from `kind_of`: "lstm", "gru", "rnn_tanh" or "rnn_relu".
-      params: the cell's params, float32, hidden size a multiple of 8.
+      params: the cell's params, float32, hidden size a multiple of ``ISAS[isa]``.
       xs_tm: [T, B, I] float32.
       carry0: the cell's carry for batch B, float32 (`LSTMCarry` or h [B, H]).
       reverse: process time backwards (``ys[t]`` stays aligned with ``xs[t]``).
       threads: how many threads share each step (1 or 2; 0: two where a step
         has enough work); for benchmarks.
+      isa: "avx2" or "avx512" (same results; `auto_isa` picks one).
 
     Raises:
-      ValueError: an unknown kind, a hidden size the kernels do not take, or
-        ``threads`` out of range.
-      NativeUnavailable: the kernels cannot be built or loaded here.
+      ValueError: an unknown kind or isa, a hidden size the kernels do not
+        take, or ``threads`` out of range.
+      NativeUnavailable: the kernels cannot be built or loaded here (e.g. a CPU
+        without the isa's instructions).
     """
     if kind not in CELLS:
         raise ValueError(f"seqjax.avx2.avx2_scan: kind must be one of {list(CELLS)}, got {kind!r}")
-    why = shape_blocker(params.w_h.shape[0])
+    _check_isa("seqjax.avx2.avx2_scan", isa)
+    why = shape_blocker(params.w_h.shape[0], isa)
     if why:
         raise ValueError(f"seqjax.avx2.avx2_scan: {why}")
     if threads not in (0, 1, 2):
         raise ValueError(f"seqjax.avx2.avx2_scan: threads must be 0 (automatic), 1 or 2, got {threads!r}")
-    load_avx2()
-    return native_scan("seqjax_avx2_rnn", kind, params, xs_tm, carry0, reverse, (("threads", int(threads)),),
+    load_avx2(isa)
+    return native_scan(f"seqjax_{isa}_rnn", kind, params, xs_tm, carry0, reverse, (("threads", int(threads)),),
                        projects=True, in_place=True)

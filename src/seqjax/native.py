@@ -1,6 +1,6 @@
 """Builds and loads seqjax's native kernels (`seqjax/csrc/`) and registers them with XLA's FFI.
 
-Two libraries, each compiled on first use into a cache folder (``$SEQJAX_CACHE_DIR``,
+The libraries are each compiled on first use into a cache folder (``$SEQJAX_CACHE_DIR``,
 default ``~/.cache/seqjax``), keyed by the source, the compiler command and the
 versions involved; later processes load the cached library.
 
@@ -9,8 +9,9 @@ versions involved; later processes load the cached library.
 compiled with the system C++ compiler (``$CXX``, default ``g++``) on first use,
 about 10 s. ``python -m seqjax.build_native`` builds it ahead of time and prints where it is.
 
-**AVX2 (x86 CPUs).** `seqjax.avx2`'s kernels (``cpu_rnn.cc``) need only a C++
-compiler (``$CXX``, default ``g++``), about 8 s, and a CPU with AVX2 and FMA.
+**AVX2 and AVX-512 (x86 CPUs).** `seqjax.avx2`'s kernels (``cpu_rnn.cc``) need only a C++
+compiler (``$CXX``, default ``g++``), about 8 s per build, and a CPU with AVX2 and FMA
+(the ``"avx2"`` build) or AVX-512F (the ``"avx512"`` build, from the same source).
 
 **CUDA (Hopper GPUs).** `seqjax.cuda`'s persistent kernels (``cuda_rnn.cu``) are
 compiled with ``nvcc`` for sm_90 (about a minute) and need nothing beyond the CUDA
@@ -266,51 +267,71 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _avx2_toolchain() -> str:
-    """The C++ compiler for `seqjax.avx2`; raises `NativeUnavailable` if it or the CPU's AVX2/FMA is missing."""
-    missing = {"avx2", "fma"} - _cpu_flags()
+#: seqjax.avx2's builds of cpu_rnn.cc: the CPU flags each needs, its compiler flags and its handlers' symbol
+#: prefix (the FFI targets are ``seqjax_<isa>_rnn_forward/backward``). GCC 12's avx512fintrin.h trips its own
+#: -Wmaybe-uninitialized (``__m512 __Y = __Y``), hence the two -Wno flags.
+_X86_BUILDS = {
+    "avx2": (("avx2", "fma"), ("-mavx2", "-mfma"), "SeqjaxAvx2Rnn"),
+    "avx512": (("avx512f", "avx2", "fma"), ("-mavx512f", "-mavx2", "-mfma", "-DSEQJAX_AVX512",
+                                            "-Wno-uninitialized", "-Wno-maybe-uninitialized"), "SeqjaxAvx512Rnn"),
+}
+
+
+def _x86_build(isa: str) -> tuple:
+    if isa not in _X86_BUILDS:
+        raise ValueError(f"seqjax.native: isa must be one of {list(_X86_BUILDS)}, got {isa!r}")
+    return _X86_BUILDS[isa]
+
+
+def _avx2_toolchain(isa: str = "avx2") -> str:
+    """The C++ compiler for `seqjax.avx2`'s ``isa`` build; raises `NativeUnavailable` if it or a CPU feature is missing."""
+    needs = _x86_build(isa)[0]
+    missing = set(needs) - _cpu_flags()
     if platform.machine().lower() not in ("x86_64", "amd64") or missing:
-        raise NativeUnavailable(f"seqjax.avx2 needs an x86-64 CPU with AVX2 and FMA; this one is {platform.machine()}"
-                                f"{' without ' + ', '.join(sorted(missing)) if missing else ''}")
+        what = "AVX2 and FMA" if isa == "avx2" else "AVX-512F"
+        raise NativeUnavailable(f"seqjax.avx2's {isa} kernels need an x86-64 CPU with {what}; this one is "
+                                f"{platform.machine()}{' without ' + ', '.join(sorted(missing)) if missing else ''}")
     return _compiler("seqjax.avx2's kernels")
 
 
-def _avx2_compile_command(cxx: str, out: Path) -> list[str]:
-    return [cxx, "-O3", "-std=c++17", "-mavx2", "-mfma", "-shared", "-fPIC", "-Wall", str(_AVX2_SOURCE),
+def _avx2_compile_command(cxx: str, out: Path, isa: str = "avx2") -> list[str]:
+    return [cxx, "-O3", "-std=c++17", *_x86_build(isa)[1], "-shared", "-fPIC", "-Wall", str(_AVX2_SOURCE),
             "-isystem", jax.ffi.include_dir(), "-o", str(out)]
 
 
-def build_avx2() -> Path:
-    """The path of the compiled AVX2 kernel library, compiling it first if the cache lacks it."""
-    cxx = _avx2_toolchain()
+def build_avx2(isa: str = "avx2") -> Path:
+    """The path of the compiled kernel library of `seqjax.avx2` for ``isa`` ("avx2" or "avx512"), compiling it
+    first if the cache lacks it."""
+    cxx = _avx2_toolchain(isa)
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.encode()
-    return _cached_build("cpu_rnn", _AVX2_SOURCE, lambda out: _avx2_compile_command(cxx, out), version,
-                         "the AVX2 kernels", "~8 s")
+    return _cached_build(f"cpu_rnn_{isa}", _AVX2_SOURCE, lambda out: _avx2_compile_command(cxx, out, isa), version,
+                         f"the {isa} kernels", "~8 s")
 
 
 @functools.cache
-def load_avx2() -> ctypes.CDLL:
-    """The AVX2 kernel library, built if needed, with its FFI targets registered for the CPU.
+def load_avx2(isa: str = "avx2") -> ctypes.CDLL:
+    """`seqjax.avx2`'s kernel library for ``isa``, built if needed, with its FFI targets registered for the CPU.
 
-    Registers ``seqjax_avx2_rnn_forward`` and ``seqjax_avx2_rnn_backward``.
+    Registers ``seqjax_<isa>_rnn_forward`` and ``seqjax_<isa>_rnn_backward``.
 
     Raises:
-      NativeUnavailable: the CPU lacks AVX2/FMA, the compiler is missing, or the build failed.
+      ValueError: ``isa`` is neither "avx2" nor "avx512".
+      NativeUnavailable: the CPU lacks the instructions, the compiler is missing, or the build failed.
     """
-    return _register(ctypes.CDLL(str(build_avx2())), "seqjax_avx2_rnn", "SeqjaxAvx2Rnn", "cpu")
+    return _register(ctypes.CDLL(str(build_avx2(isa))), f"seqjax_{isa}_rnn", _x86_build(isa)[2], "cpu")
 
 
 @functools.cache
-def avx2_installed() -> bool:
-    """Whether this CPU has AVX2 and FMA and a C++ compiler is here, so `load_avx2` can build."""
+def avx2_installed(isa: str = "avx2") -> bool:
+    """Whether this CPU has the instructions of ``isa`` and a C++ compiler is here, so `load_avx2` can build."""
     try:
-        _avx2_toolchain()
+        _avx2_toolchain(isa)
     except NativeUnavailable:
         return False
     return True
 
 
 @functools.cache
-def avx2_usable() -> bool:
-    """Whether `load_avx2` succeeds; a failure is reported once as a warning (``kernel="auto"`` falls back)."""
-    return _usable(load_avx2, "the AVX2 kernels could be built but")
+def avx2_usable(isa: str = "avx2") -> bool:
+    """Whether ``load_avx2(isa)`` succeeds; a failure is reported once as a warning (``kernel="auto"`` falls back)."""
+    return _usable(functools.partial(load_avx2, isa), f"the {isa} kernels could be built but")

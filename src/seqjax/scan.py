@@ -164,7 +164,7 @@ def _fused_kind(call, loop, cell, params, remat, backward):
     return kind
 
 
-KERNELS = ("auto", "xla", "avx2", "onednn", "cuda")
+KERNELS = ("auto", "xla", "avx2", "avx512", "onednn", "cuda")
 
 
 def _native_blocker(loop, xs_tm, lengths, resets, remat, backward, backend: str) -> str | None:
@@ -215,25 +215,30 @@ def _onednn_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat
     return kind if least is not None and cell.hidden_size >= least and native.onednn_usable() else None
 
 
-def _avx2_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
-    """The `seqjax.avx2` kind this run goes through, or None; raises where ``kernel="avx2"`` cannot."""
-    if kernel not in ("auto", "avx2"):
+def _avx2_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> tuple | None:
+    """``(kind, isa)`` of the `seqjax.avx2` kernels this run goes through, or None; raises where
+    ``kernel="avx2"`` or ``"avx512"`` cannot."""
+    if kernel not in ("auto", "avx2", "avx512"):
         return None
     from seqjax import avx2
     if kernel == "auto" and (not avx2.AUTO or jax.default_backend() != "cpu" or not native.avx2_installed()):
         return None
+    isa = avx2.auto_isa(cell.hidden_size) if kernel == "auto" else kernel
+
     def judge():
         kind, why = avx2.kind_of(cell, params)
-        why = why or avx2.shape_blocker(cell.hidden_size)
+        why = why or avx2.shape_blocker(cell.hidden_size, isa)
         return (None, why) if why else (kind, None)
     blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "cpu")
-    kind = _judged_kind(call, kernel, "avx2", blocker, judge)
+    kind = _judged_kind(call, kernel, kernel if kernel != "auto" else "avx2", blocker, judge)
     if kind is None:
         return None
-    if kernel == "avx2":
-        native.load_avx2()  # NativeUnavailable names what is missing
-        return kind
-    return kind if native.avx2_usable() else None
+    if kernel != "auto":
+        native.load_avx2(isa)  # NativeUnavailable names what is missing
+        return kind, isa
+    if isa == "avx512" and not native.avx2_usable("avx512"):
+        isa = "avx2"
+    return (kind, isa) if native.avx2_usable(isa) else None
 
 
 def _cuda_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
@@ -290,7 +295,7 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
     avx2_kind = _avx2_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
     if avx2_kind is not None:
         from seqjax.avx2 import avx2_scan
-        carry, ys = avx2_scan(avx2_kind, params, plan.xs, plan.carry, reverse)
+        carry, ys = avx2_scan(avx2_kind[0], params, plan.xs, plan.carry, reverse, isa=avx2_kind[1])
         return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
     onednn_kind = _onednn_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
     if onednn_kind is not None:
@@ -368,8 +373,10 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         ``reset_after=True`` and the tanh/relu RNN, float32, hidden size a
         multiple of 8, no ``lengths``, ``resets`` or ``remat``,
         ``backward="auto"``, reverse-mode gradients only (ValueError
-        otherwise). ``"auto"`` (default) takes it on the CPU wherever it
-        applies (`seqjax.avx2.AUTO`). ``"onednn"``
+        otherwise). ``"avx512"`` runs the same kernels built for AVX-512F
+        (same results, hidden size a multiple of 16). ``"auto"`` (default)
+        takes them on the CPU wherever they apply (`seqjax.avx2.AUTO`), the
+        AVX-512 build where the CPU has it (`seqjax.avx2.auto_isa`). ``"onednn"``
         runs the whole recurrence, forward and backward, as one of oneDNN's
         fused RNN primitives on the CPU (`seqjax.onednn`; the kernel of
         PyTorch's CPU ``nn.LSTM``; needs ``pip install 'seqjax[onednn]'``): the
@@ -385,7 +392,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         float32, the same restrictions as oneDNN, batches up to about 1024 * 16 / H);
         first use compiles it with nvcc, ~1 min, cached. ``"auto"`` does not take
         it yet (`seqjax.cuda.AUTO`).
-        ``unroll`` and ``hoist`` do not apply to the AVX2, oneDNN or CUDA kernels.
+        ``unroll`` and ``hoist`` do not apply to the AVX2/AVX-512, oneDNN or CUDA kernels.
       * A stacked cell (`seqjax.stack`) runs layer by layer.
 
     Truncated BPTT: feed ``jax.lax.stop_gradient(final_carry)`` back as ``carry``.
@@ -399,7 +406,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       resets: [B, T] bool (or [T, B] with ``time_major``).
       reverse, time_major, remat: bools. unroll: positive int.
       backward: "auto", "fused" or "autodiff".
-      kernel: "auto", "xla", "avx2", "onednn" or "cuda".
+      kernel: "auto", "xla", "avx2", "avx512", "onednn" or "cuda".
 
     Returns:
       ``(final_carry, ys)`` with ys [B, T, O] (or [T, B, O]) in the params' dtype.

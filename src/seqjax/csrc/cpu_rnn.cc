@@ -1,14 +1,15 @@
-// Whole recurrences as XLA FFI handlers for x86 CPUs with AVX2 and FMA (seqjax.avx2): the standard LSTM,
+// Whole recurrences as XLA FFI handlers for x86 CPUs with AVX2 and FMA or AVX-512 (seqjax.avx2): the LSTM,
 // the GRU (reset_after, PyTorch's and cuDNN's form) and the tanh/relu Elman RNN, float32, forward and
 // backward. The backward handler has the operands and results of seqjax.cuda's (cuda_rnn.cu); the forward
 // one takes xs, W_x and b where the CUDA one takes px = x W_x + b, and computes the projection itself
 // (seqjax.persistent holds the jax.custom_vjp around both; XLA computes the weight gradients).
 //
 // Each forward step multiplies [x_t, h_{t-1}] by the packed [W_x; W_h] and applies the gate arithmetic
-// while the gate pre-activations are still in registers: a tile is R batch rows x 8 hidden units x all G
-// gates, with the weights packed once per call so that a unit block's G gate columns are contiguous. Work
-// is split into chunks of 8 hidden units; the calling thread and (for big enough steps) one helper from
-// XLA's intra-op thread pool claim chunks step by step (`Team`). The backward pass fuses a chunk's share of
+// while the gate pre-activations are still in registers: a tile is R batch rows x kU hidden units (one
+// vector register: 8 with AVX2, 16 with AVX-512) x all G gates, with the weights packed once per call so
+// that a unit block's G gate columns are contiguous. Work is split into chunks of kU hidden units; the
+// calling thread and (for big enough steps) one helper from XLA's intra-op thread pool claim chunks step by
+// step (`Team`). The backward pass fuses a chunk's share of
 // dh_{t-1} = dA_t W_h^T with the next step's gate derivatives of the same units, so either pass has one
 // barrier per step.
 #include <immintrin.h>
@@ -33,38 +34,71 @@ namespace {
 // Must match seqjax.cuda's _CELLS (seqjax.onednn's numbering).
 enum Cell : int64_t { kLstm = 0, kGru = 1, kRnnTanh = 3, kRnnRelu = 4 };
 constexpr int gates_of(int64_t cell) { return cell == kLstm ? 4 : cell == kGru ? 3 : 1; }
-constexpr int kU = 8;  // hidden units per chunk: one AVX register
 
 // ------------------------------------------------------------------------------------ vector math
+// One source, two builds (seqjax.native): AVX2 + FMA (8 floats per register, 16 registers) and, with
+// SEQJAX_AVX512 defined, AVX-512F (16 floats, 32 registers). The kernels below use only these names.
 
-inline __m256 v(float x) { return _mm256_set1_ps(x); }
+#if defined(SEQJAX_AVX512)
+using vec = __m512;
+constexpr int kU = 16;     // hidden units per chunk: one vector register
+constexpr int kRegs = 32;  // vector registers
+inline vec v(float x) { return _mm512_set1_ps(x); }
+inline vec ld(const float* p) { return _mm512_loadu_ps(p); }
+inline void st(float* p, vec x) { _mm512_storeu_ps(p, x); }
+inline vec bcast(const float* p) { return _mm512_set1_ps(*p); }
+inline vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+inline vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec div(vec a, vec b) { return _mm512_div_ps(a, b); }
+inline vec min(vec a, vec b) { return _mm512_min_ps(a, b); }
+inline vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline vec zero() { return _mm512_setzero_ps(); }
+// 1 where y > 0, else 0 (the relu's derivative, from its output)
+inline vec positive(vec y) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, zero(), _CMP_GT_OQ), v(1.f)); }
+#else
+using vec = __m256;
+constexpr int kU = 8;
+constexpr int kRegs = 16;
+inline vec v(float x) { return _mm256_set1_ps(x); }
+inline vec ld(const float* p) { return _mm256_loadu_ps(p); }
+inline void st(float* p, vec x) { _mm256_storeu_ps(p, x); }
+inline vec bcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+inline vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
+inline vec min(vec a, vec b) { return _mm256_min_ps(a, b); }
+inline vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline vec zero() { return _mm256_setzero_ps(); }
+inline vec positive(vec y) { return _mm256_and_ps(_mm256_cmp_ps(y, zero(), _CMP_GT_OQ), v(1.f)); }
+#endif
 
 // tanh: Eigen's 13/6 rational minimax approximation (the one XLA:CPU uses), a few ulp over the whole
 // range; beyond |x| = 7.905 tanh rounds to +-1 in float32.
-inline __m256 tanh8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, v(-7.90531110763549805f)), v(7.90531110763549805f));
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  __m256 p = v(-2.76076847742355e-16f);
-  p = _mm256_fmadd_ps(p, x2, v(2.00018790482477e-13f));
-  p = _mm256_fmadd_ps(p, x2, v(-8.60467152213735e-11f));
-  p = _mm256_fmadd_ps(p, x2, v(5.12229709037114e-08f));
-  p = _mm256_fmadd_ps(p, x2, v(1.48572235717979e-05f));
-  p = _mm256_fmadd_ps(p, x2, v(6.37261928875436e-04f));
-  p = _mm256_fmadd_ps(p, x2, v(4.89352455891786e-03f));
-  __m256 q = v(1.19825839466702e-06f);
-  q = _mm256_fmadd_ps(q, x2, v(1.18534705686654e-04f));
-  q = _mm256_fmadd_ps(q, x2, v(2.26843463243900e-03f));
-  q = _mm256_fmadd_ps(q, x2, v(4.89352518554385e-03f));
-  return _mm256_div_ps(_mm256_mul_ps(x, p), q);
+inline vec tanhv(vec x) {
+  x = min(max(x, v(-7.90531110763549805f)), v(7.90531110763549805f));
+  const vec x2 = mul(x, x);
+  vec p = v(-2.76076847742355e-16f);
+  p = fmadd(p, x2, v(2.00018790482477e-13f));
+  p = fmadd(p, x2, v(-8.60467152213735e-11f));
+  p = fmadd(p, x2, v(5.12229709037114e-08f));
+  p = fmadd(p, x2, v(1.48572235717979e-05f));
+  p = fmadd(p, x2, v(6.37261928875436e-04f));
+  p = fmadd(p, x2, v(4.89352455891786e-03f));
+  vec q = v(1.19825839466702e-06f);
+  q = fmadd(q, x2, v(1.18534705686654e-04f));
+  q = fmadd(q, x2, v(2.26843463243900e-03f));
+  q = fmadd(q, x2, v(4.89352518554385e-03f));
+  return div(mul(x, p), q);
 }
 
 // sigmoid(x) = (1 + tanh(x / 2)) / 2: one division, absolute error ~3e-8.
-inline __m256 sigmoid8(__m256 x) { return _mm256_fmadd_ps(tanh8(_mm256_mul_ps(x, v(0.5f))), v(0.5f), v(0.5f)); }
+inline vec sigmoidv(vec x) { return fmadd(tanhv(mul(x, v(0.5f))), v(0.5f), v(0.5f)); }
 
-inline __m256 ld(const float* p) { return _mm256_loadu_ps(p); }
-inline void st(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
-inline __m256 one_minus(__m256 x) { return _mm256_sub_ps(v(1.f), x); }
-inline __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+inline vec one_minus(vec x) { return sub(v(1.f), x); }
 
 // ---------------------------------------------------------------------------------- the thread team
 
@@ -154,50 +188,50 @@ struct ForwardArgs {
   float* c;           // [B, H] (LSTM): c_{t-1}, updated in place (the cT result), or null
   float* act;         // [T, B, G*H] the activated gates (training), or null
   float* aux;         // [T, B, H] LSTM: c_t, GRU: h_{t-1} W_hn + b_hn (training), or null
-  const float* wx;    // packed W_x: [H/8][I][G][8], unit block, input feature, gate, unit
-  const float* wh;    // packed W_h: [H/8][H][G][8]
+  const float* wx;    // packed W_x: [H/kU][I][G][kU], unit block, input feature, gate, unit
+  const float* wh;    // packed W_h: [H/kU][H][G][kU]
   int T, B, I, H;
   bool reverse;
 };
 
 // acc[r][gate(g)] += sum_k in[r][k] w[k][g] for R rows of `in` (row stride `stride`), K inputs, G gates.
 template <int R, int G, int A, typename Gate>
-inline void accumulate(__m256 (&acc)[R][A], const float* in, int stride, const float* w, int K, Gate gate) {
-  // Register budget (16): the accumulators plus either all G weight vectors and one broadcast, or all R
+inline void accumulate(vec (&acc)[R][A], const float* in, int stride, const float* w, int K, Gate gate) {
+  // Register budget (kRegs): the accumulators plus either all G weight vectors and one broadcast, or all R
   // broadcasts and one weight vector, whichever fits.
-  constexpr bool weights_first = R * A + G + 1 <= 16;
+  constexpr bool weights_first = R * A + G + 1 <= kRegs;
   for (int k = 0; k < K; ++k, w += G * kU) {
     if constexpr (weights_first) {
-      __m256 wk[G];
+      vec wk[G];
 #pragma GCC unroll 16
       for (int g = 0; g < G; ++g) wk[g] = ld(w + g * kU);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const __m256 xk = _mm256_broadcast_ss(in + r * stride + k);
+        const vec xk = bcast(in + r * stride + k);
 #pragma GCC unroll 16
-        for (int g = 0; g < G; ++g) acc[r][gate(g)] = _mm256_fmadd_ps(xk, wk[g], acc[r][gate(g)]);
+        for (int g = 0; g < G; ++g) acc[r][gate(g)] = fmadd(xk, wk[g], acc[r][gate(g)]);
       }
     } else {
-      __m256 xk[R];
+      vec xk[R];
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) xk[r] = _mm256_broadcast_ss(in + r * stride + k);
+      for (int r = 0; r < R; ++r) xk[r] = bcast(in + r * stride + k);
 #pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
-        const __m256 wk = ld(w + g * kU);
+        const vec wk = ld(w + g * kU);
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) acc[r][gate(g)] = _mm256_fmadd_ps(xk[r], wk, acc[r][gate(g)]);
+        for (int r = 0; r < R; ++r) acc[r][gate(g)] = fmadd(xk[r], wk, acc[r][gate(g)]);
       }
     }
   }
 }
 
-// Rows b0 .. b0+R-1 of step t, units u .. u+7: h_t = cell(x_t W_x + b, h_{t-1} W_h). The GRU keeps a fourth
+// Rows b0 .. b0+R-1 of step t, units u .. u+kU-1: h_t = cell(x_t W_x + b, h_{t-1} W_h). The GRU keeps a fourth
 // accumulator, x_t W_xn + b_n, apart from h_{t-1} W_hn + b_hn, which its reset gate scales.
 template <int CELL, int R>
 void forward_tile(const ForwardArgs& a, int t, const float* hp, int b0, int u) {
   constexpr int G = gates_of(CELL), A = CELL == kGru ? 4 : G;
   const int H = a.H, GH = G * H;
-  __m256 acc[R][A];
+  vec acc[R][A];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 16
@@ -213,42 +247,43 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, int b0, int u) {
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     const size_t row = static_cast<size_t>(t) * a.B + b0 + r;
-    __m256 h_new;
+    vec h_new;
     if constexpr (CELL == kLstm) {
-      const __m256 i = sigmoid8(acc[r][0]), f = sigmoid8(acc[r][1]), g = tanh8(acc[r][2]), o = sigmoid8(acc[r][3]);
+      const vec i = sigmoidv(acc[r][0]), f = sigmoidv(acc[r][1]), g = tanhv(acc[r][2]), o = sigmoidv(acc[r][3]);
       float* cp = a.c + static_cast<size_t>(b0 + r) * H + u;
-      const __m256 c = _mm256_fmadd_ps(f, ld(cp), mul(i, g));
+      const vec c = fmadd(f, ld(cp), mul(i, g));
       st(cp, c);
-      h_new = mul(o, tanh8(c));
+      h_new = mul(o, tanhv(c));
       if (a.act) {
         float* q = a.act + row * GH + u;
         st(q, i), st(q + H, f), st(q + 2 * H, g), st(q + 3 * H, o);
         st(a.aux + row * H + u, c);
       }
     } else if constexpr (CELL == kGru) {
-      const __m256 rg = sigmoid8(acc[r][0]), z = sigmoid8(acc[r][1]), hn = acc[r][2];
-      const __m256 n = tanh8(_mm256_fmadd_ps(rg, hn, acc[r][3]));
-      const __m256 hprev = ld(h + r * H + u);
-      h_new = _mm256_fmadd_ps(z, _mm256_sub_ps(hprev, n), n);  // (1 - z) n + z h_{t-1}
+      const vec rg = sigmoidv(acc[r][0]), z = sigmoidv(acc[r][1]), hn = acc[r][2];
+      const vec n = tanhv(fmadd(rg, hn, acc[r][3]));
+      const vec hprev = ld(h + r * H + u);
+      h_new = fmadd(z, sub(hprev, n), n);  // (1 - z) n + z h_{t-1}
       if (a.act) {
         float* q = a.act + row * GH + u;
         st(q, rg), st(q + H, z), st(q + 2 * H, n);
         st(a.aux + row * H + u, hn);
       }
     } else if constexpr (CELL == kRnnTanh) {
-      h_new = tanh8(acc[r][0]);
+      h_new = tanhv(acc[r][0]);
     } else {
-      h_new = _mm256_max_ps(acc[r][0], _mm256_setzero_ps());
+      h_new = max(acc[r][0], zero());
     }
     st(a.ys + row * H + u, h_new);
   }
 }
 
-// Tile heights: as many rows as keep the R*A accumulators, R broadcasts and a weight vector in the 16 AVX
-// registers.
+// Tile heights: as many rows as keep the R*A accumulators, a weight vector per gate and a broadcast in the
+// vector registers (AVX2: 3 x 4 + 4 + 1 of 16; AVX-512: 6 x 4 + 4 + 1 of 32), and for the RNN a tile that
+// divides common batch sizes.
 template <int CELL>
 constexpr int forward_rows() {
-  return gates_of(CELL) == 1 ? 12 : 3;
+  return gates_of(CELL) == 1 ? (kRegs == 32 ? 16 : 12) : (kRegs == 32 ? 6 : 3);
 }
 
 template <int CELL, int R>
@@ -271,7 +306,7 @@ void forward_chunk(const ForwardArgs& a, int s, int chunk) {
   if (b0 < a.B) forward_rows_rest<CELL, R - 1>(a, t, hp, b0, u, a.B - b0);
 }
 
-// W [K, G*H] -> [H/8][K][G][8]
+// W [K, G*H] -> [H/kU][K][G][kU]
 std::vector<float> pack_forward(const float* w, int K, int H, int G) {
   std::vector<float> out(static_cast<size_t>(G) * K * H);
   float* o = out.data();
@@ -297,7 +332,7 @@ struct BackwardArgs {
   float* dhz;        // [B, H] (GRU): dh_t z_t, the direct path to h_{t-1}, or null
   float* dap;        // [2][ceil(B/kRows)][G*H][kRows]: the recurrent GEMM's output gradient of two steps,
                      // packed by tiles of kRows batch rows (rows past B stay zero)
-  const float* wt;   // packed W_h^T: [H/8][G*H][8], output unit block, gate column, output unit
+  const float* wt;   // packed W_h^T: [H/kU][G*H][kU], output unit block, gate column, output unit
   int T, B, H;
   bool reverse;
 };
@@ -306,21 +341,21 @@ struct BackwardArgs {
 // what 12 do per 12, and 8 pads common batch sizes less.
 constexpr int kRows = 8;
 
-// Writes row b's gradient of the recurrent GEMM's output, gates g at units u .. u+7, into the packed dA of
+// Writes row b's gradient of the recurrent GEMM's output, gates g at units u .. u+kU-1, into the packed dA of
 // step s: in a tile the kRows values of one column are contiguous, so the GEMM broadcasts from one line.
 template <int G>
-inline void pack_da(const BackwardArgs& a, int s, int b, int u, const __m256 (&d)[G]) {
+inline void pack_da(const BackwardArgs& a, int s, int b, int u, const vec (&d)[G]) {
   const int GH = G * a.H, tiles = (a.B + kRows - 1) / kRows;
   float* tile = a.dap + ((static_cast<size_t>(s & 1) * tiles + b / kRows) * GH + u) * kRows + b % kRows;
-  alignas(32) float tmp[kU];
+  alignas(64) float tmp[kU];
   for (int g = 0; g < G; ++g) {
-    _mm256_store_ps(tmp, d[g]);
+    st(tmp, d[g]);
     float* col = tile + static_cast<size_t>(g) * a.H * kRows;
     for (int j = 0; j < kU; ++j) col[j * kRows] = tmp[j];
   }
 }
 
-// The gate derivatives of backward step s (forward step t) for units u .. u+7, all rows.
+// The gate derivatives of backward step s (forward step t) for units u .. u+kU-1, all rows.
 template <int CELL>
 void gate_grads(const BackwardArgs& a, int s, int u) {
   constexpr int G = gates_of(CELL);
@@ -331,37 +366,37 @@ void gate_grads(const BackwardArgs& a, int s, int u) {
   for (int b = 0; b < B; ++b) {
     const size_t row = static_cast<size_t>(t) * B + b, prow = static_cast<size_t>(tp) * B + b;
     const size_t bu = static_cast<size_t>(b) * H + u;
-    const __m256 dh = _mm256_add_ps(ld(a.dh + bu), ld(a.dys + row * H + u));
+    const vec dh = add(ld(a.dh + bu), ld(a.dys + row * H + u));
     float* dpx = a.dpx + row * GH + u;
     if constexpr (CELL == kLstm) {
       const float* q = a.act + row * GH + u;
-      const __m256 i = ld(q), f = ld(q + H), g = ld(q + 2 * H), o = ld(q + 3 * H);
-      const __m256 tc = tanh8(ld(a.aux + row * H + u));
-      const __m256 cprev = first ? ld(a.c0 + bu) : ld(a.aux + prow * H + u);
-      const __m256 dcc = _mm256_fmadd_ps(mul(dh, o), one_minus(mul(tc, tc)), ld(a.dc + bu));
-      const __m256 d[4] = {mul(mul(dcc, g), mul(i, one_minus(i))), mul(mul(dcc, cprev), mul(f, one_minus(f))),
+      const vec i = ld(q), f = ld(q + H), g = ld(q + 2 * H), o = ld(q + 3 * H);
+      const vec tc = tanhv(ld(a.aux + row * H + u));
+      const vec cprev = first ? ld(a.c0 + bu) : ld(a.aux + prow * H + u);
+      const vec dcc = fmadd(mul(dh, o), one_minus(mul(tc, tc)), ld(a.dc + bu));
+      const vec d[4] = {mul(mul(dcc, g), mul(i, one_minus(i))), mul(mul(dcc, cprev), mul(f, one_minus(f))),
                            mul(mul(dcc, i), one_minus(mul(g, g))), mul(mul(dh, tc), mul(o, one_minus(o)))};
       st(dpx, d[0]), st(dpx + H, d[1]), st(dpx + 2 * H, d[2]), st(dpx + 3 * H, d[3]);
       pack_da<4>(a, s, b, u, d);
       st(a.dc + bu, mul(dcc, f));
     } else if constexpr (CELL == kGru) {
       const float* q = a.act + row * GH + u;
-      const __m256 rg = ld(q), z = ld(q + H), n = ld(q + 2 * H);
-      const __m256 hprev = first ? ld(a.h0 + bu) : ld(a.ys + prow * H + u);
-      const __m256 dn = mul(mul(dh, one_minus(z)), one_minus(mul(n, n)));
-      const __m256 dr = mul(mul(dn, ld(a.aux + row * H + u)), mul(rg, one_minus(rg)));
-      const __m256 dz = mul(mul(dh, _mm256_sub_ps(hprev, n)), mul(z, one_minus(z)));
-      const __m256 dhn = mul(dn, rg);
+      const vec rg = ld(q), z = ld(q + H), n = ld(q + 2 * H);
+      const vec hprev = first ? ld(a.h0 + bu) : ld(a.ys + prow * H + u);
+      const vec dn = mul(mul(dh, one_minus(z)), one_minus(mul(n, n)));
+      const vec dr = mul(mul(dn, ld(a.aux + row * H + u)), mul(rg, one_minus(rg)));
+      const vec dz = mul(mul(dh, sub(hprev, n)), mul(z, one_minus(z)));
+      const vec dhn = mul(dn, rg);
       st(dpx, dr), st(dpx + H, dz), st(dpx + 2 * H, dn);
       st(a.dghn + row * H + u, dhn);
-      const __m256 d[3] = {dr, dz, dhn};
+      const vec d[3] = {dr, dz, dhn};
       pack_da<3>(a, s, b, u, d);
       st(a.dhz + bu, mul(dh, z));
     } else {
-      const __m256 y = ld(a.ys + row * H + u);
-      const __m256 d = CELL == kRnnTanh ? one_minus(mul(y, y))
-                                         : _mm256_and_ps(_mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GT_OQ), v(1.f));
-      const __m256 da[1] = {mul(dh, d)};
+      const vec y = ld(a.ys + row * H + u);
+      const vec d = CELL == kRnnTanh ? one_minus(mul(y, y))
+                                         : positive(y);
+      const vec da[1] = {mul(dh, d)};
       st(dpx, da[0]);
       pack_da<1>(a, s, b, u, da);
     }
@@ -374,15 +409,15 @@ template <int CELL>
 void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int rows, int u) {
   constexpr int G = gates_of(CELL);
   const int GH = G * a.H;
-  __m256 acc[kRows];
+  vec acc[kRows];
 #pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r)
     acc[r] = CELL == kGru && r < rows ? ld(a.dhz + static_cast<size_t>(b0 + r) * a.H + u) : v(0.f);
   const float* w = a.wt + static_cast<size_t>(u) * GH;
   for (int k = 0; k < GH; ++k, w += kU, da += kRows) {
-    const __m256 wk = ld(w);
+    const vec wk = ld(w);
 #pragma GCC unroll 16
-    for (int r = 0; r < kRows; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(da + r), wk, acc[r]);
+    for (int r = 0; r < kRows; ++r) acc[r] = fmadd(bcast(da + r), wk, acc[r]);
   }
 #pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r)
@@ -402,7 +437,7 @@ void backward_chunk(const BackwardArgs& a, int s, int chunk) {
   if (s < a.T) gate_grads<CELL>(a, s, u);
 }
 
-// W_h [H, G*H] -> [H/8][G*H][8]
+// W_h [H, G*H] -> [H/kU][G*H][kU]
 std::vector<float> pack_backward(const float* w_h, int H, int G) {
   std::vector<float> out(static_cast<size_t>(G) * H * H);
   float* o = out.data();
@@ -448,7 +483,7 @@ ffi::Error check(int64_t cell, int H) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "seqjax avx2: unknown cell " + std::to_string(cell));
   if (H % kU != 0)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "seqjax avx2: the hidden size must be a multiple of 8, got " + std::to_string(H));
+                      "seqjax avx2: the hidden size must be a multiple of " + std::to_string(kU) + ", got " + std::to_string(H));
   return ffi::Error::Success();
 }
 
@@ -528,7 +563,14 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxAvx2RnnForward, ForwardImpl,
+// The exported handlers: SeqjaxAvx2RnnForward/Backward, or SeqjaxAvx512RnnForward/Backward.
+#if defined(SEQJAX_AVX512)
+#define SEQJAX_SYMBOL(pass) SeqjaxAvx512Rnn##pass
+#else
+#define SEQJAX_SYMBOL(pass) SeqjaxAvx2Rnn##pass
+#endif
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Forward), ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xs
@@ -547,7 +589,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxAvx2RnnForward, ForwardImpl,
                                   .Attr<bool>("reverse")
                                   .Attr<int64_t>("threads"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SeqjaxAvx2RnnBackward, BackwardImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Backward), BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dys
