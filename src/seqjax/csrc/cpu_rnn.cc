@@ -330,8 +330,7 @@ struct BackwardArgs {
   float* dh;         // [B, H]: the gradient reaching h_t from step t+1 (starts as dhT; ends as dh0)
   float* dc;         // [B, H] (LSTM): the gradient reaching c_t (starts as dcT; ends as dc0), or null
   float* dhz;        // [B, H] (GRU): dh_t z_t, the direct path to h_{t-1}, or null
-  float* dap;        // [2][ceil(B/kRows)][G*H][kRows]: the recurrent GEMM's output gradient of two steps,
-                     // packed by tiles of kRows batch rows (rows past B stay zero)
+  float* dap;        // the recurrent GEMM's output gradient of two steps (`kPackedDa`; rows past B stay 0)
   const float* wt;   // packed W_h^T: [H/kU][G*H][kU], output unit block, gate column, output unit
   int T, B, H;
   bool reverse;
@@ -341,17 +340,33 @@ struct BackwardArgs {
 // what 12 do per 12, and 8 pads common batch sizes less.
 constexpr int kRows = 8;
 
-// Writes row b's gradient of the recurrent GEMM's output, gates g at units u .. u+kU-1, into the packed dA of
-// step s: in a tile the kRows values of one column are contiguous, so the GEMM broadcasts from one line.
+// The layout of dA, the recurrent GEMM's output gradient, per step: [ceil(B/kRows)][G*H][kRows] (packed by
+// tiles of kRows rows: the values a tile broadcasts at one k share a cache line; the gate-derivative pass
+// scatters them there), or rows of stride G*H + 16 (vector stores; the kRows rows a tile reads fall into
+// different L1 sets, which rows G*H = 1024 floats apart would not). Measured on one Xeon, backward kernel
+// at (B, T, I, H) = (64, 100, 128, 256), ms packed vs rows: AVX2 LSTM 57.6 vs 42.2, GRU 45.2 vs 34.7;
+// AVX-512 LSTM 34.0 vs 37.1, GRU 28.9 vs 31.0 (bench/results/levers.md, session 8).
+constexpr bool kPackedDa = kRegs == 32;
+inline int padded_rows(int B) { return (B + kRows - 1) / kRows * kRows; }
+// floats per row of dA (packed: per row of tiles / kRows)
+inline size_t lda(int GH) { return kPackedDa ? GH : GH + 16; }
+
+// Writes row b's gradient of the recurrent GEMM's output, gates g at units u .. u+kU-1, into dA of step s.
 template <int G>
 inline void pack_da(const BackwardArgs& a, int s, int b, int u, const vec (&d)[G]) {
-  const int GH = G * a.H, tiles = (a.B + kRows - 1) / kRows;
-  float* tile = a.dap + ((static_cast<size_t>(s & 1) * tiles + b / kRows) * GH + u) * kRows + b % kRows;
-  alignas(64) float tmp[kU];
-  for (int g = 0; g < G; ++g) {
-    st(tmp, d[g]);
-    float* col = tile + static_cast<size_t>(g) * a.H * kRows;
-    for (int j = 0; j < kU; ++j) col[j * kRows] = tmp[j];
+  const int GH = G * a.H;
+  float* step = a.dap + static_cast<size_t>(s & 1) * padded_rows(a.B) * lda(GH);
+  if constexpr (kPackedDa) {
+    float* tile = step + (static_cast<size_t>(b / kRows) * GH + u) * kRows + b % kRows;
+    alignas(64) float tmp[kU];
+    for (int g = 0; g < G; ++g) {
+      st(tmp, d[g]);
+      float* col = tile + static_cast<size_t>(g) * a.H * kRows;
+      for (int j = 0; j < kU; ++j) col[j * kRows] = tmp[j];
+    }
+  } else {
+    float* row = step + b * lda(GH) + u;
+    for (int g = 0; g < G; ++g) st(row + static_cast<size_t>(g) * a.H, d[g]);
   }
 }
 
@@ -403,8 +418,8 @@ void gate_grads(const BackwardArgs& a, int s, int u) {
   }
 }
 
-// dh[b0 .. b0+rows-1, u .. u+7] = dA W_h^T (+ dh z for the GRU), dA one packed tile of the recurrent GEMM's
-// output gradient ([G*H][kRows]).
+// dh[b0 .. b0+rows-1, u .. u+kU-1] = dA W_h^T (+ dh z for the GRU), ``da`` the recurrent GEMM's output
+// gradient from row b0 on (`kPackedDa`).
 template <int CELL>
 void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int rows, int u) {
   constexpr int G = gates_of(CELL);
@@ -414,10 +429,12 @@ void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int rows, in
   for (int r = 0; r < kRows; ++r)
     acc[r] = CELL == kGru && r < rows ? ld(a.dhz + static_cast<size_t>(b0 + r) * a.H + u) : v(0.f);
   const float* w = a.wt + static_cast<size_t>(u) * GH;
-  for (int k = 0; k < GH; ++k, w += kU, da += kRows) {
+  // where row r's value at column k is: da + k * k_step + r * r_step
+  const size_t k_step = kPackedDa ? kRows : 1, r_step = kPackedDa ? 1 : lda(GH);
+  for (int k = 0; k < GH; ++k, w += kU, da += k_step) {
     const vec wk = ld(w);
 #pragma GCC unroll 16
-    for (int r = 0; r < kRows; ++r) acc[r] = fmadd(bcast(da + r), wk, acc[r]);
+    for (int r = 0; r < kRows; ++r) acc[r] = fmadd(bcast(da + r * r_step), wk, acc[r]);
   }
 #pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r)
@@ -428,10 +445,10 @@ void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int rows, in
 // step s + 1 (which need only those dh entries). Step 0 computes only the gate derivatives of step 0.
 template <int CELL>
 void backward_chunk(const BackwardArgs& a, int s, int chunk) {
-  const int u = chunk * kU, GH = gates_of(CELL) * a.H, tiles = (a.B + kRows - 1) / kRows;
+  const int u = chunk * kU, GH = gates_of(CELL) * a.H;
   if (s > 0) {
-    const float* da = a.dap + static_cast<size_t>((s - 1) & 1) * tiles * GH * kRows;
-    for (int b0 = 0; b0 < a.B; b0 += kRows, da += static_cast<size_t>(GH) * kRows)
+    const float* da = a.dap + static_cast<size_t>((s - 1) & 1) * padded_rows(a.B) * lda(GH);
+    for (int b0 = 0; b0 < a.B; b0 += kRows, da += kRows * lda(GH))
       recurrent_tile<CELL>(a, da, b0, std::min(kRows, a.B - b0), u);
   }
   if (s < a.T) gate_grads<CELL>(a, s, u);
@@ -550,7 +567,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   const std::vector<float> wt = pack_backward(w_h.typed_data(), H, G);
   std::vector<float> dhz_buffer(cell == kGru ? BH : 0);
   float* dhz = cell == kGru ? dhz_buffer.data() : nullptr;
-  std::vector<float> dap(2 * static_cast<size_t>((B + kRows - 1) / kRows) * kRows * G * H, 0.f);
+  std::vector<float> dap(2 * static_cast<size_t>(padded_rows(B)) * lda(G * H), 0.f);
   BackwardArgs a{dys.typed_data(), ys.typed_data(), h0.typed_data(), ptr_or_null(c0), ptr_or_null(act),
                  ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh0->typed_data(), dc, dhz,
                  dap.data(), wt.data(), T, B, H, reverse};
