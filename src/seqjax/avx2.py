@@ -86,23 +86,25 @@ def _check_isa(call: str, isa) -> None:
         raise ValueError(f"{call}: isa must be one of {list(ISAS)}, got {isa!r}")
 
 
-def avx2_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False, threads: int = 0,
-              isa: str = "avx2"):
-    """A whole recurrence in one kernel call, time-major: ``(final_carry, ys [T, B, H])``.
+def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threads: int = 0,
+              isa: str = "avx2", time_major: bool = True):
+    """A whole recurrence in one kernel call: ``(final_carry, ys)``, ys [T, B, H] (or [B, T, H]).
 
-    Same results as ``seqjax.scan(cell, params, xs_tm, carry=carry0,
-    time_major=True, reverse=reverse)`` to float32 rounding, for the cell whose
-    `kind_of` is ``kind``. Differentiable in reverse mode.
+    Same results as ``seqjax.scan(cell, params, xs, carry=carry0,
+    time_major=time_major, reverse=reverse)`` to float32 rounding, for the cell
+    whose `kind_of` is ``kind``. Differentiable in reverse mode.
 
     Args:
       kind: from `kind_of`: "lstm", "gru", "rnn_tanh" or "rnn_relu".
       params: the cell's params, float32, hidden size a multiple of ``ISAS[isa]``.
-      xs_tm: [T, B, I] float32.
+      xs: [T, B, I] (or [B, T, I] with ``time_major=False``) float32.
       carry0: the cell's carry for batch B, float32 (`LSTMCarry` or h [B, H]).
       reverse: process time backwards (``ys[t]`` stays aligned with ``xs[t]``).
       threads: how many threads share each step (1 or 2; 0: two where a step
         has enough work); for benchmarks.
       isa: "avx2" or "avx512" (same results; `auto_isa` picks one).
+      time_major: whether xs and ys are [T, B, .] or [B, T, .]; the kernels
+        read and write either as it is (XLA transposes nothing).
 
     Raises:
       ValueError: an unknown kind or isa, a hidden size the kernels do not
@@ -119,5 +121,6 @@ def avx2_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False, th
     if threads not in (0, 1, 2):
         raise ValueError(f"seqjax.avx2.avx2_scan: threads must be 0 (automatic), 1 or 2, got {threads!r}")
     load_avx2(isa)
-    return native_scan(f"seqjax_{isa}_rnn", kind, params, xs_tm, carry0, reverse, (("threads", int(threads)),),
-                       projects=True, in_place=True)
+    attrs = (("threads", int(threads)), ("batch_major", not time_major))
+    return native_scan(f"seqjax_{isa}_rnn", kind, params, xs, carry0, reverse, attrs, projects=True, in_place=True,
+                       batch_major=not time_major)

@@ -8,8 +8,10 @@ recurrence of the state gradients and returns ``dpx``, and XLA computes the
 weight gradients as GEMMs over all ``T * B`` rows (as `seqjax.fused` does).
 
 Operands, float32, time-major: ``px [T, B, G*H]`` (or ``xs [T, B, I]``, ``w_x
-[I, G*H]`` and ``b [G*H]`` for kernels that project the input themselves), ``w_h [H, G*H]``, ``b_hn
-[H]`` (GRU, else empty), ``h0 [B, H]``, ``c0 [B, H]`` (LSTM, else empty).
+[I, G*H]`` and ``b [G*H]`` for kernels that project the input themselves),
+``w_h [H, G*H]``, ``b_hn [H]`` (GRU, else empty), ``h0 [B, H]``, ``c0 [B, H]``
+(LSTM, else empty); the sequence arrays may be batch-major (``[B, T, .]``)
+instead, where `Target` says so.
 Forward results: ``ys [T, B, H]``, ``hT``, ``cT`` (LSTM), and for training
 ``act [T, B, G*H]`` (the activated gates) and ``aux [T, B, H]`` (LSTM: c_t;
 GRU: ``h_{t-1} W_hn + b_hn``). Backward results: ``dpx``, ``dghn [T, B, H]``
@@ -44,6 +46,7 @@ class Target(NamedTuple):
     reverse: bool
     attrs: tuple  # the targets' further attributes, ((name, value), ...)
     in_place: bool  # the backward target may write dpx over act (and the GRU's dghn over aux)
+    batch_major: bool  # the sequence arrays are [B, T, .] rather than [T, B, .] (the targets' attrs say so too)
 
 
 def _empty():
@@ -56,12 +59,12 @@ def _sds(shape):
 
 def _forward(target, training, inputs, w_h, b_hn, h0, c0):
     """The forward target's results; ``inputs`` is ``(px,)`` or, for kernels that project, ``(xs, w_x, b)``."""
-    T, B = inputs[0].shape[:2]
+    lead = inputs[0].shape[:2]  # (T, B) or (B, T)
     GH = w_h.shape[1]
     H = h0.shape[-1]
     residuals = training and target.cell in (CELLS["lstm"], CELLS["gru"])
-    out = (_sds((T, B, H)), _sds((B, H)), _sds(c0.shape), _sds((T, B, GH) if residuals else (0,)),
-           _sds((T, B, H) if residuals else (0,)))
+    out = (_sds((*lead, H)), _sds(h0.shape), _sds(c0.shape), _sds((*lead, GH) if residuals else (0,)),
+           _sds((*lead, H) if residuals else (0,)))
     call = jax.ffi.ffi_call(f"{target.prefix}_forward", out, vmap_method="sequential")
     return call(*inputs, w_h, b_hn, h0, c0, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
@@ -70,9 +73,9 @@ def _backward(target, saved, cts):
     """``(dpx, dw_h, db_hn, dh0, dc0)`` from the backward target and the whole-sequence GEMM for dW_h."""
     w_h, b_hn, h0, c0, ys, act, aux = saved
     dys, dhT, dcT = cts
-    T, B, H = ys.shape
+    lead, H = ys.shape[:2], ys.shape[2]
     gru = target.cell == CELLS["gru"]
-    out = (_sds((T, B, w_h.shape[1])), _sds((T, B, H) if gru else (0,)), _sds((B, H)), _sds(c0.shape))
+    out = (_sds((*lead, w_h.shape[1])), _sds((*lead, H) if gru else (0,)), _sds(h0.shape), _sds(c0.shape))
     # operands 7 and 8 are act and aux; results 0 and 1 are dpx and dghn
     aliases = ({7: 0, 8: 1} if gru else {7: 0}) if target.in_place and act.size else None
     call = jax.ffi.ffi_call(f"{target.prefix}_backward", out, vmap_method="sequential", input_output_aliases=aliases)
@@ -80,9 +83,17 @@ def _backward(target, saved, cts):
                                **dict(target.attrs))
     # the recurrent GEMM's output gradient: dpx, except the GRU's n block, which saw r * (h W_hn + b_hn)
     dgh = jnp.concatenate([dpx[..., :2 * H], dghn], -1) if gru else dpx
-    dw_h = jax.lax.dot_general(_rows(_start_h(ys, h0, target.reverse)), _rows(dgh), (((0,), (0,)), ((), ())))
+    h_start = _start_h_batch_major(ys, h0, target.reverse) if target.batch_major else _start_h(ys, h0, target.reverse)
+    dw_h = jax.lax.dot_general(_rows(h_start), _rows(dgh), (((0,), (0,)), ((), ())))
     db_hn = jnp.sum(_rows(dghn), 0) if gru else jnp.zeros_like(b_hn)
     return dpx, dw_h, db_hn, dh0, dc0
+
+
+def _start_h_batch_major(ys, h0, reverse):
+    """`seqjax.fused._start_h` for ys [B, T, H]."""
+    if reverse:
+        return jnp.concatenate([ys[:, 1:], h0[:, None]], axis=1)
+    return jnp.concatenate([h0[:, None], ys[:, :-1]], axis=1)
 
 
 def _rows(a):
@@ -127,15 +138,15 @@ def _run_projecting_bwd(target, saved, cts):
 _run_projecting.defvjp(_run_projecting_fwd, _run_projecting_bwd)
 
 
-def native_scan(prefix: str, kind: str, params, xs_tm: Array, carry0, reverse: bool, attrs: tuple,
-                projects: bool = False, in_place: bool = False):
-    """``(final_carry, ys [T, B, H])`` of the recurrence run by the FFI targets ``prefix + "_forward"/"_backward"``.
+def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool, attrs: tuple,
+                projects: bool = False, in_place: bool = False, batch_major: bool = False):
+    """``(final_carry, ys)`` of the recurrence run by the FFI targets ``prefix + "_forward"/"_backward"``.
 
     Args:
       prefix: the targets' common prefix, e.g. "seqjax_cuda_rnn".
       kind: "lstm", "gru", "rnn_tanh" or "rnn_relu" (`CELLS`).
       params: the cell's params, float32.
-      xs_tm: [T, B, I] float32.
+      xs: [T, B, I] (or [B, T, I], ``batch_major``) float32.
       carry0: `LSTMCarry` or h [B, H], float32.
       reverse: process time backwards (``ys[t]`` stays aligned with ``xs[t]``).
       attrs: the targets' further attributes, as ``((name, value), ...)``.
@@ -143,6 +154,8 @@ def native_scan(prefix: str, kind: str, params, xs_tm: Array, carry0, reverse: b
         the input projection itself, rather than ``px``.
       in_place: whether the backward target may write ``dpx`` over ``act``
         (and ``dghn`` over ``aux``); see the module docstring.
+      batch_major: ``xs`` is [B, T, I] and ys [B, T, H] (and so are the
+        residuals and ``dpx``); ``attrs`` must tell the targets so.
     """
     if kind not in CELLS:
         raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
@@ -151,11 +164,11 @@ def native_scan(prefix: str, kind: str, params, xs_tm: Array, carry0, reverse: b
     else:
         h0, c0 = carry0, _empty()
     b_hn = params.b_hn if kind == "gru" else _empty()
-    xs_tm = xs_tm.astype(jnp.float32)
-    target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place))
+    xs = xs.astype(jnp.float32)
+    target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place), bool(batch_major))
     if projects:
-        ys, hT, cT = _run_projecting(target, xs_tm, params.w_x, params.b, params.w_h, b_hn, h0, c0)
+        ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, b_hn, h0, c0)
     else:
-        px = matmul(xs_tm, params.w_x) + params.b
+        px = matmul(xs, params.w_x) + params.b
         ys, hT, cT = _run(target, px, params.w_h, b_hn, h0, c0)
     return (LSTMCarry(hT, cT, None) if kind == "lstm" else hT), ys

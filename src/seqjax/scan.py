@@ -295,8 +295,9 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
     avx2_kind = _avx2_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
     if avx2_kind is not None:
         from seqjax.avx2 import avx2_scan
-        carry, ys = avx2_scan(avx2_kind[0], params, plan.xs, plan.carry, reverse, isa=avx2_kind[1])
-        return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
+        # the kernels read xs and write ys in the caller's layout
+        return avx2_scan(avx2_kind[0], params, jnp.asarray(xs), plan.carry, reverse, isa=avx2_kind[1],
+                         time_major=time_major)
     onednn_kind = _onednn_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
     if onednn_kind is not None:
         from seqjax.onednn import onednn_scan

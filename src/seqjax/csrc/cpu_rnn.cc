@@ -177,21 +177,37 @@ class Team {
   };
 };
 
+// ------------------------------------------------------------------------------------------ layout
+
+// Where (step t, batch row b) is among the rows of the sequence arrays (xs, ys, act, aux, dys, dpx, dghn):
+// time-major [T, B, .] or batch-major [B, T, .] (the batch_major attribute; seqjax.scan's default layout,
+// taken as it comes so that XLA transposes nothing).
+struct Rows {
+  int T, B;
+  bool batch_major;
+  size_t at(int t, int b) const {
+    return batch_major ? static_cast<size_t>(b) * T + t : static_cast<size_t>(t) * B + b;
+  }
+  size_t batch_step() const { return batch_major ? T : 1; }  // rows between (t, b) and (t, b + 1)
+};
+
 // ----------------------------------------------------------------------------------------- forward
 
 struct ForwardArgs {
-  const float* xs;    // [T, B, I]
+  const float* xs;    // [T, B, I] or [B, T, I] (`rows`)
   const float* b;     // [G*H]: the bias of the gates' pre-activations
   const float* b_hn;  // [H] (GRU) or null
   const float* h0;    // [B, H]
-  float* ys;          // [T, B, H]
+  float* ys;          // [T, B, H] or [B, T, H]
   float* c;           // [B, H] (LSTM): c_{t-1}, updated in place (the cT result), or null
-  float* act;         // [T, B, G*H] the activated gates (training), or null
-  float* aux;         // [T, B, H] LSTM: c_t, GRU: h_{t-1} W_hn + b_hn (training), or null
+  float* act;         // [T, B, G*H] or [B, T, G*H]: the activated gates (training), or null
+  float* aux;         // as ys: LSTM: c_t, GRU: h_{t-1} W_hn + b_hn (training), or null
   const float* wx;    // packed W_x: [H/kU][I][G][kU], unit block, input feature, gate, unit
   const float* wh;    // packed W_h: [H/kU][H][G][kU]
+  float* hs;          // [2][B, H]: h_t of the last two steps, contiguous whatever the layout of ys
   int T, B, I, H;
   bool reverse;
+  Rows rows;
 };
 
 // acc[r][gate(g)] += sum_k in[r][k] w[k][g] for R rows of `in` (row stride `stride`), K inputs, G gates.
@@ -228,7 +244,7 @@ inline void accumulate(vec (&acc)[R][A], const float* in, int stride, const floa
 // Rows b0 .. b0+R-1 of step t, units u .. u+kU-1: h_t = cell(x_t W_x + b, h_{t-1} W_h). The GRU keeps a fourth
 // accumulator, x_t W_xn + b_n, apart from h_{t-1} W_hn + b_hn, which its reset gate scales.
 template <int CELL, int R>
-void forward_tile(const ForwardArgs& a, int t, const float* hp, int b0, int u) {
+void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u) {
   constexpr int G = gates_of(CELL), A = CELL == kGru ? 4 : G;
   const int H = a.H, GH = G * H;
   vec acc[R][A];
@@ -239,14 +255,14 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, int b0, int u) {
     if constexpr (CELL == kGru) acc[r][3] = acc[r][2], acc[r][2] = ld(a.b_hn + u);
   }
   const int block = u / kU;
-  accumulate<R, G>(acc, a.xs + (static_cast<size_t>(t) * a.B + b0) * a.I, a.I,
+  accumulate<R, G>(acc, a.xs + a.rows.at(t, b0) * a.I, static_cast<int>(a.rows.batch_step() * a.I),
                    a.wx + static_cast<size_t>(block) * a.I * G * kU, a.I,
                    [](int g) { return CELL == kGru && g == 2 ? 3 : g; });
   const float* h = hp + static_cast<size_t>(b0) * H;
   accumulate<R, G>(acc, h, H, a.wh + static_cast<size_t>(block) * H * G * kU, H, [](int g) { return g; });
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    const size_t row = static_cast<size_t>(t) * a.B + b0 + r;
+    const size_t row = a.rows.at(t, b0 + r);
     vec h_new;
     if constexpr (CELL == kLstm) {
       const vec i = sigmoidv(acc[r][0]), f = sigmoidv(acc[r][1]), g = tanhv(acc[r][2]), o = sigmoidv(acc[r][3]);
@@ -275,6 +291,7 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, int b0, int u) {
       h_new = max(acc[r][0], zero());
     }
     st(a.ys + row * H + u, h_new);
+    st(hn + static_cast<size_t>(b0 + r) * H + u, h_new);
   }
 }
 
@@ -287,10 +304,10 @@ constexpr int forward_rows() {
 }
 
 template <int CELL, int R>
-void forward_rows_rest(const ForwardArgs& a, int t, const float* hp, int b0, int u, int rows) {
+void forward_rows_rest(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u, int rows) {
   if constexpr (R > 0) {
-    if (rows == R) return forward_tile<CELL, R>(a, t, hp, b0, u);
-    forward_rows_rest<CELL, R - 1>(a, t, hp, b0, u, rows);
+    if (rows == R) return forward_tile<CELL, R>(a, t, hp, hn, b0, u);
+    forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, rows);
   }
 }
 
@@ -298,12 +315,14 @@ template <int CELL>
 void forward_chunk(const ForwardArgs& a, int s, int chunk) {
   constexpr int R = forward_rows<CELL>();
   const int t = a.reverse ? a.T - 1 - s : s;
-  const int tp = a.reverse ? t + 1 : t - 1;
-  const float* hp = s == 0 ? a.h0 : a.ys + static_cast<size_t>(tp) * a.B * a.H;
+  // h_{t-1} from the contiguous copy: batch-major ys rows T * H apart would share L1 sets
+  const size_t BH = static_cast<size_t>(a.B) * a.H;
+  const float* hp = s == 0 ? a.h0 : a.hs + ((s - 1) & 1) * BH;
+  float* hn = a.hs + (s & 1) * BH;
   const int u = chunk * kU;
   int b0 = 0;
-  for (; b0 + R <= a.B; b0 += R) forward_tile<CELL, R>(a, t, hp, b0, u);
-  if (b0 < a.B) forward_rows_rest<CELL, R - 1>(a, t, hp, b0, u, a.B - b0);
+  for (; b0 + R <= a.B; b0 += R) forward_tile<CELL, R>(a, t, hp, hn, b0, u);
+  if (b0 < a.B) forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, a.B - b0);
 }
 
 // W [K, G*H] -> [H/kU][K][G][kU]
@@ -318,6 +337,7 @@ std::vector<float> pack_forward(const float* w, int K, int H, int G) {
 
 // ---------------------------------------------------------------------------------------- backward
 
+// [T, B, .]: or [B, T, .], as `rows` says
 struct BackwardArgs {
   const float* dys;  // [T, B, H]
   const float* ys;   // [T, B, H]
@@ -334,6 +354,7 @@ struct BackwardArgs {
   const float* wt;   // packed W_h^T: [H/kU][G*H][kU], output unit block, gate column, output unit
   int T, B, H;
   bool reverse;
+  Rows rows;         // the layout of dys, ys, act, aux, dpx and dghn
 };
 
 // Batch rows per tile of the backward recurrent GEMM: 8 broadcasts and a weight load per 8 FMAs cost about
@@ -379,7 +400,7 @@ void gate_grads(const BackwardArgs& a, int s, int u) {
   const int tp = a.reverse ? t + 1 : t - 1;
   const bool first = tp < 0 || tp >= a.T;
   for (int b = 0; b < B; ++b) {
-    const size_t row = static_cast<size_t>(t) * B + b, prow = static_cast<size_t>(tp) * B + b;
+    const size_t row = a.rows.at(t, b), prow = first ? 0 : a.rows.at(tp, b);
     const size_t bu = static_cast<size_t>(b) * H + u;
     const vec dh = add(ld(a.dh + bu), ld(a.dys + row * H + u));
     float* dpx = a.dpx + row * GH + u;
@@ -519,9 +540,10 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> ys,
                        ffi::ResultBuffer<ffi::F32> hT, ffi::ResultBuffer<ffi::F32> cT,
                        ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> aux, int64_t cell,
-                       bool reverse, int64_t threads) {
+                       bool reverse, int64_t threads, bool batch_major) {
   const auto dims = xs.dimensions();
-  const int T = static_cast<int>(dims[0]), B = static_cast<int>(dims[1]), I = static_cast<int>(dims[2]);
+  const int T = static_cast<int>(dims[batch_major ? 1 : 0]), B = static_cast<int>(dims[batch_major ? 0 : 1]);
+  const int I = static_cast<int>(dims[2]);
   const int H = static_cast<int>(h0.dimensions()[1]);
   if (auto e = check(cell, H); e.failure()) return e;
   const int G = gates_of(cell);
@@ -534,14 +556,15 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
     return ffi::Error::Success();
   }
   const std::vector<float> wx = pack_forward(w_x.typed_data(), I, H, G), wh = pack_forward(w_h.typed_data(), H, H, G);
+  std::vector<float> hs(2 * BH);
   ForwardArgs a{xs.typed_data(), b.typed_data(), ptr_or_null(b_hn), h0.typed_data(), ys->typed_data(), c,
-                out_or_null(act), out_or_null(aux), wx.data(), wh.data(), T, B, I, H, reverse};
+                out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), T, B, I, H, reverse,
+                {T, B, batch_major}};
   const int helpers = helpers_for(threads, int64_t{2} * B * (I + H) * G * H);
   dispatch(cell, [&](auto kind) {
     Team::run(T, H / kU, helpers, &pool, [&](int s, int chunk) { forward_chunk<decltype(kind)::value>(a, s, chunk); });
   });
-  const int last = reverse ? 0 : T - 1;
-  std::memcpy(hT->typed_data(), a.ys + static_cast<size_t>(last) * BH, BH * 4);
+  std::memcpy(hT->typed_data(), hs.data() + ((T - 1) & 1) * BH, BH * 4);
   return ffi::Error::Success();
 }
 
@@ -550,9 +573,11 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
                         ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> act,
                         ffi::Buffer<ffi::F32> aux, ffi::ResultBuffer<ffi::F32> dpx,
                         ffi::ResultBuffer<ffi::F32> dghn, ffi::ResultBuffer<ffi::F32> dh0,
-                        ffi::ResultBuffer<ffi::F32> dc0, int64_t cell, bool reverse, int64_t threads) {
+                        ffi::ResultBuffer<ffi::F32> dc0, int64_t cell, bool reverse, int64_t threads,
+                        bool batch_major) {
   const auto dims = dys.dimensions();
-  const int T = static_cast<int>(dims[0]), B = static_cast<int>(dims[1]), H = static_cast<int>(dims[2]);
+  const int T = static_cast<int>(dims[batch_major ? 1 : 0]), B = static_cast<int>(dims[batch_major ? 0 : 1]);
+  const int H = static_cast<int>(dims[2]);
   if (auto e = check(cell, H); e.failure()) return e;
   const int G = gates_of(cell);
   const size_t BH = static_cast<size_t>(B) * H;
@@ -570,7 +595,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   std::vector<float> dap(2 * static_cast<size_t>(padded_rows(B)) * lda(G * H), 0.f);
   BackwardArgs a{dys.typed_data(), ys.typed_data(), h0.typed_data(), ptr_or_null(c0), ptr_or_null(act),
                  ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh0->typed_data(), dc, dhz,
-                 dap.data(), wt.data(), T, B, H, reverse};
+                 dap.data(), wt.data(), T, B, H, reverse, {T, B, batch_major}};
   const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
   dispatch(cell, [&](auto kind) {
     Team::run(T + 1, H / kU, helpers, &pool, [&](int s, int chunk) { backward_chunk<decltype(kind)::value>(a, s, chunk); });
@@ -604,7 +629,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Forward), ForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // aux
                                   .Attr<int64_t>("cell")
                                   .Attr<bool>("reverse")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("batch_major"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Backward), BackwardImpl,
                               ffi::Ffi::Bind()
@@ -624,4 +650,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Backward), BackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dc0
                                   .Attr<int64_t>("cell")
                                   .Attr<bool>("reverse")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("batch_major"));
