@@ -7,21 +7,25 @@ the AVX2 one); `avx2_scan` is the direct entry point. Both builds come from one
 source (``csrc/cpu_rnn.cc``) and give the same bits: a vector register holds 8
 (AVX2) or 16 (AVX-512) hidden units, and each unit sees the same operations in
 the same order.
+
 XLA runs a recurrence as a loop of a GEMM and a few fused elementwise kernels
 per step, each a separate call with its own overhead, and the gate
 pre-activations make a round trip through memory. Here one call runs the whole
 time loop (``csrc/cpu_rnn.cc``): each step multiplies ``[x_t, h_{t-1}]`` by
-``[W_x; W_h]`` (packed once per call) in tiles of a few batch rows x 8 hidden
-units x all gates, and applies the gate arithmetic while the tile is still in
-registers; no ``[T, B, G*H]`` input-projection buffer is built. The backward
-pass runs the reverse recurrence of the state gradients the same way; XLA
-computes the weight gradients and ``dxs`` as GEMMs over all T*B rows, joined to
-the kernels by a `jax.custom_vjp` (reverse mode only; `seqjax.persistent`,
-shared with `seqjax.cuda`).
+``[W_x; W_h]`` (packed once per call) in tiles of a few batch rows x one
+register of hidden units x all gates, and applies the gate arithmetic while the
+tile is still in registers; no ``[T, B, G*H]`` input-projection buffer is
+built. The kernels read ``xs`` and write ``ys`` in the caller's layout, time-
+or batch-major, so XLA transposes nothing. The backward pass runs the reverse
+recurrence of the state gradients the same way, writing the gate gradients over
+the forward pass's saved gates; XLA computes the weight gradients and ``dxs``
+as GEMMs over all T*B rows, joined to the kernels by a `jax.custom_vjp`
+(reverse mode only; `seqjax.persistent`, shared with `seqjax.cuda`).
 
 Steps with enough work (2 B G H (I + H) >= 2^19 flops) are split between the
-calling thread and one helper from XLA's intra-op thread pool, by chunks of 8
-hidden units, with one barrier per step; the results do not depend on it.
+calling thread and one helper from XLA's intra-op thread pool, by chunks of one
+register of hidden units, with one barrier per step; the results do not depend
+on it.
 
 Covered, float32 params, without ``lengths``, ``resets`` or ``remat``: the
 standard LSTM of `seqjax.lstm` (no peepholes or projection), `seqjax.gru` with
@@ -46,10 +50,11 @@ __all__ = ["AUTO", "ISAS", "NativeUnavailable", "auto_isa", "avx2_scan", "kind_o
 ISAS = {"avx2": 8, "avx512": 16}
 
 #: Whether ``seqjax.scan(kernel="auto")`` takes these kernels on the CPU wherever they apply (and the CPU has
-#: AVX2 and FMA and a C++ compiler is here). On the 2-core CPU they beat XLA's loop in forward and train
-#: step for the LSTM, GRU and RNN at the three benchmark shapes, e.g. LSTM (B, T, I, H) = (16, 1000, 32,
-#: 128), median ms fwd / train: 34.3 / 153 against 67.7 / 203, GRU (64, 100, 128, 256) 34.6 / 141 against
-#: 59.9 / 181 (bench/results/levers.md, session 7; bench/results/peers_avx2*.json).
+#: AVX2 and FMA and a C++ compiler is here). On both 2-core CPUs measured they beat XLA's loop in forward and
+#: train step for the LSTM, GRU and RNN at the three benchmark shapes, e.g. on an AMD EPYC (AVX2) LSTM (B, T,
+#: I, H) = (16, 1000, 32, 128), median ms fwd / train: 34.3 / 153 against 67.7 / 203, and on an Intel Xeon
+#: (AVX-512) LSTM (64, 100, 128, 256) 29.8 / 143 against 49.1 / 159 (bench/results/levers.md, sessions 7
+#: and 8; bench/results/peers_avx2*.json, peers_avx512*.json).
 AUTO = True
 
 
