@@ -33,7 +33,13 @@ namespace {
 
 // Must match seqjax.cuda's _CELLS (seqjax.onednn's numbering).
 enum Cell : int64_t { kLstm = 0, kGru = 1, kRnnTanh = 3, kRnnRelu = 4 };
-constexpr int gates_of(int64_t cell) { return cell == kLstm ? 4 : cell == kGru ? 3 : 1; }
+// The forward pass only: the RNN with two register blocks of units per chunk, u and H/2 + u, as if it had
+// two gates of H/2 units (where H/2 is a multiple of kU): a tile's k step loads 2 weight vectors and R
+// broadcasts for 2R FMAs instead of 1 and R for R.
+enum PairedCell : int64_t { kRnnTanhPair = 5, kRnnReluPair = 6 };
+constexpr bool is_pair(int64_t cell) { return cell == kRnnTanhPair || cell == kRnnReluPair; }
+constexpr bool is_rnn(int64_t cell) { return cell == kRnnTanh || cell == kRnnRelu || is_pair(cell); }
+constexpr int gates_of(int64_t cell) { return cell == kLstm ? 4 : cell == kGru ? 3 : is_pair(cell) ? 2 : 1; }
 
 // ------------------------------------------------------------------------------------ vector math
 // One source, two builds (seqjax.native): AVX2 + FMA (8 floats per register, 16 registers) and, with
@@ -241,17 +247,18 @@ inline void accumulate(vec (&acc)[R][A], const float* in, int stride, const floa
   }
 }
 
-// Rows b0 .. b0+R-1 of step t, units u .. u+kU-1: h_t = cell(x_t W_x + b, h_{t-1} W_h). The GRU keeps a fourth
-// accumulator, x_t W_xn + b_n, apart from h_{t-1} W_hn + b_hn, which its reset gate scales.
+// Rows b0 .. b0+R-1 of step t, units u .. u+kU-1 of each gate (gates GS units apart): h_t = cell(x_t W_x + b,
+// h_{t-1} W_h). The GRU keeps a fourth accumulator, x_t W_xn + b_n, apart from h_{t-1} W_hn + b_hn, which its
+// reset gate scales.
 template <int CELL, int R>
 void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u) {
   constexpr int G = gates_of(CELL), A = CELL == kGru ? 4 : G;
-  const int H = a.H, GH = G * H;
+  const int H = a.H, GH = G * H, GS = is_pair(CELL) ? H / 2 : H;
   vec acc[R][A];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 16
-    for (int g = 0; g < G; ++g) acc[r][g] = ld(a.b + g * H + u);
+    for (int g = 0; g < G; ++g) acc[r][g] = ld(a.b + g * GS + u);
     if constexpr (CELL == kGru) acc[r][3] = acc[r][2], acc[r][2] = ld(a.b_hn + u);
   }
   const int block = u / kU;
@@ -263,6 +270,15 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     const size_t row = a.rows.at(t, b0 + r);
+    if constexpr (is_rnn(CELL)) {  // G register blocks of units, GS apart
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const vec y = CELL == kRnnTanh || CELL == kRnnTanhPair ? tanhv(acc[r][g]) : max(acc[r][g], zero());
+        st(a.ys + row * H + g * GS + u, y);
+        st(hn + static_cast<size_t>(b0 + r) * H + g * GS + u, y);
+      }
+      continue;
+    }
     vec h_new;
     if constexpr (CELL == kLstm) {
       const vec i = sigmoidv(acc[r][0]), f = sigmoidv(acc[r][1]), g = tanhv(acc[r][2]), o = sigmoidv(acc[r][3]);
@@ -285,10 +301,6 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
         st(q, rg), st(q + H, z), st(q + 2 * H, n);
         st(a.aux + row * H + u, hn);
       }
-    } else if constexpr (CELL == kRnnTanh) {
-      h_new = tanhv(acc[r][0]);
-    } else {
-      h_new = max(acc[r][0], zero());
     }
     st(a.ys + row * H + u, h_new);
     st(hn + static_cast<size_t>(b0 + r) * H + u, h_new);
@@ -296,10 +308,11 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
 }
 
 // Tile heights: as many rows as keep the R*A accumulators, a weight vector per gate and a broadcast in the
-// vector registers (AVX2: 3 x 4 + 4 + 1 of 16; AVX-512: 6 x 4 + 4 + 1 of 32), and for the RNN a tile that
-// divides common batch sizes.
+// vector registers (AVX2: 3 x 4 + 4 + 1 of 16; AVX-512: 6 x 4 + 4 + 1 of 32; the paired RNN 6 x 2 + 2 + 1,
+// 12 x 2 + 2 + 1), and for the RNN a tile that divides common batch sizes.
 template <int CELL>
 constexpr int forward_rows() {
+  if constexpr (is_pair(CELL)) return kRegs == 32 ? 12 : 6;
   return gates_of(CELL) == 1 ? (kRegs == 32 ? 16 : 12) : (kRegs == 32 ? 6 : 3);
 }
 
@@ -535,6 +548,16 @@ void dispatch(int64_t cell, Fn fn) {
   }
 }
 
+// `dispatch` for the forward pass, which also runs the paired RNN
+template <typename Fn>
+void dispatch_forward(int64_t cell, Fn fn) {
+  switch (cell) {
+    case kRnnTanhPair: return fn(std::integral_constant<int, kRnnTanhPair>());
+    case kRnnReluPair: return fn(std::integral_constant<int, kRnnReluPair>());
+    default: return dispatch(cell, fn);
+  }
+}
+
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
                        ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_hn,
                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> ys,
@@ -546,7 +569,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
   const int I = static_cast<int>(dims[2]);
   const int H = static_cast<int>(h0.dimensions()[1]);
   if (auto e = check(cell, H); e.failure()) return e;
-  const int G = gates_of(cell);
+  const bool pair = (cell == kRnnTanh || cell == kRnnRelu) && H % (2 * kU) == 0;
+  const int64_t run_as = pair ? (cell == kRnnTanh ? kRnnTanhPair : kRnnReluPair) : cell;
+  const int G = gates_of(run_as), GS = pair ? H / 2 : H;  // gates of GS units
   const size_t BH = static_cast<size_t>(B) * H;
   advise_huge_pages(ys), advise_huge_pages(act), advise_huge_pages(aux);
   float* c = out_or_null(cT);
@@ -555,14 +580,14 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
     std::memcpy(hT->typed_data(), h0.typed_data(), BH * 4);
     return ffi::Error::Success();
   }
-  const std::vector<float> wx = pack_forward(w_x.typed_data(), I, H, G), wh = pack_forward(w_h.typed_data(), H, H, G);
+  const std::vector<float> wx = pack_forward(w_x.typed_data(), I, GS, G), wh = pack_forward(w_h.typed_data(), H, GS, G);
   std::vector<float> hs(2 * BH);
   ForwardArgs a{xs.typed_data(), b.typed_data(), ptr_or_null(b_hn), h0.typed_data(), ys->typed_data(), c,
                 out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), T, B, I, H, reverse,
                 {T, B, batch_major}};
-  const int helpers = helpers_for(threads, int64_t{2} * B * (I + H) * G * H);
-  dispatch(cell, [&](auto kind) {
-    Team::run(T, H / kU, helpers, &pool, [&](int s, int chunk) { forward_chunk<decltype(kind)::value>(a, s, chunk); });
+  const int helpers = helpers_for(threads, int64_t{2} * B * (I + H) * G * GS);
+  dispatch_forward(run_as, [&](auto kind) {
+    Team::run(T, GS / kU, helpers, &pool, [&](int s, int chunk) { forward_chunk<decltype(kind)::value>(a, s, chunk); });
   });
   std::memcpy(hT->typed_data(), hs.data() + ((T - 1) & 1) * BH, BH * 4);
   return ffi::Error::Success();
