@@ -83,9 +83,11 @@ def test_gradients_match_finite_differences(kind):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_thread_count_does_not_change_a_bit(kind):
-    """Each chunk of 8 units is computed the same way whichever thread claims it."""
-    cell, params, xs, carry = _setup(kind, 7, 30, 4, 64, seed=3)
+@pytest.mark.parametrize("B", [7, 20])
+def test_thread_count_does_not_change_a_bit(kind, B):
+    """Two threads split each step's units (B < 16) or the batch (B >= 16; rows 0-15 and 16-19 here), and
+    every unit of every row is computed the same way whichever thread does it."""
+    cell, params, xs, carry = _setup(kind, B, 30, 4, 64, seed=3)
     one, two = _run(kind, params, xs, carry, False, 1), _run(kind, params, xs, carry, False, 2)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
         np.testing.assert_array_equal(a, b)

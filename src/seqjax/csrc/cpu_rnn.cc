@@ -325,7 +325,7 @@ void forward_rows_rest(const ForwardArgs& a, int t, const float* hp, float* hn, 
 }
 
 template <int CELL>
-void forward_chunk(const ForwardArgs& a, int s, int chunk) {
+void forward_chunk(const ForwardArgs& a, int s, int chunk, int r0, int r1) {
   constexpr int R = forward_rows<CELL>();
   const int t = a.reverse ? a.T - 1 - s : s;
   // h_{t-1} from the contiguous copy: batch-major ys rows T * H apart would share L1 sets
@@ -333,9 +333,9 @@ void forward_chunk(const ForwardArgs& a, int s, int chunk) {
   const float* hp = s == 0 ? a.h0 : a.hs + ((s - 1) & 1) * BH;
   float* hn = a.hs + (s & 1) * BH;
   const int u = chunk * kU;
-  int b0 = 0;
-  for (; b0 + R <= a.B; b0 += R) forward_tile<CELL, R>(a, t, hp, hn, b0, u);
-  if (b0 < a.B) forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, a.B - b0);
+  int b0 = r0;
+  for (; b0 + R <= r1; b0 += R) forward_tile<CELL, R>(a, t, hp, hn, b0, u);
+  if (b0 < r1) forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, r1 - b0);
 }
 
 // W [K, G*H] -> [H/kU][K][G][kU]
@@ -406,13 +406,13 @@ inline void pack_da(const BackwardArgs& a, int s, int b, int u, const vec (&d)[G
 
 // The gate derivatives of backward step s (forward step t) for units u .. u+kU-1, all rows.
 template <int CELL>
-void gate_grads(const BackwardArgs& a, int s, int u) {
+void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
   constexpr int G = gates_of(CELL);
-  const int H = a.H, GH = G * H, B = a.B;
+  const int H = a.H, GH = G * H;
   const int t = a.reverse ? s : a.T - 1 - s;
   const int tp = a.reverse ? t + 1 : t - 1;
   const bool first = tp < 0 || tp >= a.T;
-  for (int b = 0; b < B; ++b) {
+  for (int b = r0; b < r1; ++b) {
     const size_t row = a.rows.at(t, b), prow = first ? 0 : a.rows.at(tp, b);
     const size_t bu = static_cast<size_t>(b) * H + u;
     const vec dh = add(ld(a.dh + bu), ld(a.dys + row * H + u));
@@ -478,14 +478,14 @@ void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int rows, in
 // Step s of the team: chunk u's part of dh_{t-1} = dA_t W_h^T, then its units' gate derivatives of
 // step s + 1 (which need only those dh entries). Step 0 computes only the gate derivatives of step 0.
 template <int CELL>
-void backward_chunk(const BackwardArgs& a, int s, int chunk) {
+void backward_chunk(const BackwardArgs& a, int s, int chunk, int r0, int r1) {
   const int u = chunk * kU, GH = gates_of(CELL) * a.H;
   if (s > 0) {
-    const float* da = a.dap + static_cast<size_t>((s - 1) & 1) * padded_rows(a.B) * lda(GH);
-    for (int b0 = 0; b0 < a.B; b0 += kRows, da += kRows * lda(GH))
-      recurrent_tile<CELL>(a, da, b0, std::min(kRows, a.B - b0), u);
+    const float* da = a.dap + static_cast<size_t>((s - 1) & 1) * padded_rows(a.B) * lda(GH) + r0 / kRows * kRows * lda(GH);
+    for (int b0 = r0; b0 < r1; b0 += kRows, da += kRows * lda(GH))
+      recurrent_tile<CELL>(a, da, b0, std::min(kRows, r1 - b0), u);
   }
-  if (s < a.T) gate_grads<CELL>(a, s, u);
+  if (s < a.T) gate_grads<CELL>(a, s, u, r0, r1);
 }
 
 // W_h [H, G*H] -> [H/kU][G*H][kU]
@@ -522,6 +522,19 @@ void advise_huge_pages(Buf& b) {
   const uintptr_t lo = (start + kHuge - 1) & ~(kHuge - 1), hi = (start + b->element_count() * 4) & ~(kHuge - 1);
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
 }
+
+// How two threads share a pass: by hidden units, every step (`Team`'s chunks, one barrier per step), or by
+// batch rows, each thread running its half of the batch through all the steps on its own (the rows are
+// independent recurrences: no barrier, no h crossing cores, but each thread reads all the weights every
+// step). Measured (bench/results/levers.md, session 8): rows win the backward pass wherever both halves get
+// a full 8-row tile, and the forward for the RNN and for steps under 1.5 Mflop; the LSTM's and GRU's
+// bigger forward steps, whose weights dominate the traffic, run faster split by units.
+inline bool split_rows(int helpers, int B) { return helpers > 0 && B >= 2 * kRows; }
+inline bool split_rows_forward(int helpers, int B, int64_t cell, int64_t flops_per_step) {
+  return split_rows(helpers, B) && (is_rnn(cell) || flops_per_step < (int64_t{3} << 19));
+}
+// the first row of the second half: a multiple of kRows (the packed dA's tiles)
+inline int row_split(int B) { return (B / 2 + kRows - 1) / kRows * kRows; }
 
 // Helpers to ask for: `threads` - 1 if given, else one where a step has enough work to pay for a barrier.
 int helpers_for(int64_t threads, int64_t flops_per_step) {
@@ -585,9 +598,21 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
   ForwardArgs a{xs.typed_data(), b.typed_data(), ptr_or_null(b_hn), h0.typed_data(), ys->typed_data(), c,
                 out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), T, B, I, H, reverse,
                 {T, B, batch_major}};
-  const int helpers = helpers_for(threads, int64_t{2} * B * (I + H) * G * GS);
+  const int64_t flops_per_step = int64_t{2} * B * (I + H) * G * GS;
+  const int helpers = helpers_for(threads, flops_per_step);
+  const int chunks = GS / kU;
   dispatch_forward(run_as, [&](auto kind) {
-    Team::run(T, GS / kU, helpers, &pool, [&](int s, int chunk) { forward_chunk<decltype(kind)::value>(a, s, chunk); });
+    constexpr int CELL = decltype(kind)::value;
+    if (split_rows_forward(helpers, B, cell, flops_per_step)) {
+      const int half = row_split(B);
+      Team::run(1, 2, helpers, &pool, [&](int, int part) {
+        const int r0 = part ? half : 0, r1 = part ? B : half;
+        for (int s = 0; s < T; ++s)
+          for (int c = 0; c < chunks; ++c) forward_chunk<CELL>(a, s, c, r0, r1);
+      });
+    } else {
+      Team::run(T, chunks, helpers, &pool, [&](int s, int chunk) { forward_chunk<CELL>(a, s, chunk, 0, B); });
+    }
   });
   std::memcpy(hT->typed_data(), hs.data() + ((T - 1) & 1) * BH, BH * 4);
   return ffi::Error::Success();
@@ -623,7 +648,17 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
                  dap.data(), wt.data(), T, B, H, reverse, {T, B, batch_major}};
   const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
   dispatch(cell, [&](auto kind) {
-    Team::run(T + 1, H / kU, helpers, &pool, [&](int s, int chunk) { backward_chunk<decltype(kind)::value>(a, s, chunk); });
+    constexpr int CELL = decltype(kind)::value;
+    if (split_rows(helpers, B)) {
+      const int half = row_split(B);
+      Team::run(1, 2, helpers, &pool, [&](int, int part) {
+        const int r0 = part ? half : 0, r1 = part ? B : half;
+        for (int s = 0; s <= T; ++s)
+          for (int c = 0; c < H / kU; ++c) backward_chunk<CELL>(a, s, c, r0, r1);
+      });
+    } else {
+      Team::run(T + 1, H / kU, helpers, &pool, [&](int s, int chunk) { backward_chunk<CELL>(a, s, chunk, 0, B); });
+    }
   });
   return ffi::Error::Success();
 }
