@@ -22,10 +22,12 @@ the forward pass's saved gates; XLA computes the weight gradients and ``dxs``
 as GEMMs over all T*B rows, joined to the kernels by a `jax.custom_vjp`
 (reverse mode only; `seqjax.persistent`, shared with `seqjax.cuda`).
 
-Steps with enough work (2 B G H (I + H) >= 2^19 flops) are split between the
-calling thread and one helper from XLA's intra-op thread pool, by chunks of one
-register of hidden units, with one barrier per step; the results do not depend
-on it.
+Passes with enough work per step (2 B G H (I + H) >= 2^19 flops) are shared
+between the calling thread and one helper from XLA's intra-op thread pool:
+either by batch rows (each thread runs its half of the batch through all the
+steps, no synchronisation: the backward pass from B = 16, the forward for the
+RNN and small steps) or by chunks of one register of hidden units with one
+barrier per step; the results do not depend on it.
 
 Covered, float32 params, without ``lengths``, ``resets`` or ``remat``: the
 standard LSTM of `seqjax.lstm` (no peepholes or projection), `seqjax.gru` with

@@ -9,9 +9,9 @@
 // vector register: 8 with AVX2, 16 with AVX-512) x all G gates, with the weights packed once per call so
 // that a unit block's G gate columns are contiguous. Work is split into chunks of kU hidden units; the
 // calling thread and (for big enough steps) one helper from XLA's intra-op thread pool claim chunks step by
-// step (`Team`). The backward pass fuses a chunk's share of
-// dh_{t-1} = dA_t W_h^T with the next step's gate derivatives of the same units, so either pass has one
-// barrier per step.
+// step (`Team`), or each take half of the batch through all the steps (`split_rows`). The backward pass
+// fuses a chunk's share of dh_{t-1} = dA_t W_h^T with the next step's gate derivatives of the same units,
+// so either pass has at most one barrier per step.
 #include <immintrin.h>
 #include <sys/mman.h>
 
