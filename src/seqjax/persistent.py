@@ -69,8 +69,13 @@ def _forward(target, training, inputs, w_h, b_hn, h0, c0):
     return call(*inputs, w_h, b_hn, h0, c0, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
-def _backward(target, saved, cts):
-    """``(dpx, dw_h, db_hn, dh0, dc0)`` from the backward target and the whole-sequence GEMM for dW_h."""
+def _backward(target, saved, cts, xs=None):
+    """``(dpx, dw_h, db_hn, dh0, dc0, dw_x)`` from the backward target and the whole-sequence GEMMs.
+
+    With ``xs`` (kernels that project the input themselves) dW_x comes too: for
+    the LSTM and RNN, whose recurrent GEMM's output gradient is ``dpx`` itself,
+    as one GEMM with dW_h over ``[x_t, h_{t-1}]`` (else None).
+    """
     w_h, b_hn, h0, c0, ys, act, aux = saved
     dys, dhT, dcT = cts
     lead, H = ys.shape[:2], ys.shape[2]
@@ -84,9 +89,14 @@ def _backward(target, saved, cts):
     # the recurrent GEMM's output gradient: dpx, except the GRU's n block, which saw r * (h W_hn + b_hn)
     dgh = jnp.concatenate([dpx[..., :2 * H], dghn], -1) if gru else dpx
     h_start = _start_h_batch_major(ys, h0, target.reverse) if target.batch_major else _start_h(ys, h0, target.reverse)
-    dw_h = jax.lax.dot_general(_rows(h_start), _rows(dgh), (((0,), (0,)), ((), ())))
     db_hn = jnp.sum(_rows(dghn), 0) if gru else jnp.zeros_like(b_hn)
-    return dpx, dw_h, db_hn, dh0, dc0
+    contract = (((0,), (0,)), ((), ()))
+    if xs is None or gru:
+        dw_x = None if xs is None else jax.lax.dot_general(_rows(xs), _rows(dpx), contract)
+        return dpx, jax.lax.dot_general(_rows(h_start), _rows(dgh), contract), db_hn, dh0, dc0, dw_x
+    dw = jax.lax.dot_general(_rows(jnp.concatenate([xs, h_start], -1)), _rows(dpx), contract)
+    I = xs.shape[-1]
+    return dpx, dw[I:], db_hn, dh0, dc0, dw[:I]
 
 
 def _start_h_batch_major(ys, h0, reverse):
@@ -112,7 +122,11 @@ def _run_fwd(target, px, w_h, b_hn, h0, c0):
     return (ys, hT, cT), (w_h, b_hn, h0, c0, ys, act, aux)
 
 
-_run.defvjp(_run_fwd, _backward)
+def _run_bwd(target, saved, cts):
+    return _backward(target, saved, cts)[:5]
+
+
+_run.defvjp(_run_fwd, _run_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -128,10 +142,9 @@ def _run_projecting_fwd(target, xs, w_x, b, w_h, b_hn, h0, c0):
 
 def _run_projecting_bwd(target, saved, cts):
     xs, w_x, rest = saved
-    dpx, dw_h, db_hn, dh0, dc0 = _backward(target, rest, cts)
+    dpx, dw_h, db_hn, dh0, dc0, dw_x = _backward(target, rest, cts, xs)
     dpx2 = _rows(dpx)
     dxs = (dpx2 @ w_x.T).reshape(xs.shape)
-    dw_x = jax.lax.dot_general(_rows(xs), dpx2, (((0,), (0,)), ((), ())))
     return dxs, dw_x, jnp.sum(dpx2, 0), dw_h, db_hn, dh0, dc0
 
 
