@@ -11,7 +11,7 @@ Operands, float32, time-major: ``px [T, B, G*H]`` (or ``xs [T, B, I]``, ``w_x
 [I, G*H]`` and ``b [G*H]`` for kernels that project the input themselves),
 ``w_h [H, G*H]``, ``b_hn [H]`` (GRU, else empty), ``h0 [B, H]``, ``c0 [B, H]``
 (LSTM, else empty); the sequence arrays may be batch-major (``[B, T, .]``)
-instead, where `Target` says so.
+instead, where the targets' ``batch_major`` attribute says so.
 Forward results: ``ys [T, B, H]``, ``hT``, ``cT`` (LSTM), and for training
 ``act [T, B, G*H]`` (the activated gates) and ``aux [T, B, H]`` (LSTM: c_t;
 GRU: ``h_{t-1} W_hn + b_hn``). Backward results: ``dpx``, ``dghn [T, B, H]``
@@ -46,7 +46,11 @@ class Target(NamedTuple):
     reverse: bool
     attrs: tuple  # the targets' further attributes, ((name, value), ...)
     in_place: bool  # the backward target may write dpx over act (and the GRU's dghn over aux)
-    batch_major: bool  # the sequence arrays are [B, T, .] rather than [T, B, .] (the targets' attrs say so too)
+
+    @property
+    def batch_major(self) -> bool:
+        """Whether the sequence arrays are [B, T, .] rather than [T, B, .]: the targets' own attribute."""
+        return bool(dict(self.attrs).get("batch_major", False))
 
 
 def _empty():
@@ -152,14 +156,14 @@ _run_projecting.defvjp(_run_projecting_fwd, _run_projecting_bwd)
 
 
 def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool, attrs: tuple,
-                projects: bool = False, in_place: bool = False, batch_major: bool = False):
+                projects: bool = False, in_place: bool = False):
     """``(final_carry, ys)`` of the recurrence run by the FFI targets ``prefix + "_forward"/"_backward"``.
 
     Args:
       prefix: the targets' common prefix, e.g. "seqjax_cuda_rnn".
       kind: "lstm", "gru", "rnn_tanh" or "rnn_relu" (`CELLS`).
       params: the cell's params, float32.
-      xs: [T, B, I] (or [B, T, I], ``batch_major``) float32.
+      xs: [T, B, I] float32, or [B, T, I] where ``attrs`` hold ``("batch_major", True)``.
       carry0: `LSTMCarry` or h [B, H], float32.
       reverse: process time backwards (``ys[t]`` stays aligned with ``xs[t]``).
       attrs: the targets' further attributes, as ``((name, value), ...)``.
@@ -167,8 +171,6 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
         the input projection itself, rather than ``px``.
       in_place: whether the backward target may write ``dpx`` over ``act``
         (and ``dghn`` over ``aux``); see the module docstring.
-      batch_major: ``xs`` is [B, T, I] and ys [B, T, H] (and so are the
-        residuals and ``dpx``); ``attrs`` must tell the targets so.
     """
     if kind not in CELLS:
         raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
@@ -178,7 +180,7 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
         h0, c0 = carry0, _empty()
     b_hn = params.b_hn if kind == "gru" else _empty()
     xs = xs.astype(jnp.float32)
-    target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place), bool(batch_major))
+    target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place))
     if projects:
         ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, b_hn, h0, c0)
     else:

@@ -481,7 +481,8 @@ template <int CELL>
 void backward_chunk(const BackwardArgs& a, int s, int chunk, int r0, int r1) {
   const int u = chunk * kU, GH = gates_of(CELL) * a.H;
   if (s > 0) {
-    const float* da = a.dap + static_cast<size_t>((s - 1) & 1) * padded_rows(a.B) * lda(GH) + r0 / kRows * kRows * lda(GH);
+    // r0 is a multiple of kRows: row r0 (packed: tile r0 / kRows) starts r0 * lda(GH) floats in
+    const float* da = a.dap + (static_cast<size_t>((s - 1) & 1) * padded_rows(a.B) + r0) * lda(GH);
     for (int b0 = r0; b0 < r1; b0 += kRows, da += kRows * lda(GH))
       recurrent_tile<CELL>(a, da, b0, std::min(kRows, r1 - b0), u);
   }
