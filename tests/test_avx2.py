@@ -121,6 +121,39 @@ def test_batch_major_gives_the_bits_of_time_major(kind, isa):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("isa", ["avx2", pytest.param("avx512", marks=needs_avx512)])
+@pytest.mark.parametrize("batch_major, reverse", [(True, False), (False, True)])
+def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse):
+    """The weight-gradient target: dW_x = sum x^T dpx, dW_h = sum h_{t-1}^T dA (the GRU's n block: dghn), db and
+    db_hn as row sums. T*B = 280 rows make three blocks of 128 in two halves; I = 13 and H = 48 leave partial
+    feature tiles and gradient panels, and the GRU's n block starts inside a panel."""
+    B, T, I, H = 7, 40, 13, 48
+    G = {"lstm": 4, "gru": 3}.get(kind, 1)
+    rng = np.random.default_rng(11)
+    lead = (B, T) if batch_major else (T, B)
+    xs, ys, dpx = (rng.standard_normal((*lead, n)).astype(np.float32) for n in (I, H, G * H))
+    h0 = rng.standard_normal((B, H)).astype(np.float32)
+    gru = kind == "gru"
+    dghn = rng.standard_normal((*lead, H)).astype(np.float32) if gru else np.zeros((0,), np.float32)
+    b_hn = np.zeros((H,) if gru else (0,), np.float32)
+    native.load_avx2(isa)
+    target = persistent.Target(f"seqjax_{isa}_rnn", persistent.CELLS[kind], reverse,
+                               (("threads", 2), ("batch_major", batch_major)), True, True)
+    got = jax.jit(lambda *a: persistent._kernel_weight_grads(target, *a))(xs, ys, h0, dpx, dghn, b_hn)
+
+    tm = (lambda a: a) if not batch_major else (lambda a: np.swapaxes(a, 0, 1))  # to [T, B, .]
+    x64, y64, d64 = (tm(a).astype(np.float64) for a in (xs, ys, dpx))
+    h_prev = np.concatenate([y64[1:], h0[None]]) if reverse else np.concatenate([h0[None], y64[:-1]])
+    dA = d64.copy()
+    if gru:
+        dA[..., 2 * H:] = tm(dghn)
+    want = (np.einsum("tbi,tbn->in", x64, d64), np.einsum("tbh,tbn->hn", h_prev, dA), d64.sum((0, 1)),
+            tm(dghn).astype(np.float64).sum((0, 1)) if gru else np.zeros((0,)))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_backward_in_place_gives_the_same_bits_in_less_memory(kind):
     """The backward target writes dpx over the forward's act (and the GRU's dghn over aux)."""

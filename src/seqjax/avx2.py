@@ -18,8 +18,10 @@ tile is still in registers; no ``[T, B, G*H]`` input-projection buffer is
 built. The kernels read ``xs`` and write ``ys`` in the caller's layout, time-
 or batch-major, so XLA transposes nothing. The backward pass runs the reverse
 recurrence of the state gradients the same way, writing the gate gradients over
-the forward pass's saved gates; XLA computes the weight gradients and ``dxs``
-as GEMMs over all T*B rows, joined to the kernels by a `jax.custom_vjp`
+the forward pass's saved gates. A third kernel computes the weight and bias
+gradients as one GEMM over all T*B rows (``[x_t, h_{t-1}]^T`` times the gate
+gradients, blocked and packed so that its operands stay in the caches, the bias
+sums taken while packing); XLA computes ``dxs``. A `jax.custom_vjp` joins them
 (reverse mode only; `seqjax.persistent`, shared with `seqjax.cuda`).
 
 Passes with enough work per step (2 B G H (I + H) >= 2^19 flops) are shared
@@ -129,4 +131,5 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
         raise ValueError(f"seqjax.avx2.avx2_scan: threads must be 0 (automatic), 1 or 2, got {threads!r}")
     load_avx2(isa)
     attrs = (("threads", int(threads)), ("batch_major", not time_major))
-    return native_scan(f"seqjax_{isa}_rnn", kind, params, xs, carry0, reverse, attrs, projects=True, in_place=True)
+    return native_scan(f"seqjax_{isa}_rnn", kind, params, xs, carry0, reverse, attrs, projects=True, in_place=True,
+                       weight_grads=True)

@@ -136,10 +136,13 @@ def _cached_build(stem: str, source: Path, command, version: bytes, what: str, d
     return target
 
 
-def _register(lib: ctypes.CDLL, target: str, symbol: str, platform: str) -> ctypes.CDLL:
-    """Registers ``lib``'s handlers ``<symbol>Forward/Backward`` as the FFI targets ``<target>_forward/_backward``."""
-    for step in ("forward", "backward"):
-        handler = getattr(lib, symbol + step.capitalize())
+def _register(lib: ctypes.CDLL, target: str, symbol: str, platform: str,
+              steps: tuple = ("forward", "backward")) -> ctypes.CDLL:
+    """Registers ``lib``'s handlers ``<symbol>Forward``, ``<symbol>Backward``, ... as the FFI targets
+    ``<target>_forward``, ``<target>_backward``, ... (one per entry of ``steps``, e.g. "weight_grads" ->
+    ``<symbol>WeightGrads``)."""
+    for step in steps:
+        handler = getattr(lib, symbol + "".join(word.capitalize() for word in step.split("_")))
         jax.ffi.register_ffi_target(f"{target}_{step}", jax.ffi.pycapsule(handler), platform=platform)
     return lib
 
@@ -312,13 +315,14 @@ def build_avx2(isa: str = "avx2") -> Path:
 def load_avx2(isa: str = "avx2") -> ctypes.CDLL:
     """`seqjax.avx2`'s kernel library for ``isa``, built if needed, with its FFI targets registered for the CPU.
 
-    Registers ``seqjax_<isa>_rnn_forward`` and ``seqjax_<isa>_rnn_backward``.
+    Registers ``seqjax_<isa>_rnn_forward``, ``seqjax_<isa>_rnn_backward`` and ``seqjax_<isa>_rnn_weight_grads``.
 
     Raises:
       ValueError: ``isa`` is neither "avx2" nor "avx512".
       NativeUnavailable: the CPU lacks the instructions, the compiler is missing, or the build failed.
     """
-    return _register(ctypes.CDLL(str(build_avx2(isa))), f"seqjax_{isa}_rnn", _x86_build(isa)[2], "cpu")
+    return _register(ctypes.CDLL(str(build_avx2(isa))), f"seqjax_{isa}_rnn", _x86_build(isa)[2], "cpu",
+                     ("forward", "backward", "weight_grads"))
 
 
 @functools.cache

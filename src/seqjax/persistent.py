@@ -46,6 +46,7 @@ class Target(NamedTuple):
     reverse: bool
     attrs: tuple  # the targets' further attributes, ((name, value), ...)
     in_place: bool  # the backward target may write dpx over act (and the GRU's dghn over aux)
+    weight_grads: bool  # a ``prefix + "_weight_grads"`` target computes dW_x, dW_h, db and db_hn (projecting only)
 
     @property
     def batch_major(self) -> bool:
@@ -73,13 +74,8 @@ def _forward(target, training, inputs, w_h, b_hn, h0, c0):
     return call(*inputs, w_h, b_hn, h0, c0, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
-def _backward(target, saved, cts, xs=None):
-    """``(dpx, dw_h, db_hn, dh0, dc0, dw_x)`` from the backward target and the whole-sequence GEMMs.
-
-    With ``xs`` (kernels that project the input themselves) dW_x comes too: for
-    the LSTM and RNN, whose recurrent GEMM's output gradient is ``dpx`` itself,
-    as one GEMM with dW_h over ``[x_t, h_{t-1}]`` (else None).
-    """
+def _state_grads(target, saved, cts):
+    """``(dpx, dghn, dh0, dc0)`` from the backward target (``dghn`` empty but for the GRU)."""
     w_h, b_hn, h0, c0, ys, act, aux = saved
     dys, dhT, dcT = cts
     lead, H = ys.shape[:2], ys.shape[2]
@@ -88,8 +84,21 @@ def _backward(target, saved, cts, xs=None):
     # operands 7 and 8 are act and aux; results 0 and 1 are dpx and dghn
     aliases = ({7: 0, 8: 1} if gru else {7: 0}) if target.in_place and act.size else None
     call = jax.ffi.ffi_call(f"{target.prefix}_backward", out, vmap_method="sequential", input_output_aliases=aliases)
-    dpx, dghn, dh0, dc0 = call(dys, dhT, dcT, w_h, ys, h0, c0, act, aux, cell=target.cell, reverse=target.reverse,
-                               **dict(target.attrs))
+    return call(dys, dhT, dcT, w_h, ys, h0, c0, act, aux, cell=target.cell, reverse=target.reverse,
+                **dict(target.attrs))
+
+
+def _backward(target, saved, cts, xs=None):
+    """``(dpx, dw_h, db_hn, dh0, dc0, dw_x)`` from the backward target and the whole-sequence GEMMs.
+
+    With ``xs`` (kernels that project the input themselves) dW_x comes too: for
+    the LSTM and RNN, whose recurrent GEMM's output gradient is ``dpx`` itself,
+    as one GEMM with dW_h over ``[x_t, h_{t-1}]`` (else None).
+    """
+    w_h, b_hn, h0, c0, ys, act, aux = saved
+    dpx, dghn, dh0, dc0 = _state_grads(target, saved, cts)
+    H = ys.shape[2]
+    gru = target.cell == CELLS["gru"]
     # the recurrent GEMM's output gradient: dpx, except the GRU's n block, which saw r * (h W_hn + b_hn)
     dgh = jnp.concatenate([dpx[..., :2 * H], dghn], -1) if gru else dpx
     h_start = _start_h_batch_major(ys, h0, target.reverse) if target.batch_major else _start_h(ys, h0, target.reverse)
@@ -101,6 +110,14 @@ def _backward(target, saved, cts, xs=None):
     dw = jax.lax.dot_general(_rows(jnp.concatenate([xs, h_start], -1)), _rows(dpx), contract)
     I = xs.shape[-1]
     return dpx, dw[I:], db_hn, dh0, dc0, dw[:I]
+
+
+def _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn):
+    """``(dw_x, dw_h, db, db_hn)`` from the weight-gradient target (``target.weight_grads``)."""
+    I, H, GH = xs.shape[-1], h0.shape[-1], dpx.shape[-1]
+    out = (_sds((I, GH)), _sds((H, GH)), _sds((GH,)), _sds(b_hn.shape))
+    call = jax.ffi.ffi_call(f"{target.prefix}_weight_grads", out, vmap_method="sequential")
+    return call(xs, ys, h0, dpx, dghn, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
 def _start_h_batch_major(ys, h0, reverse):
@@ -146,17 +163,22 @@ def _run_projecting_fwd(target, xs, w_x, b, w_h, b_hn, h0, c0):
 
 def _run_projecting_bwd(target, saved, cts):
     xs, w_x, rest = saved
-    dpx, dw_h, db_hn, dh0, dc0, dw_x = _backward(target, rest, cts, xs)
-    dpx2 = _rows(dpx)
-    dxs = (dpx2 @ w_x.T).reshape(xs.shape)
-    return dxs, dw_x, jnp.sum(dpx2, 0), dw_h, db_hn, dh0, dc0
+    if target.weight_grads:
+        w_h, b_hn, h0, c0, ys, act, aux = rest
+        dpx, dghn, dh0, dc0 = _state_grads(target, rest, cts)
+        dw_x, dw_h, db, db_hn = _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn)
+    else:
+        dpx, dw_h, db_hn, dh0, dc0, dw_x = _backward(target, rest, cts, xs)
+        db = jnp.sum(_rows(dpx), 0)
+    dxs = (_rows(dpx) @ w_x.T).reshape(xs.shape)
+    return dxs, dw_x, db, dw_h, db_hn, dh0, dc0
 
 
 _run_projecting.defvjp(_run_projecting_fwd, _run_projecting_bwd)
 
 
 def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool, attrs: tuple,
-                projects: bool = False, in_place: bool = False):
+                projects: bool = False, in_place: bool = False, weight_grads: bool = False):
     """``(final_carry, ys)`` of the recurrence run by the FFI targets ``prefix + "_forward"/"_backward"``.
 
     Args:
@@ -171,6 +193,9 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
         the input projection itself, rather than ``px``.
       in_place: whether the backward target may write ``dpx`` over ``act``
         (and ``dghn`` over ``aux``); see the module docstring.
+      weight_grads: whether a third target, ``prefix + "_weight_grads"``,
+        computes the weight gradients (see the module docstring); only with
+        ``projects``.
     """
     if kind not in CELLS:
         raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
@@ -180,7 +205,7 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
         h0, c0 = carry0, _empty()
     b_hn = params.b_hn if kind == "gru" else _empty()
     xs = xs.astype(jnp.float32)
-    target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place))
+    target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place), bool(weight_grads))
     if projects:
         ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, b_hn, h0, c0)
     else:

@@ -216,8 +216,9 @@ struct ForwardArgs {
   Rows rows;
 };
 
-// acc[r][gate(g)] += sum_k in[r][k] w[k][g] for R rows of `in` (row stride `stride`), K inputs, G gates.
-template <int R, int G, int A, typename Gate>
+// acc[r][gate(g)] += sum_k in[r][k] w[k][g] for R rows of `in`, K inputs, G gates (w: [K][G][kU]).
+// Row r's value at k is in[r * stride + k * KS].
+template <int R, int G, int KS = 1, int A, typename Gate>
 inline void accumulate(vec (&acc)[R][A], const float* in, int stride, const float* w, int K, Gate gate) {
   // Register budget (kRegs): the accumulators plus either all G weight vectors and one broadcast, or all R
   // broadcasts and one weight vector, whichever fits.
@@ -229,14 +230,14 @@ inline void accumulate(vec (&acc)[R][A], const float* in, int stride, const floa
       for (int g = 0; g < G; ++g) wk[g] = ld(w + g * kU);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const vec xk = bcast(in + r * stride + k);
+        const vec xk = bcast(in + r * stride + k * KS);
 #pragma GCC unroll 16
         for (int g = 0; g < G; ++g) acc[r][gate(g)] = fmadd(xk, wk[g], acc[r][gate(g)]);
       }
     } else {
       vec xk[R];
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) xk[r] = bcast(in + r * stride + k);
+      for (int r = 0; r < R; ++r) xk[r] = bcast(in + r * stride + k * KS);
 #pragma GCC unroll 16
       for (int g = 0; g < G; ++g) {
         const vec wk = ld(w + g * kU);
@@ -500,6 +501,135 @@ std::vector<float> pack_backward(const float* w_h, int H, int G) {
   return out;
 }
 
+// -------------------------------------------------------------------------------- weight gradients
+
+// dW_x = sum_rows x^T dA_x, dW_h = sum_rows h_{t-1}^T dA_h, db = sum_rows dpx and (GRU) db_hn = sum_rows dghn,
+// over all T*B rows, where dA_x = dpx and dA_h = dpx except in the GRU's n block, which is dghn there.
+// A GEMM blocked as in BLIS: per block of kGemmRows rows, the features are packed into tiles of kMr
+// ([tile][row][kMr]) and the gradient columns into panels of up to kNv vectors ([panel][row][columns]); each
+// (panel, tile) pair then sums kMr x kNv*kU outputs in registers over the block's rows, the panel (32 KiB
+// with AVX-512) staying in L1 while the tiles stream past it.
+//
+// The rows are taken in memory order, in two fixed halves, each summed into its own partial (a thread each,
+// or both on one thread) and the two added last: the results are bitwise the same for any thread count.
+
+struct WeightGradArgs {
+  const float* xs;    // [T, B, I] or [B, T, I] (`rows`)
+  const float* ys;    // as xs, H features: h_t
+  const float* h0;    // [B, H]
+  const float* dpx;   // as xs, G*H features
+  const float* dghn;  // as ys (GRU) or null
+  int T, B, I, H, G;
+  bool reverse;
+  Rows rows;
+
+  // h_{t-1} of the step and batch row at row q of the sequence arrays
+  const float* hprev(size_t q) const {
+    const int t = static_cast<int>(rows.batch_major ? q % T : q / B), b = static_cast<int>(rows.batch_major ? q / T : q % B);
+    const int tp = reverse ? t + 1 : t - 1;
+    return tp < 0 || tp >= T ? h0 + static_cast<size_t>(b) * H : ys + rows.at(tp, b) * H;
+  }
+};
+
+constexpr int kMr = kRegs == 32 ? 6 : 3;  // features per tile: kMr x kNv accumulators, as the forward's tiles
+constexpr int kNv = 4;                     // vectors per panel
+constexpr int kNr = kNv * kU;              // gradient columns per panel
+constexpr int kGemmRows = 128;             // rows per block: a panel is kGemmRows * kNr * 4 bytes
+
+// One partial: dw_x [I, G*H], dw_h [H, G*H], db [G*H], db_hn [H] (GRU, else null), all summed into.
+struct WeightGradOut {
+  float *dw_x, *dw_h, *db, *db_hn;
+};
+
+// c[r][v*kU ..] += sum_k pa[k][r] pb[k][v*kU ..] for r < rows (c's row stride ldc), k < kk.
+template <int NV>
+void gemm_tile(const float* pa, const float* pb, int kk, float* c, int ldc, int rows) {
+  vec acc[kMr][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < kMr; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = r < rows ? ld(c + r * ldc + j * kU) : zero();
+  accumulate<kMr, NV, kMr>(acc, pa, 1, pb, kk, [](int j) { return j; });
+#pragma GCC unroll 16
+  for (int r = 0; r < kMr; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      if (r < rows) st(c + r * ldc + j * kU, acc[r][j]);
+}
+
+void gemm_panel(int nv, const float* pa, const float* pb, int kk, float* c, int ldc, int rows) {
+  switch (nv) {
+    case 4: return gemm_tile<4>(pa, pb, kk, c, ldc, rows);
+    case 3: return gemm_tile<3>(pa, pb, kk, c, ldc, rows);
+    case 2: return gemm_tile<2>(pa, pb, kk, c, ldc, rows);
+    default: return gemm_tile<1>(pa, pb, kk, c, ldc, rows);
+  }
+}
+
+// Packs row k of a block: `n` features of `src` into tiles of kMr ([tile][kGemmRows][kMr]), zero-padded.
+inline void pack_features(const float* src, int n, float* pa, int k) {
+  float* dst = pa + static_cast<size_t>(k) * kMr;
+  constexpr size_t kTile = static_cast<size_t>(kGemmRows) * kMr;
+  int m0 = 0;
+  for (; m0 + kMr <= n; m0 += kMr, dst += kTile) std::memcpy(dst, src + m0, kMr * 4);
+  if (m0 < n) {
+    for (int r = 0; r < kMr; ++r) dst[r] = m0 + r < n ? src[m0 + r] : 0.f;
+  }
+}
+
+// Packs row k of a block: the G*H gradient columns of `d` into panels ([panel][kGemmRows][width]), the GRU's
+// n block taken from `dn` where given, and adds them to `sum`.
+inline void pack_columns(const float* d, const float* dn, int H, int GH, float* pb, int k, float* sum) {
+  constexpr size_t kPanel = static_cast<size_t>(kGemmRows) * kNr;
+  for (int p0 = 0; p0 < GH; p0 += kNr) {
+    const int w = std::min(kNr, GH - p0);  // a multiple of kU
+    float* dst = pb + p0 / kNr * kPanel + static_cast<size_t>(k) * w;
+    for (int j = 0; j < w; j += kU) {
+      const int col = p0 + j;
+      const float* src = dn && col >= 2 * H && col < 3 * H ? dn + col - 2 * H : d + col;
+      const vec x = ld(src);
+      st(dst + j, x);
+      st(sum + col, add(ld(sum + col), x));
+    }
+  }
+}
+
+// Sums rows q0 .. q1-1 (in memory order) into `out`.
+void weight_grads_part(const WeightGradArgs& a, int64_t q0, int64_t q1, const WeightGradOut& out) {
+  const int I = a.I, H = a.H, GH = a.G * H;
+  const bool gru = a.dghn != nullptr;
+  const int panels = (GH + kNr - 1) / kNr, tiles_x = (I + kMr - 1) / kMr, tiles_h = (H + kMr - 1) / kMr;
+  std::memset(out.dw_x, 0, static_cast<size_t>(I) * GH * 4);
+  std::memset(out.dw_h, 0, static_cast<size_t>(H) * GH * 4);
+  std::memset(out.db, 0, static_cast<size_t>(GH) * 4);
+  // the GRU's h side: its n block is dghn; db_hn is that block's sum
+  std::vector<float> dbh(gru ? GH : 0);
+  const size_t panel = static_cast<size_t>(kGemmRows) * kNr, tile = static_cast<size_t>(kGemmRows) * kMr;
+  std::vector<float> pa((tiles_x + tiles_h) * tile), pb(panels * panel), pbh(gru ? panels * panel : 0);
+  for (int64_t qb = q0; qb < q1; qb += kGemmRows) {
+    const int kk = static_cast<int>(std::min<int64_t>(kGemmRows, q1 - qb));
+    for (int k = 0; k < kk; ++k) {
+      const size_t row = static_cast<size_t>(qb + k);
+      pack_features(a.xs + row * I, I, pa.data(), k);
+      pack_features(a.hprev(row), H, pa.data() + tiles_x * tile, k);
+      pack_columns(a.dpx + row * GH, nullptr, H, GH, pb.data(), k, out.db);
+      if (gru) pack_columns(a.dpx + row * GH, a.dghn + row * H, H, GH, pbh.data(), k, dbh.data());
+    }
+    for (int p = 0; p < panels; ++p) {
+      const int nv = std::min(kNr, GH - p * kNr) / kU;
+      const float* px = pb.data() + p * panel;
+      const float* ph = gru ? pbh.data() + p * panel : px;
+      for (int i = 0; i < tiles_x; ++i)
+        gemm_panel(nv, pa.data() + i * tile, px, kk, out.dw_x + static_cast<size_t>(i) * kMr * GH + p * kNr, GH,
+                   std::min(kMr, I - i * kMr));
+      for (int i = 0; i < tiles_h; ++i)
+        gemm_panel(nv, pa.data() + (tiles_x + i) * tile, ph, kk,
+                   out.dw_h + static_cast<size_t>(i) * kMr * GH + p * kNr, GH, std::min(kMr, H - i * kMr));
+    }
+  }
+  if (gru) std::memcpy(out.db_hn, dbh.data() + 2 * H, static_cast<size_t>(H) * 4);
+}
+
 // ------------------------------------------------------------------------------------------ handlers
 
 template <typename Buf>
@@ -664,6 +794,40 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   return ffi::Error::Success();
 }
 
+ffi::Error WeightGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> ys,
+                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> dpx, ffi::Buffer<ffi::F32> dghn,
+                           ffi::ResultBuffer<ffi::F32> dw_x, ffi::ResultBuffer<ffi::F32> dw_h,
+                           ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> db_hn, int64_t cell,
+                           bool reverse, int64_t threads, bool batch_major) {
+  const auto dims = xs.dimensions();
+  const int T = static_cast<int>(dims[batch_major ? 1 : 0]), B = static_cast<int>(dims[batch_major ? 0 : 1]);
+  const int I = static_cast<int>(dims[2]), H = static_cast<int>(h0.dimensions()[1]);
+  if (auto e = check(cell, H); e.failure()) return e;
+  const int G = gates_of(cell), GH = G * H;
+  const bool gru = cell == kGru;
+  const WeightGradArgs a{xs.typed_data(), ys.typed_data(), h0.typed_data(), dpx.typed_data(),
+                         gru ? dghn.typed_data() : nullptr, T, B, I, H, G, reverse, {T, B, batch_major}};
+  const size_t n = (static_cast<size_t>(I) + H + 1) * GH + (gru ? H : 0);  // floats of one partial
+  std::vector<float> second(n);
+  const WeightGradOut first{dw_x->typed_data(), dw_h->typed_data(), db->typed_data(), out_or_null(db_hn)};
+  const WeightGradOut other{second.data(), second.data() + static_cast<size_t>(I) * GH,
+                            second.data() + static_cast<size_t>(I + H) * GH,
+                            gru ? second.data() + static_cast<size_t>(I + H + 1) * GH : nullptr};
+  const int64_t R = static_cast<int64_t>(T) * B, half = R / 2;
+  const int helpers = helpers_for(threads, int64_t{2} * R * (I + H) * GH / 64);
+  Team::run(1, 2, helpers, &pool, [&](int, int part) {
+    weight_grads_part(a, part ? half : 0, part ? R : half, part ? other : first);
+  });
+  const auto add_to = [](float* dst, const float* src, size_t count) {
+    for (size_t j = 0; j < count; j += kU) st(dst + j, add(ld(dst + j), ld(src + j)));
+  };
+  add_to(first.dw_x, other.dw_x, static_cast<size_t>(I) * GH);
+  add_to(first.dw_h, other.dw_h, static_cast<size_t>(H) * GH);
+  add_to(first.db, other.db, GH);
+  if (gru) add_to(first.db_hn, other.db_hn, H);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The exported handlers: SeqjaxAvx2RnnForward/Backward, or SeqjaxAvx512RnnForward/Backward.
@@ -709,6 +873,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Backward), BackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dghn
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dc0
+                                  .Attr<int64_t>("cell")
+                                  .Attr<bool>("reverse")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("batch_major"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(WeightGrads), WeightGradsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ys
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dpx
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dghn
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_x
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_h
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // db
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // db_hn
                                   .Attr<int64_t>("cell")
                                   .Attr<bool>("reverse")
                                   .Attr<int64_t>("threads")
