@@ -109,8 +109,10 @@ inline vec one_minus(vec x) { return sub(v(1.f), x); }
 // ---------------------------------------------------------------------------------- the thread team
 
 // Runs `steps` steps of `chunks` chunks each, in order: every chunk of step s finishes before any chunk
-// of step s + 1 starts. The calling thread claims chunks, and so do `helpers` tasks scheduled on XLA's
-// intra-op pool; a claim names its step, so a helper that starts late (a busy pool) just joins in and one
+// of step s + 1 starts. The calling thread claims chunks from the front (0, 1, ...) and `helpers` tasks
+// scheduled on XLA's intra-op pool claim them from the back (chunks - 1, ...), so with one helper each
+// thread keeps to the same chunks, and their weights in its own caches, step after step, while the split
+// still follows whichever thread runs faster. A helper that starts late (a busy pool) just joins in, and one
 // that never starts costs nothing.
 class Team {
  public:
@@ -127,12 +129,13 @@ class Team {
     state->chunks = chunks;
     for (int i = 0; i < helpers; ++i) pool->Schedule([state] { state->help(); });
     for (int s = 0; s < steps; ++s) {
-      state->next.store(static_cast<int64_t>(s) << kShift, std::memory_order_release);
-      state->claim_all();
+      state->step.store(s, std::memory_order_relaxed);
+      state->next.store(0, std::memory_order_release);
+      state->claim_all(false);
       const int64_t target = static_cast<int64_t>(s + 1) * chunks;
       for (int spins = 0; state->done.load(std::memory_order_acquire) < target; ++spins) pause(spins);
     }
-    state->next.store(static_cast<int64_t>(steps) << kShift | kMask, std::memory_order_release);
+    state->next.store(kFull, std::memory_order_release);
     state->stop.store(true, std::memory_order_release);
     // a helper that claimed nothing may still be reading `next`; it holds `state`, not `work`
   }
@@ -140,6 +143,7 @@ class Team {
  private:
   static constexpr int kShift = 24;
   static constexpr int64_t kMask = (int64_t{1} << kShift) - 1;
+  static constexpr int64_t kFull = kMask << kShift;
 
   static void pause(int spins) {
     if (spins < 4096) {
@@ -153,18 +157,23 @@ class Team {
     const Work* work = nullptr;
     int chunks = 0;
     // each on its own cache line: the threads write them at every claim
-    alignas(64) std::atomic<int64_t> next{kMask};  // (step << kShift) | next chunk to claim
+    alignas(64) std::atomic<int64_t> next{kFull};  // (chunks claimed from the front << kShift) | from the back
     alignas(64) std::atomic<int64_t> done{0};      // chunks finished, all steps
+    alignas(64) std::atomic<int> step{0};          // the step being claimed: set before `next` is reset
     alignas(64) std::atomic<bool> stop{false};
 
-    // Claims chunks of the step `next` names until none is left (compare-and-swap, so the chunk count
-    // never runs past `chunks` into the next step's numbers).
-    void claim_all() {
+    static bool open(int64_t got, int chunks) { return (got >> kShift) + (got & kMask) < chunks; }
+
+    // Claims chunks until none of the step is left (compare-and-swap on both counts, so the two ends never
+    // claim the same chunk). A successful claim holds the step open, so `step` read after it is its step.
+    void claim_all(bool back) {
       int64_t got = next.load(std::memory_order_acquire);
       for (;;) {
-        if ((got & kMask) >= chunks) return;
-        if (!next.compare_exchange_weak(got, got + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-        (*work)(static_cast<int>(got >> kShift), static_cast<int>(got & kMask));
+        if (!open(got, chunks)) return;
+        const int64_t want = back ? got + 1 : got + (int64_t{1} << kShift);
+        if (!next.compare_exchange_weak(got, want, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+        const int chunk = back ? chunks - 1 - static_cast<int>(got & kMask) : static_cast<int>(got >> kShift);
+        (*work)(step.load(std::memory_order_relaxed), chunk);
         done.fetch_add(1, std::memory_order_acq_rel);
         got = next.load(std::memory_order_acquire);
       }
@@ -172,8 +181,8 @@ class Team {
 
     void help() {
       for (int spins = 0; !stop.load(std::memory_order_acquire); ++spins) {
-        if ((next.load(std::memory_order_acquire) & kMask) < chunks) {
-          claim_all();
+        if (open(next.load(std::memory_order_acquire), chunks)) {
+          claim_all(true);
           spins = 0;
         } else {
           pause(spins);
@@ -248,26 +257,46 @@ inline void accumulate(vec (&acc)[R][A], const float* in, int stride, const floa
   }
 }
 
-// Rows b0 .. b0+R-1 of step t, units u .. u+kU-1 of each gate (gates GS units apart): h_t = cell(x_t W_x + b,
-// h_{t-1} W_h). The GRU keeps a fourth accumulator, x_t W_xn + b_n, apart from h_{t-1} W_hn + b_hn, which its
-// reset gate scales.
+// Rows b0 .. b0+R-1 of step t, units u .. u+kU-1 of each gate (gates GS units apart), inputs k0 .. k1-1 of
+// [x_t, h_{t-1}]: h_t = cell(x_t W_x + b, h_{t-1} W_h) once k1 = I + H. Before that the accumulators go to
+// `save` ([R][A][kU]) and the next block of inputs picks them up. The GRU keeps a fourth accumulator,
+// x_t W_xn + b_n, apart from h_{t-1} W_hn + b_hn, which its reset gate scales.
 template <int CELL, int R>
-void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u) {
+void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u, int k0, int k1, float* save) {
   constexpr int G = gates_of(CELL), A = CELL == kGru ? 4 : G;
-  const int H = a.H, GH = G * H, GS = is_pair(CELL) ? H / 2 : H;
+  const int H = a.H, I = a.I, GH = G * H, GS = is_pair(CELL) ? H / 2 : H;
   vec acc[R][A];
+  if (k0 == 0) {
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 16
-    for (int g = 0; g < G; ++g) acc[r][g] = ld(a.b + g * GS + u);
-    if constexpr (CELL == kGru) acc[r][3] = acc[r][2], acc[r][2] = ld(a.b_hn + u);
+      for (int g = 0; g < G; ++g) acc[r][g] = ld(a.b + g * GS + u);
+      if constexpr (CELL == kGru) acc[r][3] = acc[r][2], acc[r][2] = ld(a.b_hn + u);
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int g = 0; g < A; ++g) acc[r][g] = ld(save + (r * A + g) * kU);
   }
-  const int block = u / kU;
-  accumulate<R, G>(acc, a.xs + a.rows.at(t, b0) * a.I, static_cast<int>(a.rows.batch_step() * a.I),
-                   a.wx + static_cast<size_t>(block) * a.I * G * kU, a.I,
-                   [](int g) { return CELL == kGru && g == 2 ? 3 : g; });
+  const size_t block = u / kU;
+  if (k0 < I) {
+    const int k = std::min(k1, I);
+    accumulate<R, G>(acc, a.xs + a.rows.at(t, b0) * I + k0, static_cast<int>(a.rows.batch_step() * I),
+                     a.wx + (block * I + k0) * G * kU, k - k0, [](int g) { return CELL == kGru && g == 2 ? 3 : g; });
+  }
   const float* h = hp + static_cast<size_t>(b0) * H;
-  accumulate<R, G>(acc, h, H, a.wh + static_cast<size_t>(block) * H * G * kU, H, [](int g) { return g; });
+  if (k1 > I) {
+    const int k = std::max(k0, I) - I;
+    accumulate<R, G>(acc, h + k, H, a.wh + (block * H + k) * G * kU, k1 - I - k, [](int g) { return g; });
+  }
+  if (k1 < I + H) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int g = 0; g < A; ++g) st(save + (r * A + g) * kU, acc[r][g]);
+    return;
+  }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     const size_t row = a.rows.at(t, b0 + r);
@@ -318,25 +347,42 @@ constexpr int forward_rows() {
 }
 
 template <int CELL, int R>
-void forward_rows_rest(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u, int rows) {
+void forward_rows_rest(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u, int rows, int k0,
+                       int k1, float* save) {
   if constexpr (R > 0) {
-    if (rows == R) return forward_tile<CELL, R>(a, t, hp, hn, b0, u);
-    forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, rows);
+    if (rows == R) return forward_tile<CELL, R>(a, t, hp, hn, b0, u, k0, k1, save);
+    forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, rows, k0, k1, save);
   }
 }
 
+// The forward's inputs [x_t, h_{t-1}] are taken in blocks whose weights (a unit block's G gate columns, as
+// packed) fill at most kPanelFloats floats, 32 KiB: they stay in L1 while the kGroupTiles tiles of a group of
+// rows go through them, each tile's accumulators waiting in `save` for the next block. (Without blocks the
+// standard LSTM's 96 KiB per unit block came from L2 for every tile.)
+constexpr int kPanelFloats = 8192;
+constexpr int kGroupTiles = 8;
+
 template <int CELL>
 void forward_chunk(const ForwardArgs& a, int s, int chunk, int r0, int r1) {
-  constexpr int R = forward_rows<CELL>();
+  constexpr int R = forward_rows<CELL>(), G = gates_of(CELL), A = CELL == kGru ? 4 : G;
   const int t = a.reverse ? a.T - 1 - s : s;
   // h_{t-1} from the contiguous copy: batch-major ys rows T * H apart would share L1 sets
   const size_t BH = static_cast<size_t>(a.B) * a.H;
   const float* hp = s == 0 ? a.h0 : a.hs + ((s - 1) & 1) * BH;
   float* hn = a.hs + (s & 1) * BH;
   const int u = chunk * kU;
-  int b0 = r0;
-  for (; b0 + R <= r1; b0 += R) forward_tile<CELL, R>(a, t, hp, hn, b0, u);
-  if (b0 < r1) forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, r1 - b0);
+  const int K = a.I + a.H, blocks = (K * G * kU + kPanelFloats - 1) / kPanelFloats, kc = (K + blocks - 1) / blocks;
+  alignas(64) float save[kGroupTiles * R * A * kU];
+  for (int g0 = r0; g0 < r1; g0 += kGroupTiles * R) {
+    const int g1 = std::min(g0 + kGroupTiles * R, r1);
+    for (int k0 = 0; k0 < K; k0 += kc) {
+      const int k1 = std::min(k0 + kc, K);
+      int b0 = g0;
+      float* sv = save;
+      for (; b0 + R <= g1; b0 += R, sv += R * A * kU) forward_tile<CELL, R>(a, t, hp, hn, b0, u, k0, k1, sv);
+      if (b0 < g1) forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, g1 - b0, k0, k1, sv);
+    }
+  }
 }
 
 // W [K, G*H] -> [H/kU][K][G][kU]
