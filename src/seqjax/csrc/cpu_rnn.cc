@@ -499,41 +499,61 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
   }
 }
 
-// dh[b0 .. b0+rows-1, u .. u+kU-1] = dA W_h^T (+ dh z for the GRU), ``da`` the recurrent GEMM's output
+// dh[b0 .. b0+rows-1, u .. u+NV*kU-1] = dA W_h^T (+ dh z for the GRU), ``da`` the recurrent GEMM's output
 // gradient from row b0 on (`kPackedDa`).
-template <int CELL>
+template <int CELL, int NV>
 void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int rows, int u) {
   constexpr int G = gates_of(CELL);
   const int GH = G * a.H;
-  vec acc[kRows];
+  vec acc[kRows][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r)
-    acc[r] = CELL == kGru && r < rows ? ld(a.dhz + static_cast<size_t>(b0 + r) * a.H + u) : v(0.f);
-  const float* w = a.wt + static_cast<size_t>(u) * GH;
+#pragma GCC unroll 2
+    for (int j = 0; j < NV; ++j)
+      acc[r][j] = CELL == kGru && r < rows ? ld(a.dhz + static_cast<size_t>(b0 + r) * a.H + u + j * kU) : v(0.f);
+  const float* w = a.wt + static_cast<size_t>(u) * GH;  // unit block j's columns: w + j * kU * GH
   // where row r's value at column k is: da + k * k_step + r * r_step
   const size_t k_step = kPackedDa ? kRows : 1, r_step = kPackedDa ? 1 : lda(GH);
   for (int k = 0; k < GH; ++k, w += kU, da += k_step) {
-    const vec wk = ld(w);
+    vec wk[NV];
+#pragma GCC unroll 2
+    for (int j = 0; j < NV; ++j) wk[j] = ld(w + static_cast<size_t>(j) * kU * GH);
 #pragma GCC unroll 16
-    for (int r = 0; r < kRows; ++r) acc[r] = fmadd(bcast(da + r * r_step), wk, acc[r]);
+    for (int r = 0; r < kRows; ++r) {
+      const vec x = bcast(da + r * r_step);
+#pragma GCC unroll 2
+      for (int j = 0; j < NV; ++j) acc[r][j] = fmadd(x, wk[j], acc[r][j]);
+    }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r)
-    if (r < rows) st(a.dh + static_cast<size_t>(b0 + r) * a.H + u, acc[r]);
+#pragma GCC unroll 2
+    for (int j = 0; j < NV; ++j)
+      if (r < rows) st(a.dh + static_cast<size_t>(b0 + r) * a.H + u + j * kU, acc[r][j]);
 }
+
+// Unit blocks per backward chunk: two with AVX-512 where H allows (a weight load per 16 FMAs and 8 broadcasts
+// rather than per 8: the tile was bound by its loads), else one (AVX2 has registers for 8 x 1 only).
+inline int backward_blocks(int H) { return kRegs == 32 && H % (2 * kU) == 0 ? 2 : 1; }
 
 // Step s of the team: chunk u's part of dh_{t-1} = dA_t W_h^T, then its units' gate derivatives of
 // step s + 1 (which need only those dh entries). Step 0 computes only the gate derivatives of step 0.
 template <int CELL>
 void backward_chunk(const BackwardArgs& a, int s, int chunk, int r0, int r1) {
-  const int u = chunk * kU, GH = gates_of(CELL) * a.H;
+  const int nv = backward_blocks(a.H), u = chunk * nv * kU, GH = gates_of(CELL) * a.H;
   if (s > 0) {
     // r0 is a multiple of kRows: row r0 (packed: tile r0 / kRows) starts r0 * lda(GH) floats in
     const float* da = a.dap + (static_cast<size_t>((s - 1) & 1) * padded_rows(a.B) + r0) * lda(GH);
-    for (int b0 = r0; b0 < r1; b0 += kRows, da += kRows * lda(GH))
-      recurrent_tile<CELL>(a, da, b0, std::min(kRows, r1 - b0), u);
+    for (int b0 = r0; b0 < r1; b0 += kRows, da += kRows * lda(GH)) {
+      if (nv == 2) {
+        recurrent_tile<CELL, 2>(a, da, b0, std::min(kRows, r1 - b0), u);
+      } else {
+        recurrent_tile<CELL, 1>(a, da, b0, std::min(kRows, r1 - b0), u);
+      }
+    }
   }
-  if (s < a.T) gate_grads<CELL>(a, s, u, r0, r1);
+  if (s < a.T)
+    for (int j = 0; j < nv; ++j) gate_grads<CELL>(a, s, u + j * kU, r0, r1);
 }
 
 // W_h [H, G*H] -> [H/kU][G*H][kU]
@@ -824,6 +844,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
                  ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh0->typed_data(), dc, dhz,
                  dap.data(), wt.data(), T, B, H, reverse, {T, B, batch_major}};
   const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
+  const int chunks = H / (backward_blocks(H) * kU);
   dispatch(cell, [&](auto kind) {
     constexpr int CELL = decltype(kind)::value;
     if (split_rows(helpers, B)) {
@@ -831,10 +852,10 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
       Team::run(1, 2, helpers, &pool, [&](int, int part) {
         const int r0 = part ? half : 0, r1 = part ? B : half;
         for (int s = 0; s <= T; ++s)
-          for (int c = 0; c < H / kU; ++c) backward_chunk<CELL>(a, s, c, r0, r1);
+          for (int c = 0; c < chunks; ++c) backward_chunk<CELL>(a, s, c, r0, r1);
       });
     } else {
-      Team::run(T + 1, H / kU, helpers, &pool, [&](int s, int chunk) { backward_chunk<CELL>(a, s, chunk, 0, B); });
+      Team::run(T + 1, chunks, helpers, &pool, [&](int s, int chunk) { backward_chunk<CELL>(a, s, chunk, 0, B); });
     }
   });
   return ffi::Error::Success();
