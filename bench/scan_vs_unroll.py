@@ -4,7 +4,8 @@ Runners compared for each cell and sequence length T (B=32, I=32, H=128, float32
   * ``scan u=k``: `seqjax.scan` with ``unroll=k``, differentiated by autodiff
     (``backward="autodiff"``, so every scan row uses the same kind of backward pass)
   * ``scan remat``: the same with ``remat=True`` (rematerialise each step in the backward pass)
-  * ``scan default``: `seqjax.scan` with its defaults (the whole-sequence-GEMM custom VJP)
+  * ``scan default``: `seqjax.scan` with its defaults (``kernel="auto"``: on x86 CPUs the whole-recurrence
+    kernels of `seqjax.avx2`, elsewhere the loop with the whole-sequence-GEMM custom VJP)
   * ``unrolled``: `seqjax.unrolled`, a Python loop traced into one straight-line program.
     Once compiling it takes longer than the budget (120 s) for a T, longer T are
     skipped and the results say so.
@@ -93,7 +94,7 @@ def main(argv=None):
                 if rname == "unrolled" and unrolled_max_T is not None and T > unrolled_max_T:
                     continue
                 for mode in ("fwd", "train"):
-                    if rname in ("scan remat", "scan default") and mode == "fwd":
+                    if rname == "scan remat" and mode == "fwd":
                         continue  # the same forward loop as scan u=1
                     if rname == "unrolled" and mode in over_budget:
                         continue

@@ -5,7 +5,11 @@ Both kernel libraries bind the same FFI contract (``<prefix>_forward`` and
 all steps as one GEMM, the forward kernel runs the recurrence (and, for
 training, saves the activated gates), the backward kernel runs the reverse
 recurrence of the state gradients and returns ``dpx``, and XLA computes the
-weight gradients as GEMMs over all ``T * B`` rows (as `seqjax.fused` does).
+weight gradients as GEMMs over all ``T * B`` rows (as `seqjax.fused` does), or,
+for kernels that have one (``weight_grads``), a third target
+``<prefix>_weight_grads`` does: operands ``xs, ys, h0, dpx, dghn``, results
+``dw_x [I, G*H], dw_h [H, G*H], db [G*H], db_hn`` (``[H]`` for the GRU, else
+empty), with the same attributes.
 
 Operands, float32, time-major: ``px [T, B, G*H]`` (or ``xs [T, B, I]``, ``w_x
 [I, G*H]`` and ``b [G*H]`` for kernels that project the input themselves),

@@ -2,7 +2,8 @@
 // the GRU (reset_after, PyTorch's and cuDNN's form) and the tanh/relu Elman RNN, float32, forward and
 // backward. The backward handler has the operands and results of seqjax.cuda's (cuda_rnn.cu); the forward
 // one takes xs, W_x and b where the CUDA one takes px = x W_x + b, and computes the projection itself
-// (seqjax.persistent holds the jax.custom_vjp around both; XLA computes the weight gradients).
+// (seqjax.persistent holds the jax.custom_vjp around them). A third handler, WeightGrads, computes dW_x,
+// dW_h and the bias gradients from the backward's dpx as one GEMM over all T*B rows (XLA computes dxs).
 //
 // Each forward step multiplies [x_t, h_{t-1}] by the packed [W_x; W_h] and applies the gate arithmetic
 // while the gate pre-activations are still in registers: a tile is R batch rows x kU hidden units (one
@@ -533,7 +534,8 @@ void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int rows, in
 }
 
 // Unit blocks per backward chunk: two with AVX-512 where H allows (a weight load per 16 FMAs and 8 broadcasts
-// rather than per 8: the tile was bound by its loads), else one (AVX2 has registers for 8 x 1 only).
+// rather than per 8: the tile was bound by its loads), else one (AVX2 has registers for 8 x 1 only). Each
+// dh element sees the same FMAs in the same order either way.
 inline int backward_blocks(int H) { return kRegs == 32 && H % (2 * kU) == 0 ? 2 : 1; }
 
 // Step s of the team: chunk u's part of dh_{t-1} = dA_t W_h^T, then its units' gate derivatives of
@@ -881,6 +883,7 @@ ffi::Error WeightGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::
                             second.data() + static_cast<size_t>(I + H) * GH,
                             gru ? second.data() + static_cast<size_t>(I + H + 1) * GH : nullptr};
   const int64_t R = static_cast<int64_t>(T) * B, half = R / 2;
+  // a helper where the GEMM has 64 forward steps' worth of work (2^25 flops)
   const int helpers = helpers_for(threads, int64_t{2} * R * (I + H) * GH / 64);
   Team::run(1, 2, helpers, &pool, [&](int, int part) {
     weight_grads_part(a, part ? half : 0, part ? R : half, part ? other : first);
