@@ -645,13 +645,14 @@ inline void pack_features(const float* src, int n, float* pa, int k) {
   }
 }
 
-// Packs row k of a block: the G*H gradient columns of `d` into panels ([panel][kGemmRows][width]), the GRU's
-// n block taken from `dn` where given, and adds them to `sum`.
-inline void pack_columns(const float* d, const float* dn, int H, int GH, float* pb, int k, float* sum) {
+// Packs row k of a block: gradient columns p_lo * kNr .. p_hi * kNr - 1 (at most G*H) of `d` into panels
+// ([panel - p_lo][kGemmRows][width]), the GRU's n block taken from `dn` where given, and adds them to `sum`.
+inline void pack_columns(const float* d, const float* dn, int H, int GH, int p_lo, int p_hi, float* pb, int k,
+                         float* sum) {
   constexpr size_t kPanel = static_cast<size_t>(kGemmRows) * kNr;
-  for (int p0 = 0; p0 < GH; p0 += kNr) {
+  for (int p0 = p_lo * kNr; p0 < std::min(GH, p_hi * kNr); p0 += kNr) {
     const int w = std::min(kNr, GH - p0);  // a multiple of kU
-    float* dst = pb + p0 / kNr * kPanel + static_cast<size_t>(k) * w;
+    float* dst = pb + (p0 / kNr - p_lo) * kPanel + static_cast<size_t>(k) * w;
     for (int j = 0; j < w; j += kU) {
       const int col = p0 + j;
       const float* src = dn && col >= 2 * H && col < 3 * H ? dn + col - 2 * H : d + col;
@@ -670,23 +671,25 @@ void weight_grads_part(const WeightGradArgs& a, int64_t q0, int64_t q1, const We
   std::memset(out.dw_x, 0, static_cast<size_t>(I) * GH * 4);
   std::memset(out.dw_h, 0, static_cast<size_t>(H) * GH * 4);
   std::memset(out.db, 0, static_cast<size_t>(GH) * 4);
-  // the GRU's h side: its n block is dghn; db_hn is that block's sum
+  // the GRU's h side sees dghn in the n block: the panels n_lo .. n_hi - 1 that hold some of it are packed
+  // again from there (db_hn is that block's sum)
+  const int n_lo = gru ? 2 * H / kNr : 0, n_hi = gru ? (3 * H + kNr - 1) / kNr : 0;
   std::vector<float> dbh(gru ? GH : 0);
   const size_t panel = static_cast<size_t>(kGemmRows) * kNr, tile = static_cast<size_t>(kGemmRows) * kMr;
-  std::vector<float> pa((tiles_x + tiles_h) * tile), pb(panels * panel), pbh(gru ? panels * panel : 0);
+  std::vector<float> pa((tiles_x + tiles_h) * tile), pb(panels * panel), pbh((n_hi - n_lo) * panel);
   for (int64_t qb = q0; qb < q1; qb += kGemmRows) {
     const int kk = static_cast<int>(std::min<int64_t>(kGemmRows, q1 - qb));
     for (int k = 0; k < kk; ++k) {
       const size_t row = static_cast<size_t>(qb + k);
       pack_features(a.xs + row * I, I, pa.data(), k);
       pack_features(a.hprev(row), H, pa.data() + tiles_x * tile, k);
-      pack_columns(a.dpx + row * GH, nullptr, H, GH, pb.data(), k, out.db);
-      if (gru) pack_columns(a.dpx + row * GH, a.dghn + row * H, H, GH, pbh.data(), k, dbh.data());
+      pack_columns(a.dpx + row * GH, nullptr, H, GH, 0, panels, pb.data(), k, out.db);
+      if (gru) pack_columns(a.dpx + row * GH, a.dghn + row * H, H, GH, n_lo, n_hi, pbh.data(), k, dbh.data());
     }
     for (int p = 0; p < panels; ++p) {
       const int nv = std::min(kNr, GH - p * kNr) / kU;
       const float* px = pb.data() + p * panel;
-      const float* ph = gru ? pbh.data() + p * panel : px;
+      const float* ph = p >= n_lo && p < n_hi ? pbh.data() + (p - n_lo) * panel : px;
       for (int i = 0; i < tiles_x; ++i)
         gemm_panel(nv, pa.data() + i * tile, px, kk, out.dw_x + static_cast<size_t>(i) * kMr * GH + p * kNr, GH,
                    std::min(kMr, I - i * kMr));
