@@ -139,7 +139,7 @@ def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse):
     b_hn = np.zeros((H,) if gru else (0,), np.float32)
     native.load_avx2(isa)
     target = persistent.Target(f"seqjax_{isa}_rnn", persistent.CELLS[kind], reverse,
-                               (("threads", 2), ("batch_major", batch_major)), True, True)
+                               (("threads", 2), ("batch_major", batch_major)), True)
     got = jax.jit(lambda *a: persistent._kernel_weight_grads(target, *a))(xs, ys, h0, dpx, dghn, b_hn)
 
     tm = (lambda a: a) if not batch_major else (lambda a: np.swapaxes(a, 0, 1))  # to [T, B, .]

@@ -131,5 +131,4 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
         raise ValueError(f"seqjax.avx2.avx2_scan: threads must be 0 (automatic), 1 or 2, got {threads!r}")
     load_avx2(isa)
     attrs = (("threads", int(threads)), ("batch_major", not time_major))
-    return native_scan(f"seqjax_{isa}_rnn", kind, params, xs, carry0, reverse, attrs, projects=True, in_place=True,
-                       weight_grads=True)
+    return native_scan(f"seqjax_{isa}_rnn", kind, params, xs, carry0, reverse, attrs, projects=True, in_place=True)

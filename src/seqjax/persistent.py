@@ -6,7 +6,7 @@ all steps as one GEMM, the forward kernel runs the recurrence (and, for
 training, saves the activated gates), the backward kernel runs the reverse
 recurrence of the state gradients and returns ``dpx``, and XLA computes the
 weight gradients as GEMMs over all ``T * B`` rows (as `seqjax.fused` does), or,
-for kernels that have one (``weight_grads``), a third target
+for kernels that project the input themselves, a third target
 ``<prefix>_weight_grads`` does: operands ``xs, ys, h0, dpx, dghn``, results
 ``dw_x [I, G*H], dw_h [H, G*H], db [G*H], db_hn`` (``[H]`` for the GRU, else
 empty), with the same attributes.
@@ -50,7 +50,6 @@ class Target(NamedTuple):
     reverse: bool
     attrs: tuple  # the targets' further attributes, ((name, value), ...)
     in_place: bool  # the backward target may write dpx over act (and the GRU's dghn over aux)
-    weight_grads: bool  # a ``prefix + "_weight_grads"`` target computes dW_x, dW_h, db and db_hn (projecting only)
 
     @property
     def batch_major(self) -> bool:
@@ -92,13 +91,8 @@ def _state_grads(target, saved, cts):
                 **dict(target.attrs))
 
 
-def _backward(target, saved, cts, xs=None):
-    """``(dpx, dw_h, db_hn, dh0, dc0, dw_x)`` from the backward target and the whole-sequence GEMMs.
-
-    With ``xs`` (kernels that project the input themselves) dW_x comes too: for
-    the LSTM and RNN, whose recurrent GEMM's output gradient is ``dpx`` itself,
-    as one GEMM with dW_h over ``[x_t, h_{t-1}]`` (else None).
-    """
+def _backward(target, saved, cts):
+    """``(dpx, dw_h, db_hn, dh0, dc0)`` from the backward target and XLA's whole-sequence GEMMs."""
     w_h, b_hn, h0, c0, ys, act, aux = saved
     dpx, dghn, dh0, dc0 = _state_grads(target, saved, cts)
     H = ys.shape[2]
@@ -107,17 +101,12 @@ def _backward(target, saved, cts, xs=None):
     dgh = jnp.concatenate([dpx[..., :2 * H], dghn], -1) if gru else dpx
     h_start = _start_h_batch_major(ys, h0, target.reverse) if target.batch_major else _start_h(ys, h0, target.reverse)
     db_hn = jnp.sum(_rows(dghn), 0) if gru else jnp.zeros_like(b_hn)
-    contract = (((0,), (0,)), ((), ()))
-    if xs is None or gru:
-        dw_x = None if xs is None else jax.lax.dot_general(_rows(xs), _rows(dpx), contract)
-        return dpx, jax.lax.dot_general(_rows(h_start), _rows(dgh), contract), db_hn, dh0, dc0, dw_x
-    dw = jax.lax.dot_general(_rows(jnp.concatenate([xs, h_start], -1)), _rows(dpx), contract)
-    I = xs.shape[-1]
-    return dpx, dw[I:], db_hn, dh0, dc0, dw[:I]
+    dw_h = jax.lax.dot_general(_rows(h_start), _rows(dgh), (((0,), (0,)), ((), ())))
+    return dpx, dw_h, db_hn, dh0, dc0
 
 
 def _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn):
-    """``(dw_x, dw_h, db, db_hn)`` from the weight-gradient target (``target.weight_grads``)."""
+    """``(dw_x, dw_h, db, db_hn)`` from the weight-gradient target of kernels that project."""
     I, H, GH = xs.shape[-1], h0.shape[-1], dpx.shape[-1]
     out = (_sds((I, GH)), _sds((H, GH)), _sds((GH,)), _sds(b_hn.shape))
     call = jax.ffi.ffi_call(f"{target.prefix}_weight_grads", out, vmap_method="sequential")
@@ -148,7 +137,7 @@ def _run_fwd(target, px, w_h, b_hn, h0, c0):
 
 
 def _run_bwd(target, saved, cts):
-    return _backward(target, saved, cts)[:5]
+    return _backward(target, saved, cts)
 
 
 _run.defvjp(_run_fwd, _run_bwd)
@@ -167,13 +156,9 @@ def _run_projecting_fwd(target, xs, w_x, b, w_h, b_hn, h0, c0):
 
 def _run_projecting_bwd(target, saved, cts):
     xs, w_x, rest = saved
-    if target.weight_grads:
-        w_h, b_hn, h0, c0, ys, act, aux = rest
-        dpx, dghn, dh0, dc0 = _state_grads(target, rest, cts)
-        dw_x, dw_h, db, db_hn = _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn)
-    else:
-        dpx, dw_h, db_hn, dh0, dc0, dw_x = _backward(target, rest, cts, xs)
-        db = jnp.sum(_rows(dpx), 0)
+    _, b_hn, h0, _, ys, _, _ = rest
+    dpx, dghn, dh0, dc0 = _state_grads(target, rest, cts)
+    dw_x, dw_h, db, db_hn = _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn)
     dxs = (_rows(dpx) @ w_x.T).reshape(xs.shape)
     return dxs, dw_x, db, dw_h, db_hn, dh0, dc0
 
@@ -182,7 +167,7 @@ _run_projecting.defvjp(_run_projecting_fwd, _run_projecting_bwd)
 
 
 def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool, attrs: tuple,
-                projects: bool = False, in_place: bool = False, weight_grads: bool = False):
+                projects: bool = False, in_place: bool = False):
     """``(final_carry, ys)`` of the recurrence run by the FFI targets ``prefix + "_forward"/"_backward"``.
 
     Args:
@@ -194,12 +179,10 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
       reverse: process time backwards (``ys[t]`` stays aligned with ``xs[t]``).
       attrs: the targets' further attributes, as ``((name, value), ...)``.
       projects: whether the forward target takes ``(xs, w_x, b)`` and computes
-        the input projection itself, rather than ``px``.
+        the input projection itself, rather than ``px`` (such kernels also
+        bring the ``prefix + "_weight_grads"`` target).
       in_place: whether the backward target may write ``dpx`` over ``act``
         (and ``dghn`` over ``aux``); see the module docstring.
-      weight_grads: whether a third target, ``prefix + "_weight_grads"``,
-        computes the weight gradients (see the module docstring); only with
-        ``projects``.
     """
     if kind not in CELLS:
         raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
@@ -209,7 +192,7 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
         h0, c0 = carry0, _empty()
     b_hn = params.b_hn if kind == "gru" else _empty()
     xs = xs.astype(jnp.float32)
-    target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place), bool(weight_grads))
+    target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place))
     if projects:
         ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, b_hn, h0, c0)
     else:
