@@ -83,17 +83,83 @@ def test_gradients_match_finite_differences(kind):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("B", [7, 20])
-def test_thread_count_does_not_change_a_bit(kind, B):
+@pytest.mark.parametrize("B, lengths", [(7, None), (20, None), (20, "sorted")])
+def test_thread_count_does_not_change_a_bit(kind, B, lengths):
     """Two threads split each step's units (B < 16) or the batch (B >= 16; rows 0-15 and 16-19 here), and
-    every unit of every row is computed the same way whichever thread does it."""
+    every unit of every row is computed the same way whichever thread does it. Lengths sorted longest first
+    leave whole tiles of padding, which skip their products; the results match XLA's."""
     cell, params, xs, carry = _setup(kind, B, 30, 4, 64, seed=3)
-    one, two = _run(kind, params, xs, carry, False, 1), _run(kind, params, xs, carry, False, 2)
+    if lengths == "sorted":
+        lengths = jnp.asarray(np.sort(np.random.default_rng(3).integers(0, 31, B))[::-1].copy())
+
+    def run(p, reverse, threads):
+        return jax.jit(lambda p, x, c: avx2.avx2_scan(kind, p, x, c, reverse, threads=threads, time_major=False,
+                                                      lengths=lengths))(p, xs, carry)
+    one, two = run(params, False, 1), run(params, False, 2)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
         np.testing.assert_array_equal(a, b)
-    grad = lambda threads: jax.grad(lambda p: jnp.sum(_run(kind, p, xs, carry, True, threads)[1] ** 2))(params)  # noqa: E731
+    grad = lambda threads: jax.grad(lambda p: jnp.sum(run(p, True, threads)[1] ** 2))(params)  # noqa: E731
     for a, b in zip(jax.tree.leaves(grad(1)), jax.tree.leaves(grad(2))):
         np.testing.assert_array_equal(a, b)
+    if lengths is not None:
+        assert_gradients_match_xla("avx2", cell, params, xs, carry, True, lengths=lengths)
+
+
+# 13 sequences of up to T = 9 steps: empty, full and in between
+LENGTHS = np.array([9, 0, 4, 1, 9, 7, 3, 2, 8, 5, 6, 9, 0])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("isa", ["avx2", pytest.param("avx512", marks=needs_avx512)])
+def test_lengths_give_each_sequence_its_own_prefix(kind, reverse, isa):
+    """With lengths, each batch row equals NumPy run over that sequence's valid steps alone: outputs past its
+    length are exactly zero, its final carry is the carry after its last valid step (the initial one for
+    length 0), and reverse starts at its own last valid step."""
+    B, T = len(LENGTHS), 9
+    cell, params, xs, carry = _setup(kind, B, T, 5, 32, seed=10)
+    final, ys = jax.jit(lambda p, x, c: avx2.avx2_scan(kind, p, x, c, reverse, threads=2, isa=isa, time_major=False,
+                                                       lengths=jnp.asarray(LENGTHS)))(params, xs, carry)
+    for b, n in enumerate(LENGTHS):
+        row = jax.tree.map(lambda a: a[b:b + 1], carry)
+        want_final, want_ys = _numpy_scan(kind, params, xs[b:b + 1, :n], row, reverse) if n else (row, None)
+        if n:
+            np.testing.assert_allclose(ys[b, :n], want_ys[0], rtol=2e-5, atol=2e-5)
+        np.testing.assert_array_equal(ys[b, n:], 0.0)
+        for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(want_final)):
+            np.testing.assert_allclose(got[b], np.asarray(want)[0], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lengths_gradients_match_xla(kind, reverse):
+    cell, params, xs, carry = _setup(kind, len(LENGTHS), 9, 5, 32, seed=11)
+    assert_gradients_match_xla(avx2.auto_isa(32), cell, params, xs, carry, reverse, lengths=jnp.asarray(LENGTHS))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_padding_values_never_reach_the_results(kind):
+    """Outputs, final carry and gradients keep their bits whatever the padding holds, and the padding's
+    gradient is exactly zero."""
+    B, T = len(LENGTHS), 9
+    cell, params, xs, carry = _setup(kind, B, T, 5, 32, seed=12)
+    padding = jnp.arange(T)[None, :, None] >= jnp.asarray(LENGTHS)[:, None, None]
+    other = jnp.where(padding, 5.0 * jax.random.normal(jax.random.key(13), xs.shape), xs)
+    w = jax.random.normal(jax.random.key(14), (B, T, 32))
+
+    def run(x):
+        def loss(p, x, c):
+            final, ys = seqjax.scan(cell, p, x, carry=c, lengths=jnp.asarray(LENGTHS), reverse=True)
+            return jnp.sum(ys * w) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(final)), (final, ys)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, x, carry)
+
+    assert avx2.auto_isa(32) in str(jax.make_jaxpr(lambda x: seqjax.scan(cell, params, x, lengths=LENGTHS))(xs))
+    (_, aux_a), grads_a = run(xs)
+    (_, aux_b), grads_b = run(other)
+    for a, b in zip(jax.tree.leaves((aux_a, grads_a[0], grads_a[2])), jax.tree.leaves((aux_b, grads_b[0], grads_b[2]))):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jnp.where(padding, grads_a[1], 0.0), 0.0)
+    np.testing.assert_array_equal(jnp.where(padding, grads_b[1], 0.0), 0.0)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -123,11 +189,13 @@ def test_batch_major_gives_the_bits_of_time_major(kind, isa):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("isa", ["avx2", pytest.param("avx512", marks=needs_avx512)])
-@pytest.mark.parametrize("batch_major, reverse", [(True, False), (False, True)])
-def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse):
+@pytest.mark.parametrize("batch_major, reverse, with_lengths", [(True, False, False), (False, True, False),
+                                                                (True, True, True)])
+def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse, with_lengths):
     """The weight-gradient target: dW_x = sum x^T dpx, dW_h = sum h_{t-1}^T dA (the GRU's n block: dghn), db and
     db_hn as row sums. T*B = 280 rows make three blocks of 128 in two halves; I = 13 and H = 48 leave partial
-    feature tiles and gradient panels, and the GRU's n block starts inside a panel."""
+    feature tiles and gradient panels, and the GRU's n block starts inside a panel. With lengths (reverse),
+    h_{t-1} at a sequence's last valid step is h0."""
     B, T, I, H = 7, 40, 13, 48
     G = {"lstm": 4, "gru": 3}.get(kind, 1)
     rng = np.random.default_rng(11)
@@ -140,11 +208,15 @@ def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse):
     native.load_avx2(isa)
     target = persistent.Target(f"seqjax_{isa}_rnn", persistent.CELLS[kind], reverse,
                                (("threads", 2), ("batch_major", batch_major)), True)
-    got = jax.jit(lambda *a: persistent._kernel_weight_grads(target, *a))(xs, ys, h0, dpx, dghn, b_hn)
+    lengths = np.array([40, 0, 17, 1, 39, 25, 40] if with_lengths else [], np.int32)
+    got = jax.jit(lambda *a: persistent._kernel_weight_grads(target, *a))(xs, ys, h0, dpx, dghn, b_hn, lengths)
 
     tm = (lambda a: a) if not batch_major else (lambda a: np.swapaxes(a, 0, 1))  # to [T, B, .]
     x64, y64, d64 = (tm(a).astype(np.float64) for a in (xs, ys, dpx))
     h_prev = np.concatenate([y64[1:], h0[None]]) if reverse else np.concatenate([h0[None], y64[:-1]])
+    if with_lengths:  # reverse: step lengths[b] - 1 starts sequence b, and so does every padding step
+        for b, n in enumerate(lengths):
+            h_prev[max(n - 1, 0):, b] = h0[b]
     dA = d64.copy()
     if gru:
         dA[..., 2 * H:] = tm(dghn)
@@ -202,7 +274,8 @@ def test_auto_takes_the_kernels_where_they_apply():
     assert avx2.auto_isa(32) == wide
     assert f"seqjax_{wide}_rnn_forward" in _targets(cell, params, xs)
     assert "seqjax_avx" not in _targets(cell, params, xs, kernel="xla")
-    assert "seqjax_avx" not in _targets(cell, params, xs, lengths=jnp.array([20, 3, 0, 9]))
+    assert f"seqjax_{wide}_rnn_forward" in _targets(cell, params, xs, lengths=jnp.array([20, 3, 0, 9]))
+    assert "seqjax_avx" not in _targets(cell, params, xs, resets=jnp.zeros((4, 20), bool))
     assert "seqjax_avx" not in _targets(cell, params, xs, backward="autodiff")
     assert "seqjax_avx" not in _targets(cell, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), xs)
     narrow, narrow_params, _, _ = _setup("rnn_tanh", 4, 20, 3, 24)  # a multiple of 8, not of 16
@@ -215,7 +288,7 @@ def test_auto_takes_the_kernels_where_they_apply():
 
 
 @pytest.mark.parametrize("make_cell, kwargs, message", [
-    (lambda: seqjax.lstm(16), dict(lengths=jnp.array([3, 1])), "the native kernels have no per-sequence lengths"),
+    (lambda: seqjax.lstm(16), dict(resets=jnp.zeros((2, 3), bool)), "the native kernels have no per-step resets"),
     (lambda: seqjax.lstm(12), {}, "need a hidden size that is a multiple of 8, got 12"),
     (lambda: seqjax.lstm(16, peepholes=True), {}, "the AVX2 kernels have no form of"),
     (lambda: seqjax.gru(16, reset_after=False), {}, "the AVX2 kernels have no form of"),
@@ -247,6 +320,10 @@ def test_direct_entry_point_checks_its_arguments():
         avx2.avx2_scan("rnn_tanh", params, xs_tm, carry, isa="sse")
     with pytest.raises(ValueError, match="isa must be one of .*got 'neon'"):
         native.load_avx2("neon")
+    with pytest.raises(ValueError, match=r"lengths must be an integer array of shape \(B,\)=\(2,\), got shape \(3,\)"):
+        avx2.avx2_scan("rnn_tanh", params, xs_tm, carry, lengths=jnp.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"lengths must be an integer array .*dtype float32"):
+        avx2.avx2_scan("rnn_tanh", params, xs_tm, carry, lengths=jnp.array([1.0, 2.0]))
 
 
 def test_a_cpu_without_avx2_or_avx512_is_named(monkeypatch):

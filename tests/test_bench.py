@@ -48,6 +48,22 @@ def test_peers_quick_with_variants(tmp_path):
     assert "| seqjax autodiff |" in proc.stdout
 
 
+def test_lengths_quick(tmp_path):
+    proc = run_bench("lengths.py", tmp_path)
+    ok(proc)
+    res = json.loads((tmp_path / "lengths.json").read_text())
+    libs = {(r["library"], r["mode"]) for r in res["rows"]}
+    for lib in ("seqjax", "seqjax, sorted batch", "seqjax, no lengths", "seqjax kernel=xla", "flax.linen nn.RNN",
+                "pytorch packed", "pytorch packed, sorted"):
+        assert {(lib, "fwd"), (lib, "train")} <= libs, lib
+    packed = {r["mode"]: r["median_ms"] for r in res["rows"] if r["library"] == "pytorch packed"}
+    for r in res["rows"]:
+        assert 0 < r["min_ms"] <= r["median_ms"] and r["n"] == 3 and 0.5 <= r["fill"] <= 1.0
+        assert r["ratio_to_pytorch_packed"] == pytest.approx(r["median_ms"] / packed[r["mode"]])
+    assert is_png(tmp_path / "lengths.png")
+    assert "| seqjax, sorted batch |" in proc.stdout
+
+
 def test_peers_rejects_unknown_variant(tmp_path):
     proc = run_bench("peers.py", tmp_path, "--variants", "turbo")
     assert proc.returncode != 0 and "unknown variants: ['turbo']" in proc.stderr

@@ -148,14 +148,14 @@ def test_gradients_match_xla(kind, reverse, B, T, I, H, cluster):
         assert_gradients_match_xla("cuda", *_setup(kind, B, T, I, H, seed=1), reverse)
 
 
-def assert_gradients_match_xla(kernel, cell, params, xs, carry, reverse):
+def assert_gradients_match_xla(kernel, cell, params, xs, carry, reverse, lengths=None):
     """The loss's value and gradients (params, xs, carry) through ``kernel`` match XLA's loop's (autodiff)."""
     B, T, _ = xs.shape
     w = jax.random.normal(jax.random.key(7), (B, T, cell.hidden_size))
 
     def loss(kernel):
         def f(p, x, c):
-            final, ys = seqjax.scan(cell, p, x, carry=c, reverse=reverse, kernel=kernel)
+            final, ys = seqjax.scan(cell, p, x, carry=c, reverse=reverse, kernel=kernel, lengths=lengths)
             return jnp.sum(ys * w) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(final))
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
 
@@ -197,6 +197,6 @@ def test_plan_errors_name_the_limit():
     cell, params, xs, _ = _setup("lstm", 2, 3, 4, 6)  # H=6: no multiple of 4 units per block
     with pytest.raises(ValueError, match="kernel='cuda' cannot run this call: seqjax.cuda: no launch plan"):
         seqjax.scan(cell, params, xs, kernel="cuda")
-    with pytest.raises(ValueError, match="kernel='cuda' cannot run this call: the native kernels have no "
+    with pytest.raises(ValueError, match="kernel='cuda' cannot run this call: this native kernel has no "
                                          "per-sequence lengths"):
         seqjax.scan(cell, params, xs, kernel="cuda", lengths=jnp.array([3, 1]))

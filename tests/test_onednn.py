@@ -167,7 +167,7 @@ def test_auto_picks_onednn_only_where_it_applies(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lengths=np.array([7, 3, 0])), "no per-sequence lengths"),
-    (dict(resets=np.zeros((B, T), bool)), "no per-sequence lengths or resets"),
+    (dict(resets=np.zeros((B, T), bool)), "no per-step resets"),
     (dict(remat=True), "remat=True"),
     (dict(backward="autodiff"), "backward='autodiff'"),
     (dict(backward="fused"), "backward='fused'"),

@@ -31,7 +31,7 @@ steps, no synchronisation: the backward pass from B = 16, the forward for the
 RNN and small steps) or by chunks of one register of hidden units with one
 barrier per step; the results do not depend on it.
 
-Covered, float32 params, without ``lengths``, ``resets`` or ``remat``: the
+Covered, float32 params, with or without ``lengths``, without ``resets`` or ``remat``: the
 standard LSTM of `seqjax.lstm` (no peepholes or projection), `seqjax.gru` with
 ``reset_after=True`` and `seqjax.rnn` with tanh or relu, for hidden sizes that
 are multiples of 8 (AVX2) or 16 (AVX-512). Needs an x86-64 CPU with AVX2 and FMA
@@ -41,6 +41,8 @@ vectorised rational approximation (Eigen's, as XLA:CPU's), so results match
 XLA's to float32 rounding, not bit for bit.
 """
 from __future__ import annotations
+
+import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell
 from seqjax.fused import native_kind
@@ -96,12 +98,13 @@ def _check_isa(call: str, isa) -> None:
 
 
 def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threads: int = 0,
-              isa: str = "avx2", time_major: bool = True):
+              isa: str = "avx2", time_major: bool = True, lengths: Array | None = None):
     """A whole recurrence in one kernel call: ``(final_carry, ys)``, ys [T, B, H] (or [B, T, H]).
 
     Same results as ``seqjax.scan(cell, params, xs, carry=carry0,
-    time_major=time_major, reverse=reverse)`` to float32 rounding, for the cell
-    whose `kind_of` is ``kind``. Differentiable in reverse mode.
+    time_major=time_major, reverse=reverse, lengths=lengths)`` to float32
+    rounding, for the cell whose `kind_of` is ``kind``. Differentiable in
+    reverse mode.
 
     Args:
       kind: from `kind_of`: "lstm", "gru", "rnn_tanh" or "rnn_relu".
@@ -114,10 +117,16 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
       isa: "avx2" or "avx512" (same results; `auto_isa` picks one).
       time_major: whether xs and ys are [T, B, .] or [B, T, .]; the kernels
         read and write either as it is (XLA transposes nothing).
+      lengths: [B] int, the valid steps of each sequence, or None (all T).
+        Past its length a sequence's carry stays and its outputs are zero;
+        ``reverse`` starts each sequence at its own last valid step. Values
+        outside [0, T] act as 0 or T. Tiles of batch rows that are all padding
+        skip their products, so a batch sorted by length runs faster.
 
     Raises:
       ValueError: an unknown kind or isa, a hidden size the kernels do not
-        take, or ``threads`` out of range.
+        take, ``threads`` out of range, or ``lengths`` not an integer array of
+        shape (B,).
       NativeUnavailable: the kernels cannot be built or loaded here (e.g. a CPU
         without the isa's instructions).
     """
@@ -129,6 +138,12 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
         raise ValueError(f"seqjax.avx2.avx2_scan: {why}")
     if threads not in (0, 1, 2):
         raise ValueError(f"seqjax.avx2.avx2_scan: threads must be 0 (automatic), 1 or 2, got {threads!r}")
+    if lengths is not None:
+        B = jnp.shape(xs)[1 if time_major else 0]
+        if jnp.shape(lengths) != (B,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+            raise ValueError(f"seqjax.avx2.avx2_scan: lengths must be an integer array of shape (B,)=({B},), got "
+                             f"shape {tuple(jnp.shape(lengths))} dtype {jnp.result_type(lengths)}")
     load_avx2(isa)
     attrs = (("threads", int(threads)), ("batch_major", not time_major))
-    return native_scan(f"seqjax_{isa}_rnn", kind, params, xs, carry0, reverse, attrs, projects=True, in_place=True)
+    return native_scan(f"seqjax_{isa}_rnn", kind, params, xs, carry0, reverse, attrs, projects=True, in_place=True,
+                       lengths=lengths)

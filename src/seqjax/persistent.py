@@ -15,7 +15,11 @@ Operands, float32, time-major: ``px [T, B, G*H]`` (or ``xs [T, B, I]``, ``w_x
 [I, G*H]`` and ``b [G*H]`` for kernels that project the input themselves),
 ``w_h [H, G*H]``, ``b_hn [H]`` (GRU, else empty), ``h0 [B, H]``, ``c0 [B, H]``
 (LSTM, else empty); the sequence arrays may be batch-major (``[B, T, .]``)
-instead, where the targets' ``batch_major`` attribute says so.
+instead, where the targets' ``batch_major`` attribute says so. Kernels that
+project also take ``lengths [B]`` int32 (``[0]``: every sequence has T steps)
+as the last operand of all three targets: past its length a sequence's carry
+stays, its outputs and gate gradients are zero, and (reverse) it starts at its
+own last valid step, as in `seqjax.scan`.
 Forward results: ``ys [T, B, H]``, ``hT``, ``cT`` (LSTM), and for training
 ``act [T, B, G*H]`` (the activated gates) and ``aux [T, B, H]`` (LSTM: c_t;
 GRU: ``h_{t-1} W_hn + b_hn``). Backward results: ``dpx``, ``dghn [T, B, H]``
@@ -65,8 +69,9 @@ def _sds(shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _forward(target, training, inputs, w_h, b_hn, h0, c0):
-    """The forward target's results; ``inputs`` is ``(px,)`` or, for kernels that project, ``(xs, w_x, b)``."""
+def _forward(target, training, inputs, w_h, b_hn, h0, c0, extra=()):
+    """The forward target's results; ``inputs`` is ``(px,)`` or, for kernels that project, ``(xs, w_x, b)``,
+    and ``extra`` their further operands (``(lengths,)``)."""
     lead = inputs[0].shape[:2]  # (T, B) or (B, T)
     GH = w_h.shape[1]
     H = h0.shape[-1]
@@ -74,10 +79,10 @@ def _forward(target, training, inputs, w_h, b_hn, h0, c0):
     out = (_sds((*lead, H)), _sds(h0.shape), _sds(c0.shape), _sds((*lead, GH) if residuals else (0,)),
            _sds((*lead, H) if residuals else (0,)))
     call = jax.ffi.ffi_call(f"{target.prefix}_forward", out, vmap_method="sequential")
-    return call(*inputs, w_h, b_hn, h0, c0, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
+    return call(*inputs, w_h, b_hn, h0, c0, *extra, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
-def _state_grads(target, saved, cts):
+def _state_grads(target, saved, cts, extra=()):
     """``(dpx, dghn, dh0, dc0)`` from the backward target (``dghn`` empty but for the GRU)."""
     w_h, b_hn, h0, c0, ys, act, aux = saved
     dys, dhT, dcT = cts
@@ -87,7 +92,7 @@ def _state_grads(target, saved, cts):
     # operands 7 and 8 are act and aux; results 0 and 1 are dpx and dghn
     aliases = ({7: 0, 8: 1} if gru else {7: 0}) if target.in_place and act.size else None
     call = jax.ffi.ffi_call(f"{target.prefix}_backward", out, vmap_method="sequential", input_output_aliases=aliases)
-    return call(dys, dhT, dcT, w_h, ys, h0, c0, act, aux, cell=target.cell, reverse=target.reverse,
+    return call(dys, dhT, dcT, w_h, ys, h0, c0, act, aux, *extra, cell=target.cell, reverse=target.reverse,
                 **dict(target.attrs))
 
 
@@ -105,12 +110,12 @@ def _backward(target, saved, cts):
     return dpx, dw_h, db_hn, dh0, dc0
 
 
-def _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn):
+def _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn, lengths):
     """``(dw_x, dw_h, db, db_hn)`` from the weight-gradient target of kernels that project."""
     I, H, GH = xs.shape[-1], h0.shape[-1], dpx.shape[-1]
     out = (_sds((I, GH)), _sds((H, GH)), _sds((GH,)), _sds(b_hn.shape))
     call = jax.ffi.ffi_call(f"{target.prefix}_weight_grads", out, vmap_method="sequential")
-    return call(xs, ys, h0, dpx, dghn, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
+    return call(xs, ys, h0, dpx, dghn, lengths, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
 def _start_h_batch_major(ys, h0, reverse):
@@ -144,30 +149,30 @@ _run.defvjp(_run_fwd, _run_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _run_projecting(target, xs, w_x, b, w_h, b_hn, h0, c0):
-    ys, hT, cT, _, _ = _forward(target, False, (xs, w_x, b), w_h, b_hn, h0, c0)
+def _run_projecting(target, xs, w_x, b, w_h, b_hn, h0, c0, lengths):
+    ys, hT, cT, _, _ = _forward(target, False, (xs, w_x, b), w_h, b_hn, h0, c0, (lengths,))
     return ys, hT, cT
 
 
-def _run_projecting_fwd(target, xs, w_x, b, w_h, b_hn, h0, c0):
-    ys, hT, cT, act, aux = _forward(target, True, (xs, w_x, b), w_h, b_hn, h0, c0)
-    return (ys, hT, cT), (xs, w_x, (w_h, b_hn, h0, c0, ys, act, aux))
+def _run_projecting_fwd(target, xs, w_x, b, w_h, b_hn, h0, c0, lengths):
+    ys, hT, cT, act, aux = _forward(target, True, (xs, w_x, b), w_h, b_hn, h0, c0, (lengths,))
+    return (ys, hT, cT), (xs, w_x, lengths, (w_h, b_hn, h0, c0, ys, act, aux))
 
 
 def _run_projecting_bwd(target, saved, cts):
-    xs, w_x, rest = saved
+    xs, w_x, lengths, rest = saved
     _, b_hn, h0, _, ys, _, _ = rest
-    dpx, dghn, dh0, dc0 = _state_grads(target, rest, cts)
-    dw_x, dw_h, db, db_hn = _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn)
+    dpx, dghn, dh0, dc0 = _state_grads(target, rest, cts, (lengths,))
+    dw_x, dw_h, db, db_hn = _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn, lengths)
     dxs = (_rows(dpx) @ w_x.T).reshape(xs.shape)
-    return dxs, dw_x, db, dw_h, db_hn, dh0, dc0
+    return dxs, dw_x, db, dw_h, db_hn, dh0, dc0, None
 
 
 _run_projecting.defvjp(_run_projecting_fwd, _run_projecting_bwd)
 
 
 def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool, attrs: tuple,
-                projects: bool = False, in_place: bool = False):
+                projects: bool = False, in_place: bool = False, lengths: Array | None = None):
     """``(final_carry, ys)`` of the recurrence run by the FFI targets ``prefix + "_forward"/"_backward"``.
 
     Args:
@@ -183,6 +188,8 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
         bring the ``prefix + "_weight_grads"`` target).
       in_place: whether the backward target may write ``dpx`` over ``act``
         (and ``dghn`` over ``aux``); see the module docstring.
+      lengths: [B] int32, the valid steps of each sequence (`seqjax.scan`'s
+        semantics), or None; only kernels that project take them.
     """
     if kind not in CELLS:
         raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
@@ -194,8 +201,11 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
     xs = xs.astype(jnp.float32)
     target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place))
     if projects:
-        ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, b_hn, h0, c0)
+        lengths = jnp.zeros((0,), jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, b_hn, h0, c0, lengths)
     else:
+        if lengths is not None:
+            raise ValueError(f"seqjax: the {prefix} kernels take no lengths")
         px = matmul(xs, params.w_x) + params.b
         ys, hT, cT = _run(target, px, params.w_h, b_hn, h0, c0)
     return (LSTMCarry(hT, cT, None) if kind == "lstm" else hT), ys

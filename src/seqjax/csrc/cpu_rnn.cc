@@ -207,6 +207,16 @@ struct Rows {
   size_t batch_step() const { return batch_major ? T : 1; }  // rows between (t, b) and (t, b + 1)
 };
 
+// Whether step t of batch row b is valid: t < len[b] (len null: every step). Past its length a sequence's
+// carry stays as it is and its outputs are zero, in both directions; reverse then starts each sequence at
+// its own last valid step.
+inline bool active(const int32_t* len, int t, int b) { return !len || t < len[b]; }
+inline bool padding_only(const int32_t* len, int t, int b0, int rows) {
+  for (int b = b0; b < b0 + rows; ++b)
+    if (active(len, t, b)) return false;
+  return true;
+}
+
 // ----------------------------------------------------------------------------------------- forward
 
 struct ForwardArgs {
@@ -221,6 +231,7 @@ struct ForwardArgs {
   const float* wx;    // packed W_x: [H/kU][I][G][kU], unit block, input feature, gate, unit
   const float* wh;    // packed W_h: [H/kU][H][G][kU]
   float* hs;          // [2][B, H]: h_t of the last two steps, contiguous whatever the layout of ys
+  const int32_t* len;  // [B]: the valid steps of each sequence (`active`), or null (all T)
   int T, B, I, H;
   bool reverse;
   Rows rows;
@@ -262,10 +273,28 @@ inline void accumulate(vec (&acc)[R][A], const float* in, int stride, const floa
 // [x_t, h_{t-1}]: h_t = cell(x_t W_x + b, h_{t-1} W_h) once k1 = I + H. Before that the accumulators go to
 // `save` ([R][A][kU]) and the next block of inputs picks them up. The GRU keeps a fourth accumulator,
 // x_t W_xn + b_n, apart from h_{t-1} W_hn + b_hn, which its reset gate scales.
+// Row b's units u .. u+kU-1 (of each of the paired RNN's halves) at a padding step: h (and c) stay and y = 0.
+// act and aux are left unwritten: nothing reads them at padding steps.
+template <int CELL>
+inline void pad_row(const ForwardArgs& a, int t, const float* hprev, float* hn, int b, int u) {
+  const int GS = is_pair(CELL) ? a.H / 2 : a.H;
+  const size_t row = a.rows.at(t, b);
+  for (int g = 0; g < (is_pair(CELL) ? 2 : 1); ++g) {
+    const int o = g * GS + u;
+    st(a.ys + row * a.H + o, zero());
+    st(hn + static_cast<size_t>(b) * a.H + o, ld(hprev + o));
+  }
+}
+
 template <int CELL, int R>
 void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u, int k0, int k1, float* save) {
   constexpr int G = gates_of(CELL), A = CELL == kGru ? 4 : G;
   const int H = a.H, I = a.I, GH = G * H, GS = is_pair(CELL) ? H / 2 : H;
+  if (a.len && padding_only(a.len, t, b0, R)) {  // skip the products (sorting a batch by length makes more such tiles)
+    if (k1 == I + H)
+      for (int r = 0; r < R; ++r) pad_row<CELL>(a, t, hp + static_cast<size_t>(b0 + r) * H, hn, b0 + r, u);
+    return;
+  }
   vec acc[R][A];
   if (k0 == 0) {
 #pragma GCC unroll 16
@@ -301,6 +330,10 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     const size_t row = a.rows.at(t, b0 + r);
+    if (!active(a.len, t, b0 + r)) {
+      pad_row<CELL>(a, t, h + r * H, hn, b0 + r, u);
+      continue;
+    }
     if constexpr (is_rnn(CELL)) {  // G register blocks of units, GS apart
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
@@ -410,9 +443,10 @@ struct BackwardArgs {
   float* dghn;       // [T, B, H] (GRU): the gradient of h_{t-1} W_hn + b_hn, or null
   float* dh;         // [B, H]: the gradient reaching h_t from step t+1 (starts as dhT; ends as dh0)
   float* dc;         // [B, H] (LSTM): the gradient reaching c_t (starts as dcT; ends as dc0), or null
-  float* dhz;        // [B, H] (GRU): dh_t z_t, the direct path to h_{t-1}, or null
+  float* dhz;        // [B, H]: the direct path to h_{t-1} (GRU: dh_t z_t; padding: dh_t), or null (no GRU, no len)
   float* dap;        // the recurrent GEMM's output gradient of two steps (`kPackedDa`; rows past B stay 0)
   const float* wt;   // packed W_h^T: [H/kU][G*H][kU], output unit block, gate column, output unit
+  const int32_t* len;  // [B] or null, as ForwardArgs::len
   int T, B, H;
   bool reverse;
   Rows rows;         // the layout of dys, ys, act, aux, dpx and dghn
@@ -461,25 +495,36 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
   const int tp = a.reverse ? t + 1 : t - 1;
   const bool first = tp < 0 || tp >= a.T;
   for (int b = r0; b < r1; ++b) {
-    const size_t row = a.rows.at(t, b), prow = first ? 0 : a.rows.at(tp, b);
-    const size_t bu = static_cast<size_t>(b) * H + u;
-    const vec dh = add(ld(a.dh + bu), ld(a.dys + row * H + u));
+    const size_t row = a.rows.at(t, b), bu = static_cast<size_t>(b) * H + u;
     float* dpx = a.dpx + row * GH + u;
+    if (!active(a.len, t, b)) {  // padding: no gate gradients; dh (and dc) pass to the step before unchanged
+      vec d[G];
+      for (int g = 0; g < G; ++g) d[g] = zero(), st(dpx + g * H, zero());
+      if constexpr (CELL == kGru) st(a.dghn + row * H + u, zero());
+      pack_da<G>(a, s, b, u, d);
+      st(a.dhz + bu, ld(a.dh + bu));
+      continue;
+    }
+    // h_{t-1} is h0 at a sequence's first step (reverse: the step after it is padding)
+    const bool start = first || !active(a.len, tp, b);
+    const size_t prow = start ? 0 : a.rows.at(tp, b);
+    const vec dh = add(ld(a.dh + bu), ld(a.dys + row * H + u));
     if constexpr (CELL == kLstm) {
       const float* q = a.act + row * GH + u;
       const vec i = ld(q), f = ld(q + H), g = ld(q + 2 * H), o = ld(q + 3 * H);
       const vec tc = tanhv(ld(a.aux + row * H + u));
-      const vec cprev = first ? ld(a.c0 + bu) : ld(a.aux + prow * H + u);
+      const vec cprev = start ? ld(a.c0 + bu) : ld(a.aux + prow * H + u);
       const vec dcc = fmadd(mul(dh, o), one_minus(mul(tc, tc)), ld(a.dc + bu));
       const vec d[4] = {mul(mul(dcc, g), mul(i, one_minus(i))), mul(mul(dcc, cprev), mul(f, one_minus(f))),
                            mul(mul(dcc, i), one_minus(mul(g, g))), mul(mul(dh, tc), mul(o, one_minus(o)))};
       st(dpx, d[0]), st(dpx + H, d[1]), st(dpx + 2 * H, d[2]), st(dpx + 3 * H, d[3]);
       pack_da<4>(a, s, b, u, d);
       st(a.dc + bu, mul(dcc, f));
+      if (a.dhz) st(a.dhz + bu, zero());
     } else if constexpr (CELL == kGru) {
       const float* q = a.act + row * GH + u;
       const vec rg = ld(q), z = ld(q + H), n = ld(q + 2 * H);
-      const vec hprev = first ? ld(a.h0 + bu) : ld(a.ys + prow * H + u);
+      const vec hprev = start ? ld(a.h0 + bu) : ld(a.ys + prow * H + u);
       const vec dn = mul(mul(dh, one_minus(z)), one_minus(mul(n, n)));
       const vec dr = mul(mul(dn, ld(a.aux + row * H + u)), mul(rg, one_minus(rg)));
       const vec dz = mul(mul(dh, sub(hprev, n)), mul(z, one_minus(z)));
@@ -496,6 +541,7 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
       const vec da[1] = {mul(dh, d)};
       st(dpx, da[0]);
       pack_da<1>(a, s, b, u, da);
+      if (a.dhz) st(a.dhz + bu, zero());
     }
   }
 }
@@ -511,7 +557,7 @@ void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int rows, in
   for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 2
     for (int j = 0; j < NV; ++j)
-      acc[r][j] = CELL == kGru && r < rows ? ld(a.dhz + static_cast<size_t>(b0 + r) * a.H + u + j * kU) : v(0.f);
+      acc[r][j] = a.dhz && r < rows ? ld(a.dhz + static_cast<size_t>(b0 + r) * a.H + u + j * kU) : v(0.f);
   const float* w = a.wt + static_cast<size_t>(u) * GH;  // unit block j's columns: w + j * kU * GH
   // where row r's value at column k is: da + k * k_step + r * r_step
   const size_t k_step = kPackedDa ? kRows : 1, r_step = kPackedDa ? 1 : lda(GH);
@@ -546,11 +592,15 @@ void backward_chunk(const BackwardArgs& a, int s, int chunk, int r0, int r1) {
   if (s > 0) {
     // r0 is a multiple of kRows: row r0 (packed: tile r0 / kRows) starts r0 * lda(GH) floats in
     const float* da = a.dap + (static_cast<size_t>((s - 1) & 1) * padded_rows(a.B) + r0) * lda(GH);
+    const int tq = a.reverse ? s - 1 : a.T - s;  // the forward step whose dA this is
     for (int b0 = r0; b0 < r1; b0 += kRows, da += kRows * lda(GH)) {
+      const int rows = std::min(kRows, r1 - b0);
+      // rows of padding only: dA = 0 and dh passes unchanged (gate_grads left it where it is)
+      if (a.len && padding_only(a.len, tq, b0, rows)) continue;
       if (nv == 2) {
-        recurrent_tile<CELL, 2>(a, da, b0, std::min(kRows, r1 - b0), u);
+        recurrent_tile<CELL, 2>(a, da, b0, rows, u);
       } else {
-        recurrent_tile<CELL, 1>(a, da, b0, std::min(kRows, r1 - b0), u);
+        recurrent_tile<CELL, 1>(a, da, b0, rows, u);
       }
     }
   }
@@ -587,6 +637,7 @@ struct WeightGradArgs {
   const float* h0;    // [B, H]
   const float* dpx;   // as xs, G*H features
   const float* dghn;  // as ys (GRU) or null
+  const int32_t* len;  // [B] or null, as ForwardArgs::len
   int T, B, I, H, G;
   bool reverse;
   Rows rows;
@@ -595,7 +646,7 @@ struct WeightGradArgs {
   const float* hprev(size_t q) const {
     const int t = static_cast<int>(rows.batch_major ? q % T : q / B), b = static_cast<int>(rows.batch_major ? q / T : q % B);
     const int tp = reverse ? t + 1 : t - 1;
-    return tp < 0 || tp >= T ? h0 + static_cast<size_t>(b) * H : ys + rows.at(tp, b) * H;
+    return tp < 0 || tp >= T || !active(len, tp, b) ? h0 + static_cast<size_t>(b) * H : ys + rows.at(tp, b) * H;
   }
 };
 
@@ -704,7 +755,7 @@ void weight_grads_part(const WeightGradArgs& a, int64_t q0, int64_t q1, const We
 // ------------------------------------------------------------------------------------------ handlers
 
 template <typename Buf>
-const float* ptr_or_null(const Buf& b) {
+auto ptr_or_null(const Buf& b) -> const std::remove_pointer_t<decltype(b.typed_data())>* {
   return b.element_count() ? b.typed_data() : nullptr;
 }
 template <typename Buf>
@@ -775,7 +826,8 @@ void dispatch_forward(int64_t cell, Fn fn) {
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
                        ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_hn,
-                       ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> ys,
+                       ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::S32> lengths,
+                       ffi::ResultBuffer<ffi::F32> ys,
                        ffi::ResultBuffer<ffi::F32> hT, ffi::ResultBuffer<ffi::F32> cT,
                        ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> aux, int64_t cell,
                        bool reverse, int64_t threads, bool batch_major) {
@@ -798,7 +850,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
   const std::vector<float> wx = pack_forward(w_x.typed_data(), I, GS, G), wh = pack_forward(w_h.typed_data(), H, GS, G);
   std::vector<float> hs(2 * BH);
   ForwardArgs a{xs.typed_data(), b.typed_data(), ptr_or_null(b_hn), h0.typed_data(), ys->typed_data(), c,
-                out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), T, B, I, H, reverse,
+                out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), ptr_or_null(lengths), T, B, I,
+                H, reverse,
                 {T, B, batch_major}};
   const int64_t flops_per_step = int64_t{2} * B * (I + H) * G * GS;
   const int helpers = helpers_for(threads, flops_per_step);
@@ -823,7 +876,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dhT,
                         ffi::Buffer<ffi::F32> dcT, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> ys,
                         ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> act,
-                        ffi::Buffer<ffi::F32> aux, ffi::ResultBuffer<ffi::F32> dpx,
+                        ffi::Buffer<ffi::F32> aux, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dpx,
                         ffi::ResultBuffer<ffi::F32> dghn, ffi::ResultBuffer<ffi::F32> dh0,
                         ffi::ResultBuffer<ffi::F32> dc0, int64_t cell, bool reverse, int64_t threads,
                         bool batch_major) {
@@ -842,12 +895,13 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   std::memcpy(dh0->typed_data(), dhT.typed_data(), BH * 4);
   if (T == 0) return ffi::Error::Success();
   const std::vector<float> wt = pack_backward(w_h.typed_data(), H, G);
-  std::vector<float> dhz_buffer(cell == kGru ? BH : 0);
-  float* dhz = cell == kGru ? dhz_buffer.data() : nullptr;
+  const int32_t* len = ptr_or_null(lengths);
+  std::vector<float> dhz_buffer(cell == kGru || len ? BH : 0);
+  float* dhz = dhz_buffer.empty() ? nullptr : dhz_buffer.data();
   std::vector<float> dap(2 * static_cast<size_t>(padded_rows(B)) * lda(G * H), 0.f);
   BackwardArgs a{dys.typed_data(), ys.typed_data(), h0.typed_data(), ptr_or_null(c0), ptr_or_null(act),
                  ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh0->typed_data(), dc, dhz,
-                 dap.data(), wt.data(), T, B, H, reverse, {T, B, batch_major}};
+                 dap.data(), wt.data(), len, T, B, H, reverse, {T, B, batch_major}};
   const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
   const int chunks = H / (backward_blocks(H) * kU);
   dispatch(cell, [&](auto kind) {
@@ -868,6 +922,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
 
 ffi::Error WeightGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> ys,
                            ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> dpx, ffi::Buffer<ffi::F32> dghn,
+                           ffi::Buffer<ffi::S32> lengths,
                            ffi::ResultBuffer<ffi::F32> dw_x, ffi::ResultBuffer<ffi::F32> dw_h,
                            ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> db_hn, int64_t cell,
                            bool reverse, int64_t threads, bool batch_major) {
@@ -878,7 +933,8 @@ ffi::Error WeightGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::
   const int G = gates_of(cell), GH = G * H;
   const bool gru = cell == kGru;
   const WeightGradArgs a{xs.typed_data(), ys.typed_data(), h0.typed_data(), dpx.typed_data(),
-                         gru ? dghn.typed_data() : nullptr, T, B, I, H, G, reverse, {T, B, batch_major}};
+                         gru ? dghn.typed_data() : nullptr, ptr_or_null(lengths), T, B, I, H, G, reverse,
+                         {T, B, batch_major}};
   const size_t n = (static_cast<size_t>(I) + H + 1) * GH + (gru ? H : 0);  // floats of one partial
   std::vector<float> second(n);
   const WeightGradOut first{dw_x->typed_data(), dw_h->typed_data(), db->typed_data(), out_or_null(db_hn)};
@@ -920,6 +976,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Forward), ForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b_hn
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths [B], or [0]: none
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ys
                                   .Ret<ffi::Buffer<ffi::F32>>()  // hT
                                   .Ret<ffi::Buffer<ffi::F32>>()  // cT
@@ -942,6 +999,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Backward), BackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c0
                                   .Arg<ffi::Buffer<ffi::F32>>()  // act
                                   .Arg<ffi::Buffer<ffi::F32>>()  // aux
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dpx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dghn
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
@@ -959,6 +1017,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(WeightGrads), WeightGradsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dpx
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dghn
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw_x
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw_h
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db

@@ -1,0 +1,251 @@
+"""Variable-length batches: seqjax with ``lengths`` against XLA's loop, Flax and PyTorch's packed sequences.
+
+A padded batch whose sequences have different lengths (here uniform in
+[T/2, T], seeded) is what language models, classifiers and seq2seq encoders
+see. For each cell (LSTM, GRU, Elman RNN) and shape (B, T, I, H) it times the
+forward pass and a train step (`value_and_grad` of mean(outputs²) with respect
+to the parameters and the input) of:
+
+* ``seqjax``: ``seqjax.scan(..., lengths=L)``, the default (``kernel="auto"``:
+  seqjax's CPU kernels, which take lengths);
+* ``seqjax, sorted batch``: the same sequences sorted longest first, so that
+  whole tiles of batch rows are padding after the shorter sequences end and the
+  kernels skip their products (PyTorch's packed sequences work this way);
+* ``seqjax, no lengths``: the same batch treated as full length (what the
+  lengths cost or save);
+* ``seqjax kernel=xla``: XLA's loop with lengths (before the kernels took them);
+* ``flax.linen nn.RNN``: ``nn.RNN(cell)(x, seq_lengths=L)``;
+* ``pytorch packed``: ``pack_padded_sequence(x, L, enforce_sorted=False)``
+  through ``nn.LSTM/GRU/RNN`` and ``pad_packed_sequence`` back; ``pytorch
+  packed, sorted`` with the sorted batch (``enforce_sorted=True``).
+
+Every candidate is interleaved in one process (PyTorch in a child process, as in
+`peers.py`); medians, ratios to ``pytorch packed``.
+
+    python bench/lengths.py                 # all cells, the three shapes
+    python bench/lengths.py --quick         # a tiny shape, few reps (smoke test)
+
+Writes <out>/lengths.json, <out>/lengths.png and prints markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import peers  # noqa: E402
+
+import seqjax  # noqa: E402
+
+CELLS = peers.CELLS
+REFERENCE = "pytorch packed"
+
+
+def batch_lengths(B: int, T: int, seed: int = 0) -> np.ndarray:
+    """[B] int32 lengths uniform in [T/2, T] (at least 1), seeded."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(max(1, T // 2), T + 1, B).astype(np.int32)
+
+
+def _seqjax(cell_name, H, I, key, **scan_kwargs):
+    cell = {"lstm": lambda: seqjax.lstm(H, forget_bias=0.0), "gru": lambda: seqjax.gru(H),
+            "rnn": lambda: seqjax.rnn(H)}[cell_name]()
+    return (lambda p, x, lengths: seqjax.scan(cell, p, x, lengths=lengths, **scan_kwargs)[1]), cell.init(key, I)
+
+
+def _flax(cell_name, H, I, key, B, T):
+    import flax.linen as nn
+    cls = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell, "rnn": nn.SimpleCell}[cell_name]
+    model = nn.RNN(cls(features=H))
+    params = model.init(key, jnp.zeros((B, T, I)))
+    return (lambda p, x, lengths: model.apply(p, x, seq_lengths=lengths)), params
+
+
+def jax_candidates(cell_name, B, T, I, H, lengths, order):
+    """name -> (run(params, x, lengths) -> ys, params, x, lengths): the batch each candidate sees."""
+    key = jax.random.key(0)
+    x = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
+    L = jnp.asarray(lengths)
+    sorted_x, sorted_L = x[order], jnp.asarray(lengths[order])
+    run, params = _seqjax(cell_name, H, I, key)
+    cands = {
+        "seqjax": (run, params, x, L),
+        "seqjax, sorted batch": (run, params, sorted_x, sorted_L),
+        "seqjax, no lengths": (lambda p, x, lengths: run(p, x, None), params, x, L),
+    }
+    run_xla, _ = _seqjax(cell_name, H, I, key, kernel="xla")
+    cands["seqjax kernel=xla"] = (run_xla, params, x, L)
+    try:
+        run_flax, flax_params = _flax(cell_name, H, I, key, B, T)
+        cands["flax.linen nn.RNN"] = (run_flax, flax_params, x, L)
+    except ImportError:
+        pass
+    return cands
+
+
+def torch_fns(cell_name, B, T, I, H, lengths, threads):
+    """PyTorch's packed-sequence fwd/train, unsorted and sorted (runs in `common.ProcessTimer`'s child)."""
+    import torch
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell_name]
+    m = cls(I, H, batch_first=True)
+    x = torch.randn(B, T, I)
+    order = np.argsort(-lengths, kind="stable")
+    fns = {}
+    for label, xb, lb, is_sorted in (("", x, lengths, False), (", sorted", x[order], lengths[order], True)):
+        lt = torch.as_tensor(lb, dtype=torch.int64)
+        xg = xb.clone().requires_grad_(True)
+
+        def run(inp, lt=lt, is_sorted=is_sorted):
+            packed = pack_padded_sequence(inp, lt, batch_first=True, enforce_sorted=is_sorted)
+            ys, _ = m(packed)
+            return pad_packed_sequence(ys, batch_first=True, total_length=T)[0]
+
+        def fwd(run=run, xb=xb):
+            with torch.inference_mode():
+                run(xb)
+
+        def train(run=run, xg=xg):
+            for p in m.parameters():
+                p.grad = None
+            xg.grad = None
+            run(xg).pow(2).mean().backward()
+        fns[f"{REFERENCE}{label}|fwd"], fns[f"{REFERENCE}{label}|train"] = fwd, train
+    return fns
+
+
+def bench_config(cell_name, shape_name, shape, reps, torch_ok, progress=None):
+    B, T, I, H = shape
+    lengths = batch_lengths(B, T)
+    order = np.argsort(-lengths, kind="stable")
+    fns, meta = {}, {}
+    for name, (run, params, x, L) in jax_candidates(cell_name, B, T, I, H, lengths, order).items():
+        loss = lambda p, x, L, run=run: jnp.mean(jnp.square(run(p, x, L)))  # noqa: E731
+        modes = {"fwd": run, "train": jax.value_and_grad(loss, argnums=(0, 1))}
+        for mode, f in modes.items():
+            c = common.compile_timed(f, params, x, L)
+            fns[f"{name}|{mode}"] = (lambda compiled=c["compiled"], params=params, x=x, L=L: compiled(params, x, L))
+            meta[f"{name}|{mode}"] = {k: v for k, v in c.items() if k != "compiled"}
+    timer = None
+    if torch_ok:
+        timer = common.ProcessTimer(torch_fns, cell_name, B, T, I, H, lengths, os.cpu_count())
+        for name in (REFERENCE, f"{REFERENCE}, sorted"):
+            for mode in ("fwd", "train"):
+                fns[f"{name}|{mode}"] = timer.fn(f"{name}|{mode}")
+                meta[f"{name}|{mode}"] = {}
+    try:
+        samples = common.interleave(fns, reps=reps, warmup=2, progress=progress)
+    finally:
+        if timer is not None:
+            timer.close()
+    rows = []
+    for key, s in samples.items():
+        name, mode = key.split("|")
+        flops = common.floor_flops(cell_name, B, T, I, H) * (3.0 if mode == "train" else 1.0)
+        rows.append(dict(cell=cell_name, shape=shape_name, B=B, T=T, I=I, H=H, library=name, mode=mode,
+                         fill=float(lengths.mean() / T), **common.summarise(s), **meta[key]))
+        rows[-1]["gflops"] = flops / (rows[-1]["median_ms"] * 1e-3) / 1e9
+    ref = {r["mode"]: r["median_ms"] for r in rows if r["library"] == REFERENCE}
+    for r in rows:
+        if r["mode"] in ref:
+            r["ratio_to_pytorch_packed"] = r["median_ms"] / ref[r["mode"]]
+    return rows
+
+
+def tables(rows) -> str:
+    out = []
+    configs = sorted({(r["cell"], r["shape"]) for r in rows}, key=lambda c: (CELLS.index(c[0]), c[1]))
+    for cell, shape in configs:
+        sel = [r for r in rows if r["cell"] == cell and r["shape"] == shape]
+        head = sel[0]
+        body = []
+        for lib in dict.fromkeys(r["library"] for r in sel):
+            by = {r["mode"]: r for r in sel if r["library"] == lib}
+            body.append([lib, by["fwd"]["median_ms"], by["fwd"].get("ratio_to_pytorch_packed", ""),
+                         by["train"]["median_ms"], by["train"].get("ratio_to_pytorch_packed", "")])
+        body.sort(key=lambda r: r[3])
+        out.append(f"**{cell} {shape} (B={head['B']}, T={head['T']}, I={head['I']}, H={head['H']}, "
+                   f"lengths fill {head['fill']:.0%} of the padded batch)**\n\n" + common.markdown_table(
+                       ["library", "fwd ms", "fwd / packed", "train ms", "train / packed"], body))
+    return "\n\n".join(out)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    configs = sorted({(r["cell"], r["shape"]) for r in rows}, key=lambda c: (CELLS.index(c[0]), c[1]))
+    fig, axes = plt.subplots(len(configs), 2, figsize=(12, 2.2 + 1.6 * len(configs)), squeeze=False)
+    for i, (cell, shape) in enumerate(configs):
+        for j, mode in enumerate(("fwd", "train")):
+            ax = axes[i][j]
+            sel = sorted([r for r in rows if r["cell"] == cell and r["shape"] == shape and r["mode"] == mode],
+                         key=lambda r: r["median_ms"])
+            names = [r["library"] for r in sel]
+            ax.barh(names, [r["median_ms"] for r in sel],
+                    color=["C3" if n.startswith("seqjax") else "C0" if n.startswith("pytorch") else "C2"
+                           for n in names])
+            ax.set_xlabel("ms (median)")
+            ax.set_title(f"{cell} {shape} {mode}, lengths uniform in [T/2, T]", fontsize=9)
+            ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny shape and few reps (smoke test)")
+    ap.add_argument("--cells", default=None, help="comma list of lstm,gru,rnn")
+    ap.add_argument("--shapes", default=None, help="comma list of small,standard,long")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds per configuration (default 15)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--name", default="lengths", help="basename of the JSON/PNG written")
+    args = ap.parse_args(argv)
+
+    cells = common.parse_list(args.cells or ("lstm" if args.quick else None), CELLS, "cells")
+    shapes = common.QUICK_SHAPES if args.quick else common.SHAPES
+    shapes = {k: shapes[k] for k in common.parse_list(args.shapes, list(shapes), "shapes")}
+    reps = args.reps or (3 if args.quick else 15)
+    notes = []
+    try:
+        import torch  # noqa: F401
+        torch_ok = True
+    except ImportError:
+        notes.append("pytorch: skipped, not installed")
+        torch_ok = False
+    try:
+        from tqdm import tqdm
+        progress = tqdm(total=len(cells) * len(shapes) * reps, desc="lengths", file=sys.stderr)
+    except ImportError:
+        progress = None
+    rows, t0 = [], time.time()
+    for cell in cells:
+        for sname, shape in shapes.items():
+            if progress is not None:
+                progress.set_postfix_str(f"{cell} {sname}")
+            rows += bench_config(cell, sname, shape, reps, torch_ok, progress)
+    if progress is not None:
+        progress.close()
+    for n in notes:
+        print("note:", n)
+    os.makedirs(args.out, exist_ok=True)
+    common.write_json(os.path.join(args.out, f"{args.name}.json"),
+                      dict(rows=rows, notes=notes, reps=reps, torch_threads=os.cpu_count(),
+                           lengths="uniform integers in [T/2, T], numpy default_rng(0)", wall_s=time.time() - t0))
+    plot(rows, os.path.join(args.out, f"{args.name}.png"))
+    print(tables(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
