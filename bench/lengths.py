@@ -17,7 +17,10 @@ to the parameters and the input) of:
 * ``flax.linen nn.RNN``: ``nn.RNN(cell)(x, seq_lengths=L)``;
 * ``pytorch packed``: ``pack_padded_sequence(x, L, enforce_sorted=False)``
   through ``nn.LSTM/GRU/RNN`` and ``pad_packed_sequence`` back; ``pytorch
-  packed, sorted`` with the sorted batch (``enforce_sorted=True``).
+  packed, sorted`` with the sorted batch (``enforce_sorted=True``); ``pytorch,
+  no lengths``: the padded batch as if full length (oneDNN's fused kernel, which
+  packed sequences cannot use; the outputs past a length and the final state
+  are then not those of the sequence).
 
 Every candidate is interleaved in one process (PyTorch in a child process, as in
 `peers.py`); medians, ratios to ``pytorch packed``.
@@ -30,6 +33,7 @@ Writes <out>/lengths.json, <out>/lengths.png and prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -120,6 +124,18 @@ def torch_fns(cell_name, B, T, I, H, lengths, threads):
             xg.grad = None
             run(xg).pow(2).mean().backward()
         fns[f"{REFERENCE}{label}|fwd"], fns[f"{REFERENCE}{label}|train"] = fwd, train
+    xg = x.clone().requires_grad_(True)
+
+    def fwd_padded():
+        with torch.inference_mode():
+            m(x)
+
+    def train_padded():
+        for p in m.parameters():
+            p.grad = None
+        xg.grad = None
+        m(xg)[0].pow(2).mean().backward()
+    fns["pytorch, no lengths|fwd"], fns["pytorch, no lengths|train"] = fwd_padded, train_padded
     return fns
 
 
@@ -138,7 +154,7 @@ def bench_config(cell_name, shape_name, shape, reps, torch_ok, progress=None):
     timer = None
     if torch_ok:
         timer = common.ProcessTimer(torch_fns, cell_name, B, T, I, H, lengths, os.cpu_count())
-        for name in (REFERENCE, f"{REFERENCE}, sorted"):
+        for name in (REFERENCE, f"{REFERENCE}, sorted", "pytorch, no lengths"):
             for mode in ("fwd", "train"):
                 fns[f"{name}|{mode}"] = timer.fn(f"{name}|{mode}")
                 meta[f"{name}|{mode}"] = {}
@@ -217,12 +233,9 @@ def main(argv=None):
     shapes = {k: shapes[k] for k in common.parse_list(args.shapes, list(shapes), "shapes")}
     reps = args.reps or (3 if args.quick else 15)
     notes = []
-    try:
-        import torch  # noqa: F401
-        torch_ok = True
-    except ImportError:
+    torch_ok = importlib.util.find_spec("torch") is not None  # imported in the child process only
+    if not torch_ok:
         notes.append("pytorch: skipped, not installed")
-        torch_ok = False
     try:
         from tqdm import tqdm
         progress = tqdm(total=len(cells) * len(shapes) * reps, desc="lengths", file=sys.stderr)

@@ -87,14 +87,16 @@ def test_gradients_match_finite_differences(kind):
 def test_thread_count_does_not_change_a_bit(kind, B, lengths):
     """Two threads split each step's units (B < 16) or the batch (B >= 16; rows 0-15 and 16-19 here), and
     every unit of every row is computed the same way whichever thread does it. Lengths sorted longest first
-    leave whole tiles of padding, which skip their products; the results match XLA's."""
+    leave whole tiles of padding, which skip their products; with resets too, the results match XLA's."""
     cell, params, xs, carry = _setup(kind, B, 30, 4, 64, seed=3)
+    resets = None
     if lengths == "sorted":
         lengths = jnp.asarray(np.sort(np.random.default_rng(3).integers(0, 31, B))[::-1].copy())
+        resets = _resets(B, 30, 4)
 
     def run(p, reverse, threads):
         return jax.jit(lambda p, x, c: avx2.avx2_scan(kind, p, x, c, reverse, threads=threads, time_major=False,
-                                                      lengths=lengths))(p, xs, carry)
+                                                      lengths=lengths, resets=resets))(p, xs, carry)
     one, two = run(params, False, 1), run(params, False, 2)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
         np.testing.assert_array_equal(a, b)
@@ -102,7 +104,7 @@ def test_thread_count_does_not_change_a_bit(kind, B, lengths):
     for a, b in zip(jax.tree.leaves(grad(1)), jax.tree.leaves(grad(2))):
         np.testing.assert_array_equal(a, b)
     if lengths is not None:
-        assert_gradients_match_xla("avx2", cell, params, xs, carry, True, lengths=lengths)
+        assert_gradients_match_xla("avx2", cell, params, xs, carry, True, lengths=lengths, resets=resets)
 
 
 # 13 sequences of up to T = 9 steps: empty, full and in between
@@ -135,6 +137,26 @@ def test_lengths_give_each_sequence_its_own_prefix(kind, reverse, isa):
 def test_lengths_gradients_match_xla(kind, reverse):
     cell, params, xs, carry = _setup(kind, len(LENGTHS), 9, 5, 32, seed=11)
     assert_gradients_match_xla(avx2.auto_isa(32), cell, params, xs, carry, reverse, lengths=jnp.asarray(LENGTHS))
+
+
+def _resets(B, T, seed):
+    """[B, T] bool: about one step in five resets, and rows 0 and 3 reset at both ends."""
+    r = np.random.default_rng(seed).random((B, T)) < 0.2
+    r[[0, 3], 0] = r[[0, 3], -1] = True
+    return jnp.asarray(r)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_resets_match_xla(kind, reverse, with_lengths):
+    """Per-step resets (the carry is zero before the step; nothing at padding steps), alone and with lengths:
+    values and gradients against XLA's loop."""
+    B, T = len(LENGTHS), 9
+    cell, params, xs, carry = _setup(kind, B, T, 5, 32, seed=15)
+    masks = dict(resets=_resets(B, T, 16), lengths=jnp.asarray(LENGTHS) if with_lengths else None)
+    assert avx2.auto_isa(32) in str(jax.make_jaxpr(lambda x: seqjax.scan(cell, params, x, **masks))(xs))
+    assert_gradients_match_xla(avx2.auto_isa(32), cell, params, xs, carry, reverse, **masks)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -195,7 +217,8 @@ def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse, w
     """The weight-gradient target: dW_x = sum x^T dpx, dW_h = sum h_{t-1}^T dA (the GRU's n block: dghn), db and
     db_hn as row sums. T*B = 280 rows make three blocks of 128 in two halves; I = 13 and H = 48 leave partial
     feature tiles and gradient panels, and the GRU's n block starts inside a panel. With lengths (reverse),
-    h_{t-1} at a sequence's last valid step is h0."""
+    h_{t-1} at a sequence's last valid step is h0, and padding rows are left out of the sums; with resets,
+    h_{t-1} is zero at a reset step."""
     B, T, I, H = 7, 40, 13, 48
     G = {"lstm": 4, "gru": 3}.get(kind, 1)
     rng = np.random.default_rng(11)
@@ -209,19 +232,26 @@ def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse, w
     target = persistent.Target(f"seqjax_{isa}_rnn", persistent.CELLS[kind], reverse,
                                (("threads", 2), ("batch_major", batch_major)), True)
     lengths = np.array([40, 0, 17, 1, 39, 25, 40] if with_lengths else [], np.int32)
-    got = jax.jit(lambda *a: persistent._kernel_weight_grads(target, *a))(xs, ys, h0, dpx, dghn, b_hn, lengths)
+    resets = rng.random((T, B)) < 0.2 if with_lengths else np.zeros((0,), bool)
+    got = jax.jit(lambda *a: persistent._kernel_weight_grads(target, *a[:-2], a[-2:]))(
+        xs, ys, h0, dpx, dghn, b_hn, lengths, resets)
 
     tm = (lambda a: a) if not batch_major else (lambda a: np.swapaxes(a, 0, 1))  # to [T, B, .]
     x64, y64, d64 = (tm(a).astype(np.float64) for a in (xs, ys, dpx))
     h_prev = np.concatenate([y64[1:], h0[None]]) if reverse else np.concatenate([h0[None], y64[:-1]])
-    if with_lengths:  # reverse: step lengths[b] - 1 starts sequence b, and so does every padding step
+    dghn64 = tm(dghn).astype(np.float64) if gru else None
+    if with_lengths:  # reverse: step lengths[b] - 1 starts sequence b; the kernel leaves padding rows out
         for b, n in enumerate(lengths):
             h_prev[max(n - 1, 0):, b] = h0[b]
+            d64[n:, b] = 0.0
+            if gru:
+                dghn64[n:, b] = 0.0
+        h_prev[resets] = 0.0  # h_{t-1} after a reset (at padding rows, which are left out, it does not matter)
     dA = d64.copy()
     if gru:
-        dA[..., 2 * H:] = tm(dghn)
+        dA[..., 2 * H:] = dghn64
     want = (np.einsum("tbi,tbn->in", x64, d64), np.einsum("tbh,tbn->hn", h_prev, dA), d64.sum((0, 1)),
-            tm(dghn).astype(np.float64).sum((0, 1)) if gru else np.zeros((0,)))
+            dghn64.sum((0, 1)) if gru else np.zeros((0,)))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
@@ -275,7 +305,7 @@ def test_auto_takes_the_kernels_where_they_apply():
     assert f"seqjax_{wide}_rnn_forward" in _targets(cell, params, xs)
     assert "seqjax_avx" not in _targets(cell, params, xs, kernel="xla")
     assert f"seqjax_{wide}_rnn_forward" in _targets(cell, params, xs, lengths=jnp.array([20, 3, 0, 9]))
-    assert "seqjax_avx" not in _targets(cell, params, xs, resets=jnp.zeros((4, 20), bool))
+    assert f"seqjax_{wide}_rnn_forward" in _targets(cell, params, xs, resets=jnp.zeros((4, 20), bool))
     assert "seqjax_avx" not in _targets(cell, params, xs, backward="autodiff")
     assert "seqjax_avx" not in _targets(cell, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), xs)
     narrow, narrow_params, _, _ = _setup("rnn_tanh", 4, 20, 3, 24)  # a multiple of 8, not of 16
@@ -288,7 +318,6 @@ def test_auto_takes_the_kernels_where_they_apply():
 
 
 @pytest.mark.parametrize("make_cell, kwargs, message", [
-    (lambda: seqjax.lstm(16), dict(resets=jnp.zeros((2, 3), bool)), "the native kernels have no per-step resets"),
     (lambda: seqjax.lstm(12), {}, "need a hidden size that is a multiple of 8, got 12"),
     (lambda: seqjax.lstm(16, peepholes=True), {}, "the AVX2 kernels have no form of"),
     (lambda: seqjax.gru(16, reset_after=False), {}, "the AVX2 kernels have no form of"),
@@ -324,6 +353,8 @@ def test_direct_entry_point_checks_its_arguments():
         avx2.avx2_scan("rnn_tanh", params, xs_tm, carry, lengths=jnp.array([1, 2, 3]))
     with pytest.raises(ValueError, match=r"lengths must be an integer array .*dtype float32"):
         avx2.avx2_scan("rnn_tanh", params, xs_tm, carry, lengths=jnp.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"resets must have shape \(T, B\)=\(3, 2\), got \(2, 3\)"):
+        avx2.avx2_scan("rnn_tanh", params, xs_tm, carry, resets=jnp.zeros((2, 3), bool))
 
 
 def test_a_cpu_without_avx2_or_avx512_is_named(monkeypatch):

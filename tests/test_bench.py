@@ -54,7 +54,7 @@ def test_lengths_quick(tmp_path):
     res = json.loads((tmp_path / "lengths.json").read_text())
     libs = {(r["library"], r["mode"]) for r in res["rows"]}
     for lib in ("seqjax", "seqjax, sorted batch", "seqjax, no lengths", "seqjax kernel=xla", "flax.linen nn.RNN",
-                "pytorch packed", "pytorch packed, sorted"):
+                "pytorch packed", "pytorch packed, sorted", "pytorch, no lengths"):
         assert {(lib, "fwd"), (lib, "train")} <= libs, lib
     packed = {r["mode"]: r["median_ms"] for r in res["rows"] if r["library"] == "pytorch packed"}
     for r in res["rows"]:

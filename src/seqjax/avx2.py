@@ -31,7 +31,7 @@ steps, no synchronisation: the backward pass from B = 16, the forward for the
 RNN and small steps) or by chunks of one register of hidden units with one
 barrier per step; the results do not depend on it.
 
-Covered, float32 params, with or without ``lengths``, without ``resets`` or ``remat``: the
+Covered, float32 params, with or without ``lengths`` and ``resets``, without ``remat``: the
 standard LSTM of `seqjax.lstm` (no peepholes or projection), `seqjax.gru` with
 ``reset_after=True`` and `seqjax.rnn` with tanh or relu, for hidden sizes that
 are multiples of 8 (AVX2) or 16 (AVX-512). Needs an x86-64 CPU with AVX2 and FMA
@@ -98,11 +98,12 @@ def _check_isa(call: str, isa) -> None:
 
 
 def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threads: int = 0,
-              isa: str = "avx2", time_major: bool = True, lengths: Array | None = None):
+              isa: str = "avx2", time_major: bool = True, lengths: Array | None = None,
+              resets: Array | None = None):
     """A whole recurrence in one kernel call: ``(final_carry, ys)``, ys [T, B, H] (or [B, T, H]).
 
     Same results as ``seqjax.scan(cell, params, xs, carry=carry0,
-    time_major=time_major, reverse=reverse, lengths=lengths)`` to float32
+    time_major=time_major, reverse=reverse, lengths=lengths, resets=resets)`` to float32
     rounding, for the cell whose `kind_of` is ``kind``. Differentiable in
     reverse mode.
 
@@ -122,11 +123,13 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
         ``reverse`` starts each sequence at its own last valid step. Values
         outside [0, T] act as 0 or T. Tiles of batch rows that are all padding
         skip their products, so a batch sorted by length runs faster.
+      resets: [T, B] bool (or [B, T] with ``time_major=False``), or None: where
+        true (at a valid step), the carry is set back to zero before the step.
 
     Raises:
       ValueError: an unknown kind or isa, a hidden size the kernels do not
-        take, ``threads`` out of range, or ``lengths`` not an integer array of
-        shape (B,).
+        take, ``threads`` out of range, ``lengths`` not an integer array of
+        shape (B,), or ``resets`` not of shape (T, B) (``time_major``) or (B, T).
       NativeUnavailable: the kernels cannot be built or loaded here (e.g. a CPU
         without the isa's instructions).
     """
@@ -143,7 +146,15 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
         if jnp.shape(lengths) != (B,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
             raise ValueError(f"seqjax.avx2.avx2_scan: lengths must be an integer array of shape (B,)=({B},), got "
                              f"shape {tuple(jnp.shape(lengths))} dtype {jnp.result_type(lengths)}")
+    if resets is not None:
+        want = tuple(jnp.shape(xs)[:2])
+        if tuple(jnp.shape(resets)) != want:
+            layout = "(T, B)" if time_major else "(B, T)"
+            raise ValueError(f"seqjax.avx2.avx2_scan: resets must have shape {layout}={want}, got "
+                             f"{tuple(jnp.shape(resets))}")
+        resets = jnp.asarray(resets).astype(bool)
+        resets = resets if time_major else resets.T
     load_avx2(isa)
     attrs = (("threads", int(threads)), ("batch_major", not time_major))
     return native_scan(f"seqjax_{isa}_rnn", kind, params, xs, carry0, reverse, attrs, projects=True, in_place=True,
-                       lengths=lengths)
+                       lengths=lengths, resets=resets)

@@ -17,9 +17,11 @@ Operands, float32, time-major: ``px [T, B, G*H]`` (or ``xs [T, B, I]``, ``w_x
 (LSTM, else empty); the sequence arrays may be batch-major (``[B, T, .]``)
 instead, where the targets' ``batch_major`` attribute says so. Kernels that
 project also take ``lengths [B]`` int32 (``[0]``: every sequence has T steps)
-as the last operand of all three targets: past its length a sequence's carry
-stays, its outputs and gate gradients are zero, and (reverse) it starts at its
-own last valid step, as in `seqjax.scan`.
+and ``resets [T, B]`` bool (``[0]``: none) as the last two operands of all three
+targets: past its length a sequence's carry stays, its outputs and gate
+gradients are zero, and (reverse) it starts at its own last valid step; at a
+valid step with a reset the carry is zero before the step, as in
+`seqjax.scan`. The weight-gradient target leaves padding rows out of the sums.
 Forward results: ``ys [T, B, H]``, ``hT``, ``cT`` (LSTM), and for training
 ``act [T, B, G*H]`` (the activated gates) and ``aux [T, B, H]`` (LSTM: c_t;
 GRU: ``h_{t-1} W_hn + b_hn``). Backward results: ``dpx``, ``dghn [T, B, H]``
@@ -71,7 +73,7 @@ def _sds(shape):
 
 def _forward(target, training, inputs, w_h, b_hn, h0, c0, extra=()):
     """The forward target's results; ``inputs`` is ``(px,)`` or, for kernels that project, ``(xs, w_x, b)``,
-    and ``extra`` their further operands (``(lengths,)``)."""
+    and ``extra`` their further operands (``(lengths, resets)``)."""
     lead = inputs[0].shape[:2]  # (T, B) or (B, T)
     GH = w_h.shape[1]
     H = h0.shape[-1]
@@ -110,12 +112,12 @@ def _backward(target, saved, cts):
     return dpx, dw_h, db_hn, dh0, dc0
 
 
-def _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn, lengths):
+def _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn, masks):
     """``(dw_x, dw_h, db, db_hn)`` from the weight-gradient target of kernels that project."""
     I, H, GH = xs.shape[-1], h0.shape[-1], dpx.shape[-1]
     out = (_sds((I, GH)), _sds((H, GH)), _sds((GH,)), _sds(b_hn.shape))
     call = jax.ffi.ffi_call(f"{target.prefix}_weight_grads", out, vmap_method="sequential")
-    return call(xs, ys, h0, dpx, dghn, lengths, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
+    return call(xs, ys, h0, dpx, dghn, *masks, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
 def _start_h_batch_major(ys, h0, reverse):
@@ -149,30 +151,31 @@ _run.defvjp(_run_fwd, _run_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _run_projecting(target, xs, w_x, b, w_h, b_hn, h0, c0, lengths):
-    ys, hT, cT, _, _ = _forward(target, False, (xs, w_x, b), w_h, b_hn, h0, c0, (lengths,))
+def _run_projecting(target, xs, w_x, b, w_h, b_hn, h0, c0, lengths, resets):
+    ys, hT, cT, _, _ = _forward(target, False, (xs, w_x, b), w_h, b_hn, h0, c0, (lengths, resets))
     return ys, hT, cT
 
 
-def _run_projecting_fwd(target, xs, w_x, b, w_h, b_hn, h0, c0, lengths):
-    ys, hT, cT, act, aux = _forward(target, True, (xs, w_x, b), w_h, b_hn, h0, c0, (lengths,))
-    return (ys, hT, cT), (xs, w_x, lengths, (w_h, b_hn, h0, c0, ys, act, aux))
+def _run_projecting_fwd(target, xs, w_x, b, w_h, b_hn, h0, c0, lengths, resets):
+    ys, hT, cT, act, aux = _forward(target, True, (xs, w_x, b), w_h, b_hn, h0, c0, (lengths, resets))
+    return (ys, hT, cT), (xs, w_x, (lengths, resets), (w_h, b_hn, h0, c0, ys, act, aux))
 
 
 def _run_projecting_bwd(target, saved, cts):
-    xs, w_x, lengths, rest = saved
+    xs, w_x, masks, rest = saved
     _, b_hn, h0, _, ys, _, _ = rest
-    dpx, dghn, dh0, dc0 = _state_grads(target, rest, cts, (lengths,))
-    dw_x, dw_h, db, db_hn = _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn, lengths)
+    dpx, dghn, dh0, dc0 = _state_grads(target, rest, cts, masks)
+    dw_x, dw_h, db, db_hn = _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn, masks)
     dxs = (_rows(dpx) @ w_x.T).reshape(xs.shape)
-    return dxs, dw_x, db, dw_h, db_hn, dh0, dc0, None
+    return dxs, dw_x, db, dw_h, db_hn, dh0, dc0, None, None
 
 
 _run_projecting.defvjp(_run_projecting_fwd, _run_projecting_bwd)
 
 
 def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool, attrs: tuple,
-                projects: bool = False, in_place: bool = False, lengths: Array | None = None):
+                projects: bool = False, in_place: bool = False, lengths: Array | None = None,
+                resets: Array | None = None):
     """``(final_carry, ys)`` of the recurrence run by the FFI targets ``prefix + "_forward"/"_backward"``.
 
     Args:
@@ -190,6 +193,9 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
         (and ``dghn`` over ``aux``); see the module docstring.
       lengths: [B] int32, the valid steps of each sequence (`seqjax.scan`'s
         semantics), or None; only kernels that project take them.
+      resets: [T, B] bool (time-major whatever the layout of ``xs``): where
+        true, the carry is zero before the step (`seqjax.scan`'s semantics), or
+        None; only kernels that project take them.
     """
     if kind not in CELLS:
         raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
@@ -202,10 +208,11 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
     target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place))
     if projects:
         lengths = jnp.zeros((0,), jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-        ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, b_hn, h0, c0, lengths)
+        resets = jnp.zeros((0,), bool) if resets is None else jnp.asarray(resets, bool)
+        ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, b_hn, h0, c0, lengths, resets)
     else:
-        if lengths is not None:
-            raise ValueError(f"seqjax: the {prefix} kernels take no lengths")
+        if lengths is not None or resets is not None:
+            raise ValueError(f"seqjax: the {prefix} kernels take no lengths or resets")
         px = matmul(xs, params.w_x) + params.b
         ys, hT, cT = _run(target, px, params.w_h, b_hn, h0, c0)
     return (LSTMCarry(hT, cT, None) if kind == "lstm" else hT), ys

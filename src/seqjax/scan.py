@@ -167,7 +167,7 @@ def _fused_kind(call, loop, cell, params, remat, backward):
 KERNELS = ("auto", "xla", "avx2", "avx512", "onednn", "cuda")
 
 
-def _native_blocker(loop, xs_tm, lengths, resets, remat, backward, backend: str, takes_lengths: bool = False
+def _native_blocker(loop, xs_tm, lengths, resets, remat, backward, backend: str, takes_masks: bool = False
                     ) -> str | None:
     """Why a native kernel for ``backend`` ("cpu" or "gpu") cannot run this call, whatever the cell (None: nothing)."""
     if loop is not _lax_loop:
@@ -176,10 +176,10 @@ def _native_blocker(loop, xs_tm, lengths, resets, remat, backward, backend: str,
         return f"an empty sequence or batch (T, B) = {xs_tm.shape[:2]}"
     if jax.default_backend() != backend:
         return f"it is a {backend.upper()} kernel and the default backend is {jax.default_backend()}"
-    if lengths is not None and not takes_lengths:
+    if lengths is not None and not takes_masks:
         return "this native kernel has no per-sequence lengths"
-    if resets is not None:
-        return "the native kernels have no per-step resets"
+    if resets is not None and not takes_masks:
+        return "this native kernel has no per-step resets"
     if remat:
         return "remat=True (the native kernels keep their own residuals for the backward pass)"
     if backward != "auto":
@@ -232,7 +232,7 @@ def _avx2_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, 
         kind, why = avx2.kind_of(cell, params)
         why = why or avx2.shape_blocker(cell.hidden_size, isa)
         return (None, why) if why else (kind, None)
-    blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "cpu", takes_lengths=True)
+    blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "cpu", takes_masks=True)
     kind = _judged_kind(call, kernel, kernel if kernel != "auto" else "avx2", blocker, judge)
     if kind is None:
         return None
@@ -300,7 +300,7 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
         from seqjax.avx2 import avx2_scan
         # the kernels read xs and write ys in the caller's layout
         return avx2_scan(avx2_kind[0], params, jnp.asarray(xs), plan.carry, reverse, isa=avx2_kind[1],
-                         time_major=time_major, lengths=lengths)
+                         time_major=time_major, lengths=lengths, resets=resets)
     onednn_kind = _onednn_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
     if onednn_kind is not None:
         from seqjax.onednn import onednn_scan
@@ -375,7 +375,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         seqjax's own CPU kernels (`seqjax.avx2`: x86-64 with AVX2 and FMA, a C++
         compiler to build them once, ~8 s): the standard LSTM, the GRU with
         ``reset_after=True`` and the tanh/relu RNN, float32, hidden size a
-        multiple of 8, with or without ``lengths``, no ``resets`` or ``remat``,
+        multiple of 8, with or without ``lengths`` and ``resets``, no ``remat``,
         ``backward="auto"``, reverse-mode gradients only (ValueError
         otherwise). ``"avx512"`` runs the same kernels built for AVX-512F
         (same results, hidden size a multiple of 16). ``"auto"`` (default)

@@ -211,6 +211,18 @@ struct Rows {
 // carry stays as it is and its outputs are zero, in both directions; reverse then starts each sequence at
 // its own last valid step.
 inline bool active(const int32_t* len, int t, int b) { return !len || t < len[b]; }
+
+// Per-step resets, [T, B] (time-major whatever the layout of the sequence arrays), or null: where step t of
+// row b is valid and resets[t][b], the carry is set back to zero before the step (seqjax.scan's semantics;
+// a reset at a padding step does nothing, since the carry passes it unchanged).
+struct Resets {
+  const bool* at;  // [T, B] or null
+  const int32_t* len;
+  int T, B;
+  bool operator()(int t, int b) const {
+    return at && t >= 0 && t < T && at[static_cast<size_t>(t) * B + b] && active(len, t, b);
+  }
+};
 inline bool padding_only(const int32_t* len, int t, int b0, int rows) {
   for (int b = b0; b < b0 + rows; ++b)
     if (active(len, t, b)) return false;
@@ -232,6 +244,7 @@ struct ForwardArgs {
   const float* wh;    // packed W_h: [H/kU][H][G][kU]
   float* hs;          // [2][B, H]: h_t of the last two steps, contiguous whatever the layout of ys
   const int32_t* len;  // [B]: the valid steps of each sequence (`active`), or null (all T)
+  Resets reset;
   int T, B, I, H;
   bool reverse;
   Rows rows;
@@ -269,23 +282,25 @@ inline void accumulate(vec (&acc)[R][A], const float* in, int stride, const floa
   }
 }
 
-// Rows b0 .. b0+R-1 of step t, units u .. u+kU-1 of each gate (gates GS units apart), inputs k0 .. k1-1 of
-// [x_t, h_{t-1}]: h_t = cell(x_t W_x + b, h_{t-1} W_h) once k1 = I + H. Before that the accumulators go to
-// `save` ([R][A][kU]) and the next block of inputs picks them up. The GRU keeps a fourth accumulator,
-// x_t W_xn + b_n, apart from h_{t-1} W_hn + b_hn, which its reset gate scales.
 // Row b's units u .. u+kU-1 (of each of the paired RNN's halves) at a padding step: h (and c) stay and y = 0.
 // act and aux are left unwritten: nothing reads them at padding steps.
 template <int CELL>
 inline void pad_row(const ForwardArgs& a, int t, const float* hprev, float* hn, int b, int u) {
   const int GS = is_pair(CELL) ? a.H / 2 : a.H;
   const size_t row = a.rows.at(t, b);
+  const bool reset = a.reset(a.reverse ? t - 1 : t + 1, b);  // the next step starts from zero
   for (int g = 0; g < (is_pair(CELL) ? 2 : 1); ++g) {
     const int o = g * GS + u;
     st(a.ys + row * a.H + o, zero());
-    st(hn + static_cast<size_t>(b) * a.H + o, ld(hprev + o));
+    st(hn + static_cast<size_t>(b) * a.H + o, reset ? zero() : ld(hprev + o));
   }
+  if (CELL == kLstm && reset) st(a.c + static_cast<size_t>(b) * a.H + u, zero());
 }
 
+// Rows b0 .. b0+R-1 of step t, units u .. u+kU-1 of each gate (gates GS units apart), inputs k0 .. k1-1 of
+// [x_t, h_{t-1}]: h_t = cell(x_t W_x + b, h_{t-1} W_h) once k1 = I + H. Before that the accumulators go to
+// `save` ([R][A][kU]) and the next block of inputs picks them up. The GRU keeps a fourth accumulator,
+// x_t W_xn + b_n, apart from h_{t-1} W_hn + b_hn, which its reset gate scales.
 template <int CELL, int R>
 void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u, int k0, int k1, float* save) {
   constexpr int G = gates_of(CELL), A = CELL == kGru ? 4 : G;
@@ -334,12 +349,14 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
       pad_row<CELL>(a, t, h + r * H, hn, b0 + r, u);
       continue;
     }
+    // the carried h (and c) of a row whose next step resets is zero; ys (and aux) keep h_t (and c_t)
+    const bool reset = a.reset.at && a.reset(a.reverse ? t - 1 : t + 1, b0 + r);
     if constexpr (is_rnn(CELL)) {  // G register blocks of units, GS apart
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
         const vec y = CELL == kRnnTanh || CELL == kRnnTanhPair ? tanhv(acc[r][g]) : max(acc[r][g], zero());
         st(a.ys + row * H + g * GS + u, y);
-        st(hn + static_cast<size_t>(b0 + r) * H + g * GS + u, y);
+        st(hn + static_cast<size_t>(b0 + r) * H + g * GS + u, reset ? zero() : y);
       }
       continue;
     }
@@ -348,7 +365,7 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
       const vec i = sigmoidv(acc[r][0]), f = sigmoidv(acc[r][1]), g = tanhv(acc[r][2]), o = sigmoidv(acc[r][3]);
       float* cp = a.c + static_cast<size_t>(b0 + r) * H + u;
       const vec c = fmadd(f, ld(cp), mul(i, g));
-      st(cp, c);
+      st(cp, reset ? zero() : c);
       h_new = mul(o, tanhv(c));
       if (a.act) {
         float* q = a.act + row * GH + u;
@@ -367,7 +384,7 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
       }
     }
     st(a.ys + row * H + u, h_new);
-    st(hn + static_cast<size_t>(b0 + r) * H + u, h_new);
+    st(hn + static_cast<size_t>(b0 + r) * H + u, reset ? zero() : h_new);
   }
 }
 
@@ -447,6 +464,7 @@ struct BackwardArgs {
   float* dap;        // the recurrent GEMM's output gradient of two steps (`kPackedDa`; rows past B stay 0)
   const float* wt;   // packed W_h^T: [H/kU][G*H][kU], output unit block, gate column, output unit
   const int32_t* len;  // [B] or null, as ForwardArgs::len
+  Resets reset;
   int T, B, H;
   bool reverse;
   Rows rows;         // the layout of dys, ys, act, aux, dpx and dghn
@@ -467,22 +485,23 @@ inline int padded_rows(int B) { return (B + kRows - 1) / kRows * kRows; }
 // floats per row of dA (packed: per row of tiles / kRows)
 inline size_t lda(int GH) { return kPackedDa ? GH : GH + 16; }
 
-// Writes row b's gradient of the recurrent GEMM's output, gates g at units u .. u+kU-1, into dA of step s.
+// Writes row b's gradient of the recurrent GEMM's output, gates g at units u .. u+kU-1, into dA of step s
+// (zeros where `cut`: no gradient reaches the previous step's h).
 template <int G>
-inline void pack_da(const BackwardArgs& a, int s, int b, int u, const vec (&d)[G]) {
+inline void pack_da(const BackwardArgs& a, int s, int b, int u, const vec (&d)[G], bool cut = false) {
   const int GH = G * a.H;
   float* step = a.dap + static_cast<size_t>(s & 1) * padded_rows(a.B) * lda(GH);
   if constexpr (kPackedDa) {
     float* tile = step + (static_cast<size_t>(b / kRows) * GH + u) * kRows + b % kRows;
     alignas(64) float tmp[kU];
     for (int g = 0; g < G; ++g) {
-      st(tmp, d[g]);
+      st(tmp, cut ? zero() : d[g]);
       float* col = tile + static_cast<size_t>(g) * a.H * kRows;
       for (int j = 0; j < kU; ++j) col[j * kRows] = tmp[j];
     }
   } else {
     float* row = step + b * lda(GH) + u;
-    for (int g = 0; g < G; ++g) st(row + static_cast<size_t>(g) * a.H, d[g]);
+    for (int g = 0; g < G; ++g) st(row + static_cast<size_t>(g) * a.H, cut ? zero() : d[g]);
   }
 }
 
@@ -501,30 +520,31 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
       vec d[G];
       for (int g = 0; g < G; ++g) d[g] = zero(), st(dpx + g * H, zero());
       if constexpr (CELL == kGru) st(a.dghn + row * H + u, zero());
-      pack_da<G>(a, s, b, u, d);
+      pack_da<G>(a, s, b, u, d, true);
       st(a.dhz + bu, ld(a.dh + bu));
       continue;
     }
-    // h_{t-1} is h0 at a sequence's first step (reverse: the step after it is padding)
-    const bool start = first || !active(a.len, tp, b);
+    // h_{t-1} is h0 at a sequence's first step (reverse: the step after it is padding), zero after a reset,
+    // and then no gradient reaches the carry before it (dA, dc and dh z are zero)
+    const bool start = first || !active(a.len, tp, b), reset = a.reset.at && a.reset(t, b);
     const size_t prow = start ? 0 : a.rows.at(tp, b);
     const vec dh = add(ld(a.dh + bu), ld(a.dys + row * H + u));
     if constexpr (CELL == kLstm) {
       const float* q = a.act + row * GH + u;
       const vec i = ld(q), f = ld(q + H), g = ld(q + 2 * H), o = ld(q + 3 * H);
       const vec tc = tanhv(ld(a.aux + row * H + u));
-      const vec cprev = start ? ld(a.c0 + bu) : ld(a.aux + prow * H + u);
+      const vec cprev = reset ? zero() : start ? ld(a.c0 + bu) : ld(a.aux + prow * H + u);
       const vec dcc = fmadd(mul(dh, o), one_minus(mul(tc, tc)), ld(a.dc + bu));
       const vec d[4] = {mul(mul(dcc, g), mul(i, one_minus(i))), mul(mul(dcc, cprev), mul(f, one_minus(f))),
                            mul(mul(dcc, i), one_minus(mul(g, g))), mul(mul(dh, tc), mul(o, one_minus(o)))};
       st(dpx, d[0]), st(dpx + H, d[1]), st(dpx + 2 * H, d[2]), st(dpx + 3 * H, d[3]);
-      pack_da<4>(a, s, b, u, d);
-      st(a.dc + bu, mul(dcc, f));
+      pack_da<4>(a, s, b, u, d, reset);
+      st(a.dc + bu, reset ? zero() : mul(dcc, f));
       if (a.dhz) st(a.dhz + bu, zero());
     } else if constexpr (CELL == kGru) {
       const float* q = a.act + row * GH + u;
       const vec rg = ld(q), z = ld(q + H), n = ld(q + 2 * H);
-      const vec hprev = start ? ld(a.h0 + bu) : ld(a.ys + prow * H + u);
+      const vec hprev = reset ? zero() : start ? ld(a.h0 + bu) : ld(a.ys + prow * H + u);
       const vec dn = mul(mul(dh, one_minus(z)), one_minus(mul(n, n)));
       const vec dr = mul(mul(dn, ld(a.aux + row * H + u)), mul(rg, one_minus(rg)));
       const vec dz = mul(mul(dh, sub(hprev, n)), mul(z, one_minus(z)));
@@ -532,15 +552,15 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
       st(dpx, dr), st(dpx + H, dz), st(dpx + 2 * H, dn);
       st(a.dghn + row * H + u, dhn);
       const vec d[3] = {dr, dz, dhn};
-      pack_da<3>(a, s, b, u, d);
-      st(a.dhz + bu, mul(dh, z));
+      pack_da<3>(a, s, b, u, d, reset);
+      st(a.dhz + bu, reset ? zero() : mul(dh, z));
     } else {
       const vec y = ld(a.ys + row * H + u);
       const vec d = CELL == kRnnTanh ? one_minus(mul(y, y))
                                          : positive(y);
       const vec da[1] = {mul(dh, d)};
       st(dpx, da[0]);
-      pack_da<1>(a, s, b, u, da);
+      pack_da<1>(a, s, b, u, da, reset);
       if (a.dhz) st(a.dhz + bu, zero());
     }
   }
@@ -638,13 +658,20 @@ struct WeightGradArgs {
   const float* dpx;   // as xs, G*H features
   const float* dghn;  // as ys (GRU) or null
   const int32_t* len;  // [B] or null, as ForwardArgs::len
+  Resets reset;
+  const float* zeros;  // [H]: h_{t-1} after a reset
   int T, B, I, H, G;
   bool reverse;
   Rows rows;
 
+  int step(size_t q) const { return static_cast<int>(rows.batch_major ? q % T : q / B); }
+  int batch(size_t q) const { return static_cast<int>(rows.batch_major ? q / T : q % B); }
+  // whether row q of the sequence arrays holds a valid step (padding rows have zero gradients)
+  bool valid(size_t q) const { return active(len, step(q), batch(q)); }
   // h_{t-1} of the step and batch row at row q of the sequence arrays
   const float* hprev(size_t q) const {
-    const int t = static_cast<int>(rows.batch_major ? q % T : q / B), b = static_cast<int>(rows.batch_major ? q / T : q % B);
+    const int t = step(q), b = batch(q);
+    if (reset.at && reset(t, b)) return zeros;
     const int tp = reverse ? t + 1 : t - 1;
     return tp < 0 || tp >= T || !active(len, tp, b) ? h0 + static_cast<size_t>(b) * H : ys + rows.at(tp, b) * H;
   }
@@ -728,15 +755,19 @@ void weight_grads_part(const WeightGradArgs& a, int64_t q0, int64_t q1, const We
   std::vector<float> dbh(gru ? GH : 0);
   const size_t panel = static_cast<size_t>(kGemmRows) * kNr, tile = static_cast<size_t>(kGemmRows) * kMr;
   std::vector<float> pa((tiles_x + tiles_h) * tile), pb(panels * panel), pbh((n_hi - n_lo) * panel);
-  for (int64_t qb = q0; qb < q1; qb += kGemmRows) {
-    const int kk = static_cast<int>(std::min<int64_t>(kGemmRows, q1 - qb));
-    for (int k = 0; k < kk; ++k) {
-      const size_t row = static_cast<size_t>(qb + k);
+  // blocks of kGemmRows valid rows, in memory order (padding rows, whose gradients are zero, are left out)
+  for (int64_t q = q0; q < q1;) {
+    int kk = 0;
+    for (; q < q1 && kk < kGemmRows; ++q) {
+      const size_t row = static_cast<size_t>(q);
+      if (a.len && !a.valid(row)) continue;
+      const int k = kk++;
       pack_features(a.xs + row * I, I, pa.data(), k);
       pack_features(a.hprev(row), H, pa.data() + tiles_x * tile, k);
       pack_columns(a.dpx + row * GH, nullptr, H, GH, 0, panels, pb.data(), k, out.db);
       if (gru) pack_columns(a.dpx + row * GH, a.dghn + row * H, H, GH, n_lo, n_hi, pbh.data(), k, dbh.data());
     }
+    if (kk == 0) break;
     for (int p = 0; p < panels; ++p) {
       const int nv = std::min(kNr, GH - p * kNr) / kU;
       const float* px = pb.data() + p * panel;
@@ -827,7 +858,7 @@ void dispatch_forward(int64_t cell, Fn fn) {
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
                        ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_hn,
                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::S32> lengths,
-                       ffi::ResultBuffer<ffi::F32> ys,
+                       ffi::Buffer<ffi::PRED> resets, ffi::ResultBuffer<ffi::F32> ys,
                        ffi::ResultBuffer<ffi::F32> hT, ffi::ResultBuffer<ffi::F32> cT,
                        ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> aux, int64_t cell,
                        bool reverse, int64_t threads, bool batch_major) {
@@ -849,10 +880,20 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
   }
   const std::vector<float> wx = pack_forward(w_x.typed_data(), I, GS, G), wh = pack_forward(w_h.typed_data(), H, GS, G);
   std::vector<float> hs(2 * BH);
-  ForwardArgs a{xs.typed_data(), b.typed_data(), ptr_or_null(b_hn), h0.typed_data(), ys->typed_data(), c,
-                out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), ptr_or_null(lengths), T, B, I,
-                H, reverse,
-                {T, B, batch_major}};
+  const Resets reset{ptr_or_null(resets), ptr_or_null(lengths), T, B};
+  // rows that reset at the first step start from zero (the later steps' resets zero the carry as they go)
+  std::vector<float> h0_reset;
+  const float* h_start = h0.typed_data();
+  const int t0 = reverse ? T - 1 : 0;
+  for (int row = 0; row < B && reset.at; ++row) {
+    if (!reset(t0, row)) continue;
+    if (h0_reset.empty()) h0_reset.assign(h_start, h_start + BH), h_start = h0_reset.data();
+    std::fill_n(h0_reset.data() + static_cast<size_t>(row) * H, H, 0.f);
+    if (c) std::fill_n(c + static_cast<size_t>(row) * H, H, 0.f);
+  }
+  ForwardArgs a{xs.typed_data(), b.typed_data(), ptr_or_null(b_hn), h_start, ys->typed_data(), c,
+                out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), ptr_or_null(lengths), reset,
+                T, B, I, H, reverse, {T, B, batch_major}};
   const int64_t flops_per_step = int64_t{2} * B * (I + H) * G * GS;
   const int helpers = helpers_for(threads, flops_per_step);
   const int chunks = GS / kU;
@@ -876,7 +917,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dhT,
                         ffi::Buffer<ffi::F32> dcT, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> ys,
                         ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> act,
-                        ffi::Buffer<ffi::F32> aux, ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dpx,
+                        ffi::Buffer<ffi::F32> aux, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::PRED> resets,
+                        ffi::ResultBuffer<ffi::F32> dpx,
                         ffi::ResultBuffer<ffi::F32> dghn, ffi::ResultBuffer<ffi::F32> dh0,
                         ffi::ResultBuffer<ffi::F32> dc0, int64_t cell, bool reverse, int64_t threads,
                         bool batch_major) {
@@ -901,7 +943,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   std::vector<float> dap(2 * static_cast<size_t>(padded_rows(B)) * lda(G * H), 0.f);
   BackwardArgs a{dys.typed_data(), ys.typed_data(), h0.typed_data(), ptr_or_null(c0), ptr_or_null(act),
                  ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh0->typed_data(), dc, dhz,
-                 dap.data(), wt.data(), len, T, B, H, reverse, {T, B, batch_major}};
+                 dap.data(), wt.data(), len, {ptr_or_null(resets), len, T, B}, T, B, H, reverse,
+                 {T, B, batch_major}};
   const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
   const int chunks = H / (backward_blocks(H) * kU);
   dispatch(cell, [&](auto kind) {
@@ -922,7 +965,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
 
 ffi::Error WeightGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> ys,
                            ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> dpx, ffi::Buffer<ffi::F32> dghn,
-                           ffi::Buffer<ffi::S32> lengths,
+                           ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::PRED> resets,
                            ffi::ResultBuffer<ffi::F32> dw_x, ffi::ResultBuffer<ffi::F32> dw_h,
                            ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> db_hn, int64_t cell,
                            bool reverse, int64_t threads, bool batch_major) {
@@ -932,8 +975,10 @@ ffi::Error WeightGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::
   if (auto e = check(cell, H); e.failure()) return e;
   const int G = gates_of(cell), GH = G * H;
   const bool gru = cell == kGru;
+  const std::vector<float> zeros(H, 0.f);
   const WeightGradArgs a{xs.typed_data(), ys.typed_data(), h0.typed_data(), dpx.typed_data(),
-                         gru ? dghn.typed_data() : nullptr, ptr_or_null(lengths), T, B, I, H, G, reverse,
+                         gru ? dghn.typed_data() : nullptr, ptr_or_null(lengths),
+                         {ptr_or_null(resets), ptr_or_null(lengths), T, B}, zeros.data(), T, B, I, H, G, reverse,
                          {T, B, batch_major}};
   const size_t n = (static_cast<size_t>(I) + H + 1) * GH + (gru ? H : 0);  // floats of one partial
   std::vector<float> second(n);
@@ -977,6 +1022,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Forward), ForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c0
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths [B], or [0]: none
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // resets [T, B], or [0]: none
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ys
                                   .Ret<ffi::Buffer<ffi::F32>>()  // hT
                                   .Ret<ffi::Buffer<ffi::F32>>()  // cT
@@ -1000,6 +1046,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Backward), BackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // act
                                   .Arg<ffi::Buffer<ffi::F32>>()  // aux
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dpx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dghn
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
@@ -1018,6 +1065,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(WeightGrads), WeightGradsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dpx
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dghn
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // resets
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw_x
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw_h
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db
