@@ -195,29 +195,6 @@ def tables(rows) -> str:
     return "\n\n".join(out)
 
 
-def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    configs = sorted({(r["cell"], r["shape"]) for r in rows}, key=lambda c: (CELLS.index(c[0]), c[1]))
-    fig, axes = plt.subplots(len(configs), 2, figsize=(12, 2.2 + 1.6 * len(configs)), squeeze=False)
-    for i, (cell, shape) in enumerate(configs):
-        for j, mode in enumerate(("fwd", "train")):
-            ax = axes[i][j]
-            sel = sorted([r for r in rows if r["cell"] == cell and r["shape"] == shape and r["mode"] == mode],
-                         key=lambda r: r["median_ms"])
-            names = [r["library"] for r in sel]
-            ax.barh(names, [r["median_ms"] for r in sel],
-                    color=["C3" if n.startswith("seqjax") else "C0" if n.startswith("pytorch") else "C2"
-                           for n in names])
-            ax.set_xlabel("ms (median)")
-            ax.set_title(f"{cell} {shape} {mode}, lengths uniform in [T/2, T]", fontsize=9)
-            ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny shape and few reps (smoke test)")
@@ -255,7 +232,7 @@ def main(argv=None):
     common.write_json(os.path.join(args.out, f"{args.name}.json"),
                       dict(rows=rows, notes=notes, reps=reps, torch_threads=os.cpu_count(),
                            lengths="uniform integers in [T/2, T], numpy default_rng(0)", wall_s=time.time() - t0))
-    plot(rows, os.path.join(args.out, f"{args.name}.png"))
+    peers.plot(rows, os.path.join(args.out, f"{args.name}.png"), ", lengths uniform in [T/2, T]")
     print(tables(rows))
     return rows
 

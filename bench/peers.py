@@ -270,7 +270,8 @@ def bench_config(cell_name, shape_name, shape, reps, candidates, torch_ok, notes
     return rows
 
 
-def plot(rows, path):
+def plot(rows, path, title_suffix=""):
+    """Horizontal bars of median ms per (cell, shape) and mode, fastest first; seqjax red, PyTorch blue."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -290,7 +291,7 @@ def plot(rows, path):
                       "0.6" if n == "matmul floor" else "C2" for n in names]
             ax.barh(names, vals, color=colors)
             ax.set_xlabel("ms (median)")
-            ax.set_title(f"{cell} {shape} {mode}", fontsize=9)
+            ax.set_title(f"{cell} {shape} {mode}{title_suffix}", fontsize=9)
             ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
