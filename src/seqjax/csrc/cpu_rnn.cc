@@ -207,27 +207,26 @@ struct Rows {
   size_t batch_step() const { return batch_major ? T : 1; }  // rows between (t, b) and (t, b + 1)
 };
 
-// Whether step t of batch row b is valid: t < len[b] (len null: every step). Past its length a sequence's
-// carry stays as it is and its outputs are zero, in both directions; reverse then starts each sequence at
-// its own last valid step.
-inline bool active(const int32_t* len, int t, int b) { return !len || t < len[b]; }
-
-// Per-step resets, [T, B] (time-major whatever the layout of the sequence arrays), or null: where step t of
-// row b is valid and resets[t][b], the carry is set back to zero before the step (seqjax.scan's semantics;
-// a reset at a padding step does nothing, since the carry passes it unchanged).
-struct Resets {
-  const bool* at;  // [T, B] or null
-  const int32_t* len;
+// seqjax.scan's lengths and resets. Step t of batch row b is valid where t < len[b]: past its length a
+// sequence's carry stays as it is and its outputs are zero, in both directions (reverse then starts each
+// sequence at its own last valid step). Where a valid step has resets[t][b] the carry is set back to zero
+// before the step; a reset at a padding step does nothing, since the carry passes it unchanged.
+struct Masks {
+  const int32_t* len;    // [B], or null: every step is valid
+  const bool* resets;    // [T, B] (time-major whatever the layout of the sequence arrays), or null: none
   int T, B;
-  bool operator()(int t, int b) const {
-    return at && t >= 0 && t < T && at[static_cast<size_t>(t) * B + b] && active(len, t, b);
+  bool active(int t, int b) const { return !len || t < len[b]; }
+  bool reset(int t, int b) const {
+    return resets && t >= 0 && t < T && resets[static_cast<size_t>(t) * B + b] && active(t, b);
+  }
+  // whether rows b0 .. b0+rows-1 are all padding at step t (false without lengths)
+  bool padding_only(int t, int b0, int rows) const {
+    if (!len) return false;
+    for (int b = b0; b < b0 + rows; ++b)
+      if (active(t, b)) return false;
+    return true;
   }
 };
-inline bool padding_only(const int32_t* len, int t, int b0, int rows) {
-  for (int b = b0; b < b0 + rows; ++b)
-    if (active(len, t, b)) return false;
-  return true;
-}
 
 // ----------------------------------------------------------------------------------------- forward
 
@@ -243,8 +242,7 @@ struct ForwardArgs {
   const float* wx;    // packed W_x: [H/kU][I][G][kU], unit block, input feature, gate, unit
   const float* wh;    // packed W_h: [H/kU][H][G][kU]
   float* hs;          // [2][B, H]: h_t of the last two steps, contiguous whatever the layout of ys
-  const int32_t* len;  // [B]: the valid steps of each sequence (`active`), or null (all T)
-  Resets reset;
+  Masks mask;
   int T, B, I, H;
   bool reverse;
   Rows rows;
@@ -288,7 +286,7 @@ template <int CELL>
 inline void pad_row(const ForwardArgs& a, int t, const float* hprev, float* hn, int b, int u) {
   const int GS = is_pair(CELL) ? a.H / 2 : a.H;
   const size_t row = a.rows.at(t, b);
-  const bool reset = a.reset(a.reverse ? t - 1 : t + 1, b);  // the next step starts from zero
+  const bool reset = a.mask.reset(a.reverse ? t - 1 : t + 1, b);  // the next step starts from zero
   for (int g = 0; g < (is_pair(CELL) ? 2 : 1); ++g) {
     const int o = g * GS + u;
     st(a.ys + row * a.H + o, zero());
@@ -305,7 +303,7 @@ template <int CELL, int R>
 void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u, int k0, int k1, float* save) {
   constexpr int G = gates_of(CELL), A = CELL == kGru ? 4 : G;
   const int H = a.H, I = a.I, GH = G * H, GS = is_pair(CELL) ? H / 2 : H;
-  if (a.len && padding_only(a.len, t, b0, R)) {  // skip the products (sorting a batch by length makes more such tiles)
+  if (a.mask.padding_only(t, b0, R)) {  // skip the products (sorting a batch by length makes more such tiles)
     if (k1 == I + H)
       for (int r = 0; r < R; ++r) pad_row<CELL>(a, t, hp + static_cast<size_t>(b0 + r) * H, hn, b0 + r, u);
     return;
@@ -345,12 +343,12 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     const size_t row = a.rows.at(t, b0 + r);
-    if (!active(a.len, t, b0 + r)) {
+    if (!a.mask.active(t, b0 + r)) {
       pad_row<CELL>(a, t, h + r * H, hn, b0 + r, u);
       continue;
     }
     // the carried h (and c) of a row whose next step resets is zero; ys (and aux) keep h_t (and c_t)
-    const bool reset = a.reset.at && a.reset(a.reverse ? t - 1 : t + 1, b0 + r);
+    const bool reset = a.mask.reset(a.reverse ? t - 1 : t + 1, b0 + r);
     if constexpr (is_rnn(CELL)) {  // G register blocks of units, GS apart
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
@@ -460,11 +458,10 @@ struct BackwardArgs {
   float* dghn;       // [T, B, H] (GRU): the gradient of h_{t-1} W_hn + b_hn, or null
   float* dh;         // [B, H]: the gradient reaching h_t from step t+1 (starts as dhT; ends as dh0)
   float* dc;         // [B, H] (LSTM): the gradient reaching c_t (starts as dcT; ends as dc0), or null
-  float* dhz;        // [B, H]: the direct path to h_{t-1} (GRU: dh_t z_t; padding: dh_t), or null (no GRU, no len)
+  float* dhz;        // [B, H]: the direct path to h_{t-1} (GRU: dh_t z_t; padding: dh_t), or null (no GRU, no lengths)
   float* dap;        // the recurrent GEMM's output gradient of two steps (`kPackedDa`; rows past B stay 0)
   const float* wt;   // packed W_h^T: [H/kU][G*H][kU], output unit block, gate column, output unit
-  const int32_t* len;  // [B] or null, as ForwardArgs::len
-  Resets reset;
+  Masks mask;
   int T, B, H;
   bool reverse;
   Rows rows;         // the layout of dys, ys, act, aux, dpx and dghn
@@ -516,7 +513,7 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
   for (int b = r0; b < r1; ++b) {
     const size_t row = a.rows.at(t, b), bu = static_cast<size_t>(b) * H + u;
     float* dpx = a.dpx + row * GH + u;
-    if (!active(a.len, t, b)) {  // padding: no gate gradients; dh (and dc) pass to the step before unchanged
+    if (!a.mask.active(t, b)) {  // padding: no gate gradients; dh (and dc) pass to the step before unchanged
       vec d[G];
       for (int g = 0; g < G; ++g) d[g] = zero(), st(dpx + g * H, zero());
       if constexpr (CELL == kGru) st(a.dghn + row * H + u, zero());
@@ -526,7 +523,7 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
     }
     // h_{t-1} is h0 at a sequence's first step (reverse: the step after it is padding), zero after a reset,
     // and then no gradient reaches the carry before it (dA, dc and dh z are zero)
-    const bool start = first || !active(a.len, tp, b), reset = a.reset.at && a.reset(t, b);
+    const bool start = first || !a.mask.active(tp, b), reset = a.mask.reset(t, b);
     const size_t prow = start ? 0 : a.rows.at(tp, b);
     const vec dh = add(ld(a.dh + bu), ld(a.dys + row * H + u));
     if constexpr (CELL == kLstm) {
@@ -616,7 +613,7 @@ void backward_chunk(const BackwardArgs& a, int s, int chunk, int r0, int r1) {
     for (int b0 = r0; b0 < r1; b0 += kRows, da += kRows * lda(GH)) {
       const int rows = std::min(kRows, r1 - b0);
       // rows of padding only: dA = 0 and dh passes unchanged (gate_grads left it where it is)
-      if (a.len && padding_only(a.len, tq, b0, rows)) continue;
+      if (a.mask.padding_only(tq, b0, rows)) continue;
       if (nv == 2) {
         recurrent_tile<CELL, 2>(a, da, b0, rows, u);
       } else {
@@ -657,8 +654,7 @@ struct WeightGradArgs {
   const float* h0;    // [B, H]
   const float* dpx;   // as xs, G*H features
   const float* dghn;  // as ys (GRU) or null
-  const int32_t* len;  // [B] or null, as ForwardArgs::len
-  Resets reset;
+  Masks mask;
   const float* zeros;  // [H]: h_{t-1} after a reset
   int T, B, I, H, G;
   bool reverse;
@@ -667,13 +663,13 @@ struct WeightGradArgs {
   int step(size_t q) const { return static_cast<int>(rows.batch_major ? q % T : q / B); }
   int batch(size_t q) const { return static_cast<int>(rows.batch_major ? q / T : q % B); }
   // whether row q of the sequence arrays holds a valid step (padding rows have zero gradients)
-  bool valid(size_t q) const { return active(len, step(q), batch(q)); }
+  bool valid(size_t q) const { return mask.active(step(q), batch(q)); }
   // h_{t-1} of the step and batch row at row q of the sequence arrays
   const float* hprev(size_t q) const {
     const int t = step(q), b = batch(q);
-    if (reset.at && reset(t, b)) return zeros;
+    if (mask.reset(t, b)) return zeros;
     const int tp = reverse ? t + 1 : t - 1;
-    return tp < 0 || tp >= T || !active(len, tp, b) ? h0 + static_cast<size_t>(b) * H : ys + rows.at(tp, b) * H;
+    return tp < 0 || tp >= T || !mask.active(tp, b) ? h0 + static_cast<size_t>(b) * H : ys + rows.at(tp, b) * H;
   }
 };
 
@@ -760,7 +756,7 @@ void weight_grads_part(const WeightGradArgs& a, int64_t q0, int64_t q1, const We
     int kk = 0;
     for (; q < q1 && kk < kGemmRows; ++q) {
       const size_t row = static_cast<size_t>(q);
-      if (a.len && !a.valid(row)) continue;
+      if (a.mask.len && !a.valid(row)) continue;
       const int k = kk++;
       pack_features(a.xs + row * I, I, pa.data(), k);
       pack_features(a.hprev(row), H, pa.data() + tiles_x * tile, k);
@@ -880,20 +876,20 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
   }
   const std::vector<float> wx = pack_forward(w_x.typed_data(), I, GS, G), wh = pack_forward(w_h.typed_data(), H, GS, G);
   std::vector<float> hs(2 * BH);
-  const Resets reset{ptr_or_null(resets), ptr_or_null(lengths), T, B};
+  const Masks mask{ptr_or_null(lengths), ptr_or_null(resets), T, B};
   // rows that reset at the first step start from zero (the later steps' resets zero the carry as they go)
   std::vector<float> h0_reset;
   const float* h_start = h0.typed_data();
   const int t0 = reverse ? T - 1 : 0;
-  for (int row = 0; row < B && reset.at; ++row) {
-    if (!reset(t0, row)) continue;
+  for (int row = 0; row < B && mask.resets; ++row) {
+    if (!mask.reset(t0, row)) continue;
     if (h0_reset.empty()) h0_reset.assign(h_start, h_start + BH), h_start = h0_reset.data();
     std::fill_n(h0_reset.data() + static_cast<size_t>(row) * H, H, 0.f);
     if (c) std::fill_n(c + static_cast<size_t>(row) * H, H, 0.f);
   }
   ForwardArgs a{xs.typed_data(), b.typed_data(), ptr_or_null(b_hn), h_start, ys->typed_data(), c,
-                out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), ptr_or_null(lengths), reset,
-                T, B, I, H, reverse, {T, B, batch_major}};
+                out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), mask, T, B, I, H, reverse,
+                {T, B, batch_major}};
   const int64_t flops_per_step = int64_t{2} * B * (I + H) * G * GS;
   const int helpers = helpers_for(threads, flops_per_step);
   const int chunks = GS / kU;
@@ -943,8 +939,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   std::vector<float> dap(2 * static_cast<size_t>(padded_rows(B)) * lda(G * H), 0.f);
   BackwardArgs a{dys.typed_data(), ys.typed_data(), h0.typed_data(), ptr_or_null(c0), ptr_or_null(act),
                  ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh0->typed_data(), dc, dhz,
-                 dap.data(), wt.data(), len, {ptr_or_null(resets), len, T, B}, T, B, H, reverse,
-                 {T, B, batch_major}};
+                 dap.data(), wt.data(), {len, ptr_or_null(resets), T, B}, T, B, H, reverse, {T, B, batch_major}};
   const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
   const int chunks = H / (backward_blocks(H) * kU);
   dispatch(cell, [&](auto kind) {
@@ -977,9 +972,8 @@ ffi::Error WeightGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::
   const bool gru = cell == kGru;
   const std::vector<float> zeros(H, 0.f);
   const WeightGradArgs a{xs.typed_data(), ys.typed_data(), h0.typed_data(), dpx.typed_data(),
-                         gru ? dghn.typed_data() : nullptr, ptr_or_null(lengths),
-                         {ptr_or_null(resets), ptr_or_null(lengths), T, B}, zeros.data(), T, B, I, H, G, reverse,
-                         {T, B, batch_major}};
+                         gru ? dghn.typed_data() : nullptr, {ptr_or_null(lengths), ptr_or_null(resets), T, B},
+                         zeros.data(), T, B, I, H, G, reverse, {T, B, batch_major}};
   const size_t n = (static_cast<size_t>(I) + H + 1) * GH + (gru ? H : 0);  // floats of one partial
   std::vector<float> second(n);
   const WeightGradOut first{dw_x->typed_data(), dw_h->typed_data(), db->typed_data(), out_or_null(db_hn)};
