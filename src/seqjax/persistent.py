@@ -71,9 +71,9 @@ def _sds(shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _forward(target, training, inputs, w_h, b_hn, h0, c0, extra=()):
+def _forward(target, training, inputs, w_h, b_hn, h0, c0, masks=()):
     """The forward target's results; ``inputs`` is ``(px,)`` or, for kernels that project, ``(xs, w_x, b)``,
-    and ``extra`` their further operands (``(lengths, resets)``)."""
+    and ``masks`` their further operands ``(lengths, resets)``."""
     lead = inputs[0].shape[:2]  # (T, B) or (B, T)
     GH = w_h.shape[1]
     H = h0.shape[-1]
@@ -81,10 +81,10 @@ def _forward(target, training, inputs, w_h, b_hn, h0, c0, extra=()):
     out = (_sds((*lead, H)), _sds(h0.shape), _sds(c0.shape), _sds((*lead, GH) if residuals else (0,)),
            _sds((*lead, H) if residuals else (0,)))
     call = jax.ffi.ffi_call(f"{target.prefix}_forward", out, vmap_method="sequential")
-    return call(*inputs, w_h, b_hn, h0, c0, *extra, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
+    return call(*inputs, w_h, b_hn, h0, c0, *masks, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
-def _state_grads(target, saved, cts, extra=()):
+def _state_grads(target, saved, cts, masks=()):
     """``(dpx, dghn, dh0, dc0)`` from the backward target (``dghn`` empty but for the GRU)."""
     w_h, b_hn, h0, c0, ys, act, aux = saved
     dys, dhT, dcT = cts
@@ -94,7 +94,7 @@ def _state_grads(target, saved, cts, extra=()):
     # operands 7 and 8 are act and aux; results 0 and 1 are dpx and dghn
     aliases = ({7: 0, 8: 1} if gru else {7: 0}) if target.in_place and act.size else None
     call = jax.ffi.ffi_call(f"{target.prefix}_backward", out, vmap_method="sequential", input_output_aliases=aliases)
-    return call(dys, dhT, dcT, w_h, ys, h0, c0, act, aux, *extra, cell=target.cell, reverse=target.reverse,
+    return call(dys, dhT, dcT, w_h, ys, h0, c0, act, aux, *masks, cell=target.cell, reverse=target.reverse,
                 **dict(target.attrs))
 
 
