@@ -8,7 +8,7 @@ import pytest
 
 import seqjax
 from seqjax import avx2, native, persistent
-from test_cuda import KINDS, _numpy_scan, _setup, assert_gradients_match_xla
+from test_cuda import CPU_KINDS as KINDS, _numpy_scan, _setup, assert_gradients_match_xla
 
 pytestmark = pytest.mark.skipif(not native.avx2_installed() or jax.default_backend() != "cpu",
                                 reason="needs an x86-64 CPU with AVX2 and FMA, a C++ compiler and the CPU backend")
@@ -75,7 +75,7 @@ def test_gradients_match_xla(kind, reverse, B, T, I, H):
     assert_gradients_match_xla("avx2", *_setup(kind, B, T, I, H, seed=1), reverse)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm_peep", "gru"])
 def test_gradients_match_finite_differences(kind):
     cell, params, xs, carry = _setup(kind, 2, 5, 3, 8, seed=2)
     loss = lambda p, x, c: jnp.sum(jnp.cos(seqjax.scan(cell, p, x, carry=c, kernel="avx2")[1]))  # noqa: E731
@@ -159,7 +159,7 @@ def test_resets_match_xla(kind, reverse, with_lengths):
     assert_gradients_match_xla(avx2.auto_isa(32), cell, params, xs, carry, reverse, **masks)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm_peep", "gru"])
 def test_padding_values_never_reach_the_results(kind):
     """Outputs, final carry and gradients keep their bits whatever the padding holds, and the padding's
     gradient is exactly zero."""
@@ -220,7 +220,7 @@ def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse, w
     h_{t-1} at a sequence's last valid step is h0, and padding rows are left out of the sums; with resets,
     h_{t-1} is zero at a reset step."""
     B, T, I, H = 7, 40, 13, 48
-    G = {"lstm": 4, "gru": 3}.get(kind, 1)
+    G = {"lstm": 4, "lstm_peep": 4, "gru": 3}.get(kind, 1)
     rng = np.random.default_rng(11)
     lead = (B, T) if batch_major else (T, B)
     xs, ys, dpx = (rng.standard_normal((*lead, n)).astype(np.float32) for n in (I, H, G * H))
@@ -256,7 +256,7 @@ def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse, w
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm_peep", "gru"])
 def test_backward_in_place_gives_the_same_bits_in_less_memory(kind):
     """The backward target writes dpx over the forward's act (and the GRU's dghn over aux)."""
     cell, params, xs, carry = _setup(kind, 16, 20, 4, 64, seed=6)
@@ -314,12 +314,16 @@ def test_auto_takes_the_kernels_where_they_apply():
     odd, odd_params, _, _ = _setup("lstm", 4, 20, 3, 12)
     assert "seqjax_avx" not in _targets(odd, odd_params, xs)
     peep = seqjax.lstm(16, peepholes=True)
-    assert "seqjax_avx" not in _targets(peep, peep.init(jax.random.key(0), 3), xs)
+    assert f"seqjax_{wide}_rnn_forward" in _targets(peep, peep.init(jax.random.key(0), 3), xs)
+    for other in (seqjax.lstm(16, proj_size=8), seqjax.lstm_variant("CIFG", 16), seqjax.lstm(16, peepholes=True,
+                                                                                           forget_gate=False)):
+        assert "seqjax_avx" not in _targets(other, other.init(jax.random.key(0), 3), xs)
 
 
 @pytest.mark.parametrize("make_cell, kwargs, message", [
     (lambda: seqjax.lstm(12), {}, "need a hidden size that is a multiple of 8, got 12"),
-    (lambda: seqjax.lstm(16, peepholes=True), {}, "the AVX2 kernels have no form of"),
+    (lambda: seqjax.lstm(16, proj_size=8), {}, "the AVX2 kernels have no form of"),
+    (lambda: seqjax.lstm_variant("NOG", 16), {}, "the AVX2 kernels have no form of"),
     (lambda: seqjax.gru(16, reset_after=False), {}, "the AVX2 kernels have no form of"),
     (lambda: seqjax.rnn(16), dict(remat=True), "remat=True"),
 ])

@@ -64,6 +64,21 @@ def test_lengths_quick(tmp_path):
     assert "| seqjax, sorted batch |" in proc.stdout
 
 
+def test_peepholes_quick(tmp_path):
+    proc = run_bench("peepholes.py", tmp_path)
+    ok(proc)
+    res = json.loads((tmp_path / "peepholes.json").read_text())
+    libs = {(r["library"], r["mode"]) for r in res["rows"]}
+    for lib in ("seqjax", "seqjax kernel=xla", "seqjax kernel=xla, autodiff", "seqjax plain LSTM"):
+        assert {(lib, "fwd"), (lib, "train")} <= libs, lib
+    plain = {r["mode"]: r["median_ms"] for r in res["rows"] if r["library"] == "seqjax plain LSTM"}
+    for r in res["rows"]:
+        assert 0 < r["min_ms"] <= r["median_ms"] and r["n"] == 3
+        assert r["ratio_to_plain"] == pytest.approx(r["median_ms"] / plain[r["mode"]])
+    assert is_png(tmp_path / "peepholes.png")
+    assert "| tiny | seqjax kernel=xla, autodiff |" in proc.stdout
+
+
 def test_peers_rejects_unknown_variant(tmp_path):
     proc = run_bench("peers.py", tmp_path, "--variants", "turbo")
     assert proc.returncode != 0 and "unknown variants: ['turbo']" in proc.stderr

@@ -16,10 +16,12 @@ from test_onednn import _numpy_step
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="the kernels run on a GPU")
 KINDS = {"lstm": lambda H: seqjax.lstm(H), "gru": lambda H: seqjax.gru(H), "rnn_tanh": lambda H: seqjax.rnn(H),
          "rnn_relu": lambda H: seqjax.rnn(H, activation="relu")}
+# the CPU kernels (seqjax.avx2) also run the LSTM with peepholes
+CPU_KINDS = {**KINDS, "lstm_peep": lambda H: seqjax.lstm(H, peepholes=True)}
 
 
 def _setup(kind, B, T, I, H, seed=0):
-    cell = KINDS[kind](H)
+    cell = CPU_KINDS[kind](H)
     keys = jax.random.split(jax.random.key(seed), 5)
     params = cell.init(keys[0], I)
     params = jax.tree.map(lambda a, k: a + 0.3 * jax.random.normal(k, a.shape), params,
@@ -35,7 +37,7 @@ def _setup(kind, B, T, I, H, seed=0):
 def _numpy_scan(kind, params, xs, carry, reverse):
     """The recurrence in float64 NumPy (tests/reference.py's steps): ``(final, ys [B, T, H])``."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-    state = (np.asarray(carry.h, np.float64), np.asarray(carry.c, np.float64), None) if kind == "lstm" else \
+    state = (np.asarray(carry.h, np.float64), np.asarray(carry.c, np.float64), None) if kind.startswith("lstm") else \
         np.asarray(carry, np.float64)
     T = xs.shape[1]
     ys = [None] * T

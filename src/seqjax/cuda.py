@@ -40,10 +40,12 @@ import functools
 from seqjax.cells.base import Array, Cell
 from seqjax.fused import native_kind
 from seqjax.native import NativeUnavailable, load_cuda
-from seqjax.persistent import CELLS as _CELLS
-from seqjax.persistent import native_scan
+from seqjax.persistent import CELLS, native_scan
 
 __all__ = ["AUTO", "NativeUnavailable", "auto_eligible", "cuda_scan", "kind_of", "plan"]
+
+# the kinds these kernels run (no peepholes: `seqjax.persistent`'s "lstm_peep" is the CPU kernels' alone)
+_CELLS = {kind: number for kind, number in CELLS.items() if kind != "lstm_peep"}
 
 
 def kind_of(cell: Cell, params) -> tuple[str | None, str | None]:

@@ -80,7 +80,8 @@ def native_kind(cell: Cell, params, kinds, lstm_extras: bool, no_form: str,
 
     The kind is `fusable`'s, with "lstm" for the standard LSTM (all gates, tanh
     activations, no gate recurrence; with ``lstm_extras`` also with peepholes
-    and/or a projection); it must be in ``kinds`` and the params float32.
+    and/or a projection; without, "lstm_peep" for it with peepholes and no
+    projection); it must be in ``kinds`` and the params float32.
     ``no_form`` finishes "... have no form of <cell>" when the kind is missing;
     ``what`` names the kernels in the messages.
     """
@@ -88,8 +89,10 @@ def native_kind(cell: Cell, params, kinds, lstm_extras: bool, no_form: str,
         return None, "a stacked cell runs layer by layer (each layer is checked on its own)"
     kind = fusable(cell, params)
     if isinstance(kind, LSTMSpec):
-        plain = lstm_extras or (params.peep is None and params.w_proj is None)
-        kind = "lstm" if kind == LSTMSpec() and plain else None
+        if kind != LSTMSpec() or (params.w_proj is not None and not lstm_extras):
+            kind = None
+        else:
+            kind = "lstm" if lstm_extras or params.peep is None else "lstm_peep"
     if kind not in kinds:
         return None, f"{what} have no form of {cell.name} ({no_form})"
     dtypes = {jnp.result_type(a) for a in jax.tree.leaves(params)}

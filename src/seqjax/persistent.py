@@ -13,12 +13,15 @@ empty), with the same attributes.
 
 Operands, float32, time-major: ``px [T, B, G*H]`` (or ``xs [T, B, I]``, ``w_x
 [I, G*H]`` and ``b [G*H]`` for kernels that project the input themselves),
-``w_h [H, G*H]``, ``b_hn [H]`` (GRU, else empty), ``h0 [B, H]``, ``c0 [B, H]``
+``w_h [H, G*H]``, ``b_hn [H]`` (GRU; for kernels that project, the peephole
+LSTM's ``peep [3, H]`` goes here; else empty), ``h0 [B, H]``, ``c0 [B, H]``
 (LSTM, else empty); the sequence arrays may be batch-major (``[B, T, .]``)
 instead, where the targets' ``batch_major`` attribute says so. Kernels that
 project also take ``lengths [B]`` int32 (``[0]``: every sequence has T steps)
-and ``resets [T, B]`` bool (``[0]``: none) as the last two operands of all three
-targets: past its length a sequence's carry stays, its outputs and gate
+and ``resets [T, B]`` bool (``[0]``: none) as further operands of all three
+targets (the backward target then takes the ``b_hn``/``peep`` operand again and
+returns ``dpeep [B, 3H]``, each batch row's peephole gradients, or ``[0]``):
+past its length a sequence's carry stays, its outputs and gate
 gradients are zero, and (reverse) it starts at its own last valid step; at a
 valid step with a reset the carry is zero before the step, as in
 `seqjax.scan`. The weight-gradient target leaves padding rows out of the sums.
@@ -45,8 +48,10 @@ from seqjax.fused import _start_h
 
 __all__ = ["CELLS", "native_scan"]
 
-#: kind -> the kernels' cell number (seqjax.onednn's numbering)
-CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 3, "rnn_relu": 4}
+#: kind -> the kernels' cell number (seqjax.onednn's numbering); "lstm_peep" (the LSTM with peepholes) only in
+#: kernels that project their input (`seqjax.avx2`)
+CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 3, "rnn_relu": 4, "lstm_peep": 7}
+_LSTMS = (CELLS["lstm"], CELLS["lstm_peep"])
 
 
 class Target(NamedTuple):
@@ -77,31 +82,42 @@ def _forward(target, training, inputs, w_h, b_hn, h0, c0, masks=()):
     lead = inputs[0].shape[:2]  # (T, B) or (B, T)
     GH = w_h.shape[1]
     H = h0.shape[-1]
-    residuals = training and target.cell in (CELLS["lstm"], CELLS["gru"])
+    residuals = training and target.cell in (*_LSTMS, CELLS["gru"])
     out = (_sds((*lead, H)), _sds(h0.shape), _sds(c0.shape), _sds((*lead, GH) if residuals else (0,)),
            _sds((*lead, H) if residuals else (0,)))
     call = jax.ffi.ffi_call(f"{target.prefix}_forward", out, vmap_method="sequential")
     return call(*inputs, w_h, b_hn, h0, c0, *masks, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
-def _state_grads(target, saved, cts, masks=()):
-    """``(dpx, dghn, dh0, dc0)`` from the backward target (``dghn`` empty but for the GRU)."""
-    w_h, b_hn, h0, c0, ys, act, aux = saved
+def _state_grads(target, saved, cts, masks=None):
+    """``(dpx, dghn, dh0, dc0, dpeep)`` from the backward target (``dghn`` empty but for the GRU).
+
+    Kernels that project take ``masks`` ``(lengths, resets)`` and then the cell's
+    extra vector (``saved[1]``) as further operands, and return ``dpeep [B, 3H]``
+    (the peephole LSTM: each batch row's sums over its steps of dA_i c_{t-1},
+    dA_f c_{t-1} and dA_o c_t; else empty) as a fifth result; for the others
+    (``masks=None``) ``dpeep`` is None.
+    """
+    w_h, extra, h0, c0, ys, act, aux = saved
     dys, dhT, dcT = cts
     lead, H = ys.shape[:2], ys.shape[2]
     gru = target.cell == CELLS["gru"]
     out = (_sds((*lead, w_h.shape[1])), _sds((*lead, H) if gru else (0,)), _sds(h0.shape), _sds(c0.shape))
+    operands = (dys, dhT, dcT, w_h, ys, h0, c0, act, aux)
+    if masks is not None:
+        out += (_sds((h0.shape[0], 3 * H) if target.cell == CELLS["lstm_peep"] else (0,)),)
+        operands += (*masks, extra)
     # operands 7 and 8 are act and aux; results 0 and 1 are dpx and dghn
     aliases = ({7: 0, 8: 1} if gru else {7: 0}) if target.in_place and act.size else None
     call = jax.ffi.ffi_call(f"{target.prefix}_backward", out, vmap_method="sequential", input_output_aliases=aliases)
-    return call(dys, dhT, dcT, w_h, ys, h0, c0, act, aux, *masks, cell=target.cell, reverse=target.reverse,
-                **dict(target.attrs))
+    results = call(*operands, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
+    return tuple(results) if masks is not None else (*results, None)
 
 
 def _backward(target, saved, cts):
     """``(dpx, dw_h, db_hn, dh0, dc0)`` from the backward target and XLA's whole-sequence GEMMs."""
     w_h, b_hn, h0, c0, ys, act, aux = saved
-    dpx, dghn, dh0, dc0 = _state_grads(target, saved, cts)
+    dpx, dghn, dh0, dc0, _ = _state_grads(target, saved, cts)
     H = ys.shape[2]
     gru = target.cell == CELLS["gru"]
     # the recurrent GEMM's output gradient: dpx, except the GRU's n block, which saw r * (h W_hn + b_hn)
@@ -151,23 +167,25 @@ _run.defvjp(_run_fwd, _run_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _run_projecting(target, xs, w_x, b, w_h, b_hn, h0, c0, lengths, resets):
-    ys, hT, cT, _, _ = _forward(target, False, (xs, w_x, b), w_h, b_hn, h0, c0, (lengths, resets))
+def _run_projecting(target, xs, w_x, b, w_h, extra, h0, c0, lengths, resets):
+    ys, hT, cT, _, _ = _forward(target, False, (xs, w_x, b), w_h, extra, h0, c0, (lengths, resets))
     return ys, hT, cT
 
 
-def _run_projecting_fwd(target, xs, w_x, b, w_h, b_hn, h0, c0, lengths, resets):
-    ys, hT, cT, act, aux = _forward(target, True, (xs, w_x, b), w_h, b_hn, h0, c0, (lengths, resets))
-    return (ys, hT, cT), (xs, w_x, (lengths, resets), (w_h, b_hn, h0, c0, ys, act, aux))
+def _run_projecting_fwd(target, xs, w_x, b, w_h, extra, h0, c0, lengths, resets):
+    ys, hT, cT, act, aux = _forward(target, True, (xs, w_x, b), w_h, extra, h0, c0, (lengths, resets))
+    return (ys, hT, cT), (xs, w_x, (lengths, resets), (w_h, extra, h0, c0, ys, act, aux))
 
 
 def _run_projecting_bwd(target, saved, cts):
     xs, w_x, masks, rest = saved
-    _, b_hn, h0, _, ys, _, _ = rest
-    dpx, dghn, dh0, dc0 = _state_grads(target, rest, cts, masks)
-    dw_x, dw_h, db, db_hn = _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn, masks)
+    _, extra, h0, _, ys, _, _ = rest
+    dpx, dghn, dh0, dc0, dpeep = _state_grads(target, rest, cts, masks)
+    gru = target.cell == CELLS["gru"]
+    dw_x, dw_h, db, db_hn = _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, extra if gru else _empty(), masks)
     dxs = (_rows(dpx) @ w_x.T).reshape(xs.shape)
-    return dxs, dw_x, db, dw_h, db_hn, dh0, dc0, None, None
+    dextra = db_hn if gru else jnp.sum(dpeep, 0).reshape(extra.shape) if dpeep.size else jnp.zeros_like(extra)
+    return dxs, dw_x, db, dw_h, dextra, dh0, dc0, None, None
 
 
 _run_projecting.defvjp(_run_projecting_fwd, _run_projecting_bwd)
@@ -180,7 +198,7 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
 
     Args:
       prefix: the targets' common prefix, e.g. "seqjax_cuda_rnn".
-      kind: "lstm", "gru", "rnn_tanh" or "rnn_relu" (`CELLS`).
+      kind: "lstm", "gru", "rnn_tanh", "rnn_relu" or (kernels that project) "lstm_peep" (`CELLS`).
       params: the cell's params, float32.
       xs: [T, B, I] float32, or [B, T, I] where ``attrs`` hold ``("batch_major", True)``.
       carry0: `LSTMCarry` or h [B, H], float32.
@@ -199,20 +217,24 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
     """
     if kind not in CELLS:
         raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
-    if kind == "lstm":
+    if kind == "lstm_peep" and not projects:
+        raise ValueError(f"seqjax: the {prefix} kernels have no peephole LSTM")
+    lstm = kind in ("lstm", "lstm_peep")
+    if lstm:
         h0, c0 = carry0.h, carry0.c
     else:
         h0, c0 = carry0, _empty()
-    b_hn = params.b_hn if kind == "gru" else _empty()
+    # the cell's extra parameter vector: the GRU's b_hn, the peepholes [3, H] (p_i, p_f, p_o)
+    extra = params.b_hn if kind == "gru" else params.peep if kind == "lstm_peep" else _empty()
     xs = xs.astype(jnp.float32)
     target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place))
     if projects:
         lengths = jnp.zeros((0,), jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
         resets = jnp.zeros((0,), bool) if resets is None else jnp.asarray(resets, bool)
-        ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, b_hn, h0, c0, lengths, resets)
+        ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, extra, h0, c0, lengths, resets)
     else:
         if lengths is not None or resets is not None:
             raise ValueError(f"seqjax: the {prefix} kernels take no lengths or resets")
         px = matmul(xs, params.w_x) + params.b
-        ys, hT, cT = _run(target, px, params.w_h, b_hn, h0, c0)
-    return (LSTMCarry(hT, cT, None) if kind == "lstm" else hT), ys
+        ys, hT, cT = _run(target, px, params.w_h, extra, h0, c0)
+    return (LSTMCarry(hT, cT, None) if lstm else hT), ys

@@ -1,8 +1,9 @@
-// Whole recurrences as XLA FFI handlers for x86 CPUs with AVX2 and FMA or AVX-512 (seqjax.avx2): the LSTM,
-// the GRU (reset_after, PyTorch's and cuDNN's form) and the tanh/relu Elman RNN, float32, forward and
-// backward. The backward handler has the operands and results of seqjax.cuda's (cuda_rnn.cu); the forward
-// one takes xs, W_x and b where the CUDA one takes px = x W_x + b, and computes the projection itself
-// (seqjax.persistent holds the jax.custom_vjp around them). A third handler, WeightGrads, computes dW_x,
+// Whole recurrences as XLA FFI handlers for x86 CPUs with AVX2 and FMA or AVX-512 (seqjax.avx2): the LSTM
+// (with or without peepholes), the GRU (reset_after, PyTorch's and cuDNN's form) and the tanh/relu Elman RNN,
+// float32, forward and backward. The backward handler has the operands and results of seqjax.cuda's
+// (cuda_rnn.cu) and then the masks and the peepholes and their per-row gradients; the forward one takes xs, W_x
+// and b where the CUDA one takes px = x W_x + b, and computes the projection itself (seqjax.persistent holds
+// the jax.custom_vjp around them). A third handler, WeightGrads, computes dW_x,
 // dW_h and the bias gradients from the backward's dpx as one GEMM over all T*B rows (XLA computes dxs).
 //
 // Each forward step multiplies [x_t, h_{t-1}] by the packed [W_x; W_h] and applies the gate arithmetic
@@ -32,15 +33,16 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Must match seqjax.cuda's _CELLS (seqjax.onednn's numbering).
-enum Cell : int64_t { kLstm = 0, kGru = 1, kRnnTanh = 3, kRnnRelu = 4 };
+// Must match seqjax.persistent's CELLS (seqjax.onednn's numbering; the peephole LSTM is these kernels' own).
+enum Cell : int64_t { kLstm = 0, kGru = 1, kRnnTanh = 3, kRnnRelu = 4, kLstmPeep = 7 };
 // The forward pass only: the RNN with two register blocks of units per chunk, u and H/2 + u, as if it had
 // two gates of H/2 units (where H/2 is a multiple of kU): a tile's k step loads 2 weight vectors and R
 // broadcasts for 2R FMAs instead of 1 and R for R.
 enum PairedCell : int64_t { kRnnTanhPair = 5, kRnnReluPair = 6 };
 constexpr bool is_pair(int64_t cell) { return cell == kRnnTanhPair || cell == kRnnReluPair; }
 constexpr bool is_rnn(int64_t cell) { return cell == kRnnTanh || cell == kRnnRelu || is_pair(cell); }
-constexpr int gates_of(int64_t cell) { return cell == kLstm ? 4 : cell == kGru ? 3 : is_pair(cell) ? 2 : 1; }
+constexpr bool is_lstm(int64_t cell) { return cell == kLstm || cell == kLstmPeep; }
+constexpr int gates_of(int64_t cell) { return is_lstm(cell) ? 4 : cell == kGru ? 3 : is_pair(cell) ? 2 : 1; }
 
 // ------------------------------------------------------------------------------------ vector math
 // One source, two builds (seqjax.native): AVX2 + FMA (8 floats per register, 16 registers) and, with
@@ -234,6 +236,7 @@ struct ForwardArgs {
   const float* xs;    // [T, B, I] or [B, T, I] (`rows`)
   const float* b;     // [G*H]: the bias of the gates' pre-activations
   const float* b_hn;  // [H] (GRU) or null
+  const float* peep;  // [3][H] (peephole LSTM): p_i, p_f on c_{t-1} and p_o on c_t, or null
   const float* h0;    // [B, H]
   float* ys;          // [T, B, H] or [B, T, H]
   float* c;           // [B, H] (LSTM): c_{t-1}, updated in place (the cT result), or null
@@ -292,7 +295,7 @@ inline void pad_row(const ForwardArgs& a, int t, const float* hprev, float* hn, 
     st(a.ys + row * a.H + o, zero());
     st(hn + static_cast<size_t>(b) * a.H + o, reset ? zero() : ld(hprev + o));
   }
-  if (CELL == kLstm && reset) st(a.c + static_cast<size_t>(b) * a.H + u, zero());
+  if (is_lstm(CELL) && reset) st(a.c + static_cast<size_t>(b) * a.H + u, zero());
 }
 
 // Rows b0 .. b0+R-1 of step t, units u .. u+kU-1 of each gate (gates GS units apart), inputs k0 .. k1-1 of
@@ -359,10 +362,18 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
       continue;
     }
     vec h_new;
-    if constexpr (CELL == kLstm) {
-      const vec i = sigmoidv(acc[r][0]), f = sigmoidv(acc[r][1]), g = tanhv(acc[r][2]), o = sigmoidv(acc[r][3]);
+    if constexpr (is_lstm(CELL)) {
       float* cp = a.c + static_cast<size_t>(b0 + r) * H + u;
-      const vec c = fmadd(f, ld(cp), mul(i, g));
+      const vec cprev = ld(cp);
+      vec pre_i = acc[r][0], pre_f = acc[r][1], pre_o = acc[r][3];
+      if constexpr (CELL == kLstmPeep) {
+        pre_i = fmadd(ld(a.peep + u), cprev, pre_i);
+        pre_f = fmadd(ld(a.peep + H + u), cprev, pre_f);
+      }
+      const vec i = sigmoidv(pre_i), f = sigmoidv(pre_f), g = tanhv(acc[r][2]);
+      const vec c = fmadd(f, cprev, mul(i, g));
+      if constexpr (CELL == kLstmPeep) pre_o = fmadd(ld(a.peep + 2 * H + u), c, pre_o);
+      const vec o = sigmoidv(pre_o);
       st(cp, reset ? zero() : c);
       h_new = mul(o, tanhv(c));
       if (a.act) {
@@ -459,6 +470,8 @@ struct BackwardArgs {
   float* dh;         // [B, H]: the gradient reaching h_t from step t+1 (starts as dhT; ends as dh0)
   float* dc;         // [B, H] (LSTM): the gradient reaching c_t (starts as dcT; ends as dc0), or null
   float* dhz;        // [B, H]: the direct path to h_{t-1} (GRU: dh_t z_t; padding: dh_t), or null (no GRU, no lengths)
+  const float* peep; // [3][H] (peephole LSTM), or null
+  float* dpeep;      // [B][3H] (peephole LSTM): each row's sums over its steps of dA_i c_{t-1}, dA_f c_{t-1}, dA_o c_t
   float* dap;        // the recurrent GEMM's output gradient of two steps (`kPackedDa`; rows past B stay 0)
   const float* wt;   // packed W_h^T: [H/kU][G*H][kU], output unit block, gate column, output unit
   Masks mask;
@@ -526,17 +539,27 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
     const bool start = first || !a.mask.active(tp, b), reset = a.mask.reset(t, b);
     const size_t prow = start ? 0 : a.rows.at(tp, b);
     const vec dh = add(ld(a.dh + bu), ld(a.dys + row * H + u));
-    if constexpr (CELL == kLstm) {
+    if constexpr (is_lstm(CELL)) {
       const float* q = a.act + row * GH + u;
       const vec i = ld(q), f = ld(q + H), g = ld(q + 2 * H), o = ld(q + 3 * H);
-      const vec tc = tanhv(ld(a.aux + row * H + u));
+      const vec c = ld(a.aux + row * H + u), tc = tanhv(c);
       const vec cprev = reset ? zero() : start ? ld(a.c0 + bu) : ld(a.aux + prow * H + u);
-      const vec dcc = fmadd(mul(dh, o), one_minus(mul(tc, tc)), ld(a.dc + bu));
+      const vec d_o = mul(mul(dh, tc), mul(o, one_minus(o)));
+      vec dcc = fmadd(mul(dh, o), one_minus(mul(tc, tc)), ld(a.dc + bu));
+      if constexpr (CELL == kLstmPeep) dcc = fmadd(d_o, ld(a.peep + 2 * H + u), dcc);  // c_t reaches o_t
       const vec d[4] = {mul(mul(dcc, g), mul(i, one_minus(i))), mul(mul(dcc, cprev), mul(f, one_minus(f))),
-                           mul(mul(dcc, i), one_minus(mul(g, g))), mul(mul(dh, tc), mul(o, one_minus(o)))};
+                           mul(mul(dcc, i), one_minus(mul(g, g))), d_o};
       st(dpx, d[0]), st(dpx + H, d[1]), st(dpx + 2 * H, d[2]), st(dpx + 3 * H, d[3]);
       pack_da<4>(a, s, b, u, d, reset);
-      st(a.dc + bu, reset ? zero() : mul(dcc, f));
+      vec dc_prev = mul(dcc, f);
+      if constexpr (CELL == kLstmPeep) {  // c_{t-1} reaches i_t and f_t too
+        dc_prev = fmadd(d[1], ld(a.peep + H + u), fmadd(d[0], ld(a.peep + u), dc_prev));
+        float* dp = a.dpeep + static_cast<size_t>(b) * 3 * H + u;
+        st(dp, fmadd(d[0], cprev, ld(dp)));
+        st(dp + H, fmadd(d[1], cprev, ld(dp + H)));
+        st(dp + 2 * H, fmadd(d_o, c, ld(dp + 2 * H)));
+      }
+      st(a.dc + bu, reset ? zero() : dc_prev);
       if (a.dhz) st(a.dhz + bu, zero());
     } else if constexpr (CELL == kGru) {
       const float* q = a.act + row * GH + u;
@@ -823,7 +846,7 @@ int helpers_for(int64_t threads, int64_t flops_per_step) {
 }
 
 ffi::Error check(int64_t cell, int H) {
-  if (cell != kLstm && cell != kGru && cell != kRnnTanh && cell != kRnnRelu)
+  if (!is_lstm(cell) && cell != kGru && cell != kRnnTanh && cell != kRnnRelu)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "seqjax avx2: unknown cell " + std::to_string(cell));
   if (H % kU != 0)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
@@ -835,6 +858,7 @@ template <typename Fn>
 void dispatch(int64_t cell, Fn fn) {
   switch (cell) {
     case kLstm: return fn(std::integral_constant<int, kLstm>());
+    case kLstmPeep: return fn(std::integral_constant<int, kLstmPeep>());
     case kGru: return fn(std::integral_constant<int, kGru>());
     case kRnnTanh: return fn(std::integral_constant<int, kRnnTanh>());
     default: return fn(std::integral_constant<int, kRnnRelu>());
@@ -852,7 +876,7 @@ void dispatch_forward(int64_t cell, Fn fn) {
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_x,
-                       ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b_hn,
+                       ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> extra,
                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::S32> lengths,
                        ffi::Buffer<ffi::PRED> resets, ffi::ResultBuffer<ffi::F32> ys,
                        ffi::ResultBuffer<ffi::F32> hT, ffi::ResultBuffer<ffi::F32> cT,
@@ -867,6 +891,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
   const int64_t run_as = pair ? (cell == kRnnTanh ? kRnnTanhPair : kRnnReluPair) : cell;
   const int G = gates_of(run_as), GS = pair ? H / 2 : H;  // gates of GS units
   const size_t BH = static_cast<size_t>(B) * H;
+  if (cell == kLstmPeep && extra.element_count() != 3 * static_cast<size_t>(H))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "seqjax avx2: the peephole LSTM needs peep [3, H]");
   advise_huge_pages(ys), advise_huge_pages(act), advise_huge_pages(aux);
   float* c = out_or_null(cT);
   if (c) std::memcpy(c, c0.typed_data(), BH * 4);
@@ -887,7 +913,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
     std::fill_n(h0_reset.data() + static_cast<size_t>(row) * H, H, 0.f);
     if (c) std::fill_n(c + static_cast<size_t>(row) * H, H, 0.f);
   }
-  ForwardArgs a{xs.typed_data(), b.typed_data(), ptr_or_null(b_hn), h_start, ys->typed_data(), c,
+  ForwardArgs a{xs.typed_data(), b.typed_data(), cell == kGru ? ptr_or_null(extra) : nullptr,
+                cell == kLstmPeep ? ptr_or_null(extra) : nullptr, h_start, ys->typed_data(), c,
                 out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), mask, T, B, I, H, reverse,
                 {T, B, batch_major}};
   const int64_t flops_per_step = int64_t{2} * B * (I + H) * G * GS;
@@ -914,10 +941,10 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
                         ffi::Buffer<ffi::F32> dcT, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> ys,
                         ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> act,
                         ffi::Buffer<ffi::F32> aux, ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::PRED> resets,
-                        ffi::ResultBuffer<ffi::F32> dpx,
+                        ffi::Buffer<ffi::F32> extra, ffi::ResultBuffer<ffi::F32> dpx,
                         ffi::ResultBuffer<ffi::F32> dghn, ffi::ResultBuffer<ffi::F32> dh0,
-                        ffi::ResultBuffer<ffi::F32> dc0, int64_t cell, bool reverse, int64_t threads,
-                        bool batch_major) {
+                        ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dpeep, int64_t cell,
+                        bool reverse, int64_t threads, bool batch_major) {
   const auto dims = dys.dimensions();
   const int T = static_cast<int>(dims[batch_major ? 1 : 0]), B = static_cast<int>(dims[batch_major ? 0 : 1]);
   const int H = static_cast<int>(dims[2]);
@@ -928,6 +955,12 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   // writes the same one); those are mapped already
   if (dpx->typed_data() != act.typed_data()) advise_huge_pages(dpx);
   if (dghn->typed_data() != aux.typed_data()) advise_huge_pages(dghn);
+  if (cell == kLstmPeep && (extra.element_count() != 3 * static_cast<size_t>(H) ||
+                            dpeep->element_count() != 3 * BH))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "seqjax avx2: the peephole LSTM needs peep [3, H] and dpeep [B, 3H]");
+  float* dp = cell == kLstmPeep ? dpeep->typed_data() : nullptr;
+  if (dp) std::fill_n(dp, 3 * BH, 0.f);
   float* dc = out_or_null(dc0);
   if (dc) std::memcpy(dc, dcT.typed_data(), BH * 4);
   std::memcpy(dh0->typed_data(), dhT.typed_data(), BH * 4);
@@ -939,7 +972,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   std::vector<float> dap(2 * static_cast<size_t>(padded_rows(B)) * lda(G * H), 0.f);
   BackwardArgs a{dys.typed_data(), ys.typed_data(), h0.typed_data(), ptr_or_null(c0), ptr_or_null(act),
                  ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh0->typed_data(), dc, dhz,
-                 dap.data(), wt.data(), {len, ptr_or_null(resets), T, B}, T, B, H, reverse, {T, B, batch_major}};
+                 cell == kLstmPeep ? extra.typed_data() : nullptr, dp, dap.data(), wt.data(),
+                 {len, ptr_or_null(resets), T, B}, T, B, H, reverse, {T, B, batch_major}};
   const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
   const int chunks = H / (backward_blocks(H) * kU);
   dispatch(cell, [&](auto kind) {
@@ -1012,7 +1046,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Forward), ForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_h
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_hn
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_hn [H] (GRU), peep [3, H] (peephole LSTM), or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c0
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths [B], or [0]: none
@@ -1041,10 +1075,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(Backward), BackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // aux
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // resets
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // peep [3, H] (peephole LSTM) or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dpx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dghn
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dh0
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dc0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dpeep [B, 3H] (peephole LSTM) or [0]
                                   .Attr<int64_t>("cell")
                                   .Attr<bool>("reverse")
                                   .Attr<int64_t>("threads")
