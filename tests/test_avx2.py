@@ -8,7 +8,7 @@ import pytest
 
 import seqjax
 from seqjax import avx2, native, persistent
-from test_cuda import CPU_KINDS as KINDS, _numpy_scan, _setup, assert_gradients_match_xla
+from test_cuda import CPU_KINDS, _numpy_scan, _setup, assert_gradients_match_xla
 
 pytestmark = pytest.mark.skipif(not native.avx2_installed() or jax.default_backend() != "cpu",
                                 reason="needs an x86-64 CPU with AVX2 and FMA, a C++ compiler and the CPU backend")
@@ -17,10 +17,18 @@ SHAPES = [(3, 7, 5, 16), (13, 6, 4, 24), (1, 3, 2, 8), (5, 9, 3, 64)]  # (B, T, 
 # tile heights (6 rows for the LSTM and GRU, 16 for the RNN)
 SHAPES_512 = [(13, 6, 4, 16), (20, 5, 3, 32), (3, 7, 5, 64)]
 needs_avx512 = pytest.mark.skipif(not native.avx2_installed("avx512"), reason="needs a CPU with AVX-512F")
+# every test runs these; Greff et al.'s other LSTM variants (VARIANTS) get tests of their own
+KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_peep", "lstm_cifg"]
+VARIANTS = [k for k in CPU_KINDS if k not in KINDS]
+
+
+def _kk(kind):
+    """The kernels' kind for a test kind of `CPU_KINDS` (peepholes come with the params)."""
+    return {"lstm_peep": "lstm", "lstm_cifg_np": "lstm_cifg"}.get(kind, kind)
 
 
 def _run(kind, params, xs, carry, reverse, threads, isa="avx2"):
-    final, ys = jax.jit(lambda p, x, c: avx2.avx2_scan(kind, p, x, c, reverse, threads=threads, isa=isa))(
+    final, ys = jax.jit(lambda p, x, c: avx2.avx2_scan(_kk(kind), p, x, c, reverse, threads=threads, isa=isa))(
         params, jnp.swapaxes(xs, 0, 1), carry)
     return final, jnp.swapaxes(ys, 0, 1)
 
@@ -75,7 +83,7 @@ def test_gradients_match_xla(kind, reverse, B, T, I, H):
     assert_gradients_match_xla("avx2", *_setup(kind, B, T, I, H, seed=1), reverse)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "lstm_peep", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm_peep", "lstm_cifg", "gru"])
 def test_gradients_match_finite_differences(kind):
     cell, params, xs, carry = _setup(kind, 2, 5, 3, 8, seed=2)
     loss = lambda p, x, c: jnp.sum(jnp.cos(seqjax.scan(cell, p, x, carry=c, kernel="avx2")[1]))  # noqa: E731
@@ -95,7 +103,7 @@ def test_thread_count_does_not_change_a_bit(kind, B, lengths):
         resets = _resets(B, 30, 4)
 
     def run(p, reverse, threads):
-        return jax.jit(lambda p, x, c: avx2.avx2_scan(kind, p, x, c, reverse, threads=threads, time_major=False,
+        return jax.jit(lambda p, x, c: avx2.avx2_scan(_kk(kind), p, x, c, reverse, threads=threads, time_major=False,
                                                       lengths=lengths, resets=resets))(p, xs, carry)
     one, two = run(params, False, 1), run(params, False, 2)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
@@ -120,7 +128,7 @@ def test_lengths_give_each_sequence_its_own_prefix(kind, reverse, isa):
     length 0), and reverse starts at its own last valid step."""
     B, T = len(LENGTHS), 9
     cell, params, xs, carry = _setup(kind, B, T, 5, 32, seed=10)
-    final, ys = jax.jit(lambda p, x, c: avx2.avx2_scan(kind, p, x, c, reverse, threads=2, isa=isa, time_major=False,
+    final, ys = jax.jit(lambda p, x, c: avx2.avx2_scan(_kk(kind), p, x, c, reverse, threads=2, isa=isa, time_major=False,
                                                        lengths=jnp.asarray(LENGTHS)))(params, xs, carry)
     for b, n in enumerate(LENGTHS):
         row = jax.tree.map(lambda a: a[b:b + 1], carry)
@@ -159,7 +167,35 @@ def test_resets_match_xla(kind, reverse, with_lengths):
     assert_gradients_match_xla(avx2.auto_isa(32), cell, params, xs, carry, reverse, **masks)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "lstm_peep", "gru"])
+@pytest.mark.parametrize("kind", VARIANTS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_variants_match_numpy_and_xla(kind, reverse):
+    """Greff et al.'s NIG, NFG, NOG, NIAF and NOAF (with peepholes) and CIFG without them: each row with lengths
+    against float64 NumPy over its valid prefix, gradients with lengths and resets against XLA's loop, and the
+    AVX-512 build's bits against the AVX2 build's."""
+    B, T = len(LENGTHS), 9
+    cell, params, xs, carry = _setup(kind, B, T, 5, 32, seed=17)
+    assert avx2.kind_of(cell, params) == (_kk(kind), None)
+    lengths = jnp.asarray(LENGTHS)
+
+    def run(isa):
+        return jax.jit(lambda p, x, c: avx2.avx2_scan(_kk(kind), p, x, c, reverse, threads=2, isa=isa,
+                                                      time_major=False, lengths=lengths))(params, xs, carry)
+    final, ys = run("avx2")
+    for b, n in enumerate(LENGTHS[:6]):
+        if n:
+            row = jax.tree.map(lambda a: a[b:b + 1], carry)
+            want_final, want_ys = _numpy_scan(kind, params, xs[b:b + 1, :n], row, reverse)
+            np.testing.assert_allclose(ys[b, :n], want_ys[0], rtol=2e-5, atol=2e-5)
+            np.testing.assert_allclose(final.c[b], want_final[1][0], rtol=2e-5, atol=2e-5)
+    if native.avx2_installed("avx512"):
+        for a, b in zip(jax.tree.leaves(run("avx512")), jax.tree.leaves((final, ys))):
+            np.testing.assert_array_equal(a, b)
+    assert_gradients_match_xla(avx2.auto_isa(32), cell, params, xs, carry, reverse, lengths=lengths,
+                               resets=_resets(B, T, 18))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm_peep", "lstm_cifg", "gru"])
 def test_padding_values_never_reach_the_results(kind):
     """Outputs, final carry and gradients keep their bits whatever the padding holds, and the padding's
     gradient is exactly zero."""
@@ -192,7 +228,7 @@ def test_batch_major_gives_the_bits_of_time_major(kind, isa):
 
     def run(p, x, c, reverse, time_major):
         x_in = jnp.swapaxes(x, 0, 1) if time_major else x
-        final, ys = avx2.avx2_scan(kind, p, x_in, c, reverse, isa=isa, time_major=time_major)
+        final, ys = avx2.avx2_scan(_kk(kind), p, x_in, c, reverse, isa=isa, time_major=time_major)
         return final, (jnp.swapaxes(ys, 0, 1) if time_major else ys)
 
     for reverse in (False, True):
@@ -220,7 +256,7 @@ def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse, w
     h_{t-1} at a sequence's last valid step is h0, and padding rows are left out of the sums; with resets,
     h_{t-1} is zero at a reset step."""
     B, T, I, H = 7, 40, 13, 48
-    G = {"lstm": 4, "lstm_peep": 4, "gru": 3}.get(kind, 1)
+    G = {"lstm": 4, "lstm_peep": 4, "lstm_cifg": 3, "gru": 3}.get(kind, 1)
     rng = np.random.default_rng(11)
     lead = (B, T) if batch_major else (T, B)
     xs, ys, dpx = (rng.standard_normal((*lead, n)).astype(np.float32) for n in (I, H, G * H))
@@ -229,7 +265,7 @@ def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse, w
     dghn = rng.standard_normal((*lead, H)).astype(np.float32) if gru else np.zeros((0,), np.float32)
     b_hn = np.zeros((H,) if gru else (0,), np.float32)
     native.load_avx2(isa)
-    target = persistent.Target(f"seqjax_{isa}_rnn", persistent.CELLS[kind], reverse,
+    target = persistent.Target(f"seqjax_{isa}_rnn", persistent.CELLS[_kk(kind)], reverse,
                                (("threads", 2), ("batch_major", batch_major)), True)
     lengths = np.array([40, 0, 17, 1, 39, 25, 40] if with_lengths else [], np.int32)
     resets = rng.random((T, B)) < 0.2 if with_lengths else np.zeros((0,), bool)
@@ -265,7 +301,7 @@ def test_backward_in_place_gives_the_same_bits_in_less_memory(kind):
 
     def train(in_place):
         def loss(p, x):
-            run = persistent.native_scan("seqjax_avx2_rnn", kind, p, x, carry, False,
+            run = persistent.native_scan("seqjax_avx2_rnn", _kk(kind), p, x, carry, False,
                                          (("threads", 1), ("batch_major", False)),
                                          projects=True, in_place=in_place)
             return jnp.sum(jnp.sin(run[1]))
@@ -313,17 +349,18 @@ def test_auto_takes_the_kernels_where_they_apply():
     assert "seqjax_avx2_rnn_forward" in _targets(narrow, narrow_params, xs)
     odd, odd_params, _, _ = _setup("lstm", 4, 20, 3, 12)
     assert "seqjax_avx" not in _targets(odd, odd_params, xs)
-    peep = seqjax.lstm(16, peepholes=True)
-    assert f"seqjax_{wide}_rnn_forward" in _targets(peep, peep.init(jax.random.key(0), 3), xs)
-    for other in (seqjax.lstm(16, proj_size=8), seqjax.lstm_variant("CIFG", 16), seqjax.lstm(16, peepholes=True,
-                                                                                           forget_gate=False)):
+    for name in ("vanilla", "NIG", "NFG", "NOG", "CIFG", "NIAF", "NOAF", "NP"):
+        variant = seqjax.lstm_variant(name, 16)
+        assert f"seqjax_{wide}_rnn_forward" in _targets(variant, variant.init(jax.random.key(0), 3), xs), name
+    for other in (seqjax.lstm(16, proj_size=8), seqjax.lstm_variant("FGR", 16),
+                  seqjax.lstm(16, input_gate=False, output_gate=False), seqjax.lstm(16, output_activation="relu")):
         assert "seqjax_avx" not in _targets(other, other.init(jax.random.key(0), 3), xs)
 
 
 @pytest.mark.parametrize("make_cell, kwargs, message", [
     (lambda: seqjax.lstm(12), {}, "need a hidden size that is a multiple of 8, got 12"),
     (lambda: seqjax.lstm(16, proj_size=8), {}, "the AVX2 kernels have no form of"),
-    (lambda: seqjax.lstm_variant("NOG", 16), {}, "the AVX2 kernels have no form of"),
+    (lambda: seqjax.lstm_variant("FGR", 16), {}, "the AVX2 kernels have no form of"),
     (lambda: seqjax.gru(16, reset_after=False), {}, "the AVX2 kernels have no form of"),
     (lambda: seqjax.rnn(16), dict(remat=True), "remat=True"),
 ])

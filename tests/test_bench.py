@@ -64,19 +64,20 @@ def test_lengths_quick(tmp_path):
     assert "| seqjax, sorted batch |" in proc.stdout
 
 
-def test_peepholes_quick(tmp_path):
-    proc = run_bench("peepholes.py", tmp_path)
+def test_lstm_variants_quick(tmp_path):
+    proc = run_bench("lstm_variants.py", tmp_path, "--variants", "vanilla,NP,CIFG")
     ok(proc)
-    res = json.loads((tmp_path / "peepholes.json").read_text())
+    res = json.loads((tmp_path / "lstm_variants.json").read_text())
     libs = {(r["library"], r["mode"]) for r in res["rows"]}
-    for lib in ("seqjax", "seqjax kernel=xla", "seqjax kernel=xla, autodiff", "seqjax plain LSTM"):
+    for lib in ("vanilla", "vanilla kernel=xla", "vanilla kernel=xla, autodiff", "NP", "NP kernel=xla", "CIFG",
+                "CIFG kernel=xla"):
         assert {(lib, "fwd"), (lib, "train")} <= libs, lib
-    plain = {r["mode"]: r["median_ms"] for r in res["rows"] if r["library"] == "seqjax plain LSTM"}
+    plain = {r["mode"]: r["median_ms"] for r in res["rows"] if r["library"] == "NP"}
     for r in res["rows"]:
         assert 0 < r["min_ms"] <= r["median_ms"] and r["n"] == 3
         assert r["ratio_to_plain"] == pytest.approx(r["median_ms"] / plain[r["mode"]])
-    assert is_png(tmp_path / "peepholes.png")
-    assert "| tiny | seqjax kernel=xla, autodiff |" in proc.stdout
+    assert is_png(tmp_path / "lstm_variants.png")
+    assert "| tiny | CIFG kernel=xla |" in proc.stdout
 
 
 def test_peers_rejects_unknown_variant(tmp_path):

@@ -11,13 +11,17 @@ import pytest
 
 import seqjax
 from seqjax import cuda, native
+from reference import lstm_step
 from test_onednn import _numpy_step
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="the kernels run on a GPU")
 KINDS = {"lstm": lambda H: seqjax.lstm(H), "gru": lambda H: seqjax.gru(H), "rnn_tanh": lambda H: seqjax.rnn(H),
          "rnn_relu": lambda H: seqjax.rnn(H, activation="relu")}
-# the CPU kernels (seqjax.avx2) also run the LSTM with peepholes
-CPU_KINDS = {**KINDS, "lstm_peep": lambda H: seqjax.lstm(H, peepholes=True)}
+# the CPU kernels (seqjax.avx2) also run the LSTM with peepholes and Greff et al.'s variants (here with peepholes)
+CPU_KINDS = {**KINDS, "lstm_peep": lambda H: seqjax.lstm(H, peepholes=True),
+             **{f"lstm_{v.lower()}": (lambda H, v=v: seqjax.lstm_variant(v, H))
+                for v in ("NIG", "NFG", "NOG", "CIFG", "NIAF", "NOAF")},
+             "lstm_cifg_np": lambda H: seqjax.lstm(H, coupled_input_forget=True)}
 
 
 def _setup(kind, B, T, I, H, seed=0):
@@ -34,6 +38,12 @@ def _setup(kind, B, T, I, H, seed=0):
     return cell, params, xs, carry
 
 
+# tests/reference.py's lstm_step options for the LSTM variants of CPU_KINDS
+_LSTM_STEP = {"lstm_nig": dict(input_gate=False), "lstm_nfg": dict(forget_gate=False),
+              "lstm_nog": dict(output_gate=False), "lstm_cifg": dict(coupled=True), "lstm_cifg_np": dict(coupled=True),
+              "lstm_niaf": dict(in_act=lambda a: a), "lstm_noaf": dict(out_act=lambda a: a)}
+
+
 def _numpy_scan(kind, params, xs, carry, reverse):
     """The recurrence in float64 NumPy (tests/reference.py's steps): ``(final, ys [B, T, H])``."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
@@ -42,7 +52,8 @@ def _numpy_scan(kind, params, xs, carry, reverse):
     T = xs.shape[1]
     ys = [None] * T
     for t in (reversed(range(T)) if reverse else range(T)):
-        state, ys[t] = _numpy_step(kind, p, state, np.asarray(xs[:, t], np.float64))
+        x = np.asarray(xs[:, t], np.float64)
+        state, ys[t] = lstm_step(p, state, x, **_LSTM_STEP[kind]) if kind in _LSTM_STEP else _numpy_step(kind, p, state, x)
     return state, np.stack(ys, axis=1)
 
 

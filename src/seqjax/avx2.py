@@ -33,7 +33,8 @@ barrier per step; the results do not depend on it.
 
 Covered, float32 params, with or without ``lengths`` and ``resets``, without ``remat``: the
 standard LSTM of `seqjax.lstm` with or without peepholes (the "vanilla" LSTM of
-Greff et al.; no projection), `seqjax.gru` with
+Greff et al.) and Greff et al.'s variants of it (`seqjax.lstm_variant` "NIG",
+"NFG", "NOG", "CIFG", "NIAF", "NOAF", "NP"; not FGR, no projection), `seqjax.gru` with
 ``reset_after=True`` and `seqjax.rnn` with tanh or relu, for hidden sizes that
 are multiples of 8 (AVX2) or 16 (AVX-512). Needs an x86-64 CPU with AVX2 and FMA
 (or AVX-512F) and a C++ compiler (`seqjax.native.load_avx2`, about 8 s per
@@ -72,10 +73,10 @@ def kind_of(cell: Cell, params) -> tuple[str | None, str | None]:
     checked by `seqjax.scan` and `shape_blocker`.
     """
     return native_kind(cell, params, CELLS, False,
-                       "they compute seqjax.lstm with all gates, tanh activations, with or without peepholes, no "
-                       "projection or gate recurrence, seqjax.gru with reset_after=True and seqjax.rnn with tanh or "
-                       "relu",
-                       "the AVX2 kernels")
+                       "they compute seqjax.lstm with or without peepholes, no projection or gate recurrence: the "
+                       "standard LSTM and Greff et al.'s NIG, NFG, NOG, CIFG, NIAF and NOAF, seqjax.gru with "
+                       "reset_after=True and seqjax.rnn with tanh or relu",
+                       "the AVX2 kernels", peepholes=True)
 
 
 def shape_blocker(hidden: int, isa: str = "avx2") -> str | None:
@@ -110,7 +111,10 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
     reverse mode.
 
     Args:
-      kind: from `kind_of`: "lstm", "lstm_peep" (with peepholes), "gru", "rnn_tanh" or "rnn_relu".
+      kind: from `kind_of`: "lstm" or one of Greff et al.'s variants
+        (`seqjax.persistent.LSTM_VARIANTS`: "lstm_nig", "lstm_nfg", "lstm_nog",
+        "lstm_cifg", "lstm_niaf", "lstm_noaf"; with peepholes where
+        ``params.peep`` is given), "gru", "rnn_tanh" or "rnn_relu".
       params: the cell's params, float32, hidden size a multiple of ``ISAS[isa]``.
       xs: [T, B, I] (or [B, T, I] with ``time_major=False``) float32.
       carry0: the cell's carry for batch B, float32 (`LSTMCarry` or h [B, H]).

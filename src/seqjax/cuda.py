@@ -44,8 +44,8 @@ from seqjax.persistent import CELLS, native_scan
 
 __all__ = ["AUTO", "NativeUnavailable", "auto_eligible", "cuda_scan", "kind_of", "plan"]
 
-# the kinds these kernels run (no peepholes: `seqjax.persistent`'s "lstm_peep" is the CPU kernels' alone)
-_CELLS = {kind: number for kind, number in CELLS.items() if kind != "lstm_peep"}
+# the kinds these kernels run (the LSTM variants of `seqjax.persistent` are the CPU kernels' alone)
+_CELLS = {kind: number for kind, number in CELLS.items() if kind in ("lstm", "gru", "rnn_tanh", "rnn_relu")}
 
 
 def kind_of(cell: Cell, params) -> tuple[str | None, str | None]:

@@ -74,14 +74,22 @@ def fusable(cell: Cell, params) -> str | LSTMSpec | None:
     return kind if isinstance(params, RNNParams) else None
 
 
+# Greff et al.'s LSTM variants that change one thing (NP is the standard LSTM) -> the native kernels' kind
+_LSTM_KINDS = {LSTMSpec(): "lstm", LSTMSpec(input_gate=False): "lstm_nig", LSTMSpec(forget_gate=False): "lstm_nfg",
+               LSTMSpec(output_gate=False): "lstm_nog", LSTMSpec(coupled=True): "lstm_cifg",
+               LSTMSpec(input_activation="identity"): "lstm_niaf", LSTMSpec(output_activation="identity"): "lstm_noaf"}
+
+
 def native_kind(cell: Cell, params, kinds, lstm_extras: bool, no_form: str,
-                what: str) -> tuple[str | None, str | None]:
+                what: str, peepholes: bool = False) -> tuple[str | None, str | None]:
     """A native kernel's kind for ``cell``: ``(kind, None)``, or ``(None, why not)``.
 
     The kind is `fusable`'s, with "lstm" for the standard LSTM (all gates, tanh
     activations, no gate recurrence; with ``lstm_extras`` also with peepholes
-    and/or a projection; without, "lstm_peep" for it with peepholes and no
-    projection); it must be in ``kinds`` and the params float32.
+    and/or a projection) and "lstm_nig", "lstm_nfg", "lstm_nog", "lstm_cifg",
+    "lstm_niaf" or "lstm_noaf" for Greff et al.'s variants of it (not with
+    ``lstm_extras``); with ``peepholes`` these LSTMs may have peepholes. The kind
+    must be in ``kinds`` and the params float32.
     ``no_form`` finishes "... have no form of <cell>" when the kind is missing;
     ``what`` names the kernels in the messages.
     """
@@ -89,10 +97,12 @@ def native_kind(cell: Cell, params, kinds, lstm_extras: bool, no_form: str,
         return None, "a stacked cell runs layer by layer (each layer is checked on its own)"
     kind = fusable(cell, params)
     if isinstance(kind, LSTMSpec):
-        if kind != LSTMSpec() or (params.w_proj is not None and not lstm_extras):
+        if lstm_extras:
+            kind = "lstm" if kind == LSTMSpec() else None
+        elif params.w_proj is not None or (params.peep is not None and not peepholes):
             kind = None
         else:
-            kind = "lstm" if lstm_extras or params.peep is None else "lstm_peep"
+            kind = _LSTM_KINDS.get(kind)
     if kind not in kinds:
         return None, f"{what} have no form of {cell.name} ({no_form})"
     dtypes = {jnp.result_type(a) for a in jax.tree.leaves(params)}

@@ -13,14 +13,14 @@ empty), with the same attributes.
 
 Operands, float32, time-major: ``px [T, B, G*H]`` (or ``xs [T, B, I]``, ``w_x
 [I, G*H]`` and ``b [G*H]`` for kernels that project the input themselves),
-``w_h [H, G*H]``, ``b_hn [H]`` (GRU; for kernels that project, the peephole
-LSTM's ``peep [3, H]`` goes here; else empty), ``h0 [B, H]``, ``c0 [B, H]``
+``w_h [H, G*H]``, ``b_hn [H]`` (GRU; for kernels that project, an LSTM's
+peepholes ``peep [S, H]`` go here; else empty), ``h0 [B, H]``, ``c0 [B, H]``
 (LSTM, else empty); the sequence arrays may be batch-major (``[B, T, .]``)
 instead, where the targets' ``batch_major`` attribute says so. Kernels that
 project also take ``lengths [B]`` int32 (``[0]``: every sequence has T steps)
 and ``resets [T, B]`` bool (``[0]``: none) as further operands of all three
 targets (the backward target then takes the ``b_hn``/``peep`` operand again and
-returns ``dpeep [B, 3H]``, each batch row's peephole gradients, or ``[0]``):
+returns ``dpeep [B, S*H]``, each batch row's peephole gradients, or ``[0]``):
 past its length a sequence's carry stays, its outputs and gate
 gradients are zero, and (reverse) it starts at its own last valid step; at a
 valid step with a reset the carry is zero before the step, as in
@@ -46,12 +46,16 @@ from seqjax.cells.base import Array, matmul
 from seqjax.cells.lstm import LSTMCarry
 from seqjax.fused import _start_h
 
-__all__ = ["CELLS", "native_scan"]
+__all__ = ["CELLS", "LSTM_VARIANTS", "native_scan"]
 
-#: kind -> the kernels' cell number (seqjax.onednn's numbering); "lstm_peep" (the LSTM with peepholes) only in
-#: kernels that project their input (`seqjax.avx2`)
-CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 3, "rnn_relu": 4, "lstm_peep": 7}
-_LSTMS = (CELLS["lstm"], CELLS["lstm_peep"])
+#: kind -> the kernels' cell number (seqjax.onednn's numbering). The kernels that project their input
+#: (`seqjax.avx2`) also run Greff et al.'s LSTM variants (`LSTM_VARIANTS`: 64 plus a bit per change), and any
+#: LSTM with peepholes (the peep operand given).
+CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 3, "rnn_relu": 4, "lstm_nig": 65, "lstm_nfg": 66, "lstm_nog": 68,
+         "lstm_cifg": 72, "lstm_niaf": 80, "lstm_noaf": 96}
+#: the LSTM kinds besides "lstm": Greff et al.'s variants that change one thing (NP is "lstm"; FGR is not here)
+LSTM_VARIANTS = ("lstm_nig", "lstm_nfg", "lstm_nog", "lstm_cifg", "lstm_niaf", "lstm_noaf")
+_LSTMS = {CELLS[k] for k in ("lstm", *LSTM_VARIANTS)}
 
 
 class Target(NamedTuple):
@@ -82,7 +86,7 @@ def _forward(target, training, inputs, w_h, b_hn, h0, c0, masks=()):
     lead = inputs[0].shape[:2]  # (T, B) or (B, T)
     GH = w_h.shape[1]
     H = h0.shape[-1]
-    residuals = training and target.cell in (*_LSTMS, CELLS["gru"])
+    residuals = training and (target.cell in _LSTMS or target.cell == CELLS["gru"])
     out = (_sds((*lead, H)), _sds(h0.shape), _sds(c0.shape), _sds((*lead, GH) if residuals else (0,)),
            _sds((*lead, H) if residuals else (0,)))
     call = jax.ffi.ffi_call(f"{target.prefix}_forward", out, vmap_method="sequential")
@@ -93,10 +97,10 @@ def _state_grads(target, saved, cts, masks=None):
     """``(dpx, dghn, dh0, dc0, dpeep)`` from the backward target (``dghn`` empty but for the GRU).
 
     Kernels that project take ``masks`` ``(lengths, resets)`` and then the cell's
-    extra vector (``saved[1]``) as further operands, and return ``dpeep [B, 3H]``
-    (the peephole LSTM: each batch row's sums over its steps of dA_i c_{t-1},
-    dA_f c_{t-1} and dA_o c_t; else empty) as a fifth result; for the others
-    (``masks=None``) ``dpeep`` is None.
+    extra vector (``saved[1]``) as further operands, and return ``dpeep [B, S*H]``
+    (an LSTM with peepholes ``[S, H]``: each batch row's sums over its steps of
+    dA_i c_{t-1}, dA_f c_{t-1} and dA_o c_t, as present; else empty) as a fifth
+    result; for the others (``masks=None``) ``dpeep`` is None.
     """
     w_h, extra, h0, c0, ys, act, aux = saved
     dys, dhT, dcT = cts
@@ -105,7 +109,7 @@ def _state_grads(target, saved, cts, masks=None):
     out = (_sds((*lead, w_h.shape[1])), _sds((*lead, H) if gru else (0,)), _sds(h0.shape), _sds(c0.shape))
     operands = (dys, dhT, dcT, w_h, ys, h0, c0, act, aux)
     if masks is not None:
-        out += (_sds((h0.shape[0], 3 * H) if target.cell == CELLS["lstm_peep"] else (0,)),)
+        out += (_sds((h0.shape[0], extra.size) if target.cell in _LSTMS and extra.size else (0,)),)
         operands += (*masks, extra)
     # operands 7 and 8 are act and aux; results 0 and 1 are dpx and dghn
     aliases = ({7: 0, 8: 1} if gru else {7: 0}) if target.in_place and act.size else None
@@ -198,7 +202,8 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
 
     Args:
       prefix: the targets' common prefix, e.g. "seqjax_cuda_rnn".
-      kind: "lstm", "gru", "rnn_tanh", "rnn_relu" or (kernels that project) "lstm_peep" (`CELLS`).
+      kind: "lstm", "gru", "rnn_tanh", "rnn_relu" or (kernels that project) one of `LSTM_VARIANTS` (`CELLS`);
+        an LSTM kind has peepholes where ``params.peep`` is not None (kernels that project only).
       params: the cell's params, float32.
       xs: [T, B, I] float32, or [B, T, I] where ``attrs`` hold ``("batch_major", True)``.
       carry0: `LSTMCarry` or h [B, H], float32.
@@ -217,15 +222,16 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
     """
     if kind not in CELLS:
         raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
-    if kind == "lstm_peep" and not projects:
-        raise ValueError(f"seqjax: the {prefix} kernels have no peephole LSTM")
-    lstm = kind in ("lstm", "lstm_peep")
+    lstm = CELLS[kind] in _LSTMS
+    if not projects and (kind in LSTM_VARIANTS or (lstm and params.peep is not None)):
+        raise ValueError(f"seqjax: the {prefix} kernels run the standard LSTM without peepholes only, got {kind!r}"
+                         f"{' with peepholes' if lstm and params.peep is not None else ''}")
     if lstm:
         h0, c0 = carry0.h, carry0.c
     else:
         h0, c0 = carry0, _empty()
-    # the cell's extra parameter vector: the GRU's b_hn, the peepholes [3, H] (p_i, p_f, p_o)
-    extra = params.b_hn if kind == "gru" else params.peep if kind == "lstm_peep" else _empty()
+    # the cell's extra parameter vector: the GRU's b_hn, an LSTM's peepholes [S, H] (p_i, p_f, p_o as present)
+    extra = params.b_hn if kind == "gru" else params.peep if lstm and params.peep is not None else _empty()
     xs = xs.astype(jnp.float32)
     target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place))
     if projects:

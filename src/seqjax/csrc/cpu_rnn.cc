@@ -1,6 +1,6 @@
 // Whole recurrences as XLA FFI handlers for x86 CPUs with AVX2 and FMA or AVX-512 (seqjax.avx2): the LSTM
-// (with or without peepholes), the GRU (reset_after, PyTorch's and cuDNN's form) and the tanh/relu Elman RNN,
-// float32, forward and backward. The backward handler has the operands and results of seqjax.cuda's
+// (with or without peepholes, and Greff et al.'s variants NIG, NFG, NOG, CIFG, NIAF and NOAF), the GRU
+// (reset_after, PyTorch's and cuDNN's form) and the tanh/relu Elman RNN, float32, forward and backward. The backward handler has the operands and results of seqjax.cuda's
 // (cuda_rnn.cu) and then the masks and the peepholes and their per-row gradients; the forward one takes xs, W_x
 // and b where the CUDA one takes px = x W_x + b, and computes the projection itself (seqjax.persistent holds
 // the jax.custom_vjp around them). A third handler, WeightGrads, computes dW_x,
@@ -33,16 +33,40 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Must match seqjax.persistent's CELLS (seqjax.onednn's numbering; the peephole LSTM is these kernels' own).
-enum Cell : int64_t { kLstm = 0, kGru = 1, kRnnTanh = 3, kRnnRelu = 4, kLstmPeep = 7 };
+// Must match seqjax.persistent's CELLS (seqjax.onednn's numbering; the LSTM variants are these kernels' own).
+enum Cell : int64_t { kLstm = 0, kGru = 1, kRnnTanh = 3, kRnnRelu = 4 };
+// Greff et al.'s LSTM variants: kLstmVariant | one of these bits (kLstm is the standard LSTM, no bits). Any of
+// them, kLstm too, has peepholes where the peep operand is given (p_i, p_f on c_{t-1} and p_o on c_t, one row
+// per sigmoid gate that the variant computes, in that order).
+enum LstmBits : int64_t {
+  kLstmVariant = 64,
+  kNoInputGate = 1,     // NIG: i = 1
+  kNoForgetGate = 2,    // NFG: f = 1
+  kNoOutputGate = 4,    // NOG: o = 1
+  kCoupled = 8,         // CIFG: f = 1 - i
+  kLinearInput = 16,    // NIAF: g = a_g
+  kLinearOutput = 32,   // NOAF: h = o c
+};
 // The forward pass only: the RNN with two register blocks of units per chunk, u and H/2 + u, as if it had
 // two gates of H/2 units (where H/2 is a multiple of kU): a tile's k step loads 2 weight vectors and R
 // broadcasts for 2R FMAs instead of 1 and R for R.
 enum PairedCell : int64_t { kRnnTanhPair = 5, kRnnReluPair = 6 };
 constexpr bool is_pair(int64_t cell) { return cell == kRnnTanhPair || cell == kRnnReluPair; }
 constexpr bool is_rnn(int64_t cell) { return cell == kRnnTanh || cell == kRnnRelu || is_pair(cell); }
-constexpr bool is_lstm(int64_t cell) { return cell == kLstm || cell == kLstmPeep; }
-constexpr int gates_of(int64_t cell) { return is_lstm(cell) ? 4 : cell == kGru ? 3 : is_pair(cell) ? 2 : 1; }
+constexpr bool is_lstm(int64_t cell) { return cell == kLstm || (cell & kLstmVariant); }
+constexpr bool lstm_has(int64_t cell, int64_t bits) { return cell != kLstm && (cell & bits); }
+// The gates an LSTM variant computes, in column order i, f, g, o; a missing gate is 1 (f: 1 - i for CIFG).
+constexpr bool has_i(int64_t cell) { return !lstm_has(cell, kNoInputGate); }
+constexpr bool has_f(int64_t cell) { return !lstm_has(cell, kNoForgetGate | kCoupled); }
+constexpr bool has_o(int64_t cell) { return !lstm_has(cell, kNoOutputGate); }
+constexpr int col_f(int64_t cell) { return has_i(cell); }
+constexpr int col_g(int64_t cell) { return has_i(cell) + has_f(cell); }
+constexpr int col_o(int64_t cell) { return col_g(cell) + 1; }
+// sigmoid gates: the rows of peep, i, f, o as present
+constexpr int sigmoid_gates(int64_t cell) { return has_i(cell) + has_f(cell) + has_o(cell); }
+constexpr int gates_of(int64_t cell) {
+  return is_lstm(cell) ? sigmoid_gates(cell) + 1 : cell == kGru ? 3 : is_pair(cell) ? 2 : 1;
+}
 
 // ------------------------------------------------------------------------------------ vector math
 // One source, two builds (seqjax.native): AVX2 + FMA (8 floats per register, 16 registers) and, with
@@ -236,7 +260,7 @@ struct ForwardArgs {
   const float* xs;    // [T, B, I] or [B, T, I] (`rows`)
   const float* b;     // [G*H]: the bias of the gates' pre-activations
   const float* b_hn;  // [H] (GRU) or null
-  const float* peep;  // [3][H] (peephole LSTM): p_i, p_f on c_{t-1} and p_o on c_t, or null
+  const float* peep;  // [S][H] (LSTM with peepholes): p_i, p_f on c_{t-1} and p_o on c_t as present, or null
   const float* h0;    // [B, H]
   float* ys;          // [T, B, H] or [B, T, H]
   float* c;           // [B, H] (LSTM): c_{t-1}, updated in place (the cT result), or null
@@ -365,20 +389,25 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
     if constexpr (is_lstm(CELL)) {
       float* cp = a.c + static_cast<size_t>(b0 + r) * H + u;
       const vec cprev = ld(cp);
-      vec pre_i = acc[r][0], pre_f = acc[r][1], pre_o = acc[r][3];
-      if constexpr (CELL == kLstmPeep) {
-        pre_i = fmadd(ld(a.peep + u), cprev, pre_i);
-        pre_f = fmadd(ld(a.peep + H + u), cprev, pre_f);
-      }
-      const vec i = sigmoidv(pre_i), f = sigmoidv(pre_f), g = tanhv(acc[r][2]);
+      // the pre-activation plus, with peepholes, row k of peep times the cell state it looks at
+      const auto peeped = [&](int k, vec cell_state, vec pre) {
+        return a.peep ? fmadd(ld(a.peep + k * H + u), cell_state, pre) : pre;
+      };
+      vec i = v(1.f), f = v(1.f), o = v(1.f);
+      if constexpr (has_i(CELL)) i = sigmoidv(peeped(0, cprev, acc[r][0]));
+      if constexpr (has_f(CELL)) f = sigmoidv(peeped(col_f(CELL), cprev, acc[r][col_f(CELL)]));
+      if constexpr (lstm_has(CELL, kCoupled)) f = one_minus(i);
+      const vec g = lstm_has(CELL, kLinearInput) ? acc[r][col_g(CELL)] : tanhv(acc[r][col_g(CELL)]);
       const vec c = fmadd(f, cprev, mul(i, g));
-      if constexpr (CELL == kLstmPeep) pre_o = fmadd(ld(a.peep + 2 * H + u), c, pre_o);
-      const vec o = sigmoidv(pre_o);
+      if constexpr (has_o(CELL)) o = sigmoidv(peeped(sigmoid_gates(CELL) - 1, c, acc[r][col_o(CELL)]));
       st(cp, reset ? zero() : c);
-      h_new = mul(o, tanhv(c));
+      h_new = mul(o, lstm_has(CELL, kLinearOutput) ? c : tanhv(c));
       if (a.act) {
         float* q = a.act + row * GH + u;
-        st(q, i), st(q + H, f), st(q + 2 * H, g), st(q + 3 * H, o);
+        if constexpr (has_i(CELL)) st(q, i);
+        if constexpr (has_f(CELL)) st(q + col_f(CELL) * H, f);
+        st(q + col_g(CELL) * H, g);
+        if constexpr (has_o(CELL)) st(q + col_o(CELL) * H, o);
         st(a.aux + row * H + u, c);
       }
     } else if constexpr (CELL == kGru) {
@@ -470,8 +499,8 @@ struct BackwardArgs {
   float* dh;         // [B, H]: the gradient reaching h_t from step t+1 (starts as dhT; ends as dh0)
   float* dc;         // [B, H] (LSTM): the gradient reaching c_t (starts as dcT; ends as dc0), or null
   float* dhz;        // [B, H]: the direct path to h_{t-1} (GRU: dh_t z_t; padding: dh_t), or null (no GRU, no lengths)
-  const float* peep; // [3][H] (peephole LSTM), or null
-  float* dpeep;      // [B][3H] (peephole LSTM): each row's sums over its steps of dA_i c_{t-1}, dA_f c_{t-1}, dA_o c_t
+  const float* peep; // [S][H] (LSTM with peepholes), or null
+  float* dpeep;      // [B][S*H] (with peep): each row's sums over its steps of dA_i c_{t-1}, dA_f c_{t-1}, dA_o c_t
   float* dap;        // the recurrent GEMM's output gradient of two steps (`kPackedDa`; rows past B stay 0)
   const float* wt;   // packed W_h^T: [H/kU][G*H][kU], output unit block, gate column, output unit
   Masks mask;
@@ -540,24 +569,36 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
     const size_t prow = start ? 0 : a.rows.at(tp, b);
     const vec dh = add(ld(a.dh + bu), ld(a.dys + row * H + u));
     if constexpr (is_lstm(CELL)) {
+      constexpr int S = sigmoid_gates(CELL);
       const float* q = a.act + row * GH + u;
-      const vec i = ld(q), f = ld(q + H), g = ld(q + 2 * H), o = ld(q + 3 * H);
-      const vec c = ld(a.aux + row * H + u), tc = tanhv(c);
+      const vec i = has_i(CELL) ? ld(q) : v(1.f), g = ld(q + col_g(CELL) * H);
+      const vec f = has_f(CELL) ? ld(q + col_f(CELL) * H) : lstm_has(CELL, kCoupled) ? one_minus(i) : v(1.f);
+      const vec o = has_o(CELL) ? ld(q + col_o(CELL) * H) : v(1.f);
+      const vec c = ld(a.aux + row * H + u), tc = lstm_has(CELL, kLinearOutput) ? c : tanhv(c);
       const vec cprev = reset ? zero() : start ? ld(a.c0 + bu) : ld(a.aux + prow * H + u);
-      const vec d_o = mul(mul(dh, tc), mul(o, one_minus(o)));
-      vec dcc = fmadd(mul(dh, o), one_minus(mul(tc, tc)), ld(a.dc + bu));
-      if constexpr (CELL == kLstmPeep) dcc = fmadd(d_o, ld(a.peep + 2 * H + u), dcc);  // c_t reaches o_t
-      const vec d[4] = {mul(mul(dcc, g), mul(i, one_minus(i))), mul(mul(dcc, cprev), mul(f, one_minus(f))),
-                           mul(mul(dcc, i), one_minus(mul(g, g))), d_o};
-      st(dpx, d[0]), st(dpx + H, d[1]), st(dpx + 2 * H, d[2]), st(dpx + 3 * H, d[3]);
-      pack_da<4>(a, s, b, u, d, reset);
+      const float* peep = a.peep ? a.peep + u : nullptr;  // rows p_i, p_f, p_o as present, H apart
+      vec d[G];
+      vec dcc = lstm_has(CELL, kLinearOutput) ? fmadd(dh, o, ld(a.dc + bu))
+                                              : fmadd(mul(dh, o), one_minus(mul(tc, tc)), ld(a.dc + bu));
+      if constexpr (has_o(CELL)) {
+        d[col_o(CELL)] = mul(mul(dh, tc), mul(o, one_minus(o)));
+        if (peep) dcc = fmadd(d[col_o(CELL)], ld(peep + (S - 1) * H), dcc);  // c_t reaches o_t
+      }
+      // CIFG: i_t scales g_t and, through f_t = 1 - i_t, c_{t-1}
+      if constexpr (has_i(CELL))
+        d[0] = mul(mul(dcc, lstm_has(CELL, kCoupled) ? sub(g, cprev) : g), mul(i, one_minus(i)));
+      if constexpr (has_f(CELL)) d[col_f(CELL)] = mul(mul(dcc, cprev), mul(f, one_minus(f)));
+      d[col_g(CELL)] = lstm_has(CELL, kLinearInput) ? mul(dcc, i) : mul(mul(dcc, i), one_minus(mul(g, g)));
+      for (int k = 0; k < G; ++k) st(dpx + k * H, d[k]);
+      pack_da<G>(a, s, b, u, d, reset);
       vec dc_prev = mul(dcc, f);
-      if constexpr (CELL == kLstmPeep) {  // c_{t-1} reaches i_t and f_t too
-        dc_prev = fmadd(d[1], ld(a.peep + H + u), fmadd(d[0], ld(a.peep + u), dc_prev));
-        float* dp = a.dpeep + static_cast<size_t>(b) * 3 * H + u;
-        st(dp, fmadd(d[0], cprev, ld(dp)));
-        st(dp + H, fmadd(d[1], cprev, ld(dp + H)));
-        st(dp + 2 * H, fmadd(d_o, c, ld(dp + 2 * H)));
+      if (peep) {  // c_{t-1} reaches i_t and f_t too
+        if constexpr (has_i(CELL)) dc_prev = fmadd(d[0], ld(peep), dc_prev);
+        if constexpr (has_f(CELL)) dc_prev = fmadd(d[col_f(CELL)], ld(peep + col_f(CELL) * H), dc_prev);
+        float* dp = a.dpeep + static_cast<size_t>(b) * S * H + u;
+        if constexpr (has_i(CELL)) st(dp, fmadd(d[0], cprev, ld(dp)));
+        if constexpr (has_f(CELL)) st(dp + col_f(CELL) * H, fmadd(d[col_f(CELL)], cprev, ld(dp + col_f(CELL) * H)));
+        if constexpr (has_o(CELL)) st(dp + (S - 1) * H, fmadd(d[col_o(CELL)], c, ld(dp + (S - 1) * H)));
       }
       st(a.dc + bu, reset ? zero() : dc_prev);
       if (a.dhz) st(a.dhz + bu, zero());
@@ -845,8 +886,16 @@ int helpers_for(int64_t threads, int64_t flops_per_step) {
   return flops_per_step >= (int64_t{1} << 19) ? 1 : 0;
 }
 
+// the cells `dispatch` runs: Greff et al.'s LSTM variants one change at a time (FGR aside)
+constexpr bool known(int64_t cell) {
+  if (cell == kLstm || cell == kGru || cell == kRnnTanh || cell == kRnnRelu) return true;
+  for (int64_t bits : {kNoInputGate, kNoForgetGate, kNoOutputGate, kCoupled, kLinearInput, kLinearOutput})
+    if (cell == (kLstmVariant | bits)) return true;
+  return false;
+}
+
 ffi::Error check(int64_t cell, int H) {
-  if (!is_lstm(cell) && cell != kGru && cell != kRnnTanh && cell != kRnnRelu)
+  if (!known(cell))
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "seqjax avx2: unknown cell " + std::to_string(cell));
   if (H % kU != 0)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
@@ -858,7 +907,12 @@ template <typename Fn>
 void dispatch(int64_t cell, Fn fn) {
   switch (cell) {
     case kLstm: return fn(std::integral_constant<int, kLstm>());
-    case kLstmPeep: return fn(std::integral_constant<int, kLstmPeep>());
+    case kLstmVariant | kNoInputGate: return fn(std::integral_constant<int, kLstmVariant | kNoInputGate>());
+    case kLstmVariant | kNoForgetGate: return fn(std::integral_constant<int, kLstmVariant | kNoForgetGate>());
+    case kLstmVariant | kNoOutputGate: return fn(std::integral_constant<int, kLstmVariant | kNoOutputGate>());
+    case kLstmVariant | kCoupled: return fn(std::integral_constant<int, kLstmVariant | kCoupled>());
+    case kLstmVariant | kLinearInput: return fn(std::integral_constant<int, kLstmVariant | kLinearInput>());
+    case kLstmVariant | kLinearOutput: return fn(std::integral_constant<int, kLstmVariant | kLinearOutput>());
     case kGru: return fn(std::integral_constant<int, kGru>());
     case kRnnTanh: return fn(std::integral_constant<int, kRnnTanh>());
     default: return fn(std::integral_constant<int, kRnnRelu>());
@@ -891,8 +945,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
   const int64_t run_as = pair ? (cell == kRnnTanh ? kRnnTanhPair : kRnnReluPair) : cell;
   const int G = gates_of(run_as), GS = pair ? H / 2 : H;  // gates of GS units
   const size_t BH = static_cast<size_t>(B) * H;
-  if (cell == kLstmPeep && extra.element_count() != 3 * static_cast<size_t>(H))
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "seqjax avx2: the peephole LSTM needs peep [3, H]");
+  const bool peep = is_lstm(cell) && extra.element_count() > 0;
+  if (peep && extra.element_count() != static_cast<size_t>(sigmoid_gates(cell)) * H)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "seqjax avx2: peep must hold one row of H per sigmoid gate");
   advise_huge_pages(ys), advise_huge_pages(act), advise_huge_pages(aux);
   float* c = out_or_null(cT);
   if (c) std::memcpy(c, c0.typed_data(), BH * 4);
@@ -914,7 +969,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
     if (c) std::fill_n(c + static_cast<size_t>(row) * H, H, 0.f);
   }
   ForwardArgs a{xs.typed_data(), b.typed_data(), cell == kGru ? ptr_or_null(extra) : nullptr,
-                cell == kLstmPeep ? ptr_or_null(extra) : nullptr, h_start, ys->typed_data(), c,
+                peep ? extra.typed_data() : nullptr, h_start, ys->typed_data(), c,
                 out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), mask, T, B, I, H, reverse,
                 {T, B, batch_major}};
   const int64_t flops_per_step = int64_t{2} * B * (I + H) * G * GS;
@@ -955,12 +1010,13 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   // writes the same one); those are mapped already
   if (dpx->typed_data() != act.typed_data()) advise_huge_pages(dpx);
   if (dghn->typed_data() != aux.typed_data()) advise_huge_pages(dghn);
-  if (cell == kLstmPeep && (extra.element_count() != 3 * static_cast<size_t>(H) ||
-                            dpeep->element_count() != 3 * BH))
+  const bool peep = is_lstm(cell) && extra.element_count() > 0;
+  const size_t peep_rows = peep ? sigmoid_gates(cell) : 0;
+  if (peep && (extra.element_count() != peep_rows * H || dpeep->element_count() != peep_rows * BH))
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "seqjax avx2: the peephole LSTM needs peep [3, H] and dpeep [B, 3H]");
-  float* dp = cell == kLstmPeep ? dpeep->typed_data() : nullptr;
-  if (dp) std::fill_n(dp, 3 * BH, 0.f);
+                      "seqjax avx2: peep must hold one row of H per sigmoid gate, and dpeep B such rows");
+  float* dp = peep ? dpeep->typed_data() : nullptr;
+  if (dp) std::fill_n(dp, peep_rows * BH, 0.f);
   float* dc = out_or_null(dc0);
   if (dc) std::memcpy(dc, dcT.typed_data(), BH * 4);
   std::memcpy(dh0->typed_data(), dhT.typed_data(), BH * 4);
@@ -972,7 +1028,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   std::vector<float> dap(2 * static_cast<size_t>(padded_rows(B)) * lda(G * H), 0.f);
   BackwardArgs a{dys.typed_data(), ys.typed_data(), h0.typed_data(), ptr_or_null(c0), ptr_or_null(act),
                  ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh0->typed_data(), dc, dhz,
-                 cell == kLstmPeep ? extra.typed_data() : nullptr, dp, dap.data(), wt.data(),
+                 peep ? extra.typed_data() : nullptr, dp, dap.data(), wt.data(),
                  {len, ptr_or_null(resets), T, B}, T, B, H, reverse, {T, B, batch_major}};
   const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
   const int chunks = H / (backward_blocks(H) * kU);

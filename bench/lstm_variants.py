@@ -1,25 +1,26 @@
-"""The peephole LSTM (Greff et al.'s "vanilla LSTM") through each of seqjax's paths, and the plain LSTM beside it.
+"""Greff et al.'s LSTM variants through seqjax's paths: its CPU kernels against XLA's loop.
 
-PyTorch, Flax, Equinox and Haiku have no peephole LSTM, so this compares
-seqjax's own ways to run one, at the three shapes of issue 3, forward and train
-step (`value_and_grad` of mean(outputs²) with respect to the parameters and the
-input):
+PyTorch, Flax, Equinox and Haiku have none of them (no peepholes either), so
+this compares seqjax's own ways to run each, at the three shapes of issue 3,
+forward and train step (`value_and_grad` of mean(outputs²) with respect to the
+parameters and the input). For each variant of `seqjax.lstm_variant`
+("vanilla" is the peephole LSTM, "NP" the plain LSTM without peepholes):
 
-* ``seqjax`` (``kernel="auto"``): the AVX2/AVX-512 kernels where they apply;
-* ``seqjax kernel=onednn``: oneDNN's ``vanilla_lstm`` primitive with peepholes
-  (skipped with a note where oneDNN is not installed);
-* ``seqjax kernel=xla``: XLA's loop with `seqjax.fused`'s custom VJP;
-* ``seqjax kernel=xla, autodiff``: XLA's loop, autodiff of the scan;
-* ``seqjax plain LSTM``: the LSTM without peepholes, ``kernel="auto"`` (what
-  the peepholes cost).
+* ``<variant>``: ``kernel="auto"``, seqjax's AVX2/AVX-512 kernels where they
+  apply;
+* ``<variant> kernel=xla``: XLA's loop with `seqjax.fused`'s custom VJP;
+* for "vanilla" also ``kernel=onednn`` (oneDNN's ``vanilla_lstm`` with
+  peepholes; skipped with a note where oneDNN is not installed) and
+  ``kernel=xla, autodiff`` (autodiff of XLA's loop).
 
-Every candidate is interleaved in one process; medians, and ratios to the
-plain LSTM.
+Every candidate is interleaved in one process; medians, and ratios to "NP"
+through the kernels (the plain LSTM).
 
-    python bench/peepholes.py               # the three shapes
-    python bench/peepholes.py --quick       # a tiny shape, few reps (smoke test)
+    python bench/lstm_variants.py                        # all variants, the three shapes
+    python bench/lstm_variants.py --variants vanilla     # the peephole LSTM only
+    python bench/lstm_variants.py --quick                # a tiny shape, few reps (smoke test)
 
-Writes <out>/peepholes.json, <out>/peepholes.png and prints a markdown table.
+Writes <out>/lstm_variants.json, <out>/lstm_variants.png and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -37,31 +38,37 @@ import peers  # noqa: E402
 
 import seqjax  # noqa: E402
 
-REFERENCE = "seqjax plain LSTM"
-CANDIDATES = {  # name -> (peepholes, seqjax.scan options)
-    "seqjax": (True, {}),
-    "seqjax kernel=onednn": (True, {"kernel": "onednn"}),
-    "seqjax kernel=xla": (True, {"kernel": "xla"}),
-    "seqjax kernel=xla, autodiff": (True, {"kernel": "xla", "backward": "autodiff"}),
-    REFERENCE: (False, {}),
-}
+REFERENCE = "NP"
+VARIANTS = ("vanilla", "NP", "NIG", "NFG", "NOG", "CIFG", "NIAF", "NOAF")  # FGR: no kernel
+# name suffix -> seqjax.scan options; the last two for "vanilla" only
+PATHS = {"": {}, " kernel=xla": {"kernel": "xla"}, " kernel=onednn": {"kernel": "onednn"},
+         " kernel=xla, autodiff": {"kernel": "xla", "backward": "autodiff"}}
 
 
-def _build(peepholes, scan_kwargs, B, T, I, H):
+def candidates(variants):
+    """name -> (variant, seqjax.scan options)."""
+    out = {}
+    for variant in variants:
+        for suffix, scan_kwargs in list(PATHS.items())[:4 if variant == "vanilla" else 2]:
+            out[variant + suffix] = (variant, scan_kwargs)
+    return out
+
+
+def _build(variant, scan_kwargs, B, T, I, H):
     """(run(params, x) -> ys, params); peepholes drawn from N(0, 0.1²) so that they count."""
     if scan_kwargs.get("kernel") == "onednn":
         seqjax.native.load_onednn()  # NativeUnavailable (a RuntimeError): skipped with a note
-    cell = seqjax.lstm(H, peepholes=peepholes, peephole_init=jax.nn.initializers.normal(0.1))
+    cell = seqjax.lstm_variant(variant, H, peephole_init=jax.nn.initializers.normal(0.1))
     return (lambda p, x: seqjax.scan(cell, p, x, **scan_kwargs)[1]), cell.init(jax.random.key(0), I)
 
 
-def bench_shape(shape_name, shape, reps, notes, progress=None):
+def bench_shape(shape_name, shape, cands, reps, notes, progress=None):
     B, T, I, H = shape
     x = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
     fns, meta = {}, {}
-    for name, (peepholes, scan_kwargs) in CANDIDATES.items():
+    for name, (variant, scan_kwargs) in cands.items():
         try:
-            run, params = _build(peepholes, scan_kwargs, B, T, I, H)
+            run, params = _build(variant, scan_kwargs, B, T, I, H)
         except RuntimeError as e:
             notes.add(f"{name}: skipped ({e})")
             continue
@@ -78,7 +85,8 @@ def bench_shape(shape_name, shape, reps, notes, progress=None):
                          **common.summarise(s), **meta[key]))
     ref = {r["mode"]: r["median_ms"] for r in rows if r["library"] == REFERENCE}
     for r in rows:
-        r["ratio_to_plain"] = r["median_ms"] / ref[r["mode"]]
+        if ref:
+            r["ratio_to_plain"] = r["median_ms"] / ref[r["mode"]]
     return rows
 
 
@@ -87,32 +95,34 @@ def table(rows) -> str:
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for lib in dict.fromkeys(r["library"] for r in rows if r["shape"] == shape):
             by = {r["mode"]: r for r in rows if r["shape"] == shape and r["library"] == lib}
-            body.append([shape, lib, by["fwd"]["median_ms"], by["fwd"]["ratio_to_plain"], by["train"]["median_ms"],
-                         by["train"]["ratio_to_plain"]])
-    return common.markdown_table(["shape", "candidate", "fwd ms", "fwd / plain", "train ms", "train / plain"], body)
+            body.append([shape, lib, by["fwd"]["median_ms"], by["fwd"].get("ratio_to_plain", ""),
+                         by["train"]["median_ms"], by["train"].get("ratio_to_plain", "")])
+    return common.markdown_table(["shape", "candidate", "fwd ms", "fwd / NP", "train ms", "train / NP"], body)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny shape and few reps (smoke test)")
+    ap.add_argument("--variants", default=None, help="comma list (default: all): " + ",".join(VARIANTS))
     ap.add_argument("--shapes", default=None, help="comma list of small,standard,long")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds per shape (default 15)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--name", default="peepholes", help="basename of the JSON/PNG written")
+    ap.add_argument("--name", default="lstm_variants", help="basename of the JSON/PNG written")
     args = ap.parse_args(argv)
 
     shapes = common.QUICK_SHAPES if args.quick else common.SHAPES
     shapes = {k: shapes[k] for k in common.parse_list(args.shapes, list(shapes), "shapes")}
     reps = args.reps or (3 if args.quick else 15)
+    cands = candidates(common.parse_list(args.variants, VARIANTS, "variants"))
     notes: set[str] = set()
     try:
         from tqdm import tqdm
-        progress = tqdm(total=len(shapes) * reps, desc="peepholes", file=sys.stderr)
+        progress = tqdm(total=len(shapes) * reps, desc="lstm variants", file=sys.stderr)
     except ImportError:
         progress = None
     rows, t0 = [], time.time()
     for sname, shape in shapes.items():
-        rows += bench_shape(sname, shape, reps, notes, progress)
+        rows += bench_shape(sname, shape, cands, reps, notes, progress)
     if progress is not None:
         progress.close()
     for n in sorted(notes):
@@ -120,7 +130,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     common.write_json(os.path.join(args.out, f"{args.name}.json"),
                       dict(rows=rows, notes=sorted(notes), reps=reps, wall_s=time.time() - t0))
-    peers.plot(rows, os.path.join(args.out, f"{args.name}.png"), ", peephole LSTM")
+    peers.plot(rows, os.path.join(args.out, f"{args.name}.png"), ", Greff et al.'s variants")
     print(table(rows))
     return rows
 
