@@ -37,8 +37,8 @@ Greff et al.) and Greff et al.'s variants of it (`seqjax.lstm_variant` "NIG",
 "NFG", "NOG", "CIFG", "NIAF", "NOAF", "NP"; not FGR, no projection), `seqjax.gru` with
 ``reset_after=True`` and `seqjax.rnn` with tanh or relu, for hidden sizes that
 are multiples of 8 (AVX2) or 16 (AVX-512). Needs an x86-64 CPU with AVX2 and FMA
-(or AVX-512F) and a C++ compiler (`seqjax.native.load_avx2`, about 8 s per
-build once, cached). tanh and sigmoid are a
+(or AVX-512F) and a C++ compiler (`seqjax.native.load_avx2`, 20–35 s per
+build on 2 cores, once, cached). tanh and sigmoid are a
 vectorised rational approximation (Eigen's, as XLA:CPU's), so results match
 XLA's to float32 rounding, not bit for bit.
 """

@@ -373,7 +373,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       * ``kernel``: ``"xla"`` runs the loop above, compiled by XLA. ``"avx2"``
         runs the whole recurrence, forward and backward, as one call into
         seqjax's own CPU kernels (`seqjax.avx2`: x86-64 with AVX2 and FMA, a C++
-        compiler to build them once, ~8 s): the standard LSTM, with or without
+        compiler to build them once, 20-35 s): the standard LSTM, with or without
         peepholes (Greff et al.'s "vanilla"), and Greff et al.'s variants of it
         but FGR, the GRU with
         ``reset_after=True`` and the tanh/relu RNN, float32, hidden size a
