@@ -167,6 +167,38 @@ def test_resets_match_xla(kind, reverse, with_lengths):
     assert_gradients_match_xla(avx2.auto_isa(32), cell, params, xs, carry, reverse, **masks)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "lstm_peep"])
+@pytest.mark.parametrize("B", [7, 40])
+def test_rows_taken_longest_first_give_the_bits_of_a_sorted_batch(kind, B):
+    """With lengths the kernels take the batch rows longest first (so that tiles of padding skip their work),
+    and each row's arithmetic is the same in any position: an unsorted batch gives the bits of the same batch
+    sorted by the caller, outputs, final carry and the gradients of xs and the carry (B = 40: split between
+    the two threads, each half with its share of long rows). The weight gradients sum the rows in memory
+    order, which sorting changes: those agree to rounding."""
+    T = 12
+    cell, params, xs, carry = _setup(kind, B, T, 5, 32, seed=19)
+    lengths = np.random.default_rng(19).integers(0, T + 1, B).astype(np.int32)
+    order = np.argsort(-lengths, kind="stable")
+    resets = _resets(B, T, 20)
+    assert not np.array_equal(order, np.arange(B))
+
+    def grads(p, x, c, L, R, reverse):
+        def loss(p, x, c):
+            final, ys = avx2.avx2_scan(_kk(kind), p, x, c, reverse, threads=2, time_major=False, lengths=L, resets=R)
+            return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(jnp.cos(a)) for a in jax.tree.leaves(final)), (final, ys)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(p, x, c)
+
+    for reverse in (False, True):
+        (_, got), (dp_got, dx_got, dc_got) = grads(params, xs, carry, lengths, resets, reverse)
+        (_, want), (dp_want, dx_want, dc_want) = grads(params, xs[order], jax.tree.map(lambda a: a[order], carry),
+                                                       lengths[order], resets[order], reverse)
+        back = np.argsort(order)  # the sorted batch's rows back in the caller's order
+        for a, b in zip(jax.tree.leaves((got, dx_got, dc_got)), jax.tree.leaves((want, dx_want, dc_want))):
+            np.testing.assert_array_equal(a, np.asarray(b)[back])
+        for a, b in zip(jax.tree.leaves(dp_got), jax.tree.leaves(dp_want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", VARIANTS)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_lstm_variants_match_numpy_and_xla(kind, reverse):

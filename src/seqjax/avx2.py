@@ -127,8 +127,9 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
       lengths: [B] int, the valid steps of each sequence, or None (all T).
         Past its length a sequence's carry stays and its outputs are zero;
         ``reverse`` starts each sequence at its own last valid step. Values
-        outside [0, T] act as 0 or T. Tiles of batch rows that are all padding
-        skip their products, so a batch sorted by length runs faster.
+        outside [0, T] act as 0 or T. The kernels take the batch rows
+        longest first, and tiles of rows that are all padding skip their
+        products (the order changes no bits).
       resets: [T, B] bool (or [B, T] with ``time_major=False``), or None: where
         true (at a valid step), the carry is set back to zero before the step.
 

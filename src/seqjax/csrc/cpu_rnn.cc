@@ -237,13 +237,20 @@ struct Rows {
 // sequence's carry stays as it is and its outputs are zero, in both directions (reverse then starts each
 // sequence at its own last valid step). Where a valid step has resets[t][b] the carry is set back to zero
 // before the step; a reset at a padding step does nothing, since the carry passes it unchanged.
+//
+// The forward and backward passes take the batch rows in the order `order` gives (slot -> batch row; null:
+// as they are): longest sequence first, so that the tiles of rows that are all padding come together and
+// skip their work. Their own buffers (h, c and their gradients) hold the rows by slot; the methods below take
+// slots, and `phys` finds the row of the sequence arrays. Each row's arithmetic is the same in any slot.
 struct Masks {
   const int32_t* len;    // [B], or null: every step is valid
   const bool* resets;    // [T, B] (time-major whatever the layout of the sequence arrays), or null: none
   int T, B;
-  bool active(int t, int b) const { return !len || t < len[b]; }
+  const int* order = nullptr;  // [B]: the batch row in each slot, or null: slot b is row b
+  int phys(int b) const { return order ? order[b] : b; }
+  bool active(int t, int b) const { return !len || t < len[phys(b)]; }
   bool reset(int t, int b) const {
-    return resets && t >= 0 && t < T && resets[static_cast<size_t>(t) * B + b] && active(t, b);
+    return resets && t >= 0 && t < T && resets[static_cast<size_t>(t) * B + phys(b)] && active(t, b);
   }
   // whether rows b0 .. b0+rows-1 are all padding at step t (false without lengths)
   bool padding_only(int t, int b0, int rows) const {
@@ -261,9 +268,9 @@ struct ForwardArgs {
   const float* b;     // [G*H]: the bias of the gates' pre-activations
   const float* b_hn;  // [H] (GRU) or null
   const float* peep;  // [S][H] (LSTM with peepholes): p_i, p_f on c_{t-1} and p_o on c_t as present, or null
-  const float* h0;    // [B, H]
+  const float* h0;    // [B, H], by slot
   float* ys;          // [T, B, H] or [B, T, H]
-  float* c;           // [B, H] (LSTM): c_{t-1}, updated in place (the cT result), or null
+  float* c;           // [B, H] (LSTM), by slot: c_{t-1}, updated in place, or null
   float* act;         // [T, B, G*H] or [B, T, G*H]: the activated gates (training), or null
   float* aux;         // as ys: LSTM: c_t, GRU: h_{t-1} W_hn + b_hn (training), or null
   const float* wx;    // packed W_x: [H/kU][I][G][kU], unit block, input feature, gate, unit
@@ -312,7 +319,7 @@ inline void accumulate(vec (&acc)[R][A], const float* in, int stride, const floa
 template <int CELL>
 inline void pad_row(const ForwardArgs& a, int t, const float* hprev, float* hn, int b, int u) {
   const int GS = is_pair(CELL) ? a.H / 2 : a.H;
-  const size_t row = a.rows.at(t, b);
+  const size_t row = a.rows.at(t, a.mask.phys(b));
   const bool reset = a.mask.reset(a.reverse ? t - 1 : t + 1, b);  // the next step starts from zero
   for (int g = 0; g < (is_pair(CELL) ? 2 : 1); ++g) {
     const int o = g * GS + u;
@@ -327,7 +334,8 @@ inline void pad_row(const ForwardArgs& a, int t, const float* hprev, float* hn, 
 // `save` ([R][A][kU]) and the next block of inputs picks them up. The GRU keeps a fourth accumulator,
 // x_t W_xn + b_n, apart from h_{t-1} W_hn + b_hn, which its reset gate scales.
 template <int CELL, int R>
-void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u, int k0, int k1, float* save) {
+void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u, int k0, int k1, float* save,
+                  const float* x, size_t x_stride) {
   constexpr int G = gates_of(CELL), A = CELL == kGru ? 4 : G;
   const int H = a.H, I = a.I, GH = G * H, GS = is_pair(CELL) ? H / 2 : H;
   if (a.mask.padding_only(t, b0, R)) {  // skip the products (sorting a batch by length makes more such tiles)
@@ -352,8 +360,8 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
   const size_t block = u / kU;
   if (k0 < I) {
     const int k = std::min(k1, I);
-    accumulate<R, G>(acc, a.xs + a.rows.at(t, b0) * I + k0, static_cast<int>(a.rows.batch_step() * I),
-                     a.wx + (block * I + k0) * G * kU, k - k0, [](int g) { return CELL == kGru && g == 2 ? 3 : g; });
+    accumulate<R, G>(acc, x + k0, static_cast<int>(x_stride), a.wx + (block * I + k0) * G * kU, k - k0,
+                     [](int g) { return CELL == kGru && g == 2 ? 3 : g; });
   }
   const float* h = hp + static_cast<size_t>(b0) * H;
   if (k1 > I) {
@@ -369,7 +377,7 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    const size_t row = a.rows.at(t, b0 + r);
+    const size_t row = a.rows.at(t, a.mask.phys(b0 + r));
     if (!a.mask.active(t, b0 + r)) {
       pad_row<CELL>(a, t, h + r * H, hn, b0 + r, u);
       continue;
@@ -437,10 +445,10 @@ constexpr int forward_rows() {
 
 template <int CELL, int R>
 void forward_rows_rest(const ForwardArgs& a, int t, const float* hp, float* hn, int b0, int u, int rows, int k0,
-                       int k1, float* save) {
+                       int k1, float* save, const float* x, size_t x_stride) {
   if constexpr (R > 0) {
-    if (rows == R) return forward_tile<CELL, R>(a, t, hp, hn, b0, u, k0, k1, save);
-    forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, rows, k0, k1, save);
+    if (rows == R) return forward_tile<CELL, R>(a, t, hp, hn, b0, u, k0, k1, save, x, x_stride);
+    forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, rows, k0, k1, save, x, x_stride);
   }
 }
 
@@ -452,7 +460,8 @@ constexpr int kPanelFloats = 8192;
 constexpr int kGroupTiles = 8;
 
 template <int CELL>
-void forward_chunk(const ForwardArgs& a, int s, int chunk, int r0, int r1) {
+// `xt`: where the inputs of step s are, rows r0 .. r1-1 (by slot) I floats apart, or null: in a.xs (`rows`).
+void forward_chunk(const ForwardArgs& a, int s, int chunk, int r0, int r1, const float* xt = nullptr) {
   constexpr int R = forward_rows<CELL>(), G = gates_of(CELL), A = CELL == kGru ? 4 : G;
   const int t = a.reverse ? a.T - 1 - s : s;
   // h_{t-1} from the contiguous copy: batch-major ys rows T * H apart would share L1 sets
@@ -468,8 +477,12 @@ void forward_chunk(const ForwardArgs& a, int s, int chunk, int r0, int r1) {
       const int k1 = std::min(k0 + kc, K);
       int b0 = g0;
       float* sv = save;
-      for (; b0 + R <= g1; b0 += R, sv += R * A * kU) forward_tile<CELL, R>(a, t, hp, hn, b0, u, k0, k1, sv);
-      if (b0 < g1) forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, g1 - b0, k0, k1, sv);
+      // row b's inputs: x(b) + k, rows x_stride floats apart
+      const size_t x_stride = xt ? a.I : a.rows.batch_step() * a.I;
+      const auto x = [&](int b) { return xt ? xt + static_cast<size_t>(b - r0) * a.I : a.xs + a.rows.at(t, b) * a.I; };
+      for (; b0 + R <= g1; b0 += R, sv += R * A * kU)
+        forward_tile<CELL, R>(a, t, hp, hn, b0, u, k0, k1, sv, x(b0), x_stride);
+      if (b0 < g1) forward_rows_rest<CELL, R - 1>(a, t, hp, hn, b0, u, g1 - b0, k0, k1, sv, x(b0), x_stride);
     }
   }
 }
@@ -496,9 +509,9 @@ struct BackwardArgs {
   const float* aux;  // [T, B, H] from the forward pass (LSTM, GRU) or null
   float* dpx;        // [T, B, G*H]: the gradient of px
   float* dghn;       // [T, B, H] (GRU): the gradient of h_{t-1} W_hn + b_hn, or null
-  float* dh;         // [B, H]: the gradient reaching h_t from step t+1 (starts as dhT; ends as dh0)
-  float* dc;         // [B, H] (LSTM): the gradient reaching c_t (starts as dcT; ends as dc0), or null
-  float* dhz;        // [B, H]: the direct path to h_{t-1} (GRU: dh_t z_t; padding: dh_t), or null (no GRU, no lengths)
+  float* dh;         // [B, H] by slot: the gradient reaching h_t from step t+1 (starts as dhT; ends as dh0)
+  float* dc;         // [B, H] (LSTM) by slot: the gradient reaching c_t (starts as dcT; ends as dc0), or null
+  float* dhz;        // [B, H] by slot: the direct path to h_{t-1} (GRU: dh_t z_t; padding: dh_t), or null (no GRU, no lengths)
   const float* peep; // [S][H] (LSTM with peepholes), or null
   float* dpeep;      // [B][S*H] (with peep): each row's sums over its steps of dA_i c_{t-1}, dA_f c_{t-1}, dA_o c_t
   float* dap;        // the recurrent GEMM's output gradient of two steps (`kPackedDa`; rows past B stay 0)
@@ -553,7 +566,8 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
   const int tp = a.reverse ? t + 1 : t - 1;
   const bool first = tp < 0 || tp >= a.T;
   for (int b = r0; b < r1; ++b) {
-    const size_t row = a.rows.at(t, b), bu = static_cast<size_t>(b) * H + u;
+    const int pb = a.mask.phys(b);  // the batch row in slot b: dh, dc and dhz are by slot, the rest by row
+    const size_t row = a.rows.at(t, pb), bu = static_cast<size_t>(b) * H + u, pu = static_cast<size_t>(pb) * H + u;
     float* dpx = a.dpx + row * GH + u;
     if (!a.mask.active(t, b)) {  // padding: no gate gradients; dh (and dc) pass to the step before unchanged
       vec d[G];
@@ -566,7 +580,7 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
     // h_{t-1} is h0 at a sequence's first step (reverse: the step after it is padding), zero after a reset,
     // and then no gradient reaches the carry before it (dA, dc and dh z are zero)
     const bool start = first || !a.mask.active(tp, b), reset = a.mask.reset(t, b);
-    const size_t prow = start ? 0 : a.rows.at(tp, b);
+    const size_t prow = start ? 0 : a.rows.at(tp, pb);
     const vec dh = add(ld(a.dh + bu), ld(a.dys + row * H + u));
     if constexpr (is_lstm(CELL)) {
       constexpr int S = sigmoid_gates(CELL);
@@ -575,7 +589,7 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
       const vec f = has_f(CELL) ? ld(q + col_f(CELL) * H) : lstm_has(CELL, kCoupled) ? one_minus(i) : v(1.f);
       const vec o = has_o(CELL) ? ld(q + col_o(CELL) * H) : v(1.f);
       const vec c = ld(a.aux + row * H + u), tc = lstm_has(CELL, kLinearOutput) ? c : tanhv(c);
-      const vec cprev = reset ? zero() : start ? ld(a.c0 + bu) : ld(a.aux + prow * H + u);
+      const vec cprev = reset ? zero() : start ? ld(a.c0 + pu) : ld(a.aux + prow * H + u);
       const float* peep = a.peep ? a.peep + u : nullptr;  // rows p_i, p_f, p_o as present, H apart
       vec d[G];
       vec dcc = lstm_has(CELL, kLinearOutput) ? fmadd(dh, o, ld(a.dc + bu))
@@ -595,7 +609,7 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
       if (peep) {  // c_{t-1} reaches i_t and f_t too
         if constexpr (has_i(CELL)) dc_prev = fmadd(d[0], ld(peep), dc_prev);
         if constexpr (has_f(CELL)) dc_prev = fmadd(d[col_f(CELL)], ld(peep + col_f(CELL) * H), dc_prev);
-        float* dp = a.dpeep + static_cast<size_t>(b) * S * H + u;
+        float* dp = a.dpeep + static_cast<size_t>(pb) * S * H + u;
         if constexpr (has_i(CELL)) st(dp, fmadd(d[0], cprev, ld(dp)));
         if constexpr (has_f(CELL)) st(dp + col_f(CELL) * H, fmadd(d[col_f(CELL)], cprev, ld(dp + col_f(CELL) * H)));
         if constexpr (has_o(CELL)) st(dp + (S - 1) * H, fmadd(d[col_o(CELL)], c, ld(dp + (S - 1) * H)));
@@ -605,7 +619,7 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
     } else if constexpr (CELL == kGru) {
       const float* q = a.act + row * GH + u;
       const vec rg = ld(q), z = ld(q + H), n = ld(q + 2 * H);
-      const vec hprev = reset ? zero() : start ? ld(a.h0 + bu) : ld(a.ys + prow * H + u);
+      const vec hprev = reset ? zero() : start ? ld(a.h0 + pu) : ld(a.ys + prow * H + u);
       const vec dn = mul(mul(dh, one_minus(z)), one_minus(mul(n, n)));
       const vec dr = mul(mul(dn, ld(a.aux + row * H + u)), mul(rg, one_minus(rg)));
       const vec dz = mul(mul(dh, sub(hprev, n)), mul(z, one_minus(z)));
@@ -880,6 +894,39 @@ inline bool split_rows_forward(int helpers, int B, int64_t cell, int64_t flops_p
 // the first row of the second half: a multiple of kRows (the packed dA's tiles)
 inline int row_split(int B) { return (B / 2 + kRows - 1) / kRows * kRows; }
 
+// `Masks::order` for a pass: the batch rows longest first (ties in row order), so that tiles of padding come
+// together; for a pass split by batch rows, tiles of kRows rows go to the two halves in turn, each half then
+// sorted again, so that both get their share of the long sequences. Empty (no reordering) without lengths or
+// where the rows are in that order already.
+std::vector<int> length_order(const int32_t* len, int B, bool split) {
+  if (!len) return {};
+  std::vector<int> order(B);
+  for (int b = 0; b < B; ++b) order[b] = b;
+  const auto longer = [len](int x, int y) { return len[x] > len[y]; };
+  std::stable_sort(order.begin(), order.end(), longer);
+  if (split) {
+    const size_t half = static_cast<size_t>(row_split(B));
+    std::vector<int> first, second;
+    for (int b = 0; b < B; ++b) (b / kRows % 2 == 0 ? first : second).push_back(order[b]);
+    for (; first.size() > half; first.pop_back()) second.push_back(first.back());
+    for (; first.size() < half; second.pop_back()) first.push_back(second.back());
+    std::stable_sort(first.begin(), first.end(), longer);
+    std::stable_sort(second.begin(), second.end(), longer);
+    std::copy(second.begin(), second.end(), std::copy(first.begin(), first.end(), order.begin()));
+  }
+  for (int b = 0; b < B; ++b)
+    if (order[b] != b) return order;
+  return {};
+}
+
+// rows n (of `width` floats) of `src` in `order`'s slots: out[slot] = src[order[slot]], or back (`to_rows`)
+void permute_rows(const std::vector<int>& order, const float* src, float* out, size_t width, bool to_rows = false) {
+  for (size_t slot = 0; slot < order.size(); ++slot) {
+    const size_t row = static_cast<size_t>(order[slot]);
+    std::memcpy(out + (to_rows ? row : slot) * width, src + (to_rows ? slot : row) * width, width * 4);
+  }
+}
+
 // Helpers to ask for: `threads` - 1 if given, else one where a step has enough work to pay for a barrier.
 int helpers_for(int64_t threads, int64_t flops_per_step) {
   if (threads > 0) return static_cast<int>(threads) - 1;
@@ -955,40 +1002,71 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
     std::memcpy(hT->typed_data(), h0.typed_data(), BH * 4);
     return ffi::Error::Success();
   }
-  const std::vector<float> wx = pack_forward(w_x.typed_data(), I, GS, G), wh = pack_forward(w_h.typed_data(), H, GS, G);
-  std::vector<float> hs(2 * BH);
-  const Masks mask{ptr_or_null(lengths), ptr_or_null(resets), T, B};
-  // rows that reset at the first step start from zero (the later steps' resets zero the carry as they go)
-  std::vector<float> h0_reset;
-  const float* h_start = h0.typed_data();
-  const int t0 = reverse ? T - 1 : 0;
-  for (int row = 0; row < B && mask.resets; ++row) {
-    if (!mask.reset(t0, row)) continue;
-    if (h0_reset.empty()) h0_reset.assign(h_start, h_start + BH), h_start = h0_reset.data();
-    std::fill_n(h0_reset.data() + static_cast<size_t>(row) * H, H, 0.f);
-    if (c) std::fill_n(c + static_cast<size_t>(row) * H, H, 0.f);
-  }
-  ForwardArgs a{xs.typed_data(), b.typed_data(), cell == kGru ? ptr_or_null(extra) : nullptr,
-                peep ? extra.typed_data() : nullptr, h_start, ys->typed_data(), c,
-                out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), mask, T, B, I, H, reverse,
-                {T, B, batch_major}};
   const int64_t flops_per_step = int64_t{2} * B * (I + H) * G * GS;
   const int helpers = helpers_for(threads, flops_per_step);
+  const bool split = split_rows_forward(helpers, B, cell, flops_per_step);
+  const Rows rows{T, B, batch_major};
+  // with lengths, the rows longest first: h0, c0 and xs taken into that order (ys and the residuals are
+  // written where they belong). Split by rows, each thread copies its rows' inputs step by step; else xs is
+  // copied whole before the steps.
+  const std::vector<int> order = length_order(ptr_or_null(lengths), B, split);
+  std::vector<float> h0_slots, c_slots, xs_slots;
+  const float* h_start = h0.typed_data();
+  const float* x = xs.typed_data();
+  if (!order.empty()) {
+    if (!split) {
+      xs_slots.resize(static_cast<size_t>(T) * B * I);
+      for (int t = 0; t < T; ++t)
+        for (int slot = 0; slot < B; ++slot)
+          std::memcpy(xs_slots.data() + rows.at(t, slot) * I, x + rows.at(t, order[slot]) * I, I * sizeof(float));
+    }
+    h0_slots.resize(BH), permute_rows(order, h_start, h0_slots.data(), H), h_start = h0_slots.data();
+    if (c) c_slots.resize(BH), permute_rows(order, c0.typed_data(), c_slots.data(), H), c = c_slots.data();
+  }
+  const std::vector<float> wx = pack_forward(w_x.typed_data(), I, GS, G), wh = pack_forward(w_h.typed_data(), H, GS, G);
+  std::vector<float> hs(2 * BH);
+  const Masks mask{ptr_or_null(lengths), ptr_or_null(resets), T, B, order.empty() ? nullptr : order.data()};
+  // rows that reset at the first step start from zero (the later steps' resets zero the carry as they go)
+  std::vector<float> h0_reset;
+  const int t0 = reverse ? T - 1 : 0;
+  for (int slot = 0; slot < B && mask.resets; ++slot) {
+    if (!mask.reset(t0, slot)) continue;
+    if (h0_reset.empty()) h0_reset.assign(h_start, h_start + BH), h_start = h0_reset.data();
+    std::fill_n(h0_reset.data() + static_cast<size_t>(slot) * H, H, 0.f);
+    if (c) std::fill_n(c + static_cast<size_t>(slot) * H, H, 0.f);
+  }
+  ForwardArgs a{xs_slots.empty() ? x : xs_slots.data(), b.typed_data(), cell == kGru ? ptr_or_null(extra) : nullptr,
+                peep ? extra.typed_data() : nullptr, h_start, ys->typed_data(), c,
+                out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), mask, T, B, I, H, reverse, rows};
   const int chunks = GS / kU;
   dispatch_forward(run_as, [&](auto kind) {
     constexpr int CELL = decltype(kind)::value;
-    if (split_rows_forward(helpers, B, cell, flops_per_step)) {
+    if (split) {
       const int half = row_split(B);
       Team::run(1, 2, helpers, &pool, [&](int, int part) {
         const int r0 = part ? half : 0, r1 = part ? B : half;
-        for (int s = 0; s < T; ++s)
-          for (int c = 0; c < chunks; ++c) forward_chunk<CELL>(a, s, c, r0, r1);
+        std::vector<float> xt(order.empty() ? 0 : static_cast<size_t>(r1 - r0) * I);
+        for (int s = 0; s < T; ++s) {
+          if (!xt.empty()) {  // this step's inputs of rows r0 .. r1-1, by slot
+            const int t = reverse ? T - 1 - s : s;
+            for (int slot = r0; slot < r1; ++slot)
+              std::memcpy(xt.data() + static_cast<size_t>(slot - r0) * I, x + rows.at(t, order[slot]) * I,
+                          I * sizeof(float));
+          }
+          for (int c = 0; c < chunks; ++c) forward_chunk<CELL>(a, s, c, r0, r1, xt.empty() ? nullptr : xt.data());
+        }
       });
     } else {
       Team::run(T, chunks, helpers, &pool, [&](int s, int chunk) { forward_chunk<CELL>(a, s, chunk, 0, B); });
     }
   });
-  std::memcpy(hT->typed_data(), hs.data() + ((T - 1) & 1) * BH, BH * 4);
+  const float* h_last = hs.data() + ((T - 1) & 1) * BH;
+  if (order.empty()) {
+    std::memcpy(hT->typed_data(), h_last, BH * 4);
+  } else {
+    permute_rows(order, h_last, hT->typed_data(), H, true);
+    if (c) permute_rows(order, c, cT->typed_data(), H, true);
+  }
   return ffi::Error::Success();
 }
 
@@ -1019,18 +1097,27 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
   if (dp) std::fill_n(dp, peep_rows * BH, 0.f);
   float* dc = out_or_null(dc0);
   if (dc) std::memcpy(dc, dcT.typed_data(), BH * 4);
-  std::memcpy(dh0->typed_data(), dhT.typed_data(), BH * 4);
+  float* dh = dh0->typed_data();
+  std::memcpy(dh, dhT.typed_data(), BH * 4);
   if (T == 0) return ffi::Error::Success();
   const std::vector<float> wt = pack_backward(w_h.typed_data(), H, G);
   const int32_t* len = ptr_or_null(lengths);
+  const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
+  // with lengths, the rows longest first (`Masks`): dh and dc held by slot, and put back at the end
+  const std::vector<int> order = length_order(len, B, split_rows(helpers, B));
+  std::vector<float> dh_slots, dc_slots;
+  if (!order.empty()) {
+    dh_slots.resize(BH), permute_rows(order, dhT.typed_data(), dh_slots.data(), H), dh = dh_slots.data();
+    if (dc) dc_slots.resize(BH), permute_rows(order, dcT.typed_data(), dc_slots.data(), H), dc = dc_slots.data();
+  }
   std::vector<float> dhz_buffer(cell == kGru || len ? BH : 0);
   float* dhz = dhz_buffer.empty() ? nullptr : dhz_buffer.data();
   std::vector<float> dap(2 * static_cast<size_t>(padded_rows(B)) * lda(G * H), 0.f);
   BackwardArgs a{dys.typed_data(), ys.typed_data(), h0.typed_data(), ptr_or_null(c0), ptr_or_null(act),
-                 ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh0->typed_data(), dc, dhz,
+                 ptr_or_null(aux), dpx->typed_data(), out_or_null(dghn), dh, dc, dhz,
                  peep ? extra.typed_data() : nullptr, dp, dap.data(), wt.data(),
-                 {len, ptr_or_null(resets), T, B}, T, B, H, reverse, {T, B, batch_major}};
-  const int helpers = helpers_for(threads, int64_t{2} * B * H * G * H);
+                 {len, ptr_or_null(resets), T, B, order.empty() ? nullptr : order.data()}, T, B, H, reverse,
+                 {T, B, batch_major}};
   const int chunks = H / (backward_blocks(H) * kU);
   dispatch(cell, [&](auto kind) {
     constexpr int CELL = decltype(kind)::value;
@@ -1045,6 +1132,10 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dys, ffi::Bu
       Team::run(T + 1, chunks, helpers, &pool, [&](int s, int chunk) { backward_chunk<CELL>(a, s, chunk, 0, B); });
     }
   });
+  if (!order.empty()) {
+    permute_rows(order, dh, dh0->typed_data(), H, true);
+    if (dc) permute_rows(order, dc, dc0->typed_data(), H, true);
+  }
   return ffi::Error::Success();
 }
 
