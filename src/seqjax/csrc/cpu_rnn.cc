@@ -1,9 +1,9 @@
 // Whole recurrences as XLA FFI handlers for x86 CPUs with AVX2 and FMA or AVX-512 (seqjax.avx2): the LSTM
 // (with or without peepholes, and Greff et al.'s variants NIG, NFG, NOG, CIFG, NIAF and NOAF), the GRU
-// (reset_after, PyTorch's and cuDNN's form) and the tanh/relu Elman RNN, float32, forward and backward. The backward handler has the operands and results of seqjax.cuda's
-// (cuda_rnn.cu) and then the masks and the peepholes and their per-row gradients; the forward one takes xs, W_x
-// and b where the CUDA one takes px = x W_x + b, and computes the projection itself (seqjax.persistent holds
-// the jax.custom_vjp around them). A third handler, WeightGrads, computes dW_x,
+// (reset_after, PyTorch's and cuDNN's form) and the tanh/relu Elman RNN, float32, forward and backward. The
+// backward handler has the operands and results of seqjax.cuda's (cuda_rnn.cu) and then the masks and the
+// peepholes and their per-row gradients; the forward one takes xs, W_x and b where the CUDA one takes
+// px = x W_x + b, and computes the projection itself (seqjax.persistent holds the jax.custom_vjp around them). A third handler, WeightGrads, computes dW_x,
 // dW_h and the bias gradients from the backward's dpx as one GEMM over all T*B rows (XLA computes dxs).
 //
 // Each forward step multiplies [x_t, h_{t-1}] by the packed [W_x; W_h] and applies the gate arithmetic
@@ -1010,31 +1010,34 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
   // written where they belong). Split by rows, each thread copies its rows' inputs step by step; else xs is
   // copied whole before the steps.
   const std::vector<int> order = length_order(ptr_or_null(lengths), B, split);
-  std::vector<float> h0_slots, c_slots, xs_slots;
-  const float* h_start = h0.typed_data();
   const float* x = xs.typed_data();
+  // step t's inputs of slots slot0 .. slot1-1, each to dst + dst_row(slot) * I
+  const auto take_inputs = [&](int t, int slot0, int slot1, float* dst, auto dst_row) {
+    for (int slot = slot0; slot < slot1; ++slot)
+      std::memcpy(dst + dst_row(slot) * I, x + rows.at(t, order[slot]) * I, I * sizeof(float));
+  };
+  std::vector<float> xs_slots, c_slots;
+  std::vector<float> h0_own;  // h0 by slot where it differs from the operand: reordered, or zeroed by a reset
   if (!order.empty()) {
     if (!split) {
       xs_slots.resize(static_cast<size_t>(T) * B * I);
-      for (int t = 0; t < T; ++t)
-        for (int slot = 0; slot < B; ++slot)
-          std::memcpy(xs_slots.data() + rows.at(t, slot) * I, x + rows.at(t, order[slot]) * I, I * sizeof(float));
+      for (int t = 0; t < T; ++t) take_inputs(t, 0, B, xs_slots.data(), [&](int slot) { return rows.at(t, slot); });
     }
-    h0_slots.resize(BH), permute_rows(order, h_start, h0_slots.data(), H), h_start = h0_slots.data();
+    h0_own.resize(BH), permute_rows(order, h0.typed_data(), h0_own.data(), H);
     if (c) c_slots.resize(BH), permute_rows(order, c0.typed_data(), c_slots.data(), H), c = c_slots.data();
   }
   const std::vector<float> wx = pack_forward(w_x.typed_data(), I, GS, G), wh = pack_forward(w_h.typed_data(), H, GS, G);
   std::vector<float> hs(2 * BH);
   const Masks mask{ptr_or_null(lengths), ptr_or_null(resets), T, B, order.empty() ? nullptr : order.data()};
   // rows that reset at the first step start from zero (the later steps' resets zero the carry as they go)
-  std::vector<float> h0_reset;
   const int t0 = reverse ? T - 1 : 0;
   for (int slot = 0; slot < B && mask.resets; ++slot) {
     if (!mask.reset(t0, slot)) continue;
-    if (h0_reset.empty()) h0_reset.assign(h_start, h_start + BH), h_start = h0_reset.data();
-    std::fill_n(h0_reset.data() + static_cast<size_t>(slot) * H, H, 0.f);
+    if (h0_own.empty()) h0_own.assign(h0.typed_data(), h0.typed_data() + BH);
+    std::fill_n(h0_own.data() + static_cast<size_t>(slot) * H, H, 0.f);
     if (c) std::fill_n(c + static_cast<size_t>(slot) * H, H, 0.f);
   }
+  const float* h_start = h0_own.empty() ? h0.typed_data() : h0_own.data();
   ForwardArgs a{xs_slots.empty() ? x : xs_slots.data(), b.typed_data(), cell == kGru ? ptr_or_null(extra) : nullptr,
                 peep ? extra.typed_data() : nullptr, h_start, ys->typed_data(), c,
                 out_or_null(act), out_or_null(aux), wx.data(), wh.data(), hs.data(), mask, T, B, I, H, reverse, rows};
@@ -1047,12 +1050,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buff
         const int r0 = part ? half : 0, r1 = part ? B : half;
         std::vector<float> xt(order.empty() ? 0 : static_cast<size_t>(r1 - r0) * I);
         for (int s = 0; s < T; ++s) {
-          if (!xt.empty()) {  // this step's inputs of rows r0 .. r1-1, by slot
-            const int t = reverse ? T - 1 - s : s;
-            for (int slot = r0; slot < r1; ++slot)
-              std::memcpy(xt.data() + static_cast<size_t>(slot - r0) * I, x + rows.at(t, order[slot]) * I,
-                          I * sizeof(float));
-          }
+          if (!xt.empty())  // this step's inputs of rows r0 .. r1-1, by slot
+            take_inputs(reverse ? T - 1 - s : s, r0, r1, xt.data(), [r0](int slot) { return size_t(slot - r0); });
           for (int c = 0; c < chunks; ++c) forward_chunk<CELL>(a, s, c, r0, r1, xt.empty() ? nullptr : xt.data());
         }
       });
