@@ -186,6 +186,15 @@ class ProcessTimer:
         self._proc.join(timeout=30)
 
 
+def progress_bar(total: int, desc: str):
+    """A tqdm progress bar on stderr, or None where tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, file=sys.stderr)
+
+
 def summarise(samples: list[float]) -> dict:
     """Median, quartiles and min of a list of seconds, in milliseconds."""
     a = np.asarray(samples) * 1e3

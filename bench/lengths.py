@@ -215,11 +215,7 @@ def main(argv=None):
     torch_ok = importlib.util.find_spec("torch") is not None  # imported in the child process only
     if not torch_ok:
         notes.append("pytorch: skipped, not installed")
-    try:
-        from tqdm import tqdm
-        progress = tqdm(total=len(cells) * len(shapes) * reps, desc="lengths", file=sys.stderr)
-    except ImportError:
-        progress = None
+    progress = common.progress_bar(len(cells) * len(shapes) * reps, "lengths")
     rows, t0 = [], time.time()
     for cell in cells:
         for sname, shape in shapes.items():

@@ -115,11 +115,7 @@ def main(argv=None):
     reps = args.reps or (3 if args.quick else 15)
     cands = candidates(common.parse_list(args.variants, VARIANTS, "variants"))
     notes: set[str] = set()
-    try:
-        from tqdm import tqdm
-        progress = tqdm(total=len(shapes) * reps, desc="lstm variants", file=sys.stderr)
-    except ImportError:
-        progress = None
+    progress = common.progress_bar(len(shapes) * reps, "lstm variants")
     rows, t0 = [], time.time()
     for sname, shape in shapes.items():
         rows += bench_shape(sname, shape, cands, reps, notes, progress)

@@ -364,11 +364,7 @@ def main(argv=None):
                             for v in common.parse_list(args.variants, VARIANTS, "variants") if args.variants})
     if args.libs is not None:
         cands = {k: cands[k] for k in common.parse_list(args.libs, list(cands), "libs")}
-    try:
-        from tqdm import tqdm
-        progress = tqdm(total=len(cells) * len(shapes) * reps, desc="peers", file=sys.stderr)
-    except ImportError:
-        progress = None
+    progress = common.progress_bar(len(cells) * len(shapes) * reps, "peers")
     rows = []
     t0 = time.time()
     for cell in cells:

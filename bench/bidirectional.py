@@ -1,0 +1,216 @@
+"""Stacks of bidirectional layers: seqjax's pair kernels against one call per direction, XLA's loop, Flax, PyTorch.
+
+Most recurrent models stack bidirectional layers (`seqjax.multilayer(cell, L,
+bidirectional=True)`, PyTorch's ``nn.LSTM(num_layers=L, bidirectional=True)``).
+For each cell (LSTM, GRU, Elman RNN) and shape (B, T, I, H) it times the forward
+pass and a train step (`value_and_grad` of mean(outputs²) with respect to all
+parameters and the input) of L layers (default 2; layer 2 reads 2H features):
+
+* ``seqjax``: ``seqjax.multilayer(cell, L, bidirectional=True)``, the default
+  (``kernel="auto"``: each layer's two directions in one pair call of seqjax's
+  CPU kernels, one thread per direction, `seqjax.avx2.avx2_scan_pair`);
+* ``seqjax, a call per direction``: the same layers and params with each
+  direction's `seqjax.scan` a kernel call of its own, the two threads splitting
+  every step (what `seqjax.bidirectional` ran before the pair kernels);
+* ``seqjax kernel=xla``: XLA's loop;
+* ``flax.linen nn.Bidirectional``: L layers of ``nn.Bidirectional(nn.RNN(cell),
+  nn.RNN(cell))`` (``OptimizedLSTMCell``, ``GRUCell``, ``SimpleCell``);
+* ``pytorch``: ``nn.LSTM/GRU/RNN(num_layers=L, bidirectional=True)`` (oneDNN's
+  fused kernels), in a child process as in `peers.py`.
+
+Every candidate is interleaved in one process; medians, ratios to PyTorch.
+
+    python bench/bidirectional.py              # all cells, the three shapes, 2 layers
+    python bench/bidirectional.py --quick      # a tiny shape, few reps (smoke test)
+
+Writes <out>/bidirectional.json, <out>/bidirectional.png and prints markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import peers  # noqa: E402
+
+import seqjax  # noqa: E402
+
+CELLS = peers.CELLS
+REFERENCE = "pytorch"
+
+
+def _cell(cell_name, H):
+    return {"lstm": lambda: seqjax.lstm(H, forget_bias=0.0), "gru": lambda: seqjax.gru(H),
+            "rnn": lambda: seqjax.rnn(H)}[cell_name]()
+
+
+def _a_call_per_direction(cell):
+    """The layers of ``multilayer(cell, L, bidirectional=True)``, each direction's scan a call of its own."""
+    def run(params, x):
+        for p in params:
+            forward = seqjax.scan(cell, p.forward, x)[1]
+            backward = seqjax.scan(cell, p.backward, x, reverse=True)[1]
+            x = jnp.concatenate([forward, backward], -1)
+        return x
+    return run
+
+
+def _flax(cell_name, H, layers, key, x):
+    import flax.linen as nn
+    cls = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell, "rnn": nn.SimpleCell}[cell_name]
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(layers):
+                x = nn.Bidirectional(nn.RNN(cls(features=H)), nn.RNN(cls(features=H)))(x)
+            return x
+    model = Stack()
+    return model.apply, model.init(key, x)
+
+
+def jax_candidates(cell_name, B, T, I, H, layers):
+    """name -> (run(params, x) -> ys, params)."""
+    key = jax.random.key(0)
+    cell = _cell(cell_name, H)
+    layer = seqjax.multilayer(cell, layers, bidirectional=True)
+    params = layer.init(key, I)
+    xla = seqjax.multilayer(cell, layers, bidirectional=True, kernel="xla")
+    cands = {
+        "seqjax": ((lambda p, x: layer.apply(p, x)[1]), params),
+        "seqjax, a call per direction": (_a_call_per_direction(cell), params),
+        "seqjax kernel=xla": ((lambda p, x: xla.apply(p, x)[1]), params),
+    }
+    try:
+        cands["flax.linen nn.Bidirectional"] = _flax(cell_name, H, layers, key, jnp.zeros((B, T, I)))
+    except ImportError:
+        pass
+    return cands
+
+
+def torch_fns(cell_name, B, T, I, H, layers, threads):
+    """PyTorch's fwd/train (runs in `common.ProcessTimer`'s child)."""
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell_name]
+    m = cls(I, H, num_layers=layers, bidirectional=True, batch_first=True)
+    x = torch.randn(B, T, I)
+    xg = x.clone().requires_grad_(True)
+
+    def fwd():
+        with torch.inference_mode():
+            m(x)
+
+    def train():
+        for p in m.parameters():
+            p.grad = None
+        xg.grad = None
+        m(xg)[0].pow(2).mean().backward()
+    return {f"{REFERENCE}|fwd": fwd, f"{REFERENCE}|train": train}
+
+
+def bench_config(cell_name, shape_name, shape, layers, reps, torch_ok, progress=None):
+    B, T, I, H = shape
+    x = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
+    fns, meta = {}, {}
+    for name, (run, params) in jax_candidates(cell_name, B, T, I, H, layers).items():
+        loss = common.mean_square_loss(run)
+        for mode, f in (("fwd", run), ("train", jax.value_and_grad(loss, argnums=(0, 1)))):
+            c = common.compile_timed(f, params, x)
+            fns[f"{name}|{mode}"] = lambda compiled=c["compiled"], params=params: compiled(params, x)
+            meta[f"{name}|{mode}"] = {k: v for k, v in c.items() if k != "compiled"}
+    timer = None
+    if torch_ok:
+        timer = common.ProcessTimer(torch_fns, cell_name, B, T, I, H, layers, os.cpu_count())
+        for mode in ("fwd", "train"):
+            fns[f"{REFERENCE}|{mode}"] = timer.fn(f"{REFERENCE}|{mode}")
+            meta[f"{REFERENCE}|{mode}"] = {}
+    try:
+        samples = common.interleave(fns, reps=reps, warmup=2, progress=progress)
+    finally:
+        if timer is not None:
+            timer.close()
+    # the matmul floor of the L layers (layer k > 0 reads 2H features), both directions
+    floor = sum(2 * common.floor_flops(cell_name, B, T, I if k == 0 else 2 * H, H) for k in range(layers))
+    rows = []
+    for key, s in samples.items():
+        name, mode = key.split("|")
+        rows.append(dict(cell=cell_name, shape=shape_name, B=B, T=T, I=I, H=H, layers=layers, library=name,
+                         mode=mode, **common.summarise(s), **meta[key]))
+        rows[-1]["gflops"] = floor * (3.0 if mode == "train" else 1.0) / (rows[-1]["median_ms"] * 1e-3) / 1e9
+    ref = {r["mode"]: r["median_ms"] for r in rows if r["library"] == REFERENCE}
+    for r in rows:
+        if r["mode"] in ref:
+            r["ratio_to_pytorch"] = r["median_ms"] / ref[r["mode"]]
+    return rows
+
+
+def tables(rows) -> str:
+    out = []
+    configs = sorted({(r["cell"], r["shape"]) for r in rows}, key=lambda c: (CELLS.index(c[0]), c[1]))
+    for cell, shape in configs:
+        sel = [r for r in rows if r["cell"] == cell and r["shape"] == shape]
+        head = sel[0]
+        body = []
+        for lib in dict.fromkeys(r["library"] for r in sel):
+            by = {r["mode"]: r for r in sel if r["library"] == lib}
+            body.append([lib, by["fwd"]["median_ms"], by["fwd"].get("ratio_to_pytorch", ""),
+                         by["train"]["median_ms"], by["train"].get("ratio_to_pytorch", "")])
+        body.sort(key=lambda r: r[3])
+        out.append(f"**{cell} {shape} (B={head['B']}, T={head['T']}, I={head['I']}, H={head['H']}, "
+                   f"{head['layers']} bidirectional layers)**\n\n" + common.markdown_table(
+                       ["library", "fwd ms", "fwd / pytorch", "train ms", "train / pytorch"], body))
+    return "\n\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny shape and few reps (smoke test)")
+    ap.add_argument("--cells", default=None, help="comma list of lstm,gru,rnn")
+    ap.add_argument("--shapes", default=None, help="comma list of small,standard,long")
+    ap.add_argument("--layers", type=int, default=2, help="bidirectional layers stacked (default 2)")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds per configuration (default 11)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--name", default="bidirectional", help="basename of the JSON/PNG written")
+    args = ap.parse_args(argv)
+    if args.layers < 1:
+        raise SystemExit(f"--layers must be at least 1, got {args.layers}")
+
+    cells = common.parse_list(args.cells or ("lstm" if args.quick else None), CELLS, "cells")
+    shapes = common.QUICK_SHAPES if args.quick else common.SHAPES
+    shapes = {k: shapes[k] for k in common.parse_list(args.shapes, list(shapes), "shapes")}
+    reps = args.reps or (3 if args.quick else 11)
+    notes = []
+    torch_ok = importlib.util.find_spec("torch") is not None  # imported in the child process only
+    if not torch_ok:
+        notes.append("pytorch: skipped, not installed")
+    progress = common.progress_bar(len(cells) * len(shapes) * reps, "bidirectional")
+    rows, t0 = [], time.time()
+    for cell in cells:
+        for sname, shape in shapes.items():
+            if progress is not None:
+                progress.set_postfix_str(f"{cell} {sname}")
+            rows += bench_config(cell, sname, shape, args.layers, reps, torch_ok, progress)
+    if progress is not None:
+        progress.close()
+    for n in notes:
+        print("note:", n)
+    os.makedirs(args.out, exist_ok=True)
+    common.write_json(os.path.join(args.out, f"{args.name}.json"),
+                      dict(rows=rows, notes=notes, reps=reps, layers=args.layers, torch_threads=os.cpu_count(),
+                           wall_s=time.time() - t0))
+    peers.plot(rows, os.path.join(args.out, f"{args.name}.png"), f", {args.layers} bidirectional layers")
+    print(tables(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
