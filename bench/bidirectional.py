@@ -1,4 +1,4 @@
-"""Stacks of bidirectional layers: seqjax's pair kernels against one call per direction, XLA's loop, Flax, PyTorch.
+"""Stacks of bidirectional layers: seqjax against XLA's loop, Flax and PyTorch.
 
 Most recurrent models stack bidirectional layers (`seqjax.multilayer(cell, L,
 bidirectional=True)`, PyTorch's ``nn.LSTM(num_layers=L, bidirectional=True)``).
@@ -7,11 +7,7 @@ pass and a train step (`value_and_grad` of mean(outputs²) with respect to all
 parameters and the input) of L layers (default 2; layer 2 reads 2H features):
 
 * ``seqjax``: ``seqjax.multilayer(cell, L, bidirectional=True)``, the default
-  (``kernel="auto"``: each layer's two directions in one pair call of seqjax's
-  CPU kernels, one thread per direction, `seqjax.avx2.avx2_scan_pair`);
-* ``seqjax, a call per direction``: the same layers and params with each
-  direction's `seqjax.scan` a kernel call of its own, the two threads splitting
-  every step (what `seqjax.bidirectional` ran before the pair kernels);
+  (``kernel="auto"``: seqjax's CPU kernels, a call per direction and layer);
 * ``seqjax kernel=xla``: XLA's loop;
 * ``flax.linen nn.Bidirectional``: L layers of ``nn.Bidirectional(nn.RNN(cell),
   nn.RNN(cell))`` (``OptimizedLSTMCell``, ``GRUCell``, ``SimpleCell``);
@@ -51,17 +47,6 @@ def _cell(cell_name, H):
             "rnn": lambda: seqjax.rnn(H)}[cell_name]()
 
 
-def _a_call_per_direction(cell):
-    """The layers of ``multilayer(cell, L, bidirectional=True)``, each direction's scan a call of its own."""
-    def run(params, x):
-        for p in params:
-            forward = seqjax.scan(cell, p.forward, x)[1]
-            backward = seqjax.scan(cell, p.backward, x, reverse=True)[1]
-            x = jnp.concatenate([forward, backward], -1)
-        return x
-    return run
-
-
 def _flax(cell_name, H, layers, key, x):
     import flax.linen as nn
     cls = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell, "rnn": nn.SimpleCell}[cell_name]
@@ -85,7 +70,6 @@ def jax_candidates(cell_name, B, T, I, H, layers):
     xla = seqjax.multilayer(cell, layers, bidirectional=True, kernel="xla")
     cands = {
         "seqjax": ((lambda p, x: layer.apply(p, x)[1]), params),
-        "seqjax, a call per direction": (_a_call_per_direction(cell), params),
         "seqjax kernel=xla": ((lambda p, x: xla.apply(p, x)[1]), params),
     }
     try:

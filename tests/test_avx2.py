@@ -357,85 +357,8 @@ def test_jit_vmap_and_layers_agree():
     make = lambda kernel: seqjax.bidirectional(seqjax.gru(16), kernel=kernel)  # noqa: E731
     bp = make("xla").init(jax.random.key(5), 3)
     got = make("avx2").apply(bp, xs)[1]
-    assert "seqjax_avx2_rnn_forward_pair" in str(jax.make_jaxpr(lambda p, x: make("avx2").apply(p, x)[1])(bp, xs))
+    assert "seqjax_avx2_rnn_forward" in str(jax.make_jaxpr(lambda p, x: make("avx2").apply(p, x)[1])(bp, xs))
     np.testing.assert_allclose(got, make("xla").apply(bp, xs)[1], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("threads, batch_major", [(1, True), (2, True), (2, False)])
-def test_pair_gives_the_bits_of_two_single_threaded_calls(kind, threads, batch_major):
-    """A bidirectional layer's two recurrences in one pair call (`avx2_scan_pair`, one thread per direction,
-    the second reversed): outputs, final carries and every gradient (both directions' params, xs, both
-    carries) equal to the last bit those of two `avx2_scan` calls with one thread each, with lengths and
-    resets. B = 20 lets a single call split the batch between threads, which the pair must not do."""
-    B, T = 20, 9
-    cell, pf, xs, cf = _setup(kind, B, T, 5, 32, seed=21)
-    _, pb, _, cb = _setup(kind, B, T, 5, 32, seed=22)
-    lengths = jnp.asarray(np.random.default_rng(23).integers(0, T + 1, B))
-    resets = _resets(B, T, 24)
-    if not batch_major:
-        xs, resets = jnp.swapaxes(xs, 0, 1), resets.T
-    masks = dict(lengths=lengths, resets=resets, time_major=not batch_major)
-    w = jax.random.normal(jax.random.key(25), (2, *xs.shape[:2], 32))
-
-    def loss(run):
-        def f(pf, pb, x, cf, cb):
-            (ff, yf), (fb, yb) = run(pf, pb, x, cf, cb)
-            return jnp.sum(yf * w[0]) + jnp.sum(yb * w[1]) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves((ff, fb)))
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))
-
-    def apart(pf, pb, x, cf, cb):
-        return (avx2.avx2_scan(_kk(kind), pf, x, cf, threads=1, **masks),
-                avx2.avx2_scan(_kk(kind), pb, x, cb, reverse=True, threads=1, **masks))
-
-    def paired(pf, pb, x, cf, cb):
-        return avx2.avx2_scan_pair(_kk(kind), (pf, pb), x, (cf, cb), threads=threads, **masks)
-
-    args = (pf, pb, xs, cf, cb)
-    for got, want in ((jax.jit(paired)(*args), jax.jit(apart)(*args)), (loss(paired)(*args), loss(apart)(*args))):
-        assert jax.tree.structure(got) == jax.tree.structure(want)
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            np.testing.assert_array_equal(a, b)
-
-
-def test_pair_directions_may_differ_in_size_and_peepholes():
-    """The two directions share only the kind and xs: hidden sizes 16 and 48, peepholes on one side."""
-    B, T = 6, 7
-    fwd, bwd = seqjax.lstm(16), seqjax.lstm(48, peepholes=True)
-    pf, pb = fwd.init(jax.random.key(0), 3), bwd.init(jax.random.key(1), 3)
-    pb = pb._replace(peep=0.3 * jax.random.normal(jax.random.key(2), pb.peep.shape))
-    xs = jax.random.normal(jax.random.key(3), (T, B, 3))
-    cf, cb = fwd.initial_carry(pf, (B,)), bwd.initial_carry(pb, (B,))
-    got = avx2.avx2_scan_pair("lstm", (pf, pb), xs, (cf, cb))
-    want = (avx2.avx2_scan("lstm", pf, xs, cf, threads=1), avx2.avx2_scan("lstm", pb, xs, cb, True, threads=1))
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(a, b)
-    layer = seqjax.bidirectional(fwd, bwd)
-    params = seqjax.BidirectionalParams(pf, pb)
-    got_grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)[1])), argnums=(0, 1))(params, xs)
-    xla = seqjax.bidirectional(fwd, bwd, kernel="xla")
-    want_grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(xla.apply(p, x)[1])), argnums=(0, 1))(params, xs)
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_bidirectional_layers_take_the_pair_kernels_where_both_directions_can():
-    xs = jnp.ones((4, 10, 3))
-    wide = avx2.auto_isa(16)
-
-    def targets(layer):
-        params = layer.init(jax.random.key(0), 3)
-        return str(jax.make_jaxpr(lambda p, x: jax.grad(lambda p: jnp.sum(layer.apply(p, x)[1]))(p))(params, xs))
-    deep = targets(seqjax.multilayer(seqjax.lstm(16), 2, bidirectional=True))
-    for step in ("forward", "backward", "weight_grads"):
-        assert deep.count(f"seqjax_{wide}_rnn_{step}_pair") == 2, step
-    assert f"seqjax_{wide}_rnn_forward_pair" in targets(seqjax.bidirectional(seqjax.lstm_variant("CIFG", 16)))
-    mixed = targets(seqjax.bidirectional(seqjax.lstm(16), seqjax.gru(16)))  # two kinds: one call each
-    assert "_pair" not in mixed and mixed.count(f"seqjax_{wide}_rnn_forward") == 2
-    assert "seqjax_avx" not in targets(seqjax.bidirectional(seqjax.lstm(16), kernel="xla"))
-    assert "_pair" not in targets(seqjax.bidirectional(seqjax.lstm(16), seqjax.lstm(16, proj_size=8)))
-    with pytest.raises(ValueError, match="kernel='avx2' cannot run this call: remat=True"):
-        targets(seqjax.bidirectional(seqjax.lstm(16), kernel="avx2", remat=True))
 
 
 def _targets(cell, params, xs, **kw):
@@ -505,14 +428,6 @@ def test_direct_entry_point_checks_its_arguments():
         avx2.avx2_scan("rnn_tanh", params, xs_tm, carry, lengths=jnp.array([1.0, 2.0]))
     with pytest.raises(ValueError, match=r"resets must have shape \(T, B\)=\(3, 2\), got \(2, 3\)"):
         avx2.avx2_scan("rnn_tanh", params, xs_tm, carry, resets=jnp.zeros((2, 3), bool))
-    wide, wide_params, _, wide_carry = _setup("rnn_tanh", 2, 3, 3, 16)
-    with pytest.raises(ValueError, match="avx2_scan_pair: kind must be one of .*got 'lstmp'"):
-        avx2.avx2_scan_pair("lstmp", (params, params), xs_tm, (carry, carry))
-    with pytest.raises(ValueError, match="avx2_scan_pair: threads must be 0 .*, 1 or 2, got 4"):
-        avx2.avx2_scan_pair("rnn_tanh", (params, params), xs_tm, (carry, carry), threads=4)
-    with pytest.raises(ValueError, match="avx2_scan_pair: the avx512 kernels need a hidden size that is a multiple "
-                                         "of 16, got 8"):
-        avx2.avx2_scan_pair("rnn_tanh", (wide_params, params), xs_tm, (wide_carry, carry), isa="avx512")
 
 
 def test_a_cpu_without_avx2_or_avx512_is_named(monkeypatch):

@@ -1,14 +1,14 @@
 """seqjax: functional sequence models for JAX.
 
 Pure-function cells (`rnn`, `lstm`, `gru`, `stack`), runners that scan them over
-time (`scan`, `unrolled`, `scan_both_directions`), sequence layers (`sequence`, `bidirectional`,
+time (`scan`, `unrolled`), sequence layers (`sequence`, `bidirectional`,
 `deep`, `multilayer`), the Optax training loop (`make_train_step`, `fit`), losses
 (`seqjax.losses`) and the documented tasks' data (`seqjax.tasks`).
 """
 from seqjax.cells import (GREFF_VARIANTS, Cell, GRUParams, LSTMCarry, LSTMParams, RNNParams, gru, lstm, lstm_variant,
                           rnn, stack, symmetric_uniform)
 from seqjax.layers import BidirectionalParams, Layer, bidirectional, deep, dropout, multilayer, sequence
-from seqjax.scan import hoist_default, scan, scan_both_directions, unroll_default, unrolled
+from seqjax.scan import hoist_default, scan, unroll_default, unrolled
 from seqjax.generate import generate
 from seqjax.interop import from_torch, from_torch_carry, to_torch_state_dict, torch_carry
 from seqjax.train import History, NonFiniteLossError, TrainState, fit, init_state, make_nnx_train_step, make_train_step
@@ -19,6 +19,6 @@ __all__ = [
     "make_nnx_train_step", "make_train_step", "tasks", "diagnostics", "nnx", "attention", "seq2seq", "tbptt", "generate", "fused",
     "native", "avx2", "onednn", "cuda", "from_torch", "from_torch_carry",
     "to_torch_state_dict", "torch_carry", "Cell", "GREFF_VARIANTS", "GRUParams", "LSTMCarry", "LSTMParams", "Layer", "RNNParams",
-    "bidirectional", "deep", "dropout", "gru", "hoist_default", "lstm", "lstm_variant", "multilayer", "rnn", "scan", "scan_both_directions", "unroll_default",
+    "bidirectional", "deep", "dropout", "gru", "hoist_default", "lstm", "lstm_variant", "multilayer", "rnn", "scan", "unroll_default",
     "sequence", "stack", "symmetric_uniform", "unrolled",
 ]

@@ -30,10 +30,6 @@ either by batch rows (each thread runs its half of the batch through all the
 steps, no synchronisation: the backward pass from B = 16, the forward for the
 RNN and small steps) or by chunks of one register of hidden units with one
 barrier per step; the results do not depend on it.
-A bidirectional layer's two directions run side by side instead, one thread
-each, in one call of each kernel (`avx2_scan_pair`; `seqjax.bidirectional`
-takes it where both directions have the same kind): no barrier per step, and
-each direction's weights stay in its own core's caches.
 
 Covered, float32 params, with or without ``lengths`` and ``resets``, without ``remat``: the
 standard LSTM of `seqjax.lstm` with or without peepholes (the "vanilla" LSTM of
@@ -54,9 +50,9 @@ from seqjax.cells.base import Array, Cell
 from seqjax.fused import native_kind
 from seqjax import native
 from seqjax.native import NativeUnavailable, load_avx2
-from seqjax.persistent import CELLS, native_scan, native_scan_pair
+from seqjax.persistent import CELLS, native_scan
 
-__all__ = ["AUTO", "ISAS", "NativeUnavailable", "auto_isa", "avx2_scan", "avx2_scan_pair", "kind_of", "shape_blocker"]
+__all__ = ["AUTO", "ISAS", "NativeUnavailable", "auto_isa", "avx2_scan", "kind_of", "shape_blocker"]
 
 #: The instruction sets the kernels are built for, and the hidden units one vector register holds in each.
 ISAS = {"avx2": 8, "avx512": 16}
@@ -144,64 +140,28 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
       NativeUnavailable: the kernels cannot be built or loaded here (e.g. a CPU
         without the isa's instructions).
     """
-    resets = _checked("seqjax.avx2.avx2_scan", kind, (params,), xs, isa, threads, time_major, lengths, resets)
-    attrs = (("threads", int(threads)), ("batch_major", not time_major))
-    return native_scan(f"seqjax_{isa}_rnn", kind, params, xs, carry0, reverse, attrs, projects=True, in_place=True,
-                       lengths=lengths, resets=resets)
-
-
-def avx2_scan_pair(kind: str, params: tuple, xs: Array, carries: tuple, threads: int = 0, isa: str = "avx2",
-                   time_major: bool = True, lengths: Array | None = None, resets: Array | None = None):
-    """A bidirectional layer's two recurrences in one kernel call, one thread per direction.
-
-    ``((forward_carry, ys_forward), (backward_carry, ys_backward))``: the same
-    bits as ``avx2_scan(kind, params[0], xs, carries[0], threads=1, ...)`` and
-    ``avx2_scan(kind, params[1], xs, carries[1], reverse=True, threads=1,
-    ...)``, but the two run at the same time, each on its own core (no barrier
-    per step, each direction's weights in its own caches). Differentiable in
-    reverse mode; the backward pass and the weight gradients run in pairs too.
-
-    Args:
-      kind: as in `avx2_scan`, the same for both directions (peepholes and
-        hidden sizes may differ).
-      params: ``(forward_params, backward_params)``.
-      xs: [T, B, I] (or [B, T, I] with ``time_major=False``) float32, read by both.
-      carries: ``(forward_carry0, backward_carry0)``.
-      threads: 1 runs the directions one after the other; 0 or 2, side by side.
-      isa, time_major, lengths, resets: as in `avx2_scan`.
-
-    Raises:
-      ValueError, NativeUnavailable: as `avx2_scan`.
-    """
-    resets = _checked("seqjax.avx2.avx2_scan_pair", kind, params, xs, isa, threads, time_major, lengths, resets)
-    attrs = (("threads", int(threads)), ("batch_major", not time_major))
-    return native_scan_pair(f"seqjax_{isa}_rnn", kind, tuple(params), xs, tuple(carries), attrs, in_place=True,
-                            lengths=lengths, resets=resets)
-
-
-def _checked(call, kind, params, xs, isa, threads, time_major, lengths, resets):
-    """Checks a call's arguments (``params``: one pytree per recurrence), loads the kernels, and returns
-    ``resets`` as the kernels take them ([T, B] bool), or None."""
     if kind not in CELLS:
-        raise ValueError(f"{call}: kind must be one of {list(CELLS)}, got {kind!r}")
-    _check_isa(call, isa)
-    for p in params:
-        why = shape_blocker(p.w_h.shape[0], isa)
-        if why:
-            raise ValueError(f"{call}: {why}")
+        raise ValueError(f"seqjax.avx2.avx2_scan: kind must be one of {list(CELLS)}, got {kind!r}")
+    _check_isa("seqjax.avx2.avx2_scan", isa)
+    why = shape_blocker(params.w_h.shape[0], isa)
+    if why:
+        raise ValueError(f"seqjax.avx2.avx2_scan: {why}")
     if threads not in (0, 1, 2):
-        raise ValueError(f"{call}: threads must be 0 (automatic), 1 or 2, got {threads!r}")
+        raise ValueError(f"seqjax.avx2.avx2_scan: threads must be 0 (automatic), 1 or 2, got {threads!r}")
     if lengths is not None:
         B = jnp.shape(xs)[1 if time_major else 0]
         if jnp.shape(lengths) != (B,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-            raise ValueError(f"{call}: lengths must be an integer array of shape (B,)=({B},), got "
+            raise ValueError(f"seqjax.avx2.avx2_scan: lengths must be an integer array of shape (B,)=({B},), got "
                              f"shape {tuple(jnp.shape(lengths))} dtype {jnp.result_type(lengths)}")
     if resets is not None:
         want = tuple(jnp.shape(xs)[:2])
         if tuple(jnp.shape(resets)) != want:
             layout = "(T, B)" if time_major else "(B, T)"
-            raise ValueError(f"{call}: resets must have shape {layout}={want}, got {tuple(jnp.shape(resets))}")
+            raise ValueError(f"seqjax.avx2.avx2_scan: resets must have shape {layout}={want}, got "
+                             f"{tuple(jnp.shape(resets))}")
         resets = jnp.asarray(resets).astype(bool)
         resets = resets if time_major else resets.T
     load_avx2(isa)
-    return resets
+    attrs = (("threads", int(threads)), ("batch_major", not time_major))
+    return native_scan(f"seqjax_{isa}_rnn", kind, params, xs, carry0, reverse, attrs, projects=True, in_place=True,
+                       lengths=lengths, resets=resets)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell, chain_init, chain_initial_carry
-from seqjax.scan import scan, scan_both_directions
+from seqjax.scan import scan
 
 
 class Layer(NamedTuple):
@@ -83,9 +83,6 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | N
 
     With ``lengths`` the backward direction reads only each sequence's valid
     prefix, from its last valid step down to step 0 (as PyTorch's packed sequences).
-    Where both directions run on seqjax's CPU kernels with the same kind of
-    cell, one call runs the two side by side, a thread each
-    (`seqjax.scan_both_directions`).
 
     Args:
       forward: the `Cell` of the forward direction.
@@ -121,9 +118,11 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | N
 
     def apply(params, xs, *, carry=None, lengths=None, resets=None, time_major=False, key=None):
         del key
-        (cf, yf), (cb, yb) = scan_both_directions(forward, backward, (params.forward, params.backward), xs,
-                                                  carries=(None, None) if carry is None else carry, lengths=lengths,
-                                                  resets=resets, time_major=time_major, **opts)
+        cf, cb = (None, None) if carry is None else carry
+        cf, yf = scan(forward, params.forward, xs, carry=cf, lengths=lengths, resets=resets, time_major=time_major,
+                      **opts)
+        cb, yb = scan(backward, params.backward, xs, carry=cb, lengths=lengths, resets=resets, reverse=True,
+                      time_major=time_major, **opts)
         return (cf, cb), ((yf, yb) if combine is None else combine(yf, yb))
 
     out = forward.output_size + backward.output_size if merge == "concat" else forward.output_size

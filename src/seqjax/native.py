@@ -316,15 +316,14 @@ def build_avx2(isa: str = "avx2") -> Path:
 def load_avx2(isa: str = "avx2") -> ctypes.CDLL:
     """`seqjax.avx2`'s kernel library for ``isa``, built if needed, with its FFI targets registered for the CPU.
 
-    Registers ``seqjax_<isa>_rnn_forward``, ``seqjax_<isa>_rnn_backward`` and ``seqjax_<isa>_rnn_weight_grads``,
-    and the same with ``_pair`` (a bidirectional layer's two recurrences in one call).
+    Registers ``seqjax_<isa>_rnn_forward``, ``seqjax_<isa>_rnn_backward`` and ``seqjax_<isa>_rnn_weight_grads``.
 
     Raises:
       ValueError: ``isa`` is neither "avx2" nor "avx512".
       NativeUnavailable: the CPU lacks the instructions, the compiler is missing, or the build failed.
     """
     return _register(ctypes.CDLL(str(build_avx2(isa))), f"seqjax_{isa}_rnn", _x86_build(isa)[2], "cpu",
-                     ("forward", "backward", "weight_grads", "forward_pair", "backward_pair", "weight_grads_pair"))
+                     ("forward", "backward", "weight_grads"))
 
 
 @functools.cache

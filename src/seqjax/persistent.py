@@ -25,10 +25,6 @@ past its length a sequence's carry stays, its outputs and gate
 gradients are zero, and (reverse) it starts at its own last valid step; at a
 valid step with a reset the carry is zero before the step, as in
 `seqjax.scan`. The weight-gradient target leaves padding rows out of the sums.
-Such kernels may also bring ``_pair`` forms of the three targets, which run
-two recurrences (a bidirectional layer's, the second reversed) in one call:
-the single target's operands and results twice, the first recurrence's first
-(`native_scan_pair`).
 Forward results: ``ys [T, B, H]``, ``hT``, ``cT`` (LSTM), and for training
 ``act [T, B, G*H]`` (the activated gates) and ``aux [T, B, H]`` (LSTM: c_t;
 GRU: ``h_{t-1} W_hn + b_hn``). Backward results: ``dpx``, ``dghn [T, B, H]``
@@ -50,7 +46,7 @@ from seqjax.cells.base import Array, matmul
 from seqjax.cells.lstm import LSTMCarry
 from seqjax.fused import _start_h
 
-__all__ = ["CELLS", "LSTM_VARIANTS", "native_scan", "native_scan_pair"]
+__all__ = ["CELLS", "LSTM_VARIANTS", "native_scan"]
 
 #: kind -> the kernels' cell number (seqjax.onednn's numbering). The kernels that project their input
 #: (`seqjax.avx2`) also run Greff et al.'s LSTM variants (`LSTM_VARIANTS`: 64 plus a bit per change), and any
@@ -84,74 +80,48 @@ def _sds(shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _call(target, step, outs, operands, aliases=()):
-    """Calls ``<prefix>_<step>`` with one recurrence's ``operands``, or ``<prefix>_<step>_pair`` with two
-    (kernels that project; the second recurrence runs in the other direction): ``outs`` and ``operands``
-    hold one tuple per recurrence, ``aliases`` one ``input_output_aliases`` dict (or None) per recurrence,
-    each counted within its own operands and results. Returns one tuple of results per recurrence."""
-    n_ops, n_out = len(operands[0]), len(outs[0])
-    flat_aliases = {i + d * n_ops: r + d * n_out for d, al in enumerate(aliases) for i, r in (al or {}).items()}
-    name = f"{target.prefix}_{step}{'_pair' if len(outs) == 2 else ''}"
-    call = jax.ffi.ffi_call(name, tuple(o for out in outs for o in out), vmap_method="sequential",
-                            input_output_aliases=flat_aliases or None)
-    results = call(*(x for ops in operands for x in ops), cell=target.cell, reverse=target.reverse,
-                   **dict(target.attrs))
-    return [tuple(results[d * n_out:(d + 1) * n_out]) for d in range(len(outs))]
-
-
-def _forward_outs(target, training, lead, GH, h0, c0):
-    """The forward target's result shapes for sequence arrays ``lead + (.,)`` and G*H gate columns."""
+def _forward(target, training, inputs, w_h, b_hn, h0, c0, masks=()):
+    """The forward target's results; ``inputs`` is ``(px,)`` or, for kernels that project, ``(xs, w_x, b)``,
+    and ``masks`` their further operands ``(lengths, resets)``."""
+    lead = inputs[0].shape[:2]  # (T, B) or (B, T)
+    GH = w_h.shape[1]
     H = h0.shape[-1]
     residuals = training and (target.cell in _LSTMS or target.cell == CELLS["gru"])
-    return (_sds((*lead, H)), _sds(h0.shape), _sds(c0.shape), _sds((*lead, GH) if residuals else (0,)),
-            _sds((*lead, H) if residuals else (0,)))
-
-
-def _forward(target, training, inputs, w_h, b_hn, h0, c0):
-    """The forward target's results ``(ys, hT, cT, act, aux)`` for ``inputs = (px,)`` (kernels that do not
-    project their input)."""
-    out = _forward_outs(target, training, inputs[0].shape[:2], w_h.shape[1], h0, c0)
-    return _call(target, "forward", [out], [(*inputs, w_h, b_hn, h0, c0)])[0]
-
-
-def _forward_projecting(target, training, xs, directions, masks):
-    """The forward target's results per recurrence, for kernels that project: ``directions`` holds one
-    ``(w_x, b, w_h, extra, h0, c0)`` per recurrence (two: a pair call), ``masks`` is ``(lengths, resets)``."""
-    outs = [_forward_outs(target, training, xs.shape[:2], w_h.shape[1], h0, c0)
-            for _, _, w_h, _, h0, c0 in directions]
-    return _call(target, "forward", outs, [(xs, *d, *masks) for d in directions])
+    out = (_sds((*lead, H)), _sds(h0.shape), _sds(c0.shape), _sds((*lead, GH) if residuals else (0,)),
+           _sds((*lead, H) if residuals else (0,)))
+    call = jax.ffi.ffi_call(f"{target.prefix}_forward", out, vmap_method="sequential")
+    return call(*inputs, w_h, b_hn, h0, c0, *masks, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
 def _state_grads(target, saved, cts, masks=None):
-    """``(dpx, dghn, dh0, dc0, dpeep)`` from the backward target (``dghn`` empty but for the GRU), one tuple
-    per recurrence: ``saved`` and ``cts`` hold one entry per recurrence (two: a pair call).
+    """``(dpx, dghn, dh0, dc0, dpeep)`` from the backward target (``dghn`` empty but for the GRU).
 
     Kernels that project take ``masks`` ``(lengths, resets)`` and then the cell's
-    extra vector (``saved[d][1]``) as further operands, and return ``dpeep [B, S*H]``
+    extra vector (``saved[1]``) as further operands, and return ``dpeep [B, S*H]``
     (an LSTM with peepholes ``[S, H]``: each batch row's sums over its steps of
     dA_i c_{t-1}, dA_f c_{t-1} and dA_o c_t, as present; else empty) as a fifth
     result; for the others (``masks=None``) ``dpeep`` is None.
     """
-    outs, operands, aliases = [], [], []
-    for (w_h, extra, h0, c0, ys, act, aux), (dys, dhT, dcT) in zip(saved, cts):
-        lead, H = ys.shape[:2], ys.shape[2]
-        gru = target.cell == CELLS["gru"]
-        out = (_sds((*lead, w_h.shape[1])), _sds((*lead, H) if gru else (0,)), _sds(h0.shape), _sds(c0.shape))
-        ops = (dys, dhT, dcT, w_h, ys, h0, c0, act, aux)
-        if masks is not None:
-            out += (_sds((h0.shape[0], extra.size) if target.cell in _LSTMS and extra.size else (0,)),)
-            ops += (*masks, extra)
-        outs.append(out), operands.append(ops)
-        # operands 7 and 8 are act and aux; results 0 and 1 are dpx and dghn
-        aliases.append(({7: 0, 8: 1} if gru else {7: 0}) if target.in_place and act.size else None)
-    results = _call(target, "backward", outs, operands, aliases)
-    return results if masks is not None else [(*r, None) for r in results]
+    w_h, extra, h0, c0, ys, act, aux = saved
+    dys, dhT, dcT = cts
+    lead, H = ys.shape[:2], ys.shape[2]
+    gru = target.cell == CELLS["gru"]
+    out = (_sds((*lead, w_h.shape[1])), _sds((*lead, H) if gru else (0,)), _sds(h0.shape), _sds(c0.shape))
+    operands = (dys, dhT, dcT, w_h, ys, h0, c0, act, aux)
+    if masks is not None:
+        out += (_sds((h0.shape[0], extra.size) if target.cell in _LSTMS and extra.size else (0,)),)
+        operands += (*masks, extra)
+    # operands 7 and 8 are act and aux; results 0 and 1 are dpx and dghn
+    aliases = ({7: 0, 8: 1} if gru else {7: 0}) if target.in_place and act.size else None
+    call = jax.ffi.ffi_call(f"{target.prefix}_backward", out, vmap_method="sequential", input_output_aliases=aliases)
+    results = call(*operands, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
+    return tuple(results) if masks is not None else (*results, None)
 
 
 def _backward(target, saved, cts):
     """``(dpx, dw_h, db_hn, dh0, dc0)`` from the backward target and XLA's whole-sequence GEMMs."""
     w_h, b_hn, h0, c0, ys, act, aux = saved
-    dpx, dghn, dh0, dc0, _ = _state_grads(target, [saved], [cts])[0]
+    dpx, dghn, dh0, dc0, _ = _state_grads(target, saved, cts)
     H = ys.shape[2]
     gru = target.cell == CELLS["gru"]
     # the recurrent GEMM's output gradient: dpx, except the GRU's n block, which saw r * (h W_hn + b_hn)
@@ -164,16 +134,10 @@ def _backward(target, saved, cts):
 
 def _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn, masks):
     """``(dw_x, dw_h, db, db_hn)`` from the weight-gradient target of kernels that project."""
-    return _weight_grads_projecting(target, xs, [(ys, h0, dpx, dghn, b_hn)], masks)[0]
-
-
-def _weight_grads_projecting(target, xs, directions, masks):
-    """`_kernel_weight_grads` per recurrence: ``directions`` holds one ``(ys, h0, dpx, dghn, b_hn)`` per
-    recurrence (two: a pair call)."""
-    I = xs.shape[-1]
-    outs = [(_sds((I, dpx.shape[-1])), _sds((h0.shape[-1], dpx.shape[-1])), _sds((dpx.shape[-1],)), _sds(b_hn.shape))
-            for _, h0, dpx, _, b_hn in directions]
-    return _call(target, "weight_grads", outs, [(xs, ys, h0, dpx, dghn, *masks) for ys, h0, dpx, dghn, _ in directions])
+    I, H, GH = xs.shape[-1], h0.shape[-1], dpx.shape[-1]
+    out = (_sds((I, GH)), _sds((H, GH)), _sds((GH,)), _sds(b_hn.shape))
+    call = jax.ffi.ffi_call(f"{target.prefix}_weight_grads", out, vmap_method="sequential")
+    return call(xs, ys, h0, dpx, dghn, *masks, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
 def _start_h_batch_major(ys, h0, reverse):
@@ -207,32 +171,25 @@ _run.defvjp(_run_fwd, _run_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _run_projecting(target, xs, directions, lengths, resets):
-    """``((ys, hT, cT), ...)`` per recurrence; ``directions`` as in `_forward_projecting`."""
-    return tuple(r[:3] for r in _forward_projecting(target, False, xs, directions, (lengths, resets)))
+def _run_projecting(target, xs, w_x, b, w_h, extra, h0, c0, lengths, resets):
+    ys, hT, cT, _, _ = _forward(target, False, (xs, w_x, b), w_h, extra, h0, c0, (lengths, resets))
+    return ys, hT, cT
 
 
-def _run_projecting_fwd(target, xs, directions, lengths, resets):
-    results = _forward_projecting(target, True, xs, directions, (lengths, resets))
-    rests = [(w_h, extra, h0, c0, ys, act, aux)
-             for (_, _, w_h, extra, h0, c0), (ys, _, _, act, aux) in zip(directions, results)]
-    return tuple(r[:3] for r in results), (xs, [d[0] for d in directions], (lengths, resets), rests)
+def _run_projecting_fwd(target, xs, w_x, b, w_h, extra, h0, c0, lengths, resets):
+    ys, hT, cT, act, aux = _forward(target, True, (xs, w_x, b), w_h, extra, h0, c0, (lengths, resets))
+    return (ys, hT, cT), (xs, w_x, (lengths, resets), (w_h, extra, h0, c0, ys, act, aux))
 
 
 def _run_projecting_bwd(target, saved, cts):
-    xs, w_xs, masks, rests = saved
-    state = _state_grads(target, rests, cts, masks)
+    xs, w_x, masks, rest = saved
+    _, extra, h0, _, ys, _, _ = rest
+    dpx, dghn, dh0, dc0, dpeep = _state_grads(target, rest, cts, masks)
     gru = target.cell == CELLS["gru"]
-    weights = _weight_grads_projecting(
-        target, xs, [(ys, h0, dpx, dghn, extra if gru else _empty())
-                     for (_, extra, h0, _, ys, _, _), (dpx, dghn, _, _, _) in zip(rests, state)], masks)
-    dxs, grads = None, []
-    for w_x, (_, extra, *_), (dpx, _, dh0, dc0, dpeep), (dw_x, dw_h, db, db_hn) in zip(w_xs, rests, state, weights):
-        d_xs = (_rows(dpx) @ w_x.T).reshape(xs.shape)
-        dxs = d_xs if dxs is None else dxs + d_xs
-        dextra = db_hn if gru else jnp.sum(dpeep, 0).reshape(extra.shape) if dpeep.size else jnp.zeros_like(extra)
-        grads.append((dw_x, db, dw_h, dextra, dh0, dc0))
-    return dxs, tuple(grads), None, None
+    dw_x, dw_h, db, db_hn = _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, extra if gru else _empty(), masks)
+    dxs = (_rows(dpx) @ w_x.T).reshape(xs.shape)
+    dextra = db_hn if gru else jnp.sum(dpeep, 0).reshape(extra.shape) if dpeep.size else jnp.zeros_like(extra)
+    return dxs, dw_x, db, dw_h, dextra, dh0, dc0, None, None
 
 
 _run_projecting.defvjp(_run_projecting_fwd, _run_projecting_bwd)
@@ -263,71 +220,27 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
         true, the carry is zero before the step (`seqjax.scan`'s semantics), or
         None; only kernels that project take them.
     """
-    _check_kind(kind)
+    if kind not in CELLS:
+        raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
     lstm = CELLS[kind] in _LSTMS
     if not projects and (kind in LSTM_VARIANTS or (lstm and params.peep is not None)):
         raise ValueError(f"seqjax: the {prefix} kernels run the standard LSTM without peepholes only, got {kind!r}"
                          f"{' with peepholes' if lstm and params.peep is not None else ''}")
+    if lstm:
+        h0, c0 = carry0.h, carry0.c
+    else:
+        h0, c0 = carry0, _empty()
+    # the cell's extra parameter vector: the GRU's b_hn, an LSTM's peepholes [S, H] (p_i, p_f, p_o as present)
+    extra = params.b_hn if kind == "gru" else params.peep if lstm and params.peep is not None else _empty()
     xs = xs.astype(jnp.float32)
     target = Target(prefix, CELLS[kind], bool(reverse), tuple(attrs), bool(in_place))
     if projects:
-        ((ys, hT, cT),) = _run_projecting(target, xs, (_direction(kind, params, carry0),), *_masks(lengths, resets))
+        lengths = jnp.zeros((0,), jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        resets = jnp.zeros((0,), bool) if resets is None else jnp.asarray(resets, bool)
+        ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, extra, h0, c0, lengths, resets)
     else:
         if lengths is not None or resets is not None:
             raise ValueError(f"seqjax: the {prefix} kernels take no lengths or resets")
-        _, _, w_h, extra, h0, c0 = _direction(kind, params, carry0)
         px = matmul(xs, params.w_x) + params.b
-        ys, hT, cT = _run(target, px, w_h, extra, h0, c0)
-    return _carry(kind, hT, cT), ys
-
-
-def native_scan_pair(prefix: str, kind: str, params: tuple, xs: Array, carries: tuple, attrs: tuple,
-                     in_place: bool = False, lengths: Array | None = None, resets: Array | None = None):
-    """A bidirectional layer's two recurrences, in one call of each target, one thread per direction.
-
-    For kernels that project their input, with the targets ``prefix +
-    "_forward_pair"``, ``"_backward_pair"`` and ``"_weight_grads_pair"``: twice
-    the single targets' operands and results, the second recurrence reversed.
-    Each direction gets the bits of `native_scan` with ``("threads", 1)``.
-
-    Args:
-      prefix, kind, attrs, in_place, lengths, resets: as in `native_scan`
-        (``attrs`` also give the pair's ``threads``: 1 runs the two directions
-        one after the other).
-      params: ``(forward_params, backward_params)`` of the same kind (peepholes
-        may differ; hidden sizes too).
-      xs: as in `native_scan`; both directions read it.
-      carries: ``(forward_carry0, backward_carry0)``.
-
-    Returns:
-      ``((forward_carry, ys_forward), (backward_carry, ys_backward))``.
-    """
-    _check_kind(kind)
-    target = Target(prefix, CELLS[kind], False, tuple(attrs), bool(in_place))
-    directions = tuple(_direction(kind, p, c) for p, c in zip(params, carries))
-    results = _run_projecting(target, xs.astype(jnp.float32), directions, *_masks(lengths, resets))
-    return tuple((_carry(kind, hT, cT), ys) for ys, hT, cT in results)
-
-
-def _check_kind(kind):
-    if kind not in CELLS:
-        raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
-
-
-def _direction(kind, params, carry0):
-    """One recurrence's operands ``(w_x, b, w_h, extra, h0, c0)``: ``extra`` is the cell's extra parameter
-    vector (the GRU's b_hn, an LSTM's peepholes [S, H], p_i, p_f, p_o as present; else empty)."""
-    lstm = CELLS[kind] in _LSTMS
-    h0, c0 = (carry0.h, carry0.c) if lstm else (carry0, _empty())
-    extra = params.b_hn if kind == "gru" else params.peep if lstm and params.peep is not None else _empty()
-    return params.w_x, params.b, params.w_h, extra, h0, c0
-
-
-def _masks(lengths, resets):
-    """The ``(lengths, resets)`` operands: [0]-shaped where not given."""
-    return (jnp.zeros((0,), jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32),
-            jnp.zeros((0,), bool) if resets is None else jnp.asarray(resets, bool))
-
-
-def _carry(kind, hT, cT):
-    return LSTMCarry(hT, cT, None) if CELLS[kind] in _LSTMS else hT
+        ys, hT, cT = _run(target, px, params.w_h, extra, h0, c0)
+    return (LSTMCarry(hT, cT, None) if lstm else hT), ys

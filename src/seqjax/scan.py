@@ -270,7 +270,15 @@ def _cuda_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, 
 def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_major, unroll, remat, hoist,
          backward="autodiff", kernel="xla"):
     plan = _plan(call, cell, params, xs, carry, lengths, resets, time_major)
-    unroll, hoist = _options(call, reverse, remat, unroll, hoist)
+    _check_bool(call, "reverse", reverse)
+    _check_bool(call, "remat", remat)
+    if unroll is None:
+        unroll = unroll_default()
+    if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
+        raise ValueError(f"{call}: unroll must be a positive int or None, got {unroll!r}")
+    if hoist is None:
+        hoist = hoist_default()
+    _check_bool(call, "hoist", hoist)
 
     if cell.layers is not None:  # a stacked cell runs layer by layer over the whole sequence
         ys, carries = plan.xs, []
@@ -307,54 +315,6 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
     body = _body(cell, params, plan.init_carry, hoist, remat)
     carry, ys = loop(body, plan.carry, (inputs, plan.valid, plan.resets), reverse, unroll)
     return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
-
-
-def _options(call, reverse, remat, unroll, hoist) -> tuple:
-    """Checks the loop options; returns ``(unroll, hoist)`` with their defaults filled in."""
-    _check_bool(call, "reverse", reverse)
-    _check_bool(call, "remat", remat)
-    if unroll is None:
-        unroll = unroll_default()
-    if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
-        raise ValueError(f"{call}: unroll must be a positive int or None, got {unroll!r}")
-    if hoist is None:
-        hoist = hoist_default()
-    _check_bool(call, "hoist", hoist)
-    return unroll, hoist
-
-
-def scan_both_directions(forward: Cell, backward: Cell, params: tuple, xs: Array, *, carries=(None, None),
-                         lengths: Array | None = None, resets: Array | None = None, time_major: bool = False,
-                         unroll: int | None = None, remat: bool = False, hoist: bool | None = None,
-                         kernel: str = "auto"):
-    """A bidirectional layer's two scans: ``((forward_carry, ys_forward), (backward_carry, ys_backward))``.
-
-    The same as ``scan(forward, params[0], xs, carry=carries[0], ...)`` and
-    ``scan(backward, params[1], xs, carry=carries[1], reverse=True, ...)``, with
-    the same options. Where `scan` would run both directions on the AVX2/AVX-512
-    kernels with the same kind and build, one pair call runs them side by side,
-    one thread each (`seqjax.avx2.avx2_scan_pair`; the bits of two calls with
-    one thread each): two threads split a step's hidden units with a barrier per
-    step, one per direction needs neither the barrier nor moving h between cores.
-    """
-    call = "seqjax.scan"
-    if kernel not in KERNELS:
-        raise ValueError(f"{call}: kernel must be one of {list(KERNELS)}, got {kernel!r}")
-    _options(call, False, remat, unroll, hoist)
-    cf, cb = carries
-    if forward.layers is None and backward.layers is None:
-        plans = [_plan(call, c, p, xs, c0, lengths, resets, time_major)
-                 for c, p, c0 in ((forward, params[0], cf), (backward, params[1], cb))]
-        kinds = [_avx2_kind(call, kernel, _lax_loop, c, p, plan.xs, lengths, resets, remat, "auto")
-                 for c, p, plan in zip((forward, backward), params, plans)]
-        if kinds[0] is not None and kinds[0] == kinds[1]:
-            from seqjax.avx2 import avx2_scan_pair
-            return avx2_scan_pair(kinds[0][0], tuple(params), jnp.asarray(xs), (plans[0].carry, plans[1].carry),
-                                  isa=kinds[0][1], time_major=time_major, lengths=lengths, resets=resets)
-    opts = dict(lengths=lengths, resets=resets, time_major=time_major, unroll=unroll, remat=remat, hoist=hoist,
-                kernel=kernel)
-    return (scan(forward, params[0], xs, carry=cf, **opts),
-            scan(backward, params[1], xs, carry=cb, reverse=True, **opts))
 
 
 def _lax_loop(body, carry, xs, reverse, unroll):

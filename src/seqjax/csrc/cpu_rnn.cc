@@ -1176,80 +1176,6 @@ ffi::Error WeightGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::
   return ffi::Error::Success();
 }
 
-// ------------------------------------------------------------------------------ pairs of recurrences
-// A bidirectional layer's two recurrences in one call, one thread each: the single handler's operands for
-// the first recurrence, then for the second (the same buffer may come twice, e.g. xs), and its results
-// likewise; the attributes are the first's, and the second runs in the other direction. Each runs as one
-// single-threaded call would (no barrier per step, each thread's weights in its own caches), so the bits
-// are those of two separate calls with threads = 1.
-struct PairOperands {
-  const ffi::RemainingArgs& args;
-  const ffi::RemainingRets& rets;
-  size_t arg0, ret0;  // where this recurrence's operands and results start
-  template <ffi::DataType D = ffi::F32>
-  ffi::Buffer<D> arg(size_t i) const { return *args.get<ffi::Buffer<D>>(arg0 + i); }
-  ffi::ResultBuffer<ffi::F32> ret(size_t i) const { return *rets.get<ffi::Buffer<ffi::F32>>(ret0 + i); }
-};
-
-// Checks that a pair call has twice the single handler's operands (of `types`) and results (float32),
-// then runs `one(operands, d)` for d = 0 and 1, on two threads unless `threads` is 1.
-template <size_t N, typename One>
-ffi::Error run_pair(ffi::ThreadPool& pool, const ffi::RemainingArgs& args, const ffi::RemainingRets& rets,
-                    const ffi::DataType (&types)[N], size_t results, int64_t threads, One one) {
-  if (args.size() != 2 * N || rets.size() != 2 * results)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "seqjax avx2: a pair call takes " + std::to_string(2 * N) + " operands and " +
-                          std::to_string(2 * results) + " results, got " + std::to_string(args.size()) + " and " +
-                          std::to_string(rets.size()));
-  for (size_t i = 0; i < 2 * N; ++i) {
-    const auto got = args.get<ffi::AnyBuffer>(i);
-    if (!got.has_value() || got->element_type() != types[i % N])
-      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "seqjax avx2: pair operand " + std::to_string(i) +
-                                                              " has the wrong type");
-  }
-  for (size_t i = 0; i < 2 * results; ++i)
-    if (!rets.get<ffi::Buffer<ffi::F32>>(i).has_value())
-      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                        "seqjax avx2: pair result " + std::to_string(i) + " is not float32");
-  ffi::Error errors[2] = {ffi::Error::Success(), ffi::Error::Success()};
-  Team::run(1, 2, threads == 1 ? 0 : 1, &pool, [&](int, int d) {
-    errors[d] = one(PairOperands{args, rets, d * N, d * results}, d);
-  });
-  return errors[0].failure() ? errors[0] : errors[1];
-}
-
-constexpr ffi::DataType kF32 = ffi::F32, kS32 = ffi::S32, kPred = ffi::PRED;
-
-ffi::Error ForwardPairImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t cell,
-                           bool reverse, int64_t threads, bool batch_major) {
-  static constexpr ffi::DataType types[] = {kF32, kF32, kF32, kF32, kF32, kF32, kF32, kS32, kPred};
-  return run_pair(pool, args, rets, types, 5, threads, [&](const PairOperands& o, int d) {
-    return ForwardImpl(pool, o.arg(0), o.arg(1), o.arg(2), o.arg(3), o.arg(4), o.arg(5), o.arg(6),
-                       o.arg<kS32>(7), o.arg<kPred>(8), o.ret(0), o.ret(1), o.ret(2), o.ret(3), o.ret(4), cell,
-                       reverse != (d == 1), 1, batch_major);
-  });
-}
-
-ffi::Error BackwardPairImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t cell,
-                            bool reverse, int64_t threads, bool batch_major) {
-  static constexpr ffi::DataType types[] = {kF32, kF32, kF32, kF32, kF32, kF32, kF32, kF32, kF32, kS32, kPred, kF32};
-  return run_pair(pool, args, rets, types, 5, threads, [&](const PairOperands& o, int d) {
-    return BackwardImpl(pool, o.arg(0), o.arg(1), o.arg(2), o.arg(3), o.arg(4), o.arg(5), o.arg(6), o.arg(7),
-                        o.arg(8), o.arg<kS32>(9), o.arg<kPred>(10), o.arg(11), o.ret(0), o.ret(1), o.ret(2),
-                        o.ret(3), o.ret(4), cell, reverse != (d == 1), 1, batch_major);
-  });
-}
-
-ffi::Error WeightGradsPairImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t cell,
-                               bool reverse, int64_t threads, bool batch_major) {
-  static constexpr ffi::DataType types[] = {kF32, kF32, kF32, kF32, kF32, kS32, kPred};
-  return run_pair(pool, args, rets, types, 4, threads, [&](const PairOperands& o, int d) {
-    return WeightGradsImpl(pool, o.arg(0), o.arg(1), o.arg(2), o.arg(3), o.arg(4), o.arg<kS32>(5),
-                           o.arg<kPred>(6), o.ret(0), o.ret(1), o.ret(2), o.ret(3), cell, reverse != (d == 1), 1,
-                           batch_major);
-  });
-}
-
 }  // namespace
 
 // The exported handlers: SeqjaxAvx2RnnForward/Backward, or SeqjaxAvx512RnnForward/Backward.
@@ -1324,19 +1250,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(WeightGrads), WeightGradsImpl,
                                   .Attr<bool>("reverse")
                                   .Attr<int64_t>("threads")
                                   .Attr<bool>("batch_major"));
-
-#define SEQJAX_PAIR_HANDLER(pass, impl)                                                                   \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(SEQJAX_SYMBOL(pass), impl,                                              \
-                                ffi::Ffi::Bind()                                                        \
-                                    .Ctx<ffi::ThreadPool>()                                             \
-                                    .RemainingArgs()                                                    \
-                                    .RemainingRets()                                                    \
-                                    .Attr<int64_t>("cell")                                              \
-                                    .Attr<bool>("reverse")                                              \
-                                    .Attr<int64_t>("threads")                                           \
-                                    .Attr<bool>("batch_major"));
-
-// the pair handlers: twice the operands and results of the handler above, the second recurrence reversed
-SEQJAX_PAIR_HANDLER(ForwardPair, ForwardPairImpl)
-SEQJAX_PAIR_HANDLER(BackwardPair, BackwardPairImpl)
-SEQJAX_PAIR_HANDLER(WeightGradsPair, WeightGradsPairImpl)
