@@ -324,6 +324,56 @@ def test_weight_gradient_kernel_matches_numpy(kind, isa, batch_major, reverse, w
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
+_FAULTS_SCRIPT = """
+import hashlib, resource, jax, jax.numpy as jnp, numpy as np, seqjax
+cell = seqjax.lstm(256)
+params = cell.init(jax.random.key(0), 128)
+xs = jax.random.normal(jax.random.key(1), (64, 100, 128))
+step = jax.jit(jax.grad(lambda p, x: jnp.mean(seqjax.scan(cell, p, x, kernel="avx2")[1] ** 2), argnums=(0, 1)))
+for _ in range(2):
+    grads = jax.block_until_ready(step(params, xs))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    grads = jax.block_until_ready(step(params, xs))
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3
+digest = hashlib.sha256(b"".join(np.asarray(g).tobytes() for g in jax.tree.leaves(grads))).hexdigest()
+print(faults, digest)
+"""
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="needs transparent huge pages in madvise mode")
+def test_huge_pages_can_be_turned_off_and_change_no_bit():
+    """The kernels advise huge pages on their large results (fewer page faults on XLA's fresh buffers);
+    SEQJAX_HUGE_PAGES=0 turns that off. Same gradients to the bit; many more faults without."""
+    import os
+    import subprocess
+    import sys
+
+    def run(value):
+        env = dict(os.environ)
+        env.pop("SEQJAX_HUGE_PAGES", None)
+        if value is not None:
+            env["SEQJAX_HUGE_PAGES"] = value
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        faults, digest = out.stdout.split()[-2:]
+        return int(faults), digest
+    (huge, a), (plain, b) = run(None), run("0")
+    assert a == b
+    if plain < 5000:
+        pytest.skip(f"the allocator reused its memory ({plain} faults per step without huge pages)")
+    assert huge < plain / 2, (huge, plain)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "lstm_peep", "gru"])
 def test_backward_in_place_gives_the_same_bits_in_less_memory(kind):
     """The backward target writes dpx over the forward's act (and the GRU's dghn over aux)."""

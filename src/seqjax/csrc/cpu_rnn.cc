@@ -872,9 +872,21 @@ float* out_or_null(Buf& b) {
 // mmap threshold), so the first touch of each 4 KiB page of a result faults: about 35 000 faults per LSTM
 // train step at (B, T, H) = (64, 100, 256). Advising transparent huge pages on the 2 MiB-aligned part of a
 // large result lets the kernel fault it in 2 MiB at a time where the system allows it (a hint: it changes
-// no contents, and memory that is already mapped stays as it is).
+// no contents, and memory that is already mapped stays as it is). SEQJAX_HUGE_PAGES=0 in the environment
+// turns it off: on a 2-core VM, calls whose fresh huge pages the host had to back took up to 10x as long,
+// all of it in the kernel, when another program's allocations ran in between (bench/results/levers.md,
+// session 12).
+inline bool huge_pages_wanted() {
+  static const bool wanted = [] {
+    const char* v = std::getenv("SEQJAX_HUGE_PAGES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return wanted;
+}
+
 template <typename Buf>
 void advise_huge_pages(Buf& b) {
+  if (!huge_pages_wanted()) return;
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   const auto start = reinterpret_cast<uintptr_t>(b->typed_data());
   const uintptr_t lo = (start + kHuge - 1) & ~(kHuge - 1), hi = (start + b->element_count() * 4) & ~(kHuge - 1);
