@@ -1,6 +1,10 @@
 """The AVX2 kernels (seqjax.avx2, kernel="avx2"): numerics against NumPy, XLA's loop and finite differences,
 thread-count and jit/vmap invariants, routing and errors. Skipped where the CPU lacks AVX2/FMA or no C++
 compiler is here."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -353,10 +357,6 @@ def _thp_mode():
 def test_huge_pages_can_be_turned_off_and_change_no_bit():
     """The kernels advise huge pages on their large results (fewer page faults on XLA's fresh buffers);
     SEQJAX_HUGE_PAGES=0 turns that off. Same gradients to the bit; many more faults without."""
-    import os
-    import subprocess
-    import sys
-
     def run(value):
         env = dict(os.environ)
         env.pop("SEQJAX_HUGE_PAGES", None)
