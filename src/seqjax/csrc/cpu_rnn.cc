@@ -869,17 +869,17 @@ float* out_or_null(Buf& b) {
 }
 
 // XLA allocates a call's temporaries afresh on every call (one mapping per call once they pass malloc's
-// mmap threshold), so the first touch of each 4 KiB page of a result faults: about 35 000 faults per LSTM
-// train step at (B, T, H) = (64, 100, 256). Advising transparent huge pages on the 2 MiB-aligned part of a
-// large result lets the kernel fault it in 2 MiB at a time where the system allows it (a hint: it changes
-// no contents, and memory that is already mapped stays as it is). SEQJAX_HUGE_PAGES=0 in the environment
-// turns it off: on a 2-core VM, calls whose fresh huge pages the host had to back took up to 10x as long,
-// all of it in the kernel, when another program's allocations ran in between (bench/results/levers.md,
-// session 12).
+// mmap threshold), so the first touch of each 4 KiB page of a result faults: about 12 000 faults per LSTM
+// train step at (B, T, H) = (64, 100, 256). With SEQJAX_HUGE_PAGES=1 in the environment the kernels advise
+// transparent huge pages on the 2 MiB-aligned part of each large result, so that the kernel faults it in
+// 2 MiB at a time where the system allows it (a hint: it changes no contents; 3 700 faults per such step).
+// Off by default since session 12: on a 2-core VM, calls whose fresh huge pages the host had to back took
+// up to 10x as long, all of it in the OS kernel, when another program ran between them, and training loops
+// that also evaluate ran as fast or faster without it (bench/results/levers.md, session 12).
 inline bool huge_pages_wanted() {
   static const bool wanted = [] {
     const char* v = std::getenv("SEQJAX_HUGE_PAGES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   return wanted;
 }
