@@ -242,6 +242,34 @@ def _json_default(o):
     return str(o)
 
 
+def add_ratios(rows: list[dict], reference: str, key: str) -> None:
+    """Sets ``row[key]`` = its median over the ``reference`` library's median of the same mode (in place)."""
+    ref = {r["mode"]: r["median_ms"] for r in rows if r["library"] == reference}
+    for r in rows:
+        if r["mode"] in ref:
+            r[key] = r["median_ms"] / ref[r["mode"]]
+
+
+def ratio_tables(rows: list[dict], cells, key: str, label: str, caption) -> str:
+    """One markdown table per (cell, shape): each library's fwd and train medians and their ``key`` ratios
+    (headed "fwd / label"), fastest train step first; ``caption(first_row)`` follows the cell and shape."""
+    out = []
+    configs = sorted({(r["cell"], r["shape"]) for r in rows}, key=lambda c: (list(cells).index(c[0]), c[1]))
+    for cell, shape in configs:
+        sel = [r for r in rows if r["cell"] == cell and r["shape"] == shape]
+        head = sel[0]
+        body = []
+        for lib in dict.fromkeys(r["library"] for r in sel):
+            by = {r["mode"]: r for r in sel if r["library"] == lib}
+            body.append([lib, by["fwd"]["median_ms"], by["fwd"].get(key, ""),
+                         by["train"]["median_ms"], by["train"].get(key, "")])
+        body.sort(key=lambda r: r[3])
+        out.append(f"**{cell} {shape} (B={head['B']}, T={head['T']}, I={head['I']}, H={head['H']}, "
+                   f"{caption(head)})**\n\n" + markdown_table(
+                       ["library", "fwd ms", f"fwd / {label}", "train ms", f"train / {label}"], body))
+    return "\n\n".join(out)
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A GitHub markdown table."""
     def fmt(v):

@@ -172,29 +172,13 @@ def bench_config(cell_name, shape_name, shape, reps, torch_ok, progress=None):
         rows.append(dict(cell=cell_name, shape=shape_name, B=B, T=T, I=I, H=H, library=name, mode=mode,
                          fill=float(lengths.mean() / T), **common.summarise(s), **meta[key]))
         rows[-1]["gflops"] = flops / (rows[-1]["median_ms"] * 1e-3) / 1e9
-    ref = {r["mode"]: r["median_ms"] for r in rows if r["library"] == REFERENCE}
-    for r in rows:
-        if r["mode"] in ref:
-            r["ratio_to_pytorch_packed"] = r["median_ms"] / ref[r["mode"]]
+    common.add_ratios(rows, REFERENCE, "ratio_to_pytorch_packed")
     return rows
 
 
 def tables(rows) -> str:
-    out = []
-    configs = sorted({(r["cell"], r["shape"]) for r in rows}, key=lambda c: (CELLS.index(c[0]), c[1]))
-    for cell, shape in configs:
-        sel = [r for r in rows if r["cell"] == cell and r["shape"] == shape]
-        head = sel[0]
-        body = []
-        for lib in dict.fromkeys(r["library"] for r in sel):
-            by = {r["mode"]: r for r in sel if r["library"] == lib}
-            body.append([lib, by["fwd"]["median_ms"], by["fwd"].get("ratio_to_pytorch_packed", ""),
-                         by["train"]["median_ms"], by["train"].get("ratio_to_pytorch_packed", "")])
-        body.sort(key=lambda r: r[3])
-        out.append(f"**{cell} {shape} (B={head['B']}, T={head['T']}, I={head['I']}, H={head['H']}, "
-                   f"lengths fill {head['fill']:.0%} of the padded batch)**\n\n" + common.markdown_table(
-                       ["library", "fwd ms", "fwd / packed", "train ms", "train / packed"], body))
-    return "\n\n".join(out)
+    return common.ratio_tables(rows, CELLS, "ratio_to_pytorch_packed", "packed",
+                               lambda head: f"lengths fill {head['fill']:.0%} of the padded batch")
 
 
 def main(argv=None):
