@@ -23,7 +23,6 @@ Writes <out>/bidirectional.json, <out>/bidirectional.png and prints markdown tab
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -104,32 +103,22 @@ def torch_fns(cell_name, B, T, I, H, layers, threads):
 def bench_config(cell_name, shape_name, shape, layers, reps, torch_ok, progress=None):
     B, T, I, H = shape
     x = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
-    fns, meta = {}, {}
+    cands = common.Candidates()
     for name, (run, params) in jax_candidates(cell_name, B, T, I, H, layers).items():
-        loss = common.mean_square_loss(run)
-        for mode, f in (("fwd", run), ("train", jax.value_and_grad(loss, argnums=(0, 1)))):
-            c = common.compile_timed(f, params, x)
-            fns[f"{name}|{mode}"] = lambda compiled=c["compiled"], params=params: compiled(params, x)
-            meta[f"{name}|{mode}"] = {k: v for k, v in c.items() if k != "compiled"}
+        cands.add_compiled(name, "fwd", run, params, x)
+        cands.add_compiled(name, "train", jax.value_and_grad(common.mean_square_loss(run), argnums=(0, 1)), params, x)
     timer = None
     if torch_ok:
         timer = common.ProcessTimer(torch_fns, cell_name, B, T, I, H, layers, os.cpu_count())
         for mode in ("fwd", "train"):
-            fns[f"{REFERENCE}|{mode}"] = timer.fn(f"{REFERENCE}|{mode}")
-            meta[f"{REFERENCE}|{mode}"] = {}
-    try:
-        samples = common.interleave(fns, reps=reps, warmup=2, progress=progress)
-    finally:
-        if timer is not None:
-            timer.close()
+            cands.add(REFERENCE, mode, timer.fn(f"{REFERENCE}|{mode}"))
     # the matmul floor of the L layers (layer k > 0 reads 2H features), both directions
     floor = sum(2 * common.floor_flops(cell_name, B, T, I if k == 0 else 2 * H, H) for k in range(layers))
     rows = []
-    for key, s in samples.items():
-        name, mode = key.split("|")
+    for name, mode, record in cands.time(reps, progress, child=timer):
         rows.append(dict(cell=cell_name, shape=shape_name, B=B, T=T, I=I, H=H, layers=layers, library=name,
-                         mode=mode, **common.summarise(s), **meta[key]))
-        rows[-1]["gflops"] = floor * (3.0 if mode == "train" else 1.0) / (rows[-1]["median_ms"] * 1e-3) / 1e9
+                         mode=mode, **record))
+        rows[-1]["gflops"] = floor * (3.0 if mode == "train" else 1.0) / (record["median_ms"] * 1e-3) / 1e9
     common.add_ratios(rows, REFERENCE, "ratio_to_pytorch")
     return rows
 
@@ -140,43 +129,23 @@ def tables(rows) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a tiny shape and few reps (smoke test)")
-    ap.add_argument("--cells", default=None, help="comma list of lstm,gru,rnn")
-    ap.add_argument("--shapes", default=None, help="comma list of small,standard,long")
+    ap = common.grid_parser(__doc__.split("\n")[0], "bidirectional", default_reps=11)
     ap.add_argument("--layers", type=int, default=2, help="bidirectional layers stacked (default 2)")
-    ap.add_argument("--reps", type=int, default=None, help="timed rounds per configuration (default 11)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--name", default="bidirectional", help="basename of the JSON/PNG written")
     args = ap.parse_args(argv)
     if args.layers < 1:
         raise SystemExit(f"--layers must be at least 1, got {args.layers}")
 
-    cells = common.parse_list(args.cells or ("lstm" if args.quick else None), CELLS, "cells")
-    shapes = common.QUICK_SHAPES if args.quick else common.SHAPES
-    shapes = {k: shapes[k] for k in common.parse_list(args.shapes, list(shapes), "shapes")}
-    reps = args.reps or (3 if args.quick else 11)
+    cells, shapes, reps = common.grid_from_args(args, CELLS)
     notes = []
     torch_ok = importlib.util.find_spec("torch") is not None  # imported in the child process only
     if not torch_ok:
         notes.append("pytorch: skipped, not installed")
-    progress = common.progress_bar(len(cells) * len(shapes) * reps, "bidirectional")
-    rows, t0 = [], time.time()
-    for cell in cells:
-        for sname, shape in shapes.items():
-            if progress is not None:
-                progress.set_postfix_str(f"{cell} {sname}")
-            rows += bench_config(cell, sname, shape, args.layers, reps, torch_ok, progress)
-    if progress is not None:
-        progress.close()
-    for n in notes:
-        print("note:", n)
-    os.makedirs(args.out, exist_ok=True)
-    common.write_json(os.path.join(args.out, f"{args.name}.json"),
-                      dict(rows=rows, notes=notes, reps=reps, layers=args.layers, torch_threads=os.cpu_count(),
-                           wall_s=time.time() - t0))
-    peers.plot(rows, os.path.join(args.out, f"{args.name}.png"), f", {args.layers} bidirectional layers")
-    print(tables(rows))
+    t0 = time.time()
+    rows = common.run_grid(cells, shapes, reps, "bidirectional", lambda cell, sname, shape, progress: bench_config(
+        cell, sname, shape, args.layers, reps, torch_ok, progress))
+    common.report(args.out, args.name, dict(rows=rows, reps=reps, layers=args.layers, torch_threads=os.cpu_count(),
+                                            wall_s=time.time() - t0), notes,
+                  lambda path: peers.plot(rows, path, f", {args.layers} bidirectional layers"), tables(rows))
     return rows
 
 

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -186,6 +187,68 @@ class ProcessTimer:
         self._proc.join(timeout=30)
 
 
+class Candidates:
+    """The alternatives of one benchmark configuration, timed together by `interleave`.
+
+    Keys are ``"name|mode"`` (mode ``fwd`` or ``train``). `add_compiled` compiles a JAX function with
+    `compile_timed` and keeps its compile record; `add` takes any function (e.g. a `ProcessTimer`'s).
+    """
+
+    def __init__(self):
+        self.fns: dict[str, Callable[[], Any]] = {}
+        self.meta: dict[str, dict] = {}
+
+    def add_compiled(self, name: str, mode: str, fn: Callable, *args) -> None:
+        c = compile_timed(fn, *args)
+        self.add(name, mode, lambda compiled=c["compiled"]: compiled(*args))
+        self.meta[f"{name}|{mode}"] = {k: v for k, v in c.items() if k != "compiled"}
+
+    def add(self, name: str, mode: str, fn: Callable[[], Any]) -> None:
+        self.fns[f"{name}|{mode}"] = fn
+        self.meta[f"{name}|{mode}"] = {}
+
+    def time(self, reps: int, progress=None, min_time_s: float = 0.0, child: "ProcessTimer | None" = None):
+        """Interleaves them (2 warm-up rounds, then ``reps``) and closes ``child`` afterwards, whatever happens.
+
+        Returns:
+          ``[(name, mode, record)]`` in the order added; ``record`` holds `summarise`'s medians and the
+          compile record.
+        """
+        try:
+            samples = interleave(self.fns, reps=reps, warmup=2, progress=progress, min_time_s=min_time_s)
+        finally:
+            if child is not None:
+                child.close()
+        return [(*key.split("|"), {**summarise(s), **self.meta[key]}) for key, s in samples.items()]
+
+
+def run_grid(cells, shapes: dict, reps: int, desc: str, bench: Callable) -> list[dict]:
+    """The rows of ``bench(cell, shape_name, shape, progress)`` for every cell and shape, in that order, under
+    one progress bar of ``reps`` rounds per configuration."""
+    progress = progress_bar(len(cells) * len(shapes) * reps, desc)
+    rows = []
+    for cell in cells:
+        for shape_name, shape in shapes.items():
+            if progress is not None:
+                progress.set_postfix_str(f"{cell} {shape_name}")
+            rows += bench(cell, shape_name, shape, progress)
+    if progress is not None:
+        progress.close()
+    return rows
+
+
+def report(out_dir: str, name: str, payload: dict, notes, plot: Callable[[str], None], text: str) -> None:
+    """Prints the notes, writes ``out_dir/name.json`` (``payload``, the notes and the environment) and the plot
+    ``out_dir/name.png`` (``plot(path)``), then prints ``text`` (the results tables)."""
+    notes = sorted(notes)
+    for n in notes:
+        print("note:", n)
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, f"{name}.json"), dict(payload, notes=notes))
+    plot(os.path.join(out_dir, f"{name}.png"))
+    print(text)
+
+
 def progress_bar(total: int, desc: str):
     """A tqdm progress bar on stderr, or None where tqdm is not installed."""
     try:
@@ -279,6 +342,33 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def grid_parser(description: str, name: str, default_reps: int, cells: bool = True) -> argparse.ArgumentParser:
+    """An argument parser with the options of the scripts that time a grid of cells and shapes: --quick,
+    --cells (where ``cells``), --shapes, --reps, --out and --name (``name``: the JSON/PNG basename)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="the tiny shape, the LSTM and 3 reps (smoke test)")
+    if cells:
+        ap.add_argument("--cells", default=None, help="comma list of lstm,gru,rnn")
+    ap.add_argument("--shapes", default=None, help="comma list of " + ",".join(SHAPES))
+    ap.add_argument("--reps", type=int, default=None,
+                    help=f"timed rounds per configuration (default {default_reps})")
+    ap.add_argument("--out", default=RESULTS_DIR, help="folder of the JSON/PNG written")
+    ap.add_argument("--name", default=name, help=f"basename of the JSON/PNG written (default {name})")
+    ap.set_defaults(default_reps=default_reps)
+    return ap
+
+
+def grid_from_args(args: argparse.Namespace, cells=None) -> tuple[list[str], dict, int]:
+    """``(cells, shapes, reps)`` that `grid_parser`'s options chose, the cells from ``cells`` (names)."""
+    chosen = parse_list(args.cells or ("lstm" if args.quick else None), cells, "cells") if cells else []
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = {k: shapes[k] for k in parse_list(args.shapes, list(shapes), "shapes")}
+    return chosen, shapes, args.reps or (3 if args.quick else args.default_reps)
 
 
 def parse_list(text: str | None, allowed, what: str) -> list[str]:

@@ -34,7 +34,6 @@ Writes <out>/lengths.json, <out>/lengths.png and prints markdown tables.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -145,33 +144,23 @@ def bench_config(cell_name, shape_name, shape, reps, torch_ok, progress=None):
     B, T, I, H = shape
     lengths = batch_lengths(B, T)
     order = np.argsort(-lengths, kind="stable")
-    fns, meta = {}, {}
+    cands = common.Candidates()
     for name, (run, params, x, L) in jax_candidates(cell_name, B, T, I, H, lengths, order).items():
         loss = lambda p, x, L, run=run: jnp.mean(jnp.square(run(p, x, L)))  # noqa: E731
-        modes = {"fwd": run, "train": jax.value_and_grad(loss, argnums=(0, 1))}
-        for mode, f in modes.items():
-            c = common.compile_timed(f, params, x, L)
-            fns[f"{name}|{mode}"] = (lambda compiled=c["compiled"], params=params, x=x, L=L: compiled(params, x, L))
-            meta[f"{name}|{mode}"] = {k: v for k, v in c.items() if k != "compiled"}
+        cands.add_compiled(name, "fwd", run, params, x, L)
+        cands.add_compiled(name, "train", jax.value_and_grad(loss, argnums=(0, 1)), params, x, L)
     timer = None
     if torch_ok:
         timer = common.ProcessTimer(torch_fns, cell_name, B, T, I, H, lengths, os.cpu_count())
         for name in (REFERENCE, f"{REFERENCE}, sorted", "pytorch, no lengths"):
             for mode in ("fwd", "train"):
-                fns[f"{name}|{mode}"] = timer.fn(f"{name}|{mode}")
-                meta[f"{name}|{mode}"] = {}
-    try:
-        samples = common.interleave(fns, reps=reps, warmup=2, progress=progress)
-    finally:
-        if timer is not None:
-            timer.close()
+                cands.add(name, mode, timer.fn(f"{name}|{mode}"))
     rows = []
-    for key, s in samples.items():
-        name, mode = key.split("|")
+    for name, mode, record in cands.time(reps, progress, child=timer):
         flops = common.floor_flops(cell_name, B, T, I, H) * (3.0 if mode == "train" else 1.0)
         rows.append(dict(cell=cell_name, shape=shape_name, B=B, T=T, I=I, H=H, library=name, mode=mode,
-                         fill=float(lengths.mean() / T), **common.summarise(s), **meta[key]))
-        rows[-1]["gflops"] = flops / (rows[-1]["median_ms"] * 1e-3) / 1e9
+                         fill=float(lengths.mean() / T), **record))
+        rows[-1]["gflops"] = flops / (record["median_ms"] * 1e-3) / 1e9
     common.add_ratios(rows, REFERENCE, "ratio_to_pytorch_packed")
     return rows
 
@@ -182,40 +171,21 @@ def tables(rows) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a tiny shape and few reps (smoke test)")
-    ap.add_argument("--cells", default=None, help="comma list of lstm,gru,rnn")
-    ap.add_argument("--shapes", default=None, help="comma list of small,standard,long")
-    ap.add_argument("--reps", type=int, default=None, help="timed rounds per configuration (default 15)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--name", default="lengths", help="basename of the JSON/PNG written")
+    ap = common.grid_parser(__doc__.split("\n")[0], "lengths", default_reps=15)
     args = ap.parse_args(argv)
 
-    cells = common.parse_list(args.cells or ("lstm" if args.quick else None), CELLS, "cells")
-    shapes = common.QUICK_SHAPES if args.quick else common.SHAPES
-    shapes = {k: shapes[k] for k in common.parse_list(args.shapes, list(shapes), "shapes")}
-    reps = args.reps or (3 if args.quick else 15)
+    cells, shapes, reps = common.grid_from_args(args, CELLS)
     notes = []
     torch_ok = importlib.util.find_spec("torch") is not None  # imported in the child process only
     if not torch_ok:
         notes.append("pytorch: skipped, not installed")
-    progress = common.progress_bar(len(cells) * len(shapes) * reps, "lengths")
-    rows, t0 = [], time.time()
-    for cell in cells:
-        for sname, shape in shapes.items():
-            if progress is not None:
-                progress.set_postfix_str(f"{cell} {sname}")
-            rows += bench_config(cell, sname, shape, reps, torch_ok, progress)
-    if progress is not None:
-        progress.close()
-    for n in notes:
-        print("note:", n)
-    os.makedirs(args.out, exist_ok=True)
-    common.write_json(os.path.join(args.out, f"{args.name}.json"),
-                      dict(rows=rows, notes=notes, reps=reps, torch_threads=os.cpu_count(),
-                           lengths="uniform integers in [T/2, T], numpy default_rng(0)", wall_s=time.time() - t0))
-    peers.plot(rows, os.path.join(args.out, f"{args.name}.png"), ", lengths uniform in [T/2, T]")
-    print(tables(rows))
+    t0 = time.time()
+    rows = common.run_grid(cells, shapes, reps, "lengths", lambda cell, sname, shape, progress: bench_config(
+        cell, sname, shape, reps, torch_ok, progress))
+    common.report(args.out, args.name, dict(rows=rows, reps=reps, torch_threads=os.cpu_count(),
+                                            lengths="uniform integers in [T/2, T], numpy default_rng(0)",
+                                            wall_s=time.time() - t0), notes,
+                  lambda path: peers.plot(rows, path, ", lengths uniform in [T/2, T]"), tables(rows))
     return rows
 
 

@@ -21,7 +21,6 @@ written by hand from them, with the decisions).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -45,20 +44,11 @@ CANDIDATES = {
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--cells", default=None)
-    ap.add_argument("--shapes", default=None)
-    ap.add_argument("--reps", type=int, default=None)
+    ap = common.grid_parser(__doc__.split("\n")[0], "levers", default_reps=15)
     ap.add_argument("--candidates", default=None, help="comma list of candidate names (default: all)")
     ap.add_argument("--default", action="store_true", help="also time seqjax.scan with its defaults")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--name", default="levers")
     args = ap.parse_args(argv)
-    cells = common.parse_list(args.cells or ("lstm" if args.quick else None), peers.CELLS, "cells")
-    shapes = common.QUICK_SHAPES if args.quick else common.SHAPES
-    shapes = {k: shapes[k] for k in common.parse_list(args.shapes, list(shapes), "shapes")}
-    reps = args.reps or (3 if args.quick else 15)
+    cells, shapes, reps = common.grid_from_args(args, peers.CELLS)
     import torch
     torch.set_num_threads(os.cpu_count())
     cands = dict(CANDIDATES)
@@ -66,14 +56,9 @@ def main(argv=None):
         cands = {k: cands[k] for k in common.parse_list(args.candidates, list(CANDIDATES), "candidates")}
     if args.default:
         cands["seqjax.scan (defaults)"] = scan_builder()
-    notes, rows = set(), []
-    from tqdm import tqdm
-    progress = tqdm(total=len(cells) * len(shapes) * reps, desc="levers", file=sys.stderr)
-    for cell in cells:
-        for sname, shape in shapes.items():
-            progress.set_postfix_str(f"{cell} {sname}")
-            rows += peers.bench_config(cell, sname, shape, reps, cands, True, notes, progress)
-    progress.close()
+    notes = set()
+    rows = common.run_grid(cells, shapes, reps, "levers", lambda cell, sname, shape, progress: peers.bench_config(
+        cell, sname, shape, reps, cands, True, notes, progress))
     common.write_json(os.path.join(args.out, f"{args.name}.json"), dict(rows=rows, reps=reps, notes=sorted(notes)))
     print(peers.tables(rows))
 

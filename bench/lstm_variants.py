@@ -24,7 +24,6 @@ Writes <out>/lstm_variants.json, <out>/lstm_variants.png and prints a markdown t
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -62,31 +61,21 @@ def _build(variant, scan_kwargs, B, T, I, H):
     return (lambda p, x: seqjax.scan(cell, p, x, **scan_kwargs)[1]), cell.init(jax.random.key(0), I)
 
 
-def bench_shape(shape_name, shape, cands, reps, notes, progress=None):
+def bench_shape(shape_name, shape, candidate_specs, reps, notes, progress=None):
     B, T, I, H = shape
     x = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
-    fns, meta = {}, {}
-    for name, (variant, scan_kwargs) in cands.items():
+    cands = common.Candidates()
+    for name, (variant, scan_kwargs) in candidate_specs.items():
         try:
             run, params = _build(variant, scan_kwargs, B, T, I, H)
         except RuntimeError as e:
             notes.add(f"{name}: skipped ({e})")
             continue
-        modes = {"fwd": run, "train": jax.value_and_grad(common.mean_square_loss(run), argnums=(0, 1))}
-        for mode, f in modes.items():
-            c = common.compile_timed(f, params, x)
-            fns[f"{name}|{mode}"] = (lambda compiled=c["compiled"], params=params: compiled(params, x))
-            meta[f"{name}|{mode}"] = {k: v for k, v in c.items() if k != "compiled"}
-    samples = common.interleave(fns, reps=reps, warmup=2, progress=progress)
-    rows = []
-    for key, s in samples.items():
-        name, mode = key.split("|")
-        rows.append(dict(cell="lstm", shape=shape_name, B=B, T=T, I=I, H=H, library=name, mode=mode,
-                         **common.summarise(s), **meta[key]))
-    ref = {r["mode"]: r["median_ms"] for r in rows if r["library"] == REFERENCE}
-    for r in rows:
-        if ref:
-            r["ratio_to_plain"] = r["median_ms"] / ref[r["mode"]]
+        cands.add_compiled(name, "fwd", run, params, x)
+        cands.add_compiled(name, "train", jax.value_and_grad(common.mean_square_loss(run), argnums=(0, 1)), params, x)
+    rows = [dict(cell="lstm", shape=shape_name, B=B, T=T, I=I, H=H, library=name, mode=mode, **record)
+            for name, mode, record in cands.time(reps, progress)]
+    common.add_ratios(rows, REFERENCE, "ratio_to_plain")
     return rows
 
 
@@ -101,33 +90,18 @@ def table(rows) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a tiny shape and few reps (smoke test)")
+    ap = common.grid_parser(__doc__.split("\n")[0], "lstm_variants", default_reps=15, cells=False)
     ap.add_argument("--variants", default=None, help="comma list (default: all): " + ",".join(VARIANTS))
-    ap.add_argument("--shapes", default=None, help="comma list of small,standard,long")
-    ap.add_argument("--reps", type=int, default=None, help="timed rounds per shape (default 15)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--name", default="lstm_variants", help="basename of the JSON/PNG written")
     args = ap.parse_args(argv)
 
-    shapes = common.QUICK_SHAPES if args.quick else common.SHAPES
-    shapes = {k: shapes[k] for k in common.parse_list(args.shapes, list(shapes), "shapes")}
-    reps = args.reps or (3 if args.quick else 15)
+    _, shapes, reps = common.grid_from_args(args)
     cands = candidates(common.parse_list(args.variants, VARIANTS, "variants"))
     notes: set[str] = set()
-    progress = common.progress_bar(len(shapes) * reps, "lstm variants")
-    rows, t0 = [], time.time()
-    for sname, shape in shapes.items():
-        rows += bench_shape(sname, shape, cands, reps, notes, progress)
-    if progress is not None:
-        progress.close()
-    for n in sorted(notes):
-        print("note:", n)
-    os.makedirs(args.out, exist_ok=True)
-    common.write_json(os.path.join(args.out, f"{args.name}.json"),
-                      dict(rows=rows, notes=sorted(notes), reps=reps, wall_s=time.time() - t0))
-    peers.plot(rows, os.path.join(args.out, f"{args.name}.png"), ", Greff et al.'s variants")
-    print(table(rows))
+    t0 = time.time()
+    rows = common.run_grid(["lstm"], shapes, reps, "lstm variants", lambda cell, sname, shape, progress: bench_shape(
+        sname, shape, cands, reps, notes, progress))
+    common.report(args.out, args.name, dict(rows=rows, reps=reps, wall_s=time.time() - t0), notes,
+                  lambda path: peers.plot(rows, path, ", Greff et al.'s variants"), table(rows))
     return rows
 
 

@@ -16,7 +16,6 @@ Writes <out>/peers.json, <out>/peers.png and prints markdown tables.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -222,7 +221,7 @@ def bench_config(cell_name, shape_name, shape, reps, candidates, torch_ok, notes
     B, T, I, H = shape
     key = jax.random.key(0)
     x = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
-    fns, meta = {}, {}
+    cands = common.Candidates()
     for name, build in candidates.items():
         try:
             run, params = build(cell_name, B, T, I, H, key)
@@ -235,38 +234,25 @@ def bench_config(cell_name, shape_name, shape, reps, candidates, torch_ok, notes
             notes.add(f"{name}: skipped ({e})")
             continue
         fwd, train = _fwd_train(run)
-        modes = {"fwd": fwd} if name == "matmul floor" else {"fwd": fwd, "train": train}
-        for mode, f in modes.items():
-            c = common.compile_timed(f, params, x)
-            compiled = c["compiled"]
-            fns[(name, mode)] = (lambda compiled=compiled, params=params: compiled(params, x))
-            meta[(name, mode)] = {k: v for k, v in c.items() if k != "compiled"}
-    timer = None
+        cands.add_compiled(name, "fwd", fwd, params, x)
+        if name != "matmul floor":
+            cands.add_compiled(name, "train", train, params, x)
+    timer, reference = None, "pytorch"
     if torch_ok and torch_process:
         timer = common.ProcessTimer(torch_fns, cell_name, B, T, I, H, os.cpu_count())
-        fns[("pytorch", "fwd")], fns[("pytorch", "train")] = timer.fn("fwd"), timer.fn("train")
-        meta[("pytorch", "fwd")] = meta[("pytorch", "train")] = {}
+        cands.add(reference, "fwd", timer.fn("fwd"))
+        cands.add(reference, "train", timer.fn("train"))
     elif torch_ok:
         tf, tt, dev = torch_candidate(cell_name, B, T, I, H)
-        label = "pytorch" + (" (cuDNN)" if dev == "cuda" else "")
-        fns[(label, "fwd")], fns[(label, "train")] = tf, tt
-        meta[(label, "fwd")] = meta[(label, "train")] = {}
-    keyed = {f"{n}|{m}": f for (n, m), f in fns.items()}
-    try:
-        samples = common.interleave(keyed, reps=reps, warmup=2, progress=progress, min_time_s=min_time_s)
-    finally:
-        if timer is not None:
-            timer.close()
+        reference += " (cuDNN)" if dev == "cuda" else ""
+        cands.add(reference, "fwd", tf)
+        cands.add(reference, "train", tt)
     rows = []
-    for (n, m) in fns:
-        s = common.summarise(samples[f"{n}|{m}"])
+    for n, m, record in cands.time(reps, progress, min_time_s=min_time_s, child=timer):
         flops = common.floor_flops(cell_name, B, T, I, H) * (3.0 if m == "train" else 1.0)
-        rows.append(dict(cell=cell_name, shape=shape_name, B=B, T=T, I=I, H=H, library=n, mode=m, **s,
-                         gflops=flops / (s["median_ms"] * 1e-3) / 1e9, **meta[(n, m)]))
-    ref = {r["mode"]: r["median_ms"] for r in rows if r["library"].startswith("pytorch")}
-    for r in rows:
-        if r["mode"] in ref:
-            r["ratio_to_pytorch"] = r["median_ms"] / ref[r["mode"]]
+        rows.append(dict(cell=cell_name, shape=shape_name, B=B, T=T, I=I, H=H, library=n, mode=m, **record,
+                         gflops=flops / (record["median_ms"] * 1e-3) / 1e9))
+    common.add_ratios(rows, reference, "ratio_to_pytorch")
     return rows
 
 
@@ -321,13 +307,7 @@ def tables(rows) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes and few reps (smoke test)")
-    ap.add_argument("--cells", default=None, help="comma list of lstm,gru,rnn")
-    ap.add_argument("--shapes", default=None, help="comma list of small,standard,long")
-    ap.add_argument("--reps", type=int, default=None, help="timed rounds per configuration (default 15)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--name", default="peers", help="basename of the JSON/PNG written")
+    ap = common.grid_parser(__doc__.split("\n")[0], "peers", default_reps=15)
     ap.add_argument("--min-time", type=float, default=0.0, help="keep timing a configuration for this many s")
     ap.add_argument("--variants", default="", help="extra seqjax rows, comma list of " + ",".join(VARIANTS))
     ap.add_argument("--libs", default=None,
@@ -341,10 +321,7 @@ def main(argv=None):
                          "in this one; auto: process on CPU, inline on GPU")
     args = ap.parse_args(argv)
 
-    cells = common.parse_list(args.cells or ("lstm" if args.quick else None), CELLS, "cells")
-    shapes = common.QUICK_SHAPES if args.quick else common.SHAPES
-    shapes = {k: shapes[k] for k in common.parse_list(args.shapes, list(shapes), "shapes")}
-    reps = args.reps or (3 if args.quick else 15)
+    cells, shapes, reps = common.grid_from_args(args, CELLS)
 
     notes = set()
     if args.precision == "highest":
@@ -364,27 +341,13 @@ def main(argv=None):
                             for v in common.parse_list(args.variants, VARIANTS, "variants") if args.variants})
     if args.libs is not None:
         cands = {k: cands[k] for k in common.parse_list(args.libs, list(cands), "libs")}
-    progress = common.progress_bar(len(cells) * len(shapes) * reps, "peers")
-    rows = []
     t0 = time.time()
-    for cell in cells:
-        for sname, shape in shapes.items():
-            if progress is not None:
-                progress.set_postfix_str(f"{cell} {sname}")
-            rows += bench_config(cell, sname, shape, reps, cands, torch_ok, notes, progress, args.min_time,
-                                 torch_process)
-    if progress is not None:
-        progress.close()
-    for n in sorted(notes):
-        print("note:", n)
-    os.makedirs(args.out, exist_ok=True)
-    common.write_json(os.path.join(args.out, f"{args.name}.json"),
-                      dict(rows=rows, notes=sorted(notes), reps=reps, torch_threads=os.cpu_count(),
-                           torch_process=torch_process,
-                           precision=args.precision,
-                           wall_s=time.time() - t0))
-    plot(rows, os.path.join(args.out, f"{args.name}.png"))
-    print(tables(rows))
+    rows = common.run_grid(cells, shapes, reps, "peers", lambda cell, sname, shape, progress: bench_config(
+        cell, sname, shape, reps, cands, torch_ok, notes, progress, args.min_time, torch_process))
+    common.report(args.out, args.name, dict(rows=rows, reps=reps, torch_threads=os.cpu_count(),
+                                            torch_process=torch_process, precision=args.precision,
+                                            wall_s=time.time() - t0), notes,
+                  lambda path: plot(rows, path), tables(rows))
     return rows
 
 
