@@ -82,21 +82,8 @@ def torch_fns(cell_name, B, T, I, H, layers, threads):
     """PyTorch's fwd/train (runs in `common.ProcessTimer`'s child)."""
     import torch
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell_name]
-    m = cls(I, H, num_layers=layers, bidirectional=True, batch_first=True)
-    x = torch.randn(B, T, I)
-    xg = x.clone().requires_grad_(True)
-
-    def fwd():
-        with torch.inference_mode():
-            m(x)
-
-    def train():
-        for p in m.parameters():
-            p.grad = None
-        xg.grad = None
-        m(xg)[0].pow(2).mean().backward()
+    m = peers.torch_rnn(cell_name, I, H, num_layers=layers, bidirectional=True)
+    fwd, train = peers.torch_fwd_train(m, lambda inp: m(inp)[0], torch.randn(B, T, I))
     return {f"{REFERENCE}|fwd": fwd, f"{REFERENCE}|train": train}
 
 

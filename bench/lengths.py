@@ -100,43 +100,21 @@ def torch_fns(cell_name, B, T, I, H, lengths, threads):
     import torch
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell_name]
-    m = cls(I, H, batch_first=True)
+    m = peers.torch_rnn(cell_name, I, H)
     x = torch.randn(B, T, I)
     order = np.argsort(-lengths, kind="stable")
     fns = {}
     for label, xb, lb, is_sorted in (("", x, lengths, False), (", sorted", x[order], lengths[order], True)):
         lt = torch.as_tensor(lb, dtype=torch.int64)
-        xg = xb.clone().requires_grad_(True)
 
         def run(inp, lt=lt, is_sorted=is_sorted):
             packed = pack_padded_sequence(inp, lt, batch_first=True, enforce_sorted=is_sorted)
             ys, _ = m(packed)
             return pad_packed_sequence(ys, batch_first=True, total_length=T)[0]
 
-        def fwd(run=run, xb=xb):
-            with torch.inference_mode():
-                run(xb)
-
-        def train(run=run, xg=xg):
-            for p in m.parameters():
-                p.grad = None
-            xg.grad = None
-            run(xg).pow(2).mean().backward()
-        fns[f"{REFERENCE}{label}|fwd"], fns[f"{REFERENCE}{label}|train"] = fwd, train
-    xg = x.clone().requires_grad_(True)
-
-    def fwd_padded():
-        with torch.inference_mode():
-            m(x)
-
-    def train_padded():
-        for p in m.parameters():
-            p.grad = None
-        xg.grad = None
-        m(xg)[0].pow(2).mean().backward()
-    fns["pytorch, no lengths|fwd"], fns["pytorch, no lengths|train"] = fwd_padded, train_padded
+        fns[f"{REFERENCE}{label}|fwd"], fns[f"{REFERENCE}{label}|train"] = peers.torch_fwd_train(m, run, xb)
+    fns["pytorch, no lengths|fwd"], fns["pytorch, no lengths|train"] = peers.torch_fwd_train(
+        m, lambda inp: m(inp)[0], x)
     return fns
 
 

@@ -176,29 +176,42 @@ def jax_candidates(extra: dict | None = None) -> dict:
 
 # --------------------------------------------------------------------------- PyTorch
 
-def torch_candidate(cell_name, B, T, I, H, seed=0):
+def torch_rnn(cell_name, I, H, seed=0, **kwargs):
+    """``torch.nn.LSTM/GRU/RNN(I, H, batch_first=True, **kwargs)`` for ``cell_name``, after
+    ``torch.manual_seed(seed)``."""
     import torch
     torch.manual_seed(seed)
-    dev = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
     cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell_name]
-    m = cls(I, H, batch_first=True).to(dev)
-    x = torch.randn(B, T, I, device=dev)
+    return cls(I, H, batch_first=True, **kwargs)
+
+
+def torch_fwd_train(m, run, x, sync=lambda: None):
+    """PyTorch's forward pass (inference mode) and train step (mean(ys²) back into ``m``'s parameters and the
+    input) of ``run(inp) -> ys`` over the tensor ``x``; ``sync`` waits for the device after each."""
+    import torch
     xg = x.clone().requires_grad_(True)
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     def fwd():
         with torch.inference_mode():
-            m(x)
+            run(x)
         sync()
 
     def train():
         for p in m.parameters():
             p.grad = None
         xg.grad = None
-        ys, _ = m(xg)
-        loss = ys.pow(2).mean()
-        loss.backward()
+        run(xg).pow(2).mean().backward()
         sync()
+    return fwd, train
+
+
+def torch_candidate(cell_name, B, T, I, H, seed=0):
+    import torch
+    dev = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+    m = torch_rnn(cell_name, I, H, seed).to(dev)
+    x = torch.randn(B, T, I, device=dev)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    fwd, train = torch_fwd_train(m, lambda inp: m(inp)[0], x, sync)
     return fwd, train, dev
 
 
