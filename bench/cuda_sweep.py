@@ -1,6 +1,6 @@
 """The persistent CUDA kernels' launch plans against XLA's loop and cuDNN, one process, interleaved.
 
-For each cell and shape: `seqjax.cuda.cuda_scan` with the automatic plan and with
+For each cell and shape: `seqjax.backends._cuda.cuda_scan` with the automatic plan and with
 requested cluster sizes / matmul thread targets, ``seqjax.scan(kernel="xla")``
 (XLA's loop at its GPU defaults) and PyTorch's cuDNN ``nn.LSTM``/``GRU``/``RNN``,
 forward and train step (value_and_grad of mean(ys**2) w.r.t. params and input),
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import seqjax  # noqa: E402
-from seqjax import cuda  # noqa: E402
+from seqjax.backends import _cuda as cuda  # noqa: E402
 
 SHAPES = common.SHAPES
 CELLS = {"lstm": lambda H: seqjax.lstm(H, forget_bias=0.0), "gru": lambda H: seqjax.gru(H),

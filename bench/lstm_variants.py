@@ -56,7 +56,7 @@ def candidates(variants):
 def _build(variant, scan_kwargs, B, T, I, H):
     """(run(params, x) -> ys, params); peepholes drawn from N(0, 0.1²) so that they count."""
     if scan_kwargs.get("kernel") == "onednn":
-        seqjax.native.load_onednn()  # NativeUnavailable (a RuntimeError): skipped with a note
+        seqjax.backends._library.load_onednn()  # NativeUnavailable (a RuntimeError): skipped with a note
     cell = seqjax.lstm_variant(variant, H, peephole_init=jax.nn.initializers.normal(0.1))
     return (lambda p, x: seqjax.scan(cell, p, x, **scan_kwargs)[1]), cell.init(jax.random.key(0), I)
 

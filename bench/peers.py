@@ -42,9 +42,9 @@ def _fwd_train(run):
 def seqjax_builder(**scan_kwargs):
     def build(cell_name, B, T, I, H, key):
         if scan_kwargs.get("kernel") == "onednn":
-            seqjax.native.load_onednn()  # NativeUnavailable (a RuntimeError): skipped with a note
+            seqjax.backends._library.load_onednn()  # NativeUnavailable (a RuntimeError): skipped with a note
         if scan_kwargs.get("kernel") in ("avx2", "avx512"):
-            seqjax.native.load_avx2(scan_kwargs["kernel"])
+            seqjax.backends._library.load_avx2(scan_kwargs["kernel"])
         cell = {"lstm": lambda: seqjax.lstm(H, forget_bias=0.0), "gru": lambda: seqjax.gru(H),
                 "rnn": lambda: seqjax.rnn(H)}[cell_name]()
         params = cell.init(key, I)

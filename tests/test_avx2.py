@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import seqjax
-from seqjax import avx2, native, persistent
+from seqjax.backends import _kernel_vjp as persistent, _library as native, _x86 as avx2
 from test_cuda import CPU_KINDS, _numpy_scan, _setup, assert_gradients_match_xla
 
 pytestmark = pytest.mark.skipif(not native.avx2_installed() or jax.default_backend() != "cpu",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import seqjax
-from seqjax import cuda, native
+from seqjax.backends import _cuda as cuda, _library as native
 from reference import lstm_step
 from test_onednn import _numpy_step
 
@@ -193,7 +193,7 @@ def test_auto_routing_and_vmap():
 
 
 @on_gpu
-@pytest.mark.skipif(not cuda.AUTO, reason="kernel='auto' does not take the CUDA kernels yet (seqjax.cuda.AUTO)")
+@pytest.mark.skipif(not cuda.AUTO, reason="kernel='auto' does not take the CUDA kernels yet (seqjax.backends._cuda.AUTO)")
 def test_auto_takes_the_kernel_where_it_applies():
     cell, params, xs, _ = _setup("gru", 4, 20, 3, 32)
     targets = lambda **kw: str(jax.make_jaxpr(lambda p, x: seqjax.scan(cell, p, x, **kw)[1])(params, xs))  # noqa: E731

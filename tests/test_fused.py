@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import seqjax
-from seqjax import fused
+from seqjax.backends import _gemm_vjp as fused
 
 B, T, I, H = 3, 6, 4, 5
 CELLS = {

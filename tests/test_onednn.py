@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import seqjax
-from seqjax import native
+from seqjax.backends import _library as native, _x86  # noqa: F401  (monkeypatched below)
 from reference import gru_step, lstm_step, rnn_step
 
 pytestmark = pytest.mark.skipif(not native.onednn_installed(),
@@ -142,8 +142,8 @@ def _targets(fn, *args):
 
 def test_auto_picks_onednn_only_where_it_applies(monkeypatch):
     """Among the cells seqjax.avx2 does not take (here: with its auto routing off)."""
-    from seqjax.onednn import AUTO_MIN_HIDDEN
-    monkeypatch.setattr(seqjax.avx2, "AUTO", False)
+    from seqjax.backends._onednn import AUTO_MIN_HIDDEN
+    monkeypatch.setattr(seqjax.backends._x86, "AUTO", False)
     small, params_small, xs, _ = _setup("lstm")
     assert H < AUTO_MIN_HIDDEN["lstm"]
     assert "seqjax_onednn" not in _targets(lambda p, x: seqjax.scan(small, p, x)[1], params_small, xs)
@@ -232,7 +232,7 @@ def test_auto_falls_back_to_xla_with_a_warning_when_the_kernels_do_not_load(monk
     def unusable():
         raise native.NativeUnavailable("no kernels in this test")
     monkeypatch.setattr(native, "load_onednn", unusable)
-    monkeypatch.setattr(seqjax.avx2, "AUTO", False)
+    monkeypatch.setattr(seqjax.backends._x86, "AUTO", False)
     native.onednn_usable.cache_clear()
     try:
         cell = seqjax.lstm(128)

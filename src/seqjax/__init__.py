@@ -8,16 +8,15 @@ time (`scan`, `unrolled`), sequence layers (`sequence`, `bidirectional`,
 from seqjax.cells import (GREFF_VARIANTS, Cell, GRUParams, LSTMCarry, LSTMParams, RNNParams, gru, lstm, lstm_variant,
                           rnn, stack, symmetric_uniform)
 from seqjax.layers import BidirectionalParams, Layer, bidirectional, deep, dropout, multilayer, sequence
-from seqjax.scan import hoist_default, scan, unroll_default, unrolled
+from seqjax.runners import hoist_default, scan, unroll_default, unrolled
 from seqjax.generate import generate
 from seqjax.interop import from_torch, from_torch_carry, to_torch_state_dict, torch_carry
 from seqjax.train import History, NonFiniteLossError, TrainState, fit, init_state, make_nnx_train_step, make_train_step
-from seqjax import attention, avx2, cuda, diagnostics, fused, losses, native, nnx, onednn, seq2seq, tasks, tbptt  # noqa: E402
+from seqjax import attention, backends, diagnostics, losses, nnx, seq2seq, tasks, tbptt  # noqa: E402
 
 __all__ = [
     "BidirectionalParams", "History", "NonFiniteLossError", "TrainState", "fit", "init_state", "losses",
-    "make_nnx_train_step", "make_train_step", "tasks", "diagnostics", "nnx", "attention", "seq2seq", "tbptt", "generate", "fused",
-    "native", "avx2", "onednn", "cuda", "from_torch", "from_torch_carry",
+    "make_nnx_train_step", "make_train_step", "tasks", "diagnostics", "nnx", "attention", "seq2seq", "tbptt", "generate", "backends", "from_torch", "from_torch_carry",
     "to_torch_state_dict", "torch_carry", "Cell", "GREFF_VARIANTS", "GRUParams", "LSTMCarry", "LSTMParams", "Layer", "RNNParams",
     "bidirectional", "deep", "dropout", "gru", "hoist_default", "lstm", "lstm_variant", "multilayer", "rnn", "scan", "unroll_default",
     "sequence", "stack", "symmetric_uniform", "unrolled",

@@ -7,7 +7,7 @@ one cannot be built (see `seqjax.native`).
 import functools
 import sys
 
-from seqjax.native import NativeUnavailable, avx2_installed, load_avx2, load_onednn
+from seqjax.backends._library import NativeUnavailable, avx2_installed, load_avx2, load_onednn
 
 
 def main() -> int:

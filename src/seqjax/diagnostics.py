@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell
-from seqjax.scan import _body
+from seqjax.runners import _body
 
 
 class StepGradients(NamedTuple):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.cells.base import Array, Cell
-from seqjax.scan import scan
+from seqjax.runners import scan
 
 __all__ = ["generate", "sample_logits"]
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell, chain_init, chain_initial_carry
-from seqjax.scan import scan
+from seqjax.runners import scan
 
 
 class Layer(NamedTuple):

@@ -209,7 +209,7 @@ class Cell(nnx.Module):
 
     def scan(self, xs, **kwargs):
         """``seqjax.scan(cell, params, xs, **kwargs) -> (final_carry, ys)``."""
-        from seqjax.scan import scan
+        from seqjax.runners import scan
         return scan(self.cell, self.get_params(), xs, **kwargs)
 
 

@@ -50,7 +50,7 @@ from seqjax.cells.gru import gru
 from seqjax.cells.lstm import lstm
 from seqjax.layers import bidirectional
 from seqjax.losses import masked_cross_entropy
-from seqjax.scan import scan
+from seqjax.runners import scan
 
 __all__ = [
     "ATTENTIONS", "AttentionDecoder", "AttentionDecoderCarry", "AttentionDecoderParams", "attention_decoder",

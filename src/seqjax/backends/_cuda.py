@@ -38,9 +38,9 @@ import ctypes
 import functools
 
 from seqjax.cells.base import Array, Cell
-from seqjax.fused import native_kind
-from seqjax.native import NativeUnavailable, load_cuda
-from seqjax.persistent import CELLS, native_scan
+from seqjax.backends._gemm_vjp import native_kind
+from seqjax.backends._library import NativeUnavailable, load_cuda
+from seqjax.backends._kernel_vjp import CELLS, native_scan
 
 __all__ = ["AUTO", "NativeUnavailable", "auto_eligible", "cuda_scan", "kind_of", "plan"]
 

@@ -37,7 +37,7 @@ Greff et al.) and Greff et al.'s variants of it (`seqjax.lstm_variant` "NIG",
 "NFG", "NOG", "CIFG", "NIAF", "NOAF", "NP"; not FGR, no projection), `seqjax.gru` with
 ``reset_after=True`` and `seqjax.rnn` with tanh or relu, for hidden sizes that
 are multiples of 8 (AVX2) or 16 (AVX-512). Needs an x86-64 CPU with AVX2 and FMA
-(or AVX-512F) and a C++ compiler (`seqjax.native.load_avx2`, 20–35 s per
+(or AVX-512F) and a C++ compiler (`seqjax.backends._library.load_avx2`, 20–35 s per
 build on 2 cores, once, cached). tanh and sigmoid are a
 vectorised rational approximation (Eigen's, as XLA:CPU's), so results match
 XLA's to float32 rounding, not bit for bit.
@@ -47,10 +47,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell
-from seqjax.fused import native_kind
-from seqjax import native
-from seqjax.native import NativeUnavailable, load_avx2
-from seqjax.persistent import CELLS, native_scan
+from seqjax.backends._gemm_vjp import native_kind
+from seqjax.backends import _library as native
+from seqjax.backends._library import NativeUnavailable, load_avx2
+from seqjax.backends._kernel_vjp import CELLS, native_scan
 
 __all__ = ["AUTO", "ISAS", "NativeUnavailable", "auto_isa", "avx2_scan", "kind_of", "shape_blocker"]
 

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell
 from seqjax.cells.lstm import LSTMCarry
-from seqjax.fused import native_kind
-from seqjax.native import NativeUnavailable, load_onednn
+from seqjax.backends._gemm_vjp import native_kind
+from seqjax.backends._library import NativeUnavailable, load_onednn
 
 __all__ = ["AUTO_MIN_HIDDEN", "NativeUnavailable", "available", "kind_of", "onednn_scan"]
 

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax import native
+from seqjax.backends import _library as native
 from seqjax.cells.base import Array, Cell, has_own_step
-from seqjax.fused import fusable, fused_scan
+from seqjax.backends._gemm_vjp import fusable, fused_scan
 
 
 class _Plan(NamedTuple):
@@ -206,7 +206,7 @@ def _onednn_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat
     """The `seqjax.onednn` kind this run goes through, or None; raises where ``kernel="onednn"`` cannot."""
     if kernel not in ("auto", "onednn") or (kernel == "auto" and not native.onednn_installed()):
         return None
-    from seqjax.onednn import AUTO_MIN_HIDDEN, kind_of
+    from seqjax.backends._onednn import AUTO_MIN_HIDDEN, kind_of
     blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "cpu")
     kind = _judged_kind(call, kernel, "onednn", blocker, lambda: kind_of(cell, params))
     if kind is None:
@@ -223,7 +223,7 @@ def _avx2_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, 
     ``kernel="avx2"`` or ``"avx512"`` cannot."""
     if kernel not in ("auto", "avx2", "avx512"):
         return None
-    from seqjax import avx2
+    from seqjax.backends import _x86 as avx2
     if kernel == "auto" and (not avx2.AUTO or jax.default_backend() != "cpu" or not native.avx2_installed()):
         return None
     isa = avx2.auto_isa(cell.hidden_size) if kernel == "auto" else kernel
@@ -250,7 +250,7 @@ def _cuda_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, 
         return None
     if kernel == "auto" and (jax.default_backend() != "gpu" or not native.cuda_installed()):
         return None
-    from seqjax import cuda
+    from seqjax.backends import _cuda as cuda
     if kernel == "auto" and not cuda.AUTO:
         return None
     blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "gpu")
@@ -292,18 +292,18 @@ def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_maj
         raise ValueError(f"{call}: kernel must be one of {list(KERNELS)}, got {kernel!r}")
     cuda_kind = _cuda_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
     if cuda_kind is not None:
-        from seqjax.cuda import cuda_scan
+        from seqjax.backends._cuda import cuda_scan
         carry, ys = cuda_scan(cuda_kind, params, plan.xs, plan.carry, reverse)
         return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
     avx2_kind = _avx2_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
     if avx2_kind is not None:
-        from seqjax.avx2 import avx2_scan
+        from seqjax.backends._x86 import avx2_scan
         # the kernels read xs and write ys in the caller's layout
         return avx2_scan(avx2_kind[0], params, jnp.asarray(xs), plan.carry, reverse, isa=avx2_kind[1],
                          time_major=time_major, lengths=lengths, resets=resets)
     onednn_kind = _onednn_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
     if onednn_kind is not None:
-        from seqjax.onednn import onednn_scan
+        from seqjax.backends._onednn import onednn_scan
         carry, ys = onednn_scan(onednn_kind, params, plan.xs, plan.carry, reverse)
         return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
     kind = _fused_kind(call, loop, cell, params, remat, backward)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 from seqjax.cells.base import Array, matmul
 from seqjax.cells.lstm import LSTMCarry
-from seqjax.fused import _start_h
+from seqjax.backends._gemm_vjp import _start_h
 
 __all__ = ["CELLS", "LSTM_VARIANTS", "native_scan"]
 

@@ -40,9 +40,9 @@ __all__ = ["NativeUnavailable", "avx2_installed", "avx2_usable", "build_avx2", "
            "cuda_usable", "load_avx2", "load_cuda", "load_onednn", "nvcc_location", "onednn_installed",
            "onednn_location", "onednn_usable"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "onednn_rnn.cc"
-_CUDA_SOURCE = Path(__file__).with_name("csrc") / "cuda_rnn.cu"
-_AVX2_SOURCE = Path(__file__).with_name("csrc") / "cpu_rnn.cc"
+_SOURCE = Path(__file__).parent.parent / "csrc" / "onednn_rnn.cc"
+_CUDA_SOURCE = Path(__file__).parent.parent / "csrc" / "cuda_rnn.cu"
+_AVX2_SOURCE = Path(__file__).parent.parent / "csrc" / "cpu_rnn.cc"
 _INSTALL_HINT = "install it with: pip install 'seqjax[onednn]'"
 
 
