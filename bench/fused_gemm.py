@@ -1,4 +1,4 @@
-"""Lever: one fused [x, h] @ [[W_x], [W_h]] GEMM per step (Cell.fused_apply) vs two GEMMs, interleaved, medians.
+"""Lever: one fused [x, h] @ [[W_x], [W_h]] GEMM per step (seqjax.cells.base.Form.joint_apply) vs two GEMMs, interleaved, medians.
 
 Usage: python bench/fused_gemm.py REPS OUT.json   (e.g. 9 bench/results/fused_gemm.json)
 """
@@ -9,7 +9,7 @@ res = {}
 for cname in ["lstm", "rnn"]:
     for sname, (B, T, I, H) in shapes.items():
         cell = {"lstm": seqjax.lstm(H, forget_bias=0.0), "rnn": seqjax.rnn(H)}[cname]
-        old = cell._replace(fused_apply=None)
+        old = cell._replace(step=lambda p, c, px, cell=cell: cell.step(p, c, px))  # no Form: two GEMMs
         key = jax.random.key(0)
         p = cell.init(key, I)
         x = jax.random.normal(key, (B, T, I))

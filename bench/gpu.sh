@@ -40,7 +40,7 @@ PY
              done;;
     scan) $py bench/scan_vs_unroll.py --unrolled-max-T 25 --out "$out" --name scan_vs_unroll_gpu;;
     memtest) XLA_PYTHON_CLIENT_PREALLOCATE=false $py -m pytest -q -p no:cacheprovider tests/test_fused.py -k memory 2>&1 | tail -5;;
-    tests-cuda-auto)  # the core suite with kernel="auto" routed through seqjax.cuda (tests/cuda_auto.py)
+    tests-cuda-auto)  # the core suite with kernel="auto" routed through seqjax.backends._cuda (tests/cuda_auto.py)
            PYTHONPATH="$PWD/tests:$PYTHONPATH" XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
              $py -m pytest -q -n 4 -p no:cacheprovider -p cuda_auto tests/test_cuda.py tests/test_fused.py \
              tests/test_runners.py tests/test_cells_reference.py tests/test_layers.py tests/test_nnx.py 2>&1 | tail -40;;

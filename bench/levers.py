@@ -3,7 +3,7 @@
 Candidates (all interleaved in one process with PyTorch as the reference):
   * scan hoist=False   : autodiff of the scan (backward="autodiff"), input projection inside the body
   * scan hoist=True    : the same with the projection hoisted as one GEMM (time-major)
-  * fused vjp          : seqjax.fused's custom VJP (backward="fused", scan's default since it won):
+  * fused vjp          : seqjax.backends._gemm_vjp's custom VJP (backward="fused", scan's default since it won):
                          the backward loop carries the state gradients only, the weight gradients
                          and dX are whole-sequence GEMMs
   * fused vjp hoist=True : the same with the hoisted projection

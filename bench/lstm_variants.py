@@ -8,7 +8,7 @@ parameters and the input). For each variant of `seqjax.lstm_variant`
 
 * ``<variant>``: ``kernel="auto"``, seqjax's AVX2/AVX-512 kernels where they
   apply;
-* ``<variant> kernel=xla``: XLA's loop with `seqjax.fused`'s custom VJP;
+* ``<variant> kernel=xla``: XLA's loop with `seqjax.backends._gemm_vjp`'s custom VJP;
 * for "vanilla" also ``kernel=onednn`` (oneDNN's ``vanilla_lstm`` with
   peepholes; skipped with a note where oneDNN is not installed) and
   ``kernel=xla, autodiff`` (autodiff of XLA's loop).

@@ -5,7 +5,7 @@ Runners compared for each cell and sequence length T (B=32, I=32, H=128, float32
     (``backward="autodiff"``, so every scan row uses the same kind of backward pass)
   * ``scan remat``: the same with ``remat=True`` (rematerialise each step in the backward pass)
   * ``scan default``: `seqjax.scan` with its defaults (``kernel="auto"``: on x86 CPUs the whole-recurrence
-    kernels of `seqjax.avx2`, elsewhere the loop with the whole-sequence-GEMM custom VJP)
+    kernels of `seqjax.backends._x86`, elsewhere the loop with the whole-sequence-GEMM custom VJP)
   * ``unrolled``: `seqjax.unrolled`, a Python loop traced into one straight-line program.
     Once compiling it takes longer than the budget (120 s) for a T, longer T are
     skipped and the results say so.

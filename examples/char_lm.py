@@ -49,7 +49,7 @@ import optax
 
 import seqjax
 from seqjax import tbptt
-from seqjax.generate import generate
+from seqjax.generation import generate
 from seqjax.train import init_state
 from _report import write_results  # examples/_report.py
 

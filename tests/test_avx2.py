@@ -1,4 +1,4 @@
-"""The AVX2 kernels (seqjax.avx2, kernel="avx2"): numerics against NumPy, XLA's loop and finite differences,
+"""The AVX2 kernels (seqjax.backends._x86, kernel="avx2"): numerics against NumPy, XLA's loop and finite differences,
 thread-count and jit/vmap invariants, routing and errors. Skipped where the CPU lacks AVX2/FMA or no C++
 compiler is here."""
 import os

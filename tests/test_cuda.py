@@ -1,4 +1,4 @@
-"""The persistent CUDA kernels (seqjax.cuda, kernel="cuda"): numerics against NumPy and XLA's loop, errors.
+"""The persistent CUDA kernels (seqjax.backends._cuda, kernel="cuda"): numerics against NumPy and XLA's loop, errors.
 
 The numerics need a Hopper GPU (compute capability 9.0) and run where the
 default backend is a GPU (`bash bench/gpu.sh OUT cuda`); the build and planner checks need
@@ -17,7 +17,7 @@ from test_onednn import _numpy_step
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="the kernels run on a GPU")
 KINDS = {"lstm": lambda H: seqjax.lstm(H), "gru": lambda H: seqjax.gru(H), "rnn_tanh": lambda H: seqjax.rnn(H),
          "rnn_relu": lambda H: seqjax.rnn(H, activation="relu")}
-# the CPU kernels (seqjax.avx2) also run the LSTM with peepholes and Greff et al.'s variants (here with peepholes)
+# the CPU kernels (seqjax.backends._x86) also run the LSTM with peepholes and Greff et al.'s variants (here with peepholes)
 CPU_KINDS = {**KINDS, "lstm_peep": lambda H: seqjax.lstm(H, peepholes=True),
              **{f"lstm_{v.lower()}": (lambda H, v=v: seqjax.lstm_variant(v, H))
                 for v in ("NIG", "NFG", "NOG", "CIFG", "NIAF", "NOAF")},
@@ -213,7 +213,7 @@ def test_plan_errors_name_the_limit():
     with pytest.raises(ValueError, match="no launch plan for lstm with B=4096, H=64"):
         cuda.plan("lstm", 4096, 64)
     cell, params, xs, _ = _setup("lstm", 2, 3, 4, 6)  # H=6: no multiple of 4 units per block
-    with pytest.raises(ValueError, match="kernel='cuda' cannot run this call: seqjax.cuda: no launch plan"):
+    with pytest.raises(ValueError, match="kernel='cuda' cannot run this call: seqjax.backends._cuda: no launch plan"):
         seqjax.scan(cell, params, xs, kernel="cuda")
     with pytest.raises(ValueError, match="kernel='cuda' cannot run this call: this native kernel has no "
                                          "per-sequence lengths"):

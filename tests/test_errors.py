@@ -89,7 +89,7 @@ def test_unknown_options(lstm):
         seqjax.gru(4, reset_after="after")
     with pytest.raises(ValueError, match="merge must be one of"):
         seqjax.bidirectional(seqjax.gru(3), merge="max")
-    with pytest.raises(ValueError, match="dropout_rate must be a float in \\[0, 1\\), got 1.0"):
+    with pytest.raises(ValueError, match="seqjax.multilayer: dropout must be a float in \\[0, 1\\), got 1.0"):
         seqjax.multilayer(seqjax.gru(3), 2, dropout=1.0)
     with pytest.raises(ValueError, match="num_layers must be a positive int, got 0"):
         seqjax.multilayer(seqjax.gru(3), 0)

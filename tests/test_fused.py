@@ -1,4 +1,4 @@
-"""The fused-gradient scans (seqjax.fused) against the plain autodiff scan: values and gradients.
+"""The fused-gradient scans (seqjax.backends._gemm_vjp) against the plain autodiff scan: values and gradients.
 
 Kept small and jitted (the whole file runs in seconds): one cell per option for the
 combinations, every cell once with all options together, `check_grads` in float64.
@@ -229,7 +229,7 @@ def test_fusable_kinds_and_dtypes():
 def test_fusable_only_for_seqjax_own_step():
     """A cell with another step or projection (replaced, or hand-made under an LSTM's name) runs that step.
 
-    Neither the custom VJP nor the constructor's `fused_apply` may stand in for it: values and gradients
+    Neither the custom VJP nor the constructor's joint [x, h] GEMM (`Form.joint_apply`) may stand in for it: values and gradients
     are checked against a hand-written `lax.scan` over the replacement step.
     """
     lstm = seqjax.lstm(H)

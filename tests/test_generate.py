@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import seqjax
-from seqjax.generate import generate, sample_logits
+from seqjax.generation import generate, sample_logits
 
 V, E, H = 11, 4, 6
 CELL = seqjax.stack([seqjax.lstm(H), seqjax.gru(H)])

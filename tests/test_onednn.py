@@ -1,4 +1,4 @@
-"""oneDNN's LSTM kernel (seqjax.onednn, kernel="onednn"): numerics against NumPy and autodiff, invariants, errors.
+"""oneDNN's LSTM kernel (seqjax.backends._onednn, kernel="onednn"): numerics against NumPy and autodiff, invariants, errors.
 
 Skipped where oneDNN or a C++ compiler is missing (``pip install 'seqjax[onednn]'``);
 CI installs both. The first test to load the kernels compiles them (~10 s, cached).
@@ -141,7 +141,7 @@ def _targets(fn, *args):
 
 
 def test_auto_picks_onednn_only_where_it_applies(monkeypatch):
-    """Among the cells seqjax.avx2 does not take (here: with its auto routing off)."""
+    """Among the cells seqjax.backends._x86 does not take (here: with its auto routing off)."""
     from seqjax.backends._onednn import AUTO_MIN_HIDDEN
     monkeypatch.setattr(seqjax.backends._x86, "AUTO", False)
     small, params_small, xs, _ = _setup("lstm")

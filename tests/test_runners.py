@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import seqjax
+from seqjax.cells.base import form_of
 from registry import CARRY_STRUCTURES, CELLS
 
 B, T, I = 3, 6, 3
@@ -176,9 +177,12 @@ def test_users_can_compose_cells_in_their_own_scan():
 @pytest.mark.parametrize("name", ["rnn_relu", "lstm_peep_proj", "lstm_FGR", "lstm_CIFG"])
 def test_fused_input_recurrent_gemm_equals_apply(name):
     cell, params, xs = setup(name)
-    assert cell.fused_apply is not None
+    joint_apply = form_of(cell).joint_apply
+    assert joint_apply is not None
     carry = jax.tree.map(lambda a: a + 0.3, cell.initial_carry(params, (B,)))
-    close(cell.fused_apply(params)(carry, xs[:, 0]), cell.apply(params, carry, xs[:, 0]))
-    # the runner's default path uses it; the two-GEMM path (fused_apply=None) gives the same sequence
-    close(seqjax.scan(cell, params, xs, lengths=LENGTHS, hoist=False),
-          seqjax.scan(cell._replace(fused_apply=None), params, xs, lengths=LENGTHS, hoist=False))
+    close(joint_apply(params)(carry, xs[:, 0]), cell.apply(params, carry, xs[:, 0]))
+    # the runner's default path uses it; a cell with a wrapped step (no Form: two GEMMs) gives the same sequence
+    two_gemms = cell._replace(step=lambda p, c, px: cell.step(p, c, px))
+    assert form_of(two_gemms) is None
+    close(seqjax.scan(cell, params, xs, lengths=LENGTHS, hoist=False, kernel="xla"),
+          seqjax.scan(two_gemms, params, xs, lengths=LENGTHS, hoist=False, kernel="xla"))

@@ -8,8 +8,9 @@ time (`scan`, `unrolled`), sequence layers (`sequence`, `bidirectional`,
 from seqjax.cells import (GREFF_VARIANTS, Cell, GRUParams, LSTMCarry, LSTMParams, RNNParams, gru, lstm, lstm_variant,
                           rnn, stack, symmetric_uniform)
 from seqjax.layers import BidirectionalParams, Layer, bidirectional, deep, dropout, multilayer, sequence
-from seqjax.runners import hoist_default, scan, unroll_default, unrolled
-from seqjax.generate import generate
+from seqjax.options import ScanOptions
+from seqjax.runners import scan, unrolled
+from seqjax.generation import generate
 from seqjax.interop import from_torch, from_torch_carry, to_torch_state_dict, torch_carry
 from seqjax.train import History, NonFiniteLossError, TrainState, fit, init_state, make_nnx_train_step, make_train_step
 from seqjax import attention, backends, diagnostics, losses, nnx, seq2seq, tasks, tbptt  # noqa: E402
@@ -17,7 +18,7 @@ from seqjax import attention, backends, diagnostics, losses, nnx, seq2seq, tasks
 __all__ = [
     "BidirectionalParams", "History", "NonFiniteLossError", "TrainState", "fit", "init_state", "losses",
     "make_nnx_train_step", "make_train_step", "tasks", "diagnostics", "nnx", "attention", "seq2seq", "tbptt", "generate", "backends", "from_torch", "from_torch_carry",
-    "to_torch_state_dict", "torch_carry", "Cell", "GREFF_VARIANTS", "GRUParams", "LSTMCarry", "LSTMParams", "Layer", "RNNParams",
-    "bidirectional", "deep", "dropout", "gru", "hoist_default", "lstm", "lstm_variant", "multilayer", "rnn", "scan", "unroll_default",
+    "to_torch_state_dict", "torch_carry", "Cell", "ScanOptions", "GREFF_VARIANTS", "GRUParams", "LSTMCarry", "LSTMParams", "Layer", "RNNParams",
+    "bidirectional", "deep", "dropout", "gru", "lstm", "lstm_variant", "multilayer", "rnn", "scan",
     "sequence", "stack", "symmetric_uniform", "unrolled",
 ]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell, chain_init, chain_initial_carry
+from seqjax.options import ScanOptions, resolve
 from seqjax.runners import scan
 
 
@@ -53,32 +54,37 @@ class BidirectionalParams(NamedTuple):
     backward: Any
 
 
-def sequence(cell: Cell, *, reverse: bool = False, unroll: int | None = None, remat: bool = False,
-             hoist: bool | None = None, kernel: str = "auto") -> Layer:
+def sequence(cell: Cell, *, reverse: bool = False, options: ScanOptions | None = None, unroll: int | None = None,
+             remat: bool | None = None, hoist: bool | None = None, backward: str | None = None,
+             kernel: str | None = None) -> Layer:
     """The layer that runs ``cell`` over a sequence with `seqjax.scan`.
 
     Args:
       cell: a `Cell`.
-      reverse, unroll, remat, hoist, kernel: passed to `seqjax.scan`.
+      reverse: passed to `seqjax.scan`.
+      options: a `seqjax.ScanOptions`; unroll, remat, hoist, backward, kernel
+        override its fields (see `seqjax.scan`).
 
     Returns:
       A `Layer` with the cell's params and carry; ys [B, T, O].
     """
     if not isinstance(cell, Cell):
         raise TypeError(f"seqjax.sequence: cell must be a seqjax Cell, got {type(cell).__name__}")
+    options = resolve("seqjax.sequence", options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
+                      kernel=kernel)
 
     def apply(params, xs, *, carry=None, lengths=None, resets=None, time_major=False, key=None):
         del key
         return scan(cell, params, xs, carry=carry, lengths=lengths, resets=resets, reverse=reverse,
-                    time_major=time_major, unroll=unroll, remat=remat, hoist=hoist, kernel=kernel)
+                    time_major=time_major, options=options)
 
     return Layer(cell.init, apply, cell.initial_carry, cell.output_size,
                  f"sequence({cell.name}{', reverse=True' if reverse else ''})")
 
 
 def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | None = "concat",
-                  unroll: int | None = None, remat: bool = False, hoist: bool | None = None,
-                  kernel: str = "auto") -> Layer:
+                  options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
+                  hoist: bool | None = None, kernel: str | None = None) -> Layer:
     """A bidirectional layer: ``forward`` reads the sequence left to right, ``backward`` right to left.
 
     With ``lengths`` the backward direction reads only each sequence's valid
@@ -91,7 +97,8 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | N
       merge: how the two output sequences combine: "concat" (ys [B, T, 2O]),
         "sum", "mean", "mul" (ys [B, T, O]), or None (ys is the pair
         ``(ys_forward, ys_backward)``).
-      unroll, remat, hoist, kernel: passed to `seqjax.scan`.
+      options: a `seqjax.ScanOptions` for both directions; unroll, remat, hoist,
+        kernel override its fields (``options.backward`` sets the gradient mode).
 
     Returns:
       A `Layer` with `BidirectionalParams` and carry ``(forward_carry, backward_carry)``.
@@ -107,7 +114,7 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | N
         raise ValueError(f"{call}: merge={merge!r} needs equal output sizes, got forward {forward.output_size} and "
                          f"backward {backward.output_size}")
     combine = MERGES[merge]
-    opts = dict(unroll=unroll, remat=remat, hoist=hoist, kernel=kernel)
+    opts = dict(options=resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, kernel=kernel))
 
     def init(key, input_size):
         kf, kb = jax.random.split(key)
@@ -132,6 +139,11 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | N
 _bidirectional = bidirectional  # multilayer's keyword argument shadows the name
 
 
+def _check_rate(call: str, name: str, rate) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{call}: {name} must be a float in [0, 1), got {rate!r}")
+
+
 def dropout(key: Array | None, x: Array, rate: float) -> Array:
     """Inverted dropout: zeroes each element with probability ``rate`` and scales the rest by 1/(1-rate).
 
@@ -143,7 +155,7 @@ def dropout(key: Array | None, x: Array, rate: float) -> Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
-def deep(layers: Sequence[Layer | Cell], *, dropout_rate: float = 0.0) -> Layer:
+def deep(layers: Sequence[Layer | Cell], *, dropout_rate: float = 0.0, options: ScanOptions | None = None) -> Layer:
     """Layers applied one after another over the whole sequence, with dropout between them.
 
     Dropout acts on the outputs passed from one layer to the next (the
@@ -153,18 +165,19 @@ def deep(layers: Sequence[Layer | Cell], *, dropout_rate: float = 0.0) -> Layer:
     ``apply``; with ``key=None`` dropout is off.
 
     Args:
-      layers: `Layer`s or `Cell`s (a cell becomes `sequence(cell)`).
+      layers: `Layer`s or `Cell`s (a cell becomes ``sequence(cell, options=options)``).
       dropout_rate: probability in [0, 1) of dropping an input of layers 2..L.
+      options: the `seqjax.ScanOptions` of the layers given as cells.
 
     Returns:
       A `Layer`; params and carry are tuples with one entry per layer.
     """
     call = "seqjax.deep"
-    layers = tuple(sequence(layer) if isinstance(layer, Cell) else layer for layer in layers)
+    options = resolve(call, options)
+    layers = tuple(sequence(layer, options=options) if isinstance(layer, Cell) else layer for layer in layers)
     if not layers or not all(isinstance(layer, Layer) for layer in layers):
         raise TypeError(f"{call}: layers must be a non-empty sequence of seqjax Layers or Cells, got {layers!r}")
-    if not isinstance(dropout_rate, (int, float)) or not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"{call}: dropout_rate must be a float in [0, 1), got {dropout_rate!r}")
+    _check_rate(call, "dropout_rate", dropout_rate)
 
     def init(key, input_size):
         return chain_init(layers, key, input_size)
@@ -191,8 +204,9 @@ def deep(layers: Sequence[Layer | Cell], *, dropout_rate: float = 0.0) -> Layer:
 
 
 def multilayer(cell: Cell, num_layers: int = 1, *, bidirectional: bool = False, dropout: float = 0.0,
-               merge: str = "concat", unroll: int | None = None, remat: bool = False, hoist: bool | None = None,
-               kernel: str = "auto") -> Layer:
+               merge: str = "concat", options: ScanOptions | None = None, unroll: int | None = None,
+               remat: bool | None = None, hoist: bool | None = None, backward: str | None = None,
+               kernel: str | None = None) -> Layer:
     """The PyTorch-style multi-layer RNN layer (``nn.LSTM(num_layers=..., bidirectional=..., dropout=...)``).
 
     Every layer uses the same cell definition (layer k > 0 reads layer k-1's
@@ -204,7 +218,8 @@ def multilayer(cell: Cell, num_layers: int = 1, *, bidirectional: bool = False, 
       bidirectional: run each layer in both directions.
       dropout: dropout rate between layers (training only: pass ``key`` to ``apply``).
       merge: how directions combine when bidirectional (see `bidirectional`).
-      unroll, remat, hoist, kernel: passed to `seqjax.scan`.
+      options: a `seqjax.ScanOptions`; unroll, remat, hoist, backward, kernel
+        override its fields (see `seqjax.scan`).
 
     Returns:
       A `Layer`: params and carry are L-tuples (per layer; a bidirectional
@@ -220,6 +235,8 @@ def multilayer(cell: Cell, num_layers: int = 1, *, bidirectional: bool = False, 
         raise ValueError(f"{call}: num_layers must be a positive int, got {num_layers!r}")
     if not isinstance(bidirectional, bool):
         raise ValueError(f"{call}: bidirectional must be a bool, got {bidirectional!r}")
-    opts = dict(unroll=unroll, remat=remat, hoist=hoist, kernel=kernel)
+    _check_rate(call, "dropout", dropout)
+    opts = dict(options=resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
+                                kernel=kernel))
     make = (lambda: _bidirectional(cell, merge=merge, **opts)) if bidirectional else (lambda: sequence(cell, **opts))
     return deep([make() for _ in range(num_layers)], dropout_rate=dropout)

@@ -45,6 +45,7 @@ from seqjax.cells.rnn import rnn as _rnn
 from seqjax.layers import Layer as CoreLayer
 from seqjax.layers import multilayer
 from seqjax.losses import last_valid, mean_valid
+from seqjax.options import ScanOptions, resolve
 
 __all__ = ["Cell", "GRU", "LSTM", "RNN", "Recurrent", "SequenceClassifier", "pytorch_init"]
 
@@ -236,7 +237,8 @@ class Recurrent(nnx.Module):
         instead of ``ys``.
       time_major: default layout: ``xs`` [T, B, I] instead of [B, T, I]
         (PyTorch's ``batch_first=False``).
-      unroll, remat, hoist, kernel: passed to `seqjax.scan`.
+      options: a `seqjax.ScanOptions` (how `seqjax.scan` executes each layer);
+        unroll, remat, hoist, backward, kernel override its fields.
       deterministic: disable dropout (also set by ``model.eval()``).
       rngs: ``nnx.Rngs``; ``params`` initialises the weights, ``dropout``
         (default: the default stream) draws dropout masks.
@@ -253,8 +255,9 @@ class Recurrent(nnx.Module):
 
     def __init__(self, cell: CoreCell, in_features: int, *, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
-                 unroll: int | None = None, remat: bool = False, hoist: bool | None = None,
-                 kernel: str = "auto", deterministic: bool = False, rngs: nnx.Rngs):
+                 options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
+                 hoist: bool | None = None, backward: str | None = None, kernel: str | None = None,
+                 deterministic: bool = False, rngs: nnx.Rngs):
         call = self._call
         if not isinstance(cell, CoreCell):
             raise TypeError(f"{call}: cell must be a seqjax cell (seqjax.rnn/lstm/gru/...), got "
@@ -276,8 +279,9 @@ class Recurrent(nnx.Module):
                           f"layers, as in PyTorch)", stacklevel=3)
         self.cell = cell
         self.layer: CoreLayer = multilayer(cell, num_layers, bidirectional=bidirectional, dropout=float(dropout),
-                                           merge=merge, unroll=unroll, remat=remat, hoist=hoist,
-                                           kernel=kernel)
+                                           merge=merge, options=resolve(call, options, unroll=unroll,
+                                                                        remat=remat, hoist=hoist, backward=backward,
+                                                                        kernel=kernel))
         self.in_features = in_features
         self.hidden_size = cell.hidden_size
         self.num_layers = num_layers
@@ -355,7 +359,7 @@ _LAYER_DOC = """
       in_features: I, the input size.
       hidden_size: H.
       num_layers, bidirectional, dropout, merge, return_carry, time_major,
-        unroll, remat, hoist, kernel, deterministic, rngs: see `Recurrent`.
+        options, unroll, remat, hoist, backward, kernel, deterministic, rngs: see `Recurrent`.
       init: "default" (the seqjax cell's initialisers) or "pytorch" (`pytorch_init`:
         U(+-1/sqrt(H)) weights and biases, as ``torch.nn.{name}``).
       **cell_options: passed to `seqjax.{fn}` ({opts}, initialisers, ``param_dtype``).
@@ -374,12 +378,14 @@ class RNN(Recurrent):
 
     def __init__(self, in_features: int, hidden_size: int, *, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
-                 unroll: int | None = None, remat: bool = False, hoist: bool | None = None,
-                 kernel: str = "auto", deterministic: bool = False, init: str = "default", rngs: nnx.Rngs, **cell_options):
+                 options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
+                 hoist: bool | None = None, backward: str | None = None, kernel: str | None = None,
+                 deterministic: bool = False, init: str = "default", rngs: nnx.Rngs, **cell_options):
         cell = _rnn(hidden_size, **_cell_kwargs("rnn", hidden_size, init, cell_options))
         super().__init__(cell, in_features, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
-                         merge=merge, return_carry=return_carry, time_major=time_major, unroll=unroll, remat=remat,
-                         hoist=hoist, kernel=kernel, deterministic=deterministic, rngs=rngs)
+                         merge=merge, return_carry=return_carry, time_major=time_major, options=options, unroll=unroll,
+                         remat=remat, hoist=hoist, backward=backward, kernel=kernel, deterministic=deterministic,
+                         rngs=rngs)
 
 
 class LSTM(Recurrent):
@@ -394,12 +400,14 @@ class LSTM(Recurrent):
 
     def __init__(self, in_features: int, hidden_size: int, *, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
-                 unroll: int | None = None, remat: bool = False, hoist: bool | None = None,
-                 kernel: str = "auto", deterministic: bool = False, init: str = "default", rngs: nnx.Rngs, **cell_options):
+                 options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
+                 hoist: bool | None = None, backward: str | None = None, kernel: str | None = None,
+                 deterministic: bool = False, init: str = "default", rngs: nnx.Rngs, **cell_options):
         cell = _lstm(hidden_size, **_cell_kwargs("lstm", hidden_size, init, cell_options))
         super().__init__(cell, in_features, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
-                         merge=merge, return_carry=return_carry, time_major=time_major, unroll=unroll, remat=remat,
-                         hoist=hoist, kernel=kernel, deterministic=deterministic, rngs=rngs)
+                         merge=merge, return_carry=return_carry, time_major=time_major, options=options, unroll=unroll,
+                         remat=remat, hoist=hoist, backward=backward, kernel=kernel, deterministic=deterministic,
+                         rngs=rngs)
 
 
 class GRU(Recurrent):
@@ -414,12 +422,14 @@ class GRU(Recurrent):
 
     def __init__(self, in_features: int, hidden_size: int, *, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
-                 unroll: int | None = None, remat: bool = False, hoist: bool | None = None,
-                 kernel: str = "auto", deterministic: bool = False, init: str = "default", rngs: nnx.Rngs, **cell_options):
+                 options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
+                 hoist: bool | None = None, backward: str | None = None, kernel: str | None = None,
+                 deterministic: bool = False, init: str = "default", rngs: nnx.Rngs, **cell_options):
         cell = _gru(hidden_size, **_cell_kwargs("gru", hidden_size, init, cell_options))
         super().__init__(cell, in_features, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
-                         merge=merge, return_carry=return_carry, time_major=time_major, unroll=unroll, remat=remat,
-                         hoist=hoist, kernel=kernel, deterministic=deterministic, rngs=rngs)
+                         merge=merge, return_carry=return_carry, time_major=time_major, options=options, unroll=unroll,
+                         remat=remat, hoist=hoist, backward=backward, kernel=kernel, deterministic=deterministic,
+                         rngs=rngs)
 
 
 for _cls, _fn, _opts in ((RNN, "rnn", "``activation``"),

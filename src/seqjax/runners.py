@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.backends import _library as native
-from seqjax.cells.base import Array, Cell, has_own_step
-from seqjax.backends._gemm_vjp import fusable, fused_scan
+from seqjax.backends._table import Request, choose, platform_of, run
+from seqjax.cells.base import Array, Cell, form_of
+from seqjax.cells.validate import check_params
+from seqjax.options import ScanOptions, resolve
 
 
 class _Plan(NamedTuple):
@@ -22,6 +23,7 @@ class _Plan(NamedTuple):
     xs: Array            # [T, B, I]
     carry: Any           # initial carry, batch (B,)
     init_carry: Any      # the cell's zero carry (what resets restore)
+    lengths: Array | None  # [B] int
     valid: Array | None  # [T, B] bool
     resets: Array | None  # [T, B] bool
 
@@ -40,8 +42,8 @@ def _plan(call: str, cell: Cell, params, xs, carry, lengths, resets, time_major:
     if not isinstance(cell, Cell):
         raise TypeError(f"{call}: cell must be a seqjax Cell (from seqjax.rnn/lstm/gru/stack), got {type(cell).__name__}")
     _check_bool(call, "time_major", time_major)
+    I = check_params(call, cell, params)
     shape = jnp.shape(xs)
-    I = cell.input_size(params)
     layout, fix = ("(T, B, I)", "pass time_major=False for (B, T, I)") if time_major else \
         ("(B, T, I)", "pass time_major=True for (T, B, I)")
     if len(shape) != 3 or shape[-1] != I:
@@ -65,16 +67,13 @@ def _plan(call: str, cell: Cell, params, xs, carry, lengths, resets, time_major:
 
     valid = None
     if lengths is not None:
-        lshape = jnp.shape(lengths)
-        if lshape != (B,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-            raise ValueError(f"{call}: lengths must be an integer array of shape (B,)=({B},), got shape "
-                             f"{tuple(lshape)} dtype {jnp.result_type(lengths)}")
+        lengths = _as_lengths(call, lengths, B)
         if _is_concrete(lengths):
             host = np.asarray(lengths)
             lo, hi = (int(host.min()), int(host.max())) if B else (0, 0)
             if lo < 0 or hi > T:
                 raise ValueError(f"{call}: lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")
-        valid = jnp.arange(T)[:, None] < jnp.asarray(lengths)[None, :]
+        valid = jnp.arange(T)[:, None] < lengths[None, :]
 
     if resets is not None:
         rshape = jnp.shape(resets)
@@ -84,7 +83,22 @@ def _plan(call: str, cell: Cell, params, xs, carry, lengths, resets, time_major:
                              f"got {tuple(rshape)}")
         resets = jnp.asarray(resets).astype(bool)
         resets = resets if time_major else resets.T
-    return _Plan(xs_tm, carry, init_carry, valid, resets)
+    return _Plan(xs_tm, carry, init_carry, lengths, valid, resets)
+
+
+def _as_lengths(call: str, lengths, B: int) -> Array:
+    """``lengths`` as a [B] integer array: any integer array-like (a list, a NumPy or JAX array, a tracer)."""
+    if not isinstance(lengths, (jax.Array, np.ndarray)):
+        try:
+            lengths = np.asarray(lengths)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{call}: lengths must be an integer array-like of shape (B,)=({B},), got "
+                             f"{type(lengths).__name__}: {e}") from None
+    lshape, dtype = jnp.shape(lengths), lengths.dtype
+    if lshape != (B,) or not (jnp.issubdtype(dtype, jnp.integer) or (lengths.size == 0 and dtype == np.float64)):
+        raise ValueError(f"{call}: lengths must be an integer array of shape (B,)=({B},), got shape "
+                         f"{tuple(lshape)} dtype {dtype}")
+    return jnp.asarray(lengths).astype(jnp.int32) if jnp.issubdtype(dtype, jnp.integer) else jnp.zeros((0,), jnp.int32)
 
 
 def _describe(tree) -> str:
@@ -103,8 +117,8 @@ def _body(cell: Cell, params, init_carry, projected: bool, remat: bool):
 
     if projected:
         advance = lambda carry, px: cell.step(params, carry, px)  # noqa: E731
-    elif cell.fused_apply is not None and has_own_step(cell):
-        advance = cell.fused_apply(params)  # weights concatenated here, outside the loop
+    elif (form := form_of(cell)) is not None and form.joint_apply is not None:
+        advance = form.joint_apply(params)  # weights concatenated here, outside the loop
     else:
         advance = lambda carry, x: cell.apply(params, carry, x)  # noqa: E731
 
@@ -122,17 +136,17 @@ def _body(cell: Cell, params, init_carry, projected: bool, remat: bool):
     return jax.checkpoint(body) if remat else body
 
 
-def hoist_default() -> bool:
-    """Whether runners compute the input projection for all steps before the loop, by default.
+def _hoist_default(platform: str) -> bool:
+    """Whether runners compute the input projection for all steps before the loop, by default, on ``platform``.
 
     Decided by the benchmarks (bench/results/levers.md): on XLA:CPU the hoisted
     GEMM lost to projecting inside the scan body; on an H100 it won (LSTM
     standard train 3.10 -> 3.06 ms, forward 1.28 -> 1.09 ms), as it does for cuDNN.
     """
-    return jax.default_backend() != "cpu"
+    return platform != "cpu"
 
 
-def unroll_default() -> int:
+def _unroll_default(platform: str) -> int:
     """`scan`'s ``unroll`` when none is given: 1 on CPU, 8 on accelerators.
 
     Decided by the benchmarks (bench/results/levers.md): on XLA:CPU unrolling
@@ -141,180 +155,80 @@ def unroll_default() -> int:
     and 3.06 -> 1.84 ms (standard shape), for a longer compile (LSTM long
     train step: 0.5 -> 2.9 s). Pass ``unroll=1`` where compile time matters more.
     """
-    return 1 if jax.default_backend() == "cpu" else 8
+    return 1 if platform == "cpu" else 8
 
 
-BACKWARD_MODES = ("auto", "fused", "autodiff")
+def _request(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major, options,
+             platform=None):
+    """``(request, plan)``: the validated run as `seqjax.backends` sees it (platform defaults resolved).
 
-
-def _fused_kind(call, loop, cell, params, remat, backward):
-    """The `seqjax.fused` kernel this run's gradient uses, or None for plain autodiff."""
-    if backward not in BACKWARD_MODES:
-        raise ValueError(f"{call}: backward must be one of {list(BACKWARD_MODES)}, got {backward!r}")
-    if backward == "autodiff" or loop is not _lax_loop or (remat and backward == "auto"):
-        return None  # auto + remat: autodiff's checkpointed loop saves the most memory
-    kind = fusable(cell, params)
-    if kind is None and backward == "fused":
-        raise ValueError(
-            f"{call}: backward='fused' needs a fusable cell (seqjax.fused.fusable: built by seqjax.lstm with named "
-            "activations (not callables) and no gate recurrence, optionally with peepholes and/or proj_size, by "
-            "seqjax.gru, or by seqjax.rnn with tanh or relu, its project and step unchanged; params all "
-            f"float32, float64, bfloat16 or float16), got {cell.name}; pass backward='auto' to fall "
-            "back to autodiff")
-    return kind
-
-
-KERNELS = ("auto", "xla", "avx2", "avx512", "onednn", "cuda")
-
-
-def _native_blocker(loop, xs_tm, lengths, resets, remat, backward, backend: str, takes_masks: bool = False
-                    ) -> str | None:
-    """Why a native kernel for ``backend`` ("cpu" or "gpu") cannot run this call, whatever the cell (None: nothing)."""
-    if loop is not _lax_loop:
-        return "seqjax.unrolled is the plain-JAX reference"
-    if 0 in xs_tm.shape[:2]:
-        return f"an empty sequence or batch (T, B) = {xs_tm.shape[:2]}"
-    if jax.default_backend() != backend:
-        return f"it is a {backend.upper()} kernel and the default backend is {jax.default_backend()}"
-    if lengths is not None and not takes_masks:
-        return "this native kernel has no per-sequence lengths"
-    if resets is not None and not takes_masks:
-        return "this native kernel has no per-step resets"
-    if remat:
-        return "remat=True (the native kernels keep their own residuals for the backward pass)"
-    if backward != "auto":
-        return f"backward={backward!r} (the native kernels have their own backward pass; pass backward='auto')"
-    return None
-
-
-def _refuse(call, kernel, blocker):
-    raise ValueError(f"{call}: kernel={kernel!r} cannot run this call: {blocker}; pass kernel='auto' or 'xla'")
-
-
-def _judged_kind(call, kernel, name, blocker, judge) -> str | None:
-    """``judge()``'s kind, ``judge() -> (kind, why not)``, unless ``blocker`` says why not already.
-
-    Raises where ``kernel == name`` (the kernel was asked for by name) and there is no kind.
+    ``platform``: where the run is placed; default `seqjax.backends._table.platform_of` its inputs.
     """
-    kind, blocker = (None, blocker) if blocker is not None else judge()
-    if kind is None and kernel == name:
-        _refuse(call, kernel, blocker)
-    return kind
-
-
-def _onednn_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
-    """The `seqjax.onednn` kind this run goes through, or None; raises where ``kernel="onednn"`` cannot."""
-    if kernel not in ("auto", "onednn") or (kernel == "auto" and not native.onednn_installed()):
-        return None
-    from seqjax.backends._onednn import AUTO_MIN_HIDDEN, kind_of
-    blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "cpu")
-    kind = _judged_kind(call, kernel, "onednn", blocker, lambda: kind_of(cell, params))
-    if kind is None:
-        return None
-    if kernel == "onednn":
-        native.load_onednn()  # NativeUnavailable names what is missing
-        return kind
-    least = AUTO_MIN_HIDDEN.get(kind)
-    return kind if least is not None and cell.hidden_size >= least and native.onednn_usable() else None
-
-
-def _avx2_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> tuple | None:
-    """``(kind, isa)`` of the `seqjax.avx2` kernels this run goes through, or None; raises where
-    ``kernel="avx2"`` or ``"avx512"`` cannot."""
-    if kernel not in ("auto", "avx2", "avx512"):
-        return None
-    from seqjax.backends import _x86 as avx2
-    if kernel == "auto" and (not avx2.AUTO or jax.default_backend() != "cpu" or not native.avx2_installed()):
-        return None
-    isa = avx2.auto_isa(cell.hidden_size) if kernel == "auto" else kernel
-
-    def judge():
-        kind, why = avx2.kind_of(cell, params)
-        why = why or avx2.shape_blocker(cell.hidden_size, isa)
-        return (None, why) if why else (kind, None)
-    blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "cpu", takes_masks=True)
-    kind = _judged_kind(call, kernel, kernel if kernel != "auto" else "avx2", blocker, judge)
-    if kind is None:
-        return None
-    if kernel != "auto":
-        native.load_avx2(isa)  # NativeUnavailable names what is missing
-        return kind, isa
-    if isa == "avx512" and not native.avx2_usable("avx512"):
-        isa = "avx2"
-    return (kind, isa) if native.avx2_usable(isa) else None
-
-
-def _cuda_kind(call, kernel, loop, cell, params, xs_tm, lengths, resets, remat, backward) -> str | None:
-    """The `seqjax.cuda` kind this run goes through, or None; raises where ``kernel="cuda"`` cannot."""
-    if kernel not in ("auto", "cuda"):
-        return None
-    if kernel == "auto" and (jax.default_backend() != "gpu" or not native.cuda_installed()):
-        return None
-    from seqjax.backends import _cuda as cuda
-    if kernel == "auto" and not cuda.AUTO:
-        return None
-    blocker = _native_blocker(loop, xs_tm, lengths, resets, remat, backward, "gpu")
-    kind = _judged_kind(call, kernel, "cuda", blocker, lambda: cuda.kind_of(cell, params))
-    if kind is None:
-        return None
-    T, B = xs_tm.shape[:2]
-    if kernel == "auto":
-        return kind if native.cuda_usable() and cuda.auto_eligible(kind, T, B, cell.hidden_size) else None
-    try:
-        cuda.plan(kind, B, cell.hidden_size)  # NativeUnavailable names what is missing
-    except ValueError as e:
-        _refuse(call, kernel, str(e))
-    return kind
-
-
-def _run(call, loop, cell, params, xs, carry, lengths, resets, reverse, time_major, unroll, remat, hoist,
-         backward="autodiff", kernel="xla"):
     plan = _plan(call, cell, params, xs, carry, lengths, resets, time_major)
     _check_bool(call, "reverse", reverse)
-    _check_bool(call, "remat", remat)
-    if unroll is None:
-        unroll = unroll_default()
-    if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
-        raise ValueError(f"{call}: unroll must be a positive int or None, got {unroll!r}")
-    if hoist is None:
-        hoist = hoist_default()
-    _check_bool(call, "hoist", hoist)
+    platform = platform_of(xs, params, carry) if platform is None else platform
+    options = options._replace(
+        unroll=_unroll_default(platform) if options.unroll is None else int(options.unroll),
+        hoist=_hoist_default(platform) if options.hoist is None else bool(options.hoist))
+    layout_resets = None if resets is None else (plan.resets if time_major else plan.resets.T)
+    return Request(call, cell, params, xs, plan.xs, plan.carry, plan.init_carry, plan.lengths, plan.valid,
+                   layout_resets, plan.resets, bool(reverse), bool(time_major), options, platform, reference), plan
 
-    if cell.layers is not None:  # a stacked cell runs layer by layer over the whole sequence
+
+def _run(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major, options):
+    form = form_of(cell)
+    if form is not None and form.layers is not None:  # a stacked cell runs layer by layer over the whole sequence
+        plan = _plan(call, cell, params, xs, carry, lengths, resets, time_major)
         ys, carries = plan.xs, []
-        for sub, p, c in zip(cell.layers, params, plan.carry):
-            c, ys = _run(call, loop, sub, p, ys, c, lengths, None if plan.resets is None else plan.resets,
-                         reverse, True, unroll, remat, hoist, backward, kernel)
+        for sub, p, c in zip(form.layers, params, plan.carry):
+            c, ys = _run(call, reference, sub, p, ys, c, plan.lengths, plan.resets, reverse, True, options)
             carries.append(c)
         return tuple(carries), (ys if time_major else jnp.swapaxes(ys, 0, 1))
 
-    if kernel not in KERNELS:
-        raise ValueError(f"{call}: kernel must be one of {list(KERNELS)}, got {kernel!r}")
-    cuda_kind = _cuda_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
-    if cuda_kind is not None:
-        from seqjax.backends._cuda import cuda_scan
-        carry, ys = cuda_scan(cuda_kind, params, plan.xs, plan.carry, reverse)
-        return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
-    avx2_kind = _avx2_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
-    if avx2_kind is not None:
-        from seqjax.backends._x86 import avx2_scan
-        # the kernels read xs and write ys in the caller's layout
-        return avx2_scan(avx2_kind[0], params, jnp.asarray(xs), plan.carry, reverse, isa=avx2_kind[1],
-                         time_major=time_major, lengths=lengths, resets=resets)
-    onednn_kind = _onednn_kind(call, kernel, loop, cell, params, plan.xs, lengths, resets, remat, backward)
-    if onednn_kind is not None:
-        from seqjax.backends._onednn import onednn_scan
-        carry, ys = onednn_scan(onednn_kind, params, plan.xs, plan.carry, reverse)
-        return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
-    kind = _fused_kind(call, loop, cell, params, remat, backward)
-    if kind is not None:
-        carry, ys = fused_scan(kind, params, plan.xs, plan.carry, plan.valid, plan.resets, reverse, hoist, remat,
-                               unroll)
-        return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
-    inputs = cell.project(params, plan.xs) if hoist else plan.xs
-    body = _body(cell, params, plan.init_carry, hoist, remat)
-    carry, ys = loop(body, plan.carry, (inputs, plan.valid, plan.resets), reverse, unroll)
-    return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
+    def on(platform, params, xs, carry, lengths, resets):
+        request, _ = _request(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major,
+                              options, platform)
+        return request, choose(request).backend
+
+    request, backend = on(None, params, xs, carry, lengths, resets)
+    places = placements()
+    if reference or options.kernel != "auto" or len(places) == 1 or _placed(xs, params, carry):
+        return run(request, backend)
+    # several platforms in this process and no placement known while tracing: each platform lowers its own choice
+    chosen = {p: on(p, params, xs, carry, lengths, resets) for p in places}
+    if len({(b.name, r.options) for r, b in chosen.values()}) == 1:
+        return run(request, backend)
+
+    def branch(platform):
+        return lambda *args: run(*on(platform, *args))
+    per_platform = {name: branch(p) for p in places for name in _LOWERING_NAMES[p]}
+    default = per_platform.pop(_LOWERING_NAMES[places[-1]][0])
+    return jax.lax.platform_dependent(params, xs, carry, lengths, resets, default=default, **per_platform)
+
+
+#: seqjax's platform families -> the names `jax.lax.platform_dependent` lowers them under
+_LOWERING_NAMES = {"cpu": ("cpu",), "gpu": ("cuda", "rocm"), "tpu": ("tpu",)}
+
+
+def placements() -> tuple[str, ...]:
+    """The platform families a computation of this process may be placed on: the CPU, and the default backend's."""
+    default = platform_of()
+    return ("cpu",) if default == "cpu" else ("cpu", default)
+
+
+def _placed(*trees) -> bool:
+    """Whether a committed input array already fixes where the run goes."""
+    return any(isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.committed
+               for a in jax.tree.leaves(trees))
+
+
+def reference_loop(request: Request):
+    """The plain-JAX loop (`lax.scan`, or a Python loop for `unrolled`): ``(final_carry, ys [T, B, O])``."""
+    o = request.options
+    inputs = request.cell.project(request.params, request.xs_tm) if o.hoist else request.xs_tm
+    body = _body(request.cell, request.params, request.init_carry, o.hoist, o.remat)
+    loop = _python_loop if request.reference else _lax_loop
+    return loop(body, request.carry, (inputs, request.valid, request.resets_tm), request.reverse, o.unroll)
 
 
 def _lax_loop(body, carry, xs, reverse, unroll):
@@ -331,8 +245,9 @@ def _python_loop(body, carry, xs, reverse, unroll):
 
 
 def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None, resets: Array | None = None,
-         reverse: bool = False, time_major: bool = False, unroll: int | None = None, remat: bool = False,
-         hoist: bool | None = None, backward: str = "auto", kernel: str = "auto"):
+         reverse: bool = False, time_major: bool = False, options: ScanOptions | None = None,
+         unroll: int | None = None, remat: bool | None = None, hoist: bool | None = None, backward: str | None = None,
+         kernel: str | None = None):
     """Runs ``cell`` over a sequence with `jax.lax.scan`: ``(final_carry, ys)``.
 
     Equivalent Python loop (batch-major, no options)::
@@ -342,77 +257,53 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
             carry, ys[:, t] = cell.apply(params, carry, xs[:, t])
         return carry, ys
 
-    Semantics of the options:
+    Semantics:
       * ``lengths``: sequence b has ``lengths[b]`` valid steps, the rest is
         padding. Outputs past a length are exactly zero, the final carry is the
         carry after the last valid step (the initial carry for length 0), and
         ``reverse`` processes only the valid prefix, from ``lengths[b] - 1`` down to 0.
+        Concrete lengths outside [0, T] raise a ValueError. Traced lengths (under
+        `jax.jit`) cannot be checked: a negative length acts as 0 and one above
+        T as T, on every backend.
       * ``resets``: where ``resets[b, t]`` is true the carry is set back to the
         cell's zero carry before step t is processed (packed episodes).
       * ``reverse``: process time backwards; ``ys[:, t]`` stays aligned with ``xs[:, t]``.
-      * ``unroll``: `lax.scan` unroll factor (``None``: the backend's measured
-        default, `unroll_default`: 1 on CPU, 8 on GPU). ``remat``: rematerialise each step in
-        the backward pass (memory for compute).
-      * ``hoist``: compute the input projection of all steps as one GEMM before
-        the loop (``None``: the backend's measured default, `hoist_default`).
-      * ``backward``: how reverse mode differentiates the loop. ``"auto"`` (default)
-        uses `seqjax.fused`'s custom VJP where it applies (LSTM variants with
-        named activations, also with peepholes and/or ``proj_size``,
-        not FGR; GRU in both forms; Elman RNN; params all float32, float64,
-        bfloat16 or float16; ``remat=False``): the backward loop carries
-        the state gradients only and the weight gradients and ``dxs`` become
-        single GEMMs over all T*B rows (8-50 % faster training on CPU,
-        bench/results/levers.md). Elsewhere it is plain autodiff. ``"fused"``
-        demands the custom VJP (ValueError where it does not apply); with
-        ``remat=True`` it saves only each step's start carry and recomputes the
-        gates in its backward loop (less memory than the plain custom VJP, more
-        than autodiff's remat, which ``"auto"`` picks);
-        ``"autodiff"`` differentiates the `lax.scan` directly. The custom VJP
-        has no forward mode: for `jax.jvp`, `jax.jacfwd` or `jax.hessian` through
-        a fusable cell pass ``backward="autodiff"``.
-      * ``kernel``: ``"xla"`` runs the loop above, compiled by XLA. ``"avx2"``
-        runs the whole recurrence, forward and backward, as one call into
-        seqjax's own CPU kernels (`seqjax.avx2`: x86-64 with AVX2 and FMA, a C++
-        compiler to build them once, 20-35 s): the standard LSTM, with or without
-        peepholes (Greff et al.'s "vanilla"), and Greff et al.'s variants of it
-        but FGR, the GRU with
-        ``reset_after=True`` and the tanh/relu RNN, float32, hidden size a
-        multiple of 8, with or without ``lengths`` and ``resets``, no ``remat``,
-        ``backward="auto"``, reverse-mode gradients only (ValueError
-        otherwise). ``"avx512"`` runs the same kernels built for AVX-512F
-        (same results, hidden size a multiple of 16). ``"auto"`` (default)
-        takes them on the CPU wherever they apply (`seqjax.avx2.AUTO`), the
-        AVX-512 build where the CPU has it (`seqjax.avx2.auto_isa`). ``"onednn"``
-        runs the whole recurrence, forward and backward, as one of oneDNN's
-        fused RNN primitives on the CPU (`seqjax.onednn`; the kernel of
-        PyTorch's CPU ``nn.LSTM``; needs ``pip install 'seqjax[onednn]'``): the
-        standard LSTM (also with peepholes and/or ``proj_size``), both GRUs and
-        the tanh/relu RNN, float32, no ``lengths``, ``resets`` or ``remat``,
-        ``backward="auto"``, reverse-mode gradients only (ValueError
-        otherwise). For the cells AVX2 does not take, ``"auto"`` takes oneDNN
-        where it applies, is installed and won the benchmarks
-        (`seqjax.onednn.AUTO_MIN_HIDDEN`; first use compiles it, ~10 s, cached),
-        XLA elsewhere. ``"cuda"`` runs the
-        whole recurrence as one persistent kernel on a Hopper GPU (`seqjax.cuda`:
-        the standard LSTM, the GRU with ``reset_after=True``, the tanh/relu RNN,
-        float32, the same restrictions as oneDNN, batches up to about 1024 * 16 / H);
-        first use compiles it with nvcc, ~1 min, cached. ``"auto"`` does not take
-        it yet (`seqjax.cuda.AUTO`).
-        ``unroll`` and ``hoist`` do not apply to the AVX2/AVX-512, oneDNN or CUDA kernels.
       * A stacked cell (`seqjax.stack`) runs layer by layer.
+
+    Execution (never the result, up to float rounding) is set by ``options``, a
+    `seqjax.ScanOptions`, or by its fields as keywords (a keyword given wins over
+    ``options``): ``kernel`` picks the implementation, ``backward`` how reverse
+    mode differentiates it, ``hoist``, ``unroll`` and ``remat`` tune XLA's loop.
+    By default (``kernel="auto"``) the run takes the first implementation in
+    `seqjax.backends`' table that applies: on an x86-64 CPU seqjax's own
+    AVX-512/AVX2 kernels (LSTM and Greff et al.'s variants but FGR, GRU with
+    ``reset_after=True``, tanh/relu RNN; float32, H a multiple of 16/8), oneDNN
+    where it is installed and won the benchmarks, else XLA's loop with seqjax's
+    custom VJP (weight gradients as single GEMMs over all T*B rows), else XLA's
+    loop differentiated by autodiff. ``seqjax.backends.explain(cell, params, xs,
+    ...)`` prints which one a call takes and why each other one does not.
+    The native kernels and the custom VJP are reverse mode only: `jax.jvp` and
+    `jax.jacfwd` through them raise a TypeError that says to pass
+    ``kernel="xla", backward="autodiff"`` (the tangent map `jax.linearize`
+    returns raises JAX's own message); the native kernels are differentiable
+    once (grad of grad and `jax.hessian` raise a TypeError that says to pass
+    ``kernel="xla"``, whose custom VJP is differentiable again). On a host with
+    an accelerator, a call whose placement is not fixed by its inputs or
+    `jax.default_device` is decided per platform when it is lowered
+    (`jax.lax.platform_dependent`): a computation lowered for the CPU gets the CPU path.
 
     Truncated BPTT: feed ``jax.lax.stop_gradient(final_carry)`` back as ``carry``.
 
     Args:
       cell: a `Cell`.
-      params: the cell's params.
+      params: the cell's params (the structure and shapes ``cell.init`` makes).
       xs: [B, T, I] (or [T, B, I] with ``time_major``), floating point.
       carry: initial carry for batch (B,); default the cell's zero carry.
-      lengths: [B] int, in [0, T]; None = all sequences have length T.
+      lengths: [B] integers (any integer array-like), in [0, T]; None = all sequences have length T.
       resets: [B, T] bool (or [T, B] with ``time_major``).
-      reverse, time_major, remat: bools. unroll: positive int.
-      backward: "auto", "fused" or "autodiff".
-      kernel: "auto", "xla", "avx2", "avx512", "onednn" or "cuda".
+      reverse, time_major: bools.
+      options: a `seqjax.ScanOptions` (default ``ScanOptions()``).
+      unroll, remat, hoist, backward, kernel: override the fields of ``options``.
 
     Returns:
       ``(final_carry, ys)`` with ys [B, T, O] (or [T, B, O]) in the params' dtype.
@@ -422,24 +313,23 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       >>> params = cell.init(jax.random.key(0), input_size=8)
       >>> carry, ys = seqjax.scan(cell, params, jnp.ones((4, 20, 8)), lengths=jnp.array([20, 5, 0, 13]))
     """
-    return _run("seqjax.scan", _lax_loop, cell, params, xs, carry, lengths, resets, reverse, time_major, unroll,
-                remat, hoist, backward, kernel)
+    options = resolve("seqjax.scan", options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
+                      kernel=kernel)
+    return _run("seqjax.scan", False, cell, params, xs, carry, lengths, resets, reverse, time_major, options)
 
 
 def unrolled(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None,
-             resets: Array | None = None, reverse: bool = False, time_major: bool = False, unroll: int | None = None,
-             remat: bool = False, hoist: bool | None = None, backward: str = "auto", kernel: str = "auto"):
+             resets: Array | None = None, reverse: bool = False, time_major: bool = False,
+             options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
+             hoist: bool | None = None, backward: str | None = None, kernel: str | None = None):
     """`scan` as a Python loop over time: same arguments, same results.
 
     The reference implementation for tests and the baseline of the
     scan-vs-unroll benchmark. Under `jax.jit` the loop is unrolled into one
-    straight-line program, so compile time grows with T. ``unroll`` is accepted
-    for signature compatibility and ignored; so are ``backward`` and ``kernel``
-    (validated), since the reference is always plain JAX differentiated by autodiff.
+    straight-line program, so compile time grows with T. ``unroll``,
+    ``backward`` and ``kernel`` are accepted (validated) and ignored: the
+    reference is always plain JAX differentiated by autodiff.
     """
-    if backward not in BACKWARD_MODES:
-        raise ValueError(f"seqjax.unrolled: backward must be one of {list(BACKWARD_MODES)}, got {backward!r}")
-    if kernel not in KERNELS:
-        raise ValueError(f"seqjax.unrolled: kernel must be one of {list(KERNELS)}, got {kernel!r}")
-    return _run("seqjax.unrolled", _python_loop, cell, params, xs, carry, lengths, resets, reverse, time_major,
-                unroll, remat, hoist)
+    options = resolve("seqjax.unrolled", options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
+                      kernel=kernel)._replace(kernel="xla", backward="autodiff")
+    return _run("seqjax.unrolled", True, cell, params, xs, carry, lengths, resets, reverse, time_major, options)

@@ -45,11 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax import attention as attn
-from seqjax.cells.base import Array, Cell, check_choice, check_positive_int, init_param, make_cell, matmul, zeros_carry
+from seqjax.cells.base import (Array, Cell, check_choice, check_positive_int, form_of, init_param, make_cell, matmul,
+                               zeros_carry)
 from seqjax.cells.gru import gru
 from seqjax.cells.lstm import lstm
 from seqjax.layers import bidirectional
 from seqjax.losses import masked_cross_entropy
+from seqjax.options import ScanOptions, resolve
 from seqjax.runners import scan
 
 __all__ = [
@@ -123,8 +125,9 @@ class AttentionDecoder(NamedTuple):
 
 def _hidden_fn(cell: Cell) -> Callable:
     """``carry -> h``: the output state of a cell's carry (last layer of a stack)."""
-    if cell.layers is not None:
-        last = _hidden_fn(cell.layers[-1])
+    form = form_of(cell)
+    if form is not None and form.layers is not None:
+        last = _hidden_fn(form.layers[-1])
         return lambda carry: last(carry[-1])
 
     def hidden(carry):
@@ -547,7 +550,7 @@ def _check_tokens(call: str, name: str, tokens, vocab_size: int, lengths=None):
 
 
 def _token_decoder(call, decoder: AttentionDecoder, vocab_size, embed_size, readout_size, summary_size, *, bos_id,
-                   eos_id, pad_id):
+                   eos_id, pad_id, options: ScanOptions):
     """The shared decoder half: init, teacher-forced logits, and a decoding step function."""
     V, E = vocab_size, embed_size
     template = jax.eval_shape(lambda: decoder.cell.initial_carry(decoder.cell.init(jax.random.key(0), E + max(
@@ -582,7 +585,7 @@ def _token_decoder(call, decoder: AttentionDecoder, vocab_size, embed_size, read
         prev = jnp.concatenate([jnp.full((B, 1), bos_id, jnp.int32), jnp.asarray(target[:, :-1], jnp.int32)], 1)
         xs = params.embed[prev]
         cell = decoder.bind(params.decoder, enc.memory, enc.lengths)
-        _, ys = scan(cell, params.decoder, xs, carry=enc.carry, lengths=target_lengths)
+        _, ys = scan(cell, params.decoder, xs, carry=enc.carry, lengths=target_lengths, options=options)
         return readout(params, ys, xs)
 
     def step_fn(params: TokenDecoderParams, memory, lengths):
@@ -672,7 +675,7 @@ def _check_specials(call, vocab_size, bos_id, eos_id, pad_id):
 def seq2seq(src_vocab_size: int, tgt_vocab_size: int, *, embed_size: int = 32, hidden_size: int = 128,
             attention: str | None = "additive", attention_size: int | None = None, encoder_cell="gru",
             decoder_cell="gru", readout_size: int | None = None, bos_id: int = 1, eos_id: int = 2,
-            pad_id: int = 0) -> Seq2Seq:
+            pad_id: int = 0, options: ScanOptions | None = None) -> Seq2Seq:
     """A token-to-token encoder-decoder: bidirectional encoder + attention decoder (Bahdanau et al. 2015).
 
     Model::
@@ -696,6 +699,7 @@ def seq2seq(src_vocab_size: int, tgt_vocab_size: int, *, embed_size: int = 32, h
         sets Dm = 2 * its output size).
       readout_size: R (default H).
       bos_id, eos_id, pad_id: target special ids (source padding is given by lengths).
+      options: the `seqjax.ScanOptions` of the encoder's and the teacher-forced decoder's scans.
 
     Returns:
       A `Seq2Seq`; ``source`` is ``(tokens [B, S] int, lengths [B] int in [1, S])``.
@@ -713,13 +717,14 @@ def seq2seq(src_vocab_size: int, tgt_vocab_size: int, *, embed_size: int = 32, h
     check_positive_int(call, "hidden_size", hidden_size)
     enc_cell = _make_cell(call, encoder_cell, hidden_size)
     dec_cell = _make_cell(call, decoder_cell, hidden_size)
-    encoder = bidirectional(enc_cell)
+    options = resolve(call, options)
+    encoder = bidirectional(enc_cell, options=options)
     Dm = encoder.output_size
     decoder = attention_decoder(dec_cell, attention, memory_size=None if attention is None else Dm,
                                 attention_size=attention_size)
     R = hidden_size if readout_size is None else check_positive_int(call, "readout_size", readout_size)
     parts = _token_decoder(call, decoder, tgt_vocab_size, embed_size, R, Dm, bos_id=bos_id, eos_id=eos_id,
-                           pad_id=pad_id)
+                           pad_id=pad_id, options=options)
     dec_init, dec_carry = parts[0], parts[1]
     enc_hidden = _hidden_fn(enc_cell)
 
@@ -762,7 +767,7 @@ def seq2seq(src_vocab_size: int, tgt_vocab_size: int, *, embed_size: int = 32, h
 
 def vec2seq(feature_size: int, vocab_size: int, *, embed_size: int = 32, hidden_size: int = 128,
             attention: str | None = None, decoder_cell="gru", readout_size: int | None = None, bos_id: int = 1,
-            eos_id: int = 2, pad_id: int = 0) -> Seq2Seq:
+            eos_id: int = 2, pad_id: int = 0, options: ScanOptions | None = None) -> Seq2Seq:
     """A vector-to-sequence model (seed 000's captioning shape) sharing `seq2seq`'s decoder and decoding.
 
     Model::
@@ -788,7 +793,8 @@ def vec2seq(feature_size: int, vocab_size: int, *, embed_size: int = 32, hidden_
     dec_cell = _make_cell(call, decoder_cell, H)
     decoder = attention_decoder(dec_cell, attention, memory_size=None if attention is None else H)
     R = H if readout_size is None else check_positive_int(call, "readout_size", readout_size)
-    parts = _token_decoder(call, decoder, vocab_size, embed_size, R, H, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    parts = _token_decoder(call, decoder, vocab_size, embed_size, R, H, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+                           options=resolve(call, options))
     dec_init, dec_carry = parts[0], parts[1]
 
     def init(key) -> Vec2SeqParams:

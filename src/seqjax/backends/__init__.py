@@ -1,1 +1,96 @@
-"""Every fast path of `seqjax.scan` behind one seam: custom VJPs and native CPU/CUDA kernels."""
+"""Every fast path of `seqjax.scan` behind one seam, and `explain`, which shows the choice.
+
+`seqjax.scan` validates a call, asks one ordered table which implementation
+runs it, and runs it. The implementations, in the order ``kernel="auto"``
+tries them:
+
+==================  =========================================================
+``cuda``            seqjax's persistent CUDA kernels (Hopper GPUs; opt-in)
+``avx512``          seqjax's x86 kernels built for AVX-512F
+``avx2``            the same kernels built for AVX2 and FMA
+``onednn``          oneDNN's RNN primitives (where installed and faster)
+``xla+custom_vjp``  XLA's loop with seqjax's custom VJP (whole-sequence GEMMs)
+``xla``             XLA's loop differentiated by autodiff: the reference
+==================  =========================================================
+
+All compute `seqjax.unrolled`'s semantics (lengths, resets, reverse, NaN and
+Inf propagation); tests compare each with the reference. `explain` returns the
+path a call takes and every other backend's reason::
+
+    >>> print(seqjax.backends.explain(cell, params, xs, lengths=lengths))
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from seqjax.backends._library import NativeUnavailable
+from seqjax.backends._table import TABLE
+
+__all__ = ["Explanation", "NativeUnavailable", "explain", "names"]
+
+
+class Explanation(NamedTuple):
+    """Which implementation a `seqjax.scan` call takes, and why each other one does not.
+
+    Attributes:
+      backend: the name of the implementation that runs the call (for a
+        stacked cell: of its first layer; see ``layers``).
+      reasons: ``((name, why not), ...)`` for every other implementation, in table order.
+      platform: where the call is placed ("cpu", "gpu", "tpu").
+      layers: for a stacked cell, one `Explanation` per layer; else ().
+    """
+
+    backend: str
+    reasons: tuple
+    platform: str
+    layers: tuple = ()
+
+    def __str__(self) -> str:
+        if self.layers:
+            return "\n".join(f"layer {k}: " + str(e).replace("\n", "\n  ") for k, e in enumerate(self.layers))
+        lines = [f"runs on: {self.backend} (placed on {self.platform})"]
+        lines += [f"  not {name}: {why}" for name, why in self.reasons]
+        return "\n".join(lines)
+
+
+def names() -> tuple[str, ...]:
+    """The implementations' names, in the order ``kernel="auto"`` tries them."""
+    return tuple(b.name for b in TABLE)
+
+
+def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=False, time_major=False,
+            options=None, unroll=None, remat=None, hoist=None, backward=None, kernel=None) -> Explanation:
+    """The implementation ``seqjax.scan(cell, params, xs, ...)`` with these arguments takes, and every other one's reason.
+
+    Takes exactly `seqjax.scan`'s arguments and validates them the same way;
+    runs nothing. ``print`` the result for a person.
+
+    Raises:
+      what ``seqjax.scan`` raises before running: invalid arguments, a named
+      kernel that cannot run the call.
+
+    Example:
+      >>> e = seqjax.backends.explain(seqjax.lstm(64), params, xs, kernel="xla")
+      >>> e.backend
+      'xla+custom_vjp'
+    """
+    from seqjax import runners
+    from seqjax.backends._table import choose
+    from seqjax.cells.base import form_of
+    from seqjax.options import resolve
+
+    call = "seqjax.backends.explain"
+    opts = resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, backward=backward, kernel=kernel)
+    form = form_of(cell)
+    if form is not None and form.layers is not None:
+        import jax.numpy as jnp
+        plan = runners._plan(call, cell, params, xs, carry, lengths, resets, time_major)
+        layers, ys = [], plan.xs
+        for sub, p, c in zip(form.layers, params, plan.carry):
+            layers.append(explain(sub, p, ys, carry=c, lengths=plan.lengths, resets=plan.resets, reverse=reverse,
+                                  time_major=True, options=opts))
+            ys = jnp.zeros(ys.shape[:2] + (sub.output_size,), ys.dtype)
+        return Explanation(layers[0].backend, layers[0].reasons, layers[0].platform, tuple(layers))
+    request, _ = runners._request(call, False, cell, params, xs, carry, lengths, resets, reverse, time_major, opts)
+    choice = choose(request, explain=True)
+    return Explanation(choice.backend.name, choice.reasons, request.platform)

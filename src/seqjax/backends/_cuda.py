@@ -20,7 +20,7 @@ the whole time loop, forward or backward (``csrc/cuda_rnn.cu``):
   blocks owning the units.
 
 The input projection of all steps (one GEMM) and the weight gradients (GEMMs
-over all T*B rows, as in `seqjax.fused`) stay in XLA, so ``jax.grad`` works as
+over all T*B rows, as in `seqjax.backends._gemm_vjp`) stay in XLA, so ``jax.grad`` works as
 usual through a `jax.custom_vjp` (reverse mode only). The recurrence is exact
 float32 (CUDA-core FMAs; the GEMMs around it follow JAX's matmul precision).
 
@@ -30,7 +30,7 @@ standard LSTM of `seqjax.lstm` (no peepholes or projection), `seqjax.gru` with
 split into blocks of a multiple of 4 units (H a multiple of 4) and batches small
 enough that one block holds a step's ``h`` (`plan` says). Needs a GPU of compute
 capability 9.0 (thread-block clusters) and ``nvcc`` to build the kernels once
-(`seqjax.native.load_cuda`, about a minute, cached).
+(`seqjax.backends._library.load_cuda`, about a minute, cached).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from seqjax.backends._kernel_vjp import CELLS, native_scan
 
 __all__ = ["AUTO", "NativeUnavailable", "auto_eligible", "cuda_scan", "kind_of", "plan"]
 
-# the kinds these kernels run (the LSTM variants of `seqjax.persistent` are the CPU kernels' alone)
+# the kinds these kernels run (the LSTM variants of `seqjax.backends._kernel_vjp` are the CPU kernels' alone)
 _CELLS = {kind: number for kind, number in CELLS.items() if kind in ("lstm", "gru", "rnn_tanh", "rnn_relu")}
 
 
@@ -76,7 +76,7 @@ def plan(kind: str, batch: int, hidden: int, cluster: int = 0, threads: int = 0,
     """
     found = _plan(kind, int(batch), int(hidden), int(cluster), int(threads), bool(model))
     if isinstance(found, str):
-        raise ValueError(f"seqjax.cuda: no launch plan for {kind} with B={batch}, H={hidden}"
+        raise ValueError(f"seqjax.backends._cuda: no launch plan for {kind} with B={batch}, H={hidden}"
                          f"{f', cluster={cluster}' if cluster else ''}: {found}")
     return dict(found)
 
@@ -140,7 +140,7 @@ def cuda_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False, cl
       NativeUnavailable: the kernels cannot be built or loaded here.
     """
     if kind not in _CELLS:
-        raise ValueError(f"seqjax.cuda.cuda_scan: kind must be one of {list(_CELLS)}, got {kind!r}")
+        raise ValueError(f"seqjax.backends._cuda.cuda_scan: kind must be one of {list(_CELLS)}, got {kind!r}")
     _, B, _ = xs_tm.shape
     plan(kind, B, params.w_h.shape[0], cluster, threads)  # raises at trace time where the kernel could not launch
     return native_scan("seqjax_cuda_rnn", kind, params, xs_tm, carry0, reverse,

@@ -33,7 +33,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import Array, Cell, compute_dtype, has_own_step, matmul
+from seqjax.cells.base import Array, Cell, compute_dtype, form_of, matmul
 from seqjax.cells.gru import GRUParams
 from seqjax.cells.lstm import ACTIVATIONS as LSTM_ACTIVATIONS
 from seqjax.cells.lstm import LSTMCarry, LSTMParams, LSTMSpec
@@ -51,12 +51,13 @@ def fusable(cell: Cell, params) -> str | LSTMSpec | None:
     Qualify: cells built by `seqjax.lstm` (every variant with named activations,
     with or without peepholes and ``proj_size``: all of Greff et al.'s except
     FGR), `seqjax.gru` (both forms) and `seqjax.rnn` (tanh or relu),
-    whose ``project`` and ``step`` are unchanged (`Cell.fused`), with params
+    whose ``project`` and ``step`` are unchanged (`seqjax.cells.base.form_of`), with params
     of the cell's family, all of one dtype: float32, float64, bfloat16 or float16.
     """
-    if cell.layers is not None or not has_own_step(cell) or cell.fused[0] is None:
+    form = form_of(cell)
+    if form is None or form.kind is None:
         return None
-    kind = cell.fused[0]
+    kind = form.kind
     dtypes = {jnp.result_type(a) for a in jax.tree.leaves(params)}
     if len(dtypes) != 1 or dtypes.pop() not in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16):
         return None
@@ -93,7 +94,8 @@ def native_kind(cell: Cell, params, kinds, lstm_extras: bool, no_form: str,
     ``no_form`` finishes "... have no form of <cell>" when the kind is missing;
     ``what`` names the kernels in the messages.
     """
-    if cell.layers is not None:
+    form = form_of(cell)
+    if form is not None and form.layers is not None:
         return None, "a stacked cell runs layer by layer (each layer is checked on its own)"
     kind = fusable(cell, params)
     if isinstance(kind, LSTMSpec):

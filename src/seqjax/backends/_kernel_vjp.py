@@ -1,11 +1,11 @@
-"""The `jax.custom_vjp` shared by the whole-recurrence kernels of `seqjax.cuda` and `seqjax.avx2`.
+"""The `jax.custom_vjp` shared by the whole-recurrence kernels of `seqjax.backends._cuda` and `seqjax.backends._x86`.
 
 Both kernel libraries bind the same FFI contract (``<prefix>_forward`` and
 ``<prefix>_backward``): XLA computes the input projection ``px = x W_x + b`` of
 all steps as one GEMM, the forward kernel runs the recurrence (and, for
 training, saves the activated gates), the backward kernel runs the reverse
 recurrence of the state gradients and returns ``dpx``, and XLA computes the
-weight gradients as GEMMs over all ``T * B`` rows (as `seqjax.fused` does), or,
+weight gradients as GEMMs over all ``T * B`` rows (as `seqjax.backends._gemm_vjp` does), or,
 for kernels that project the input themselves, a third target
 ``<prefix>_weight_grads`` does: operands ``xs, ys, h0, dpx, dghn``, results
 ``dw_x [I, G*H], dw_h [H, G*H], db [G*H], db_hn`` (``[H]`` for the GRU, else
@@ -44,12 +44,13 @@ import jax.numpy as jnp
 
 from seqjax.cells.base import Array, matmul
 from seqjax.cells.lstm import LSTMCarry
+from seqjax.backends._ffi import ffi_call
 from seqjax.backends._gemm_vjp import _start_h
 
 __all__ = ["CELLS", "LSTM_VARIANTS", "native_scan"]
 
-#: kind -> the kernels' cell number (seqjax.onednn's numbering). The kernels that project their input
-#: (`seqjax.avx2`) also run Greff et al.'s LSTM variants (`LSTM_VARIANTS`: 64 plus a bit per change), and any
+#: kind -> the kernels' cell number (seqjax.backends._onednn's numbering). The kernels that project their input
+#: (`seqjax.backends._x86`) also run Greff et al.'s LSTM variants (`LSTM_VARIANTS`: 64 plus a bit per change), and any
 #: LSTM with peepholes (the peep operand given).
 CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 3, "rnn_relu": 4, "lstm_nig": 65, "lstm_nfg": 66, "lstm_nog": 68,
          "lstm_cifg": 72, "lstm_niaf": 80, "lstm_noaf": 96}
@@ -89,7 +90,7 @@ def _forward(target, training, inputs, w_h, b_hn, h0, c0, masks=()):
     residuals = training and (target.cell in _LSTMS or target.cell == CELLS["gru"])
     out = (_sds((*lead, H)), _sds(h0.shape), _sds(c0.shape), _sds((*lead, GH) if residuals else (0,)),
            _sds((*lead, H) if residuals else (0,)))
-    call = jax.ffi.ffi_call(f"{target.prefix}_forward", out, vmap_method="sequential")
+    call = ffi_call(f"{target.prefix}_forward", out, vmap_method="sequential")
     return call(*inputs, w_h, b_hn, h0, c0, *masks, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
@@ -113,7 +114,7 @@ def _state_grads(target, saved, cts, masks=None):
         operands += (*masks, extra)
     # operands 7 and 8 are act and aux; results 0 and 1 are dpx and dghn
     aliases = ({7: 0, 8: 1} if gru else {7: 0}) if target.in_place and act.size else None
-    call = jax.ffi.ffi_call(f"{target.prefix}_backward", out, vmap_method="sequential", input_output_aliases=aliases)
+    call = ffi_call(f"{target.prefix}_backward", out, vmap_method="sequential", input_output_aliases=aliases)
     results = call(*operands, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
     return tuple(results) if masks is not None else (*results, None)
 
@@ -136,12 +137,12 @@ def _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn, masks):
     """``(dw_x, dw_h, db, db_hn)`` from the weight-gradient target of kernels that project."""
     I, H, GH = xs.shape[-1], h0.shape[-1], dpx.shape[-1]
     out = (_sds((I, GH)), _sds((H, GH)), _sds((GH,)), _sds(b_hn.shape))
-    call = jax.ffi.ffi_call(f"{target.prefix}_weight_grads", out, vmap_method="sequential")
+    call = ffi_call(f"{target.prefix}_weight_grads", out, vmap_method="sequential")
     return call(xs, ys, h0, dpx, dghn, *masks, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
 def _start_h_batch_major(ys, h0, reverse):
-    """`seqjax.fused._start_h` for ys [B, T, H]."""
+    """`seqjax.backends._gemm_vjp._start_h` for ys [B, T, H]."""
     if reverse:
         return jnp.concatenate([ys[:, 1:], h0[:, None]], axis=1)
     return jnp.concatenate([h0[:, None], ys[:, :-1]], axis=1)

@@ -31,7 +31,6 @@ import shutil
 import site
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import jax
@@ -176,11 +175,10 @@ def onednn_installed() -> bool:
 
 
 def _usable(load, what: str) -> bool:
-    """Whether ``load()`` succeeds; a failure is reported as a warning (``kernel="auto"`` falls back to XLA)."""
+    """Whether ``load()`` succeeds."""
     try:
         load()
-    except NativeUnavailable as e:
-        warnings.warn(f"seqjax: {what} unusable, using XLA's loop instead: {e}", RuntimeWarning, stacklevel=3)
+    except NativeUnavailable:
         return False
     return True
 
@@ -340,3 +338,20 @@ def avx2_installed(isa: str = "avx2") -> bool:
 def avx2_usable(isa: str = "avx2") -> bool:
     """Whether ``load_avx2(isa)`` succeeds; a failure is reported once as a warning (``kernel="auto"`` falls back)."""
     return _usable(functools.partial(load_avx2, isa), f"the {isa} kernels could be built but")
+
+
+_LOADERS = {"avx2": lambda: load_avx2("avx2"), "avx512": lambda: load_avx2("avx512"), "onednn": lambda: load_onednn(),
+            "cuda": lambda: load_cuda()}
+_PRECHECKS = {"avx2": lambda: _avx2_toolchain("avx2"), "avx512": lambda: _avx2_toolchain("avx512"),
+              "onednn": _toolchain, "cuda": nvcc_location}
+
+
+@functools.cache
+def unavailable(library: str) -> str | None:
+    """None if ``library`` ("avx2", "avx512", "onednn" or "cuda") loads here, else why not; never raises."""
+    try:
+        _PRECHECKS[library]()
+        _LOADERS[library]()
+    except (NativeUnavailable, OSError) as e:
+        return str(e)
+    return None

@@ -5,7 +5,7 @@ where they won the benchmarks, `AUTO_MIN_HIDDEN`); `onednn_scan` is the direct
 entry point. The whole recurrence, forward or backward, is one call into one of
 oneDNN's JIT-compiled RNN primitives (packed weights, batch-reduce GEMMs with
 the gate arithmetic fused), made through `jax.ffi`; the backward pass is
-oneDNN's, wired in with a `jax.custom_vjp` (reverse mode only, like `seqjax.fused`).
+oneDNN's, wired in with a `jax.custom_vjp` (reverse mode only, like `seqjax.backends._gemm_vjp`).
 
 Covered, float32 params on the CPU, without ``lengths`` or ``resets`` (oneDNN
 has no per-sequence lengths):
@@ -19,7 +19,7 @@ has no per-sequence lengths):
 
 oneDNN orders the GRU's gates (u=z, r, n) where seqjax has (r, z, n): the
 params are permuted on the way in (and their gradients on the way out by autodiff).
-Needs ``pip install 'seqjax[onednn]'`` and a C++ compiler (`seqjax.native`).
+Needs ``pip install 'seqjax[onednn]'`` and a C++ compiler (`seqjax.backends._library`).
 """
 from __future__ import annotations
 
@@ -32,11 +32,12 @@ import jax.numpy as jnp
 from seqjax.cells.base import Array, Cell
 from seqjax.cells.lstm import LSTMCarry
 from seqjax.backends._gemm_vjp import native_kind
+from seqjax.backends._ffi import ffi_call
 from seqjax.backends._library import NativeUnavailable, load_onednn
 
 __all__ = ["AUTO_MIN_HIDDEN", "NativeUnavailable", "available", "kind_of", "onednn_scan"]
 
-# kind (as `seqjax.fused.fusable` names it; "lstm" for the standard LSTMSpec) -> the C++ `Cell` enum
+# kind (as `seqjax.backends._gemm_vjp.fusable` names it; "lstm" for the standard LSTMSpec) -> the C++ `Cell` enum
 _CELLS = {"lstm": 0, "gru": 1, "gru_cho": 2, "rnn_tanh": 3, "rnn_relu": 4}
 
 #: ``seqjax.scan(kernel="auto")`` takes oneDNN for these kinds from this hidden size up: where it beat
@@ -49,7 +50,7 @@ AUTO_MIN_HIDDEN = {"lstm": 128, "gru": 256}
 
 
 def available() -> bool:
-    """Whether the oneDNN kernels load here (building them on first call; see `seqjax.native`)."""
+    """Whether the oneDNN kernels load here (building them on first call; see `seqjax.backends._library`)."""
     try:
         load_onednn()
     except NativeUnavailable:
@@ -88,7 +89,7 @@ def _forward(cell, training, reverse, xs, h0, c0, w_x, w_h, b, peep, w_proj):
     f32 = jnp.float32
     out = (jax.ShapeDtypeStruct((T, N, P), f32), jax.ShapeDtypeStruct((N, P), f32),
            jax.ShapeDtypeStruct(c0.shape, f32), jax.ShapeDtypeStruct((ws,), jnp.uint8))
-    call = jax.ffi.ffi_call("seqjax_onednn_rnn_forward", out, vmap_method="sequential")
+    call = ffi_call("seqjax_onednn_rnn_forward", out, vmap_method="sequential")
     return call(xs, h0, c0, w_x, w_h, b, peep, w_proj, cell=cell, training=bool(training), reverse=bool(reverse))
 
 
@@ -106,7 +107,7 @@ def _run_fwd(cell, reverse, *inputs):
 def _run_bwd(cell, reverse, saved, cts):
     inputs, ys, hT, cT, ws = saved
     out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs)
-    call = jax.ffi.ffi_call("seqjax_onednn_rnn_backward", out, vmap_method="sequential")
+    call = ffi_call("seqjax_onednn_rnn_backward", out, vmap_method="sequential")
     return tuple(call(*inputs, ys, hT, cT, ws, *cts, cell=cell, reverse=bool(reverse)))
 
 
@@ -137,7 +138,7 @@ def onednn_scan(kind: str, params, xs_tm: Array, carry0, reverse: bool = False):
       NativeUnavailable: the kernels cannot be built or loaded here.
     """
     if kind not in _CELLS:
-        raise ValueError(f"seqjax.onednn.onednn_scan: kind must be one of {list(_CELLS)}, got {kind!r}")
+        raise ValueError(f"seqjax.backends._onednn.onednn_scan: kind must be one of {list(_CELLS)}, got {kind!r}")
     load_onednn()
     empty = jnp.zeros((0,), jnp.float32)
     w_x, w_h, b = params.w_x, params.w_h, params.b

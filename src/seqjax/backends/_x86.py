@@ -22,7 +22,7 @@ the forward pass's saved gates. A third kernel computes the weight and bias
 gradients as one GEMM over all T*B rows (``[x_t, h_{t-1}]^T`` times the gate
 gradients, blocked and packed so that its operands stay in the caches, the bias
 sums taken while packing); XLA computes ``dxs``. A `jax.custom_vjp` joins them
-(reverse mode only; `seqjax.persistent`, shared with `seqjax.cuda`).
+(reverse mode only; `seqjax.backends._kernel_vjp`, shared with `seqjax.backends._cuda`).
 
 Passes with enough work per step (2 B G H (I + H) >= 2^19 flops) are shared
 between the calling thread and one helper from XLA's intra-op thread pool:
@@ -81,7 +81,7 @@ def kind_of(cell: Cell, params) -> tuple[str | None, str | None]:
 
 def shape_blocker(hidden: int, isa: str = "avx2") -> str | None:
     """Why the ``isa`` kernels cannot run this hidden size, or None."""
-    _check_isa("seqjax.avx2.shape_blocker", isa)
+    _check_isa("seqjax.backends._x86.shape_blocker", isa)
     if hidden % ISAS[isa]:
         return f"the {isa} kernels need a hidden size that is a multiple of {ISAS[isa]}, got {hidden}"
     return None
@@ -112,7 +112,7 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
 
     Args:
       kind: from `kind_of`: "lstm" or one of Greff et al.'s variants
-        (`seqjax.persistent.LSTM_VARIANTS`: "lstm_nig", "lstm_nfg", "lstm_nog",
+        (`seqjax.backends._kernel_vjp.LSTM_VARIANTS`: "lstm_nig", "lstm_nfg", "lstm_nog",
         "lstm_cifg", "lstm_niaf", "lstm_noaf"; with peepholes where
         ``params.peep`` is given), "gru", "rnn_tanh" or "rnn_relu".
       params: the cell's params, float32, hidden size a multiple of ``ISAS[isa]``.
@@ -141,23 +141,23 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
         without the isa's instructions).
     """
     if kind not in CELLS:
-        raise ValueError(f"seqjax.avx2.avx2_scan: kind must be one of {list(CELLS)}, got {kind!r}")
-    _check_isa("seqjax.avx2.avx2_scan", isa)
+        raise ValueError(f"seqjax.backends._x86.avx2_scan: kind must be one of {list(CELLS)}, got {kind!r}")
+    _check_isa("seqjax.backends._x86.avx2_scan", isa)
     why = shape_blocker(params.w_h.shape[0], isa)
     if why:
-        raise ValueError(f"seqjax.avx2.avx2_scan: {why}")
+        raise ValueError(f"seqjax.backends._x86.avx2_scan: {why}")
     if threads not in (0, 1, 2):
-        raise ValueError(f"seqjax.avx2.avx2_scan: threads must be 0 (automatic), 1 or 2, got {threads!r}")
+        raise ValueError(f"seqjax.backends._x86.avx2_scan: threads must be 0 (automatic), 1 or 2, got {threads!r}")
     if lengths is not None:
         B = jnp.shape(xs)[1 if time_major else 0]
         if jnp.shape(lengths) != (B,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-            raise ValueError(f"seqjax.avx2.avx2_scan: lengths must be an integer array of shape (B,)=({B},), got "
+            raise ValueError(f"seqjax.backends._x86.avx2_scan: lengths must be an integer array of shape (B,)=({B},), got "
                              f"shape {tuple(jnp.shape(lengths))} dtype {jnp.result_type(lengths)}")
     if resets is not None:
         want = tuple(jnp.shape(xs)[:2])
         if tuple(jnp.shape(resets)) != want:
             layout = "(T, B)" if time_major else "(B, T)"
-            raise ValueError(f"seqjax.avx2.avx2_scan: resets must have shape {layout}={want}, got "
+            raise ValueError(f"seqjax.backends._x86.avx2_scan: resets must have shape {layout}={want}, got "
                              f"{tuple(jnp.shape(resets))}")
         resets = jnp.asarray(resets).astype(bool)
         resets = resets if time_major else resets.T

@@ -15,10 +15,12 @@ time step at once), `step(params, carry, px)` is the recurrent part.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -38,18 +40,11 @@ class Cell(NamedTuple):
       hidden_size: H, the width of the recurrent state.
       output_size: O, the width of ``y`` (H, or the LSTM projection size).
       name: a short description, used in error messages and reprs.
-      layers: for `seqjax.stack`, the tuple of stacked cells; else ``None``.
-      fused_apply: optional ``(params) -> ((carry, x) -> (carry, y))``, the same
-        step as ``apply`` with the input and recurrent GEMMs fused into one,
-        ``[x, h] @ [[W_x], [W_h]]``; runners call it once outside the loop, so
-        the weight concatenation (and, in the backward pass, its gradient
-        split) happens once per sequence, not per step. ``None`` when a cell
-        has no such form. Used only while `has_own_step` holds.
-      fused: set by seqjax's own constructors: ``(kind, project, step)``, the
-        `seqjax.fused` kernel that computes this cell (`seqjax.fused.LSTMSpec`,
-        ``"gru"``, ``"gru_cho"``, ``"rnn_tanh"`` or ``"rnn_relu"``, or None) and
-        the functions it and ``fused_apply`` were derived from. None for a
-        hand-made `Cell`.
+
+    A cell built by `seqjax.lstm`, `seqjax.gru`, `seqjax.rnn` or `seqjax.stack`
+    may run on a faster path than its ``step`` (see `seqjax.backends.explain`);
+    a cell whose ``project`` or ``step`` was replaced (``cell._replace(step=...)``)
+    or that was written by hand always runs its own functions.
     """
 
     init: Callable[..., Any]
@@ -61,39 +56,65 @@ class Cell(NamedTuple):
     hidden_size: int
     output_size: int
     name: str
-    layers: tuple | None = None
-    fused_apply: Callable[..., Any] | None = None
-    fused: tuple | None = None
+
+
+class Form(NamedTuple):
+    """What seqjax's runners and backends know of a cell built by one of seqjax's constructors.
+
+    Attributes:
+      kind: the cell's form for the custom VJP of `seqjax.backends`: an
+        `seqjax.cells.lstm.LSTMSpec`, ``"gru"``, ``"gru_cho"``, ``"rnn_tanh"``,
+        ``"rnn_relu"``, or None (no fast form).
+      project: the ``project`` the constructor built (a replaced one voids the form).
+      joint_apply: optional ``(params) -> ((carry, x) -> (carry, y))``, the same
+        step as ``apply`` with the input and recurrent GEMMs joined into one,
+        ``[x, h] @ [[W_x], [W_h]]``; runners call it once outside the loop, so
+        the weights are concatenated once per sequence, not per step.
+      layers: for `seqjax.stack`, the stacked cells; else None.
+    """
+
+    kind: Any
+    project: Callable[..., Array]
+    joint_apply: Callable[..., Any] | None
+    layers: tuple | None
+
+
+# step function -> its Form; weak, so a dropped cell takes its entry with it
+_FORMS: "weakref.WeakKeyDictionary[Callable, Form]" = weakref.WeakKeyDictionary()
 
 
 def make_cell(*, init, initial_carry, project, step, input_size, hidden_size, output_size, name, layers=None,
-              fused_apply=None, fused_kind=None) -> Cell:
-    """Builds a `Cell` whose ``apply`` is ``step`` after ``project``.
+              joint_apply=None, kind=None) -> Cell:
+    """Builds a `Cell` whose ``apply`` is ``step`` after ``project``, and records its `Form`.
 
-    ``fused_kind``: the `seqjax.fused` kernel that computes exactly this
-    ``project`` and ``step`` (see `Cell.fused`), or None.
+    ``kind``, ``joint_apply`` and ``layers``: see `Form`; they describe exactly
+    this ``project`` and ``step``.
     """
 
     def apply(params, carry, x):
         return step(params, carry, project(params, x))
 
-    derived = fused_apply is not None or fused_kind is not None
-    return Cell(init, initial_carry, project, step, apply, input_size, hidden_size, output_size, name, layers,
-                fused_apply, (fused_kind, project, step) if derived else None)
+    if kind is not None or joint_apply is not None or layers is not None:
+        _FORMS[step] = Form(kind, project, joint_apply, layers)
+    return Cell(init, initial_carry, project, step, apply, input_size, hidden_size, output_size, name)
 
 
-def has_own_step(cell: Cell) -> bool:
-    """Whether ``cell.project`` and ``cell.step`` are still the functions its constructor derived
-    ``fused_apply`` and the `seqjax.fused` kernel from (see `Cell.fused`).
+def form_of(cell: Cell) -> Form | None:
+    """The `Form` of a cell built by a seqjax constructor whose ``project`` and ``step`` are its own, else None.
 
-    False after ``cell._replace(step=...)`` or ``_replace(project=...)`` and for a
-    hand-made `Cell`: such cells run their own ``apply``/``step`` and are
-    differentiated by autodiff.
+    None after ``cell._replace(step=...)`` or ``_replace(project=...)`` and for a
+    hand-made `Cell`: such cells run their own ``step`` and are differentiated by autodiff.
     """
-    return cell.fused is not None and cell.project is cell.fused[1] and cell.step is cell.fused[2]
+    if not isinstance(cell, Cell):
+        return None
+    try:
+        form = _FORMS.get(cell.step)
+    except TypeError:  # a step that cannot be weakly referenced was never registered
+        return None
+    return form if form is not None and form.project is cell.project else None
 
 
-def fused_input_recurrent(w_x: Array, w_h: Array, b: Array, finish: Callable[[Any, Array], Any]):
+def joint_input_recurrent(w_x: Array, w_h: Array, b: Array, finish: Callable[[Any, Array], Any]):
     """``(carry, x) -> finish(carry, [x, h] @ [[W_x], [W_h]] + b)`` with the weights concatenated once.
 
     ``finish(carry, a)`` is the rest of a cell's step given the pre-activation
@@ -134,6 +155,32 @@ def check_positive_int(call: str, name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{call}: {name} must be a positive int, got {value!r}")
     return value
+
+
+def check_factory_options(call: str, param_dtype, **initializers) -> jnp.dtype:
+    """Checks a cell factory's ``param_dtype`` (a floating-point dtype) and initialisers (callables).
+
+    Returns ``param_dtype`` as a NumPy dtype; raises a ValueError naming ``call`` and the argument.
+    """
+    try:
+        dtype = jnp.dtype(param_dtype)
+    except TypeError:
+        raise ValueError(f"{call}: param_dtype must be a floating-point dtype (e.g. jnp.float32), got "
+                         f"{param_dtype!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{call}: param_dtype must be a floating-point dtype (e.g. jnp.float32), got {dtype}")
+    for name, init in initializers.items():
+        if not callable(init):
+            raise ValueError(f"{call}: {name} must be an initialiser (key, shape, dtype) -> array, such as "
+                             f"jax.nn.initializers.zeros, got {init!r}")
+    return dtype
+
+
+def check_real(call: str, name: str, value) -> float:
+    """Raises a ValueError unless ``value`` is a real number (not a bool); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{call}: {name} must be a number, got {value!r}")
+    return float(value)
 
 
 def check_choice(call: str, name: str, value, choices) -> Any:

@@ -6,8 +6,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import (Array, Cell, check_input, check_positive_int, compute_dtype, gate_blocks, init_param,
-                               make_cell, matmul, zeros_carry)
+from seqjax.cells.base import (Array, Cell, check_factory_options, check_input, check_positive_int, compute_dtype, gate_blocks,
+                               init_param, make_cell, matmul, zeros_carry)
 
 
 class GRUParams(NamedTuple):
@@ -62,6 +62,7 @@ def gru(hidden_size: int, *, reset_after: bool = True,
     """
     call = "seqjax.gru"
     hidden_size = check_positive_int(call, "hidden_size", hidden_size)
+    param_dtype = check_factory_options(call, param_dtype, kernel_init=kernel_init, recurrent_init=recurrent_init, bias_init=bias_init)
     if not isinstance(reset_after, bool):
         raise ValueError(f"{call}: reset_after must be a bool, got {reset_after!r}")
     H = hidden_size
@@ -99,4 +100,4 @@ def gru(hidden_size: int, *, reset_after: bool = True,
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=H,
                      name=f"gru(hidden_size={H}, reset_after={reset_after})",
-                     fused_kind="gru" if reset_after else "gru_cho")
+                     kind="gru" if reset_after else "gru_cho")

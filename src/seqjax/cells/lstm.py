@@ -6,8 +6,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import (Array, Cell, check_input, check_positive_int, compute_dtype, fused_input_recurrent,
-                               gate_blocks, init_param, make_cell, matmul, resolve_activation, zeros_carry)
+from seqjax.cells.base import (Array, Cell, check_factory_options, check_input, check_positive_int, check_real, compute_dtype, gate_blocks,
+                               init_param, joint_input_recurrent, make_cell, matmul, resolve_activation, zeros_carry)
 
 ACTIVATIONS = {"tanh": jnp.tanh, "identity": lambda a: a, "relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid}
 
@@ -137,6 +137,8 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
     """
     call = "seqjax.lstm"
     H = check_positive_int(call, "hidden_size", hidden_size)
+    param_dtype = check_factory_options(call, param_dtype, kernel_init=kernel_init, recurrent_init=recurrent_init, bias_init=bias_init, peephole_init=peephole_init)
+    forget_bias = check_real(call, "forget_bias", forget_bias)
     for flag, value in [("peepholes", peepholes), ("input_gate", input_gate), ("forget_gate", forget_gate),
                         ("output_gate", output_gate), ("coupled_input_forget", coupled_input_forget),
                         ("gate_recurrence", gate_recurrence)]:
@@ -186,8 +188,8 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
     def step(params: LSTMParams, carry: LSTMCarry, px: Array):
         return finish(params, carry, px + matmul(carry.h, params.w_h))
 
-    def fused_apply(params: LSTMParams):
-        return fused_input_recurrent(params.w_x, params.w_h, params.b, lambda c, a: finish(params, c, a))
+    def joint_apply(params: LSTMParams):
+        return joint_input_recurrent(params.w_x, params.w_h, params.b, lambda c, a: finish(params, c, a))
 
     def finish(params: LSTMParams, carry: LSTMCarry, a: Array):
         """The step given the gate pre-activations ``a = x W_x + h W_h + b`` [..., G*H]."""
@@ -241,7 +243,7 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
         spec = layout._replace(input_activation=input_activation, output_activation=output_activation)
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=P,
-                     name=f"lstm({', '.join(opts)})", fused_apply=fused_apply, fused_kind=spec)
+                     name=f"lstm({', '.join(opts)})", joint_apply=joint_apply, kind=spec)
 
 
 def lstm_variant(name: str, hidden_size: int, **kwargs) -> Cell:

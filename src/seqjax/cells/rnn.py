@@ -6,8 +6,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import (Array, Cell, check_input, check_positive_int, compute_dtype, fused_input_recurrent,
-                               init_param, make_cell, matmul, resolve_activation, zeros_carry)
+from seqjax.cells.base import (Array, Cell, check_factory_options, check_input, check_positive_int, compute_dtype, init_param,
+                               joint_input_recurrent, make_cell, matmul, resolve_activation, zeros_carry)
 
 ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
@@ -52,6 +52,7 @@ def rnn(hidden_size: int, *, activation: str | Callable = "tanh",
     """
     call = "seqjax.rnn"
     hidden_size = check_positive_int(call, "hidden_size", hidden_size)
+    param_dtype = check_factory_options(call, param_dtype, kernel_init=kernel_init, recurrent_init=recurrent_init, bias_init=bias_init)
     act = resolve_activation(call, "activation", activation, ACTIVATIONS)
     act_name = activation if isinstance(activation, str) else getattr(activation, "__name__", "custom")
 
@@ -76,10 +77,10 @@ def rnn(hidden_size: int, *, activation: str | Callable = "tanh",
     def step(params: RNNParams, h: Array, px: Array):
         return finish(params, px + matmul(h, params.w_h))
 
-    def fused_apply(params: RNNParams):
-        return fused_input_recurrent(params.w_x, params.w_h, params.b, lambda h, a: finish(params, a))
+    def joint_apply(params: RNNParams):
+        return joint_input_recurrent(params.w_x, params.w_h, params.b, lambda h, a: finish(params, a))
 
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=hidden_size, output_size=hidden_size,
-                     name=f"rnn(hidden_size={hidden_size}, activation={act_name})", fused_apply=fused_apply,
-                     fused_kind=f"rnn_{activation}" if activation in ("tanh", "relu") else None)
+                     name=f"rnn(hidden_size={hidden_size}, activation={act_name})", joint_apply=joint_apply,
+                     kind=f"rnn_{activation}" if activation in ("tanh", "relu") else None)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seqjax.cells.base import Array, Cell
+from seqjax.options import ScanOptions, resolve
 from seqjax.runners import scan
 
 __all__ = ["generate", "sample_logits"]
@@ -53,13 +54,13 @@ def sample_logits(key: Array, logits: Array, *, temperature=1.0, top_k: Optional
 
 
 @partial(jax.jit, static_argnames=("cell", "embed_fn", "readout_fn", "max_new_tokens", "top_k", "greedy",
-                                   "has_carry"))
+                                   "has_carry", "options"))
 def _generate(cell, params, embed_arg, readout_arg, prompt, key, temperature, carry, *, embed_fn, readout_fn,
-              max_new_tokens, top_k, greedy, has_carry):
+              max_new_tokens, top_k, greedy, has_carry, options):
     emb = lambda ids: embed_fn(ids) if embed_arg is None else embed_fn(ids, embed_arg)
     out = lambda y: readout_fn(y) if readout_arg is None else readout_fn(y, readout_arg)
     xs = emb(prompt)                                              # [B, P, I]
-    carry, ys = scan(cell, params, xs, carry=carry if has_carry else None)
+    carry, ys = scan(cell, params, xs, carry=carry if has_carry else None, options=options)
     logits = out(ys[:, -1])                                       # [B, V]
 
     def body(state, k):
@@ -98,7 +99,7 @@ def _readout_parts(readout):
 
 def generate(cell: Cell, params, prompt, key: Array, *, embed: Embed, readout: Readout, max_new_tokens: int,
              temperature: float = 1.0, top_k: Optional[int] = None, greedy: bool = False, carry=None,
-             return_carry: bool = False):
+             return_carry: bool = False, options: ScanOptions | None = None):
     """Samples ``max_new_tokens`` tokens after ``prompt`` from ``readout(cell(embed(tokens)))``.
 
     Equivalent Python loop (one row)::
@@ -130,6 +131,7 @@ def generate(cell: Cell, params, prompt, key: Array, *, embed: Embed, readout: R
       greedy: take the argmax at every step (same as ``top_k=1``).
       carry: optional carry for batch (B,) to start from (default zeros).
       return_carry: also return the carry after the last generated token was fed.
+      options: the `seqjax.ScanOptions` of the scan that reads the prompt.
 
     Returns:
       [max_new_tokens] (or [B, max_new_tokens]) int32 ids, and the carry if
@@ -201,7 +203,7 @@ def generate(cell: Cell, params, prompt, key: Array, *, embed: Embed, readout: R
     toks, carry = _generate(cell, params, embed_arg, readout_arg, prompt.astype(jnp.int32), key,
                             jnp.asarray(temperature, jnp.float32), carry, embed_fn=embed_fn, readout_fn=readout_fn,
                             max_new_tokens=int(max_new_tokens), top_k=top_k, greedy=greedy,
-                            has_carry=carry is not None)
+                            has_carry=carry is not None, options=resolve(call, options))
     if squeeze:
         toks = toks[0]
     return (toks, carry) if return_carry else toks
