@@ -466,9 +466,9 @@ def test_auto_takes_the_kernels_where_they_apply():
 
 @pytest.mark.parametrize("make_cell, kwargs, message", [
     (lambda: seqjax.lstm(12), {}, "need a hidden size that is a multiple of 8, got 12"),
-    (lambda: seqjax.lstm(16, proj_size=8), {}, "the AVX2 kernels have no form of"),
-    (lambda: seqjax.lstm_variant("FGR", 16), {}, "the AVX2 kernels have no form of"),
-    (lambda: seqjax.gru(16, reset_after=False), {}, "the AVX2 kernels have no form of"),
+    (lambda: seqjax.lstm(16, proj_size=8), {}, "seqjax's x86 kernels have no form of"),
+    (lambda: seqjax.lstm_variant("FGR", 16), {}, "seqjax's x86 kernels have no form of"),
+    (lambda: seqjax.gru(16, reset_after=False), {}, "seqjax's x86 kernels have no form of"),
     (lambda: seqjax.rnn(16), dict(remat=True), "remat=True"),
 ])
 def test_avx2_refuses_what_it_cannot_run(make_cell, kwargs, message):

@@ -181,8 +181,10 @@ def test_params_that_do_not_belong_to_the_cell_are_refused_before_tracing(case):
     xs = jnp.ones((B, T, I))
     with pytest.raises(ValueError, match=r"seqjax.scan: params do not belong to (lstm|gru)\(hidden_size="):
         seqjax.scan(cell, params, xs)
-    with pytest.raises(ValueError, match=r"seqjax.sequence|seqjax.scan: params do not belong"):
+    with pytest.raises(ValueError, match=r"seqjax.sequence\(\.\.\.\)\.apply: params do not belong"):
         seqjax.sequence(cell).apply(params, xs)
+    with pytest.raises(ValueError, match=r"seqjax.multilayer\(\.\.\.\)\.apply: params do not belong"):
+        seqjax.multilayer(cell, 2, bidirectional=True).apply((seqjax.BidirectionalParams(params, params),) * 2, xs)
 
 
 def test_lengths_take_any_integer_array_like():

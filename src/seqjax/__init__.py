@@ -1,9 +1,11 @@
 """seqjax: functional sequence models for JAX.
 
 Pure-function cells (`rnn`, `lstm`, `gru`, `stack`), runners that scan them over
-time (`scan`, `unrolled`), sequence layers (`sequence`, `bidirectional`,
-`deep`, `multilayer`), the Optax training loop (`make_train_step`, `fit`), losses
-(`seqjax.losses`) and the documented tasks' data (`seqjax.tasks`).
+time (`scan`, `unrolled`) with their execution options (`ScanOptions`), sequence
+layers (`sequence`, `bidirectional`, `deep`, `multilayer`), the Optax training
+loop (`make_train_step`, `fit`), losses (`seqjax.losses`) and the documented
+tasks' data (`seqjax.tasks`). `seqjax.backends.explain` shows which
+implementation a call runs on.
 """
 from seqjax.cells import (GREFF_VARIANTS, Cell, GRUParams, LSTMCarry, LSTMParams, RNNParams, gru, lstm, lstm_variant,
                           rnn, stack, symmetric_uniform)
@@ -16,9 +18,16 @@ from seqjax.train import History, NonFiniteLossError, TrainState, fit, init_stat
 from seqjax import attention, backends, diagnostics, losses, nnx, seq2seq, tasks, tbptt  # noqa: E402
 
 __all__ = [
-    "BidirectionalParams", "History", "NonFiniteLossError", "TrainState", "fit", "init_state", "losses",
-    "make_nnx_train_step", "make_train_step", "tasks", "diagnostics", "nnx", "attention", "seq2seq", "tbptt", "generate", "backends", "from_torch", "from_torch_carry",
-    "to_torch_state_dict", "torch_carry", "Cell", "ScanOptions", "GREFF_VARIANTS", "GRUParams", "LSTMCarry", "LSTMParams", "Layer", "RNNParams",
-    "bidirectional", "deep", "dropout", "gru", "lstm", "lstm_variant", "multilayer", "rnn", "scan",
-    "sequence", "stack", "symmetric_uniform", "unrolled",
+    # cells and their params
+    "Cell", "GREFF_VARIANTS", "GRUParams", "LSTMCarry", "LSTMParams", "RNNParams", "gru", "lstm", "lstm_variant",
+    "rnn", "stack", "symmetric_uniform",
+    # runners and layers
+    "ScanOptions", "scan", "unrolled", "BidirectionalParams", "Layer", "bidirectional", "deep", "dropout",
+    "multilayer", "sequence", "generate",
+    # training
+    "History", "NonFiniteLossError", "TrainState", "fit", "init_state", "make_nnx_train_step", "make_train_step",
+    # PyTorch interop
+    "from_torch", "from_torch_carry", "to_torch_state_dict", "torch_carry",
+    # modules
+    "attention", "backends", "diagnostics", "losses", "nnx", "seq2seq", "tasks", "tbptt",
 ]

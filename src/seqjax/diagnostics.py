@@ -79,7 +79,7 @@ def step_gradients(cell, params, xs: Array, loss_fn: Callable[[Array, object], A
         return jax.tree.map(jnp.add, c, delta), y
 
     # The perturbation rides along as part of the input of a cell that scan understands.
-    wrapped = cell._replace(step=perturbed_cell_step, layers=None)
+    wrapped = cell._replace(step=perturbed_cell_step)
 
     def total(xs_, deltas):
         c, ys = _scan_pairs(wrapped, params, xs_, deltas, init, lengths)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from seqjax.cells.base import Array, Cell, chain_init, chain_initial_carry
 from seqjax.options import ScanOptions, resolve
-from seqjax.runners import scan
+from seqjax.runners import scan_for
 
 
 class Layer(NamedTuple):
@@ -72,11 +72,16 @@ def sequence(cell: Cell, *, reverse: bool = False, options: ScanOptions | None =
         raise TypeError(f"seqjax.sequence: cell must be a seqjax Cell, got {type(cell).__name__}")
     options = resolve("seqjax.sequence", options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
                       kernel=kernel)
+    return _sequence("seqjax.sequence(...).apply", cell, reverse, options)
+
+
+def _sequence(call: str, cell: Cell, reverse: bool, options: ScanOptions) -> Layer:
+    """`sequence`'s layer; its apply's errors name ``call``."""
 
     def apply(params, xs, *, carry=None, lengths=None, resets=None, time_major=False, key=None):
         del key
-        return scan(cell, params, xs, carry=carry, lengths=lengths, resets=resets, reverse=reverse,
-                    time_major=time_major, options=options)
+        return scan_for(call, cell, params, xs, carry=carry, lengths=lengths, resets=resets, reverse=reverse,
+                        time_major=time_major, options=options)
 
     return Layer(cell.init, apply, cell.initial_carry, cell.output_size,
                  f"sequence({cell.name}{', reverse=True' if reverse else ''})")
@@ -113,8 +118,14 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | N
     if merge in ("sum", "mean", "mul") and forward.output_size != backward.output_size:
         raise ValueError(f"{call}: merge={merge!r} needs equal output sizes, got forward {forward.output_size} and "
                          f"backward {backward.output_size}")
+    options = resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, kernel=kernel)
+    return _bidirectional_layer(f"{call}(...).apply", forward, backward, merge, options)
+
+
+def _bidirectional_layer(call: str, forward: Cell, backward: Cell, merge, options: ScanOptions) -> Layer:
+    """`bidirectional`'s layer (arguments checked); its apply's errors name ``call``."""
     combine = MERGES[merge]
-    opts = dict(options=resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, kernel=kernel))
+    opts = dict(options=options)
 
     def init(key, input_size):
         kf, kb = jax.random.split(key)
@@ -126,10 +137,10 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | N
     def apply(params, xs, *, carry=None, lengths=None, resets=None, time_major=False, key=None):
         del key
         cf, cb = (None, None) if carry is None else carry
-        cf, yf = scan(forward, params.forward, xs, carry=cf, lengths=lengths, resets=resets, time_major=time_major,
-                      **opts)
-        cb, yb = scan(backward, params.backward, xs, carry=cb, lengths=lengths, resets=resets, reverse=True,
-                      time_major=time_major, **opts)
+        cf, yf = scan_for(call, forward, params.forward, xs, carry=cf, lengths=lengths, resets=resets,
+                          time_major=time_major, **opts)
+        cb, yb = scan_for(call, backward, params.backward, xs, carry=cb, lengths=lengths, resets=resets,
+                          reverse=True, time_major=time_major, **opts)
         return (cf, cb), ((yf, yb) if combine is None else combine(yf, yb))
 
     out = forward.output_size + backward.output_size if merge == "concat" else forward.output_size
@@ -236,7 +247,10 @@ def multilayer(cell: Cell, num_layers: int = 1, *, bidirectional: bool = False, 
     if not isinstance(bidirectional, bool):
         raise ValueError(f"{call}: bidirectional must be a bool, got {bidirectional!r}")
     _check_rate(call, "dropout", dropout)
-    opts = dict(options=resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
-                                kernel=kernel))
-    make = (lambda: _bidirectional(cell, merge=merge, **opts)) if bidirectional else (lambda: sequence(cell, **opts))
+    options = resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, backward=backward, kernel=kernel)
+    if bidirectional:
+        _bidirectional(cell, merge=merge, options=options)  # checks the cell and merge
+        make = lambda: _bidirectional_layer(f"{call}(...).apply", cell, cell, merge, options)  # noqa: E731
+    else:
+        make = lambda: _sequence(f"{call}(...).apply", cell, False, options)  # noqa: E731
     return deep([make() for _ in range(num_layers)], dropout_rate=dropout)

@@ -318,6 +318,12 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
     return _run("seqjax.scan", False, cell, params, xs, carry, lengths, resets, reverse, time_major, options)
 
 
+def scan_for(call: str, cell: Cell, params, xs: Array, *, carry=None, lengths=None, resets=None, reverse=False,
+             time_major=False, options: ScanOptions):
+    """`scan` on behalf of ``call`` (a layer's apply, a model's loss), whose name the errors carry."""
+    return _run(call, False, cell, params, xs, carry, lengths, resets, reverse, time_major, options)
+
+
 def unrolled(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None,
              resets: Array | None = None, reverse: bool = False, time_major: bool = False,
              options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,

@@ -76,7 +76,7 @@ def kind_of(cell: Cell, params) -> tuple[str | None, str | None]:
                        "they compute seqjax.lstm with or without peepholes, no projection or gate recurrence: the "
                        "standard LSTM and Greff et al.'s NIG, NFG, NOG, CIFG, NIAF and NOAF, seqjax.gru with "
                        "reset_after=True and seqjax.rnn with tanh or relu",
-                       "the AVX2 kernels", peepholes=True)
+                       "seqjax's x86 kernels", peepholes=True)
 
 
 def shape_blocker(hidden: int, isa: str = "avx2") -> str | None:
