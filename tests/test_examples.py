@@ -62,4 +62,6 @@ def test_echo_quick(tmp_path):
 def test_char_lm_quick(tmp_path):
     out, res, _ = run_quick(tmp_path, "char_lm")
     assert res["lstm_valid_bpc"] > 0 and res["best_ngram_bpc"] > 0 and res["tokens_per_second"] > 0
+    assert res["updates"] == res["config"]["train_steps"] and "train_seconds" not in res["config"]   # steps, not time
+    assert res["checkpoint"] == "checkpoint" and (out / res["checkpoint"] / "config.json").exists()  # relative to --out
     assert list(out.glob("*.png")) and res["samples"]
