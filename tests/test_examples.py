@@ -30,6 +30,7 @@ def test_gradients_quick(tmp_path):
     assert "Spectral bound" in stdout
     assert all(r["bound_holds"] for r in res["spectral"].values())
     assert res["clipping"]["clipped"]["all_finite"] and not res["clipping"]["unclipped"]["all_finite"]
+    assert abs(res["clipping"]["constant_predictor_mse"] - res["clipping"]["constant_predictor_mse_sampled"]) < 3e-3
     assert set(res["temporal"]) == {"rnn", "lstm", "gru"}
     for png in ["spectral_bound.png", "temporal_order_gradients.png", "clipping.png"]:
         assert (out / png).stat().st_size > 1000
