@@ -23,11 +23,15 @@ state carried across windows, the gradient cut at each window; seed 000).
 * **Generation.** Samples are printed during training with `seqjax.generate`
   (one `lax.scan`, primed with a prompt); ``--generate-from CKPT`` loads an
   Orbax checkpoint written by a training run and samples from it.
+* **Budget.** A number of TBPTT updates (``--steps``), never a time: the
+  learning rate falls linearly in steps, evaluation runs every
+  ``eval_every_steps`` updates, so a run gives the same numbers on any machine
+  load; the seconds and tokens/s are reported, not used.
 
 Usage::
 
     python examples/char_lm.py --quick                  # <= 2 min on 2 CPU cores
-    python examples/char_lm.py                          # 15 minutes of training (default)
+    python examples/char_lm.py                          # 4,320 TBPTT updates (default)
     python examples/char_lm.py --text input.txt --out runs/shakespeare
     python examples/char_lm.py --generate-from runs/char_lm/checkpoint --prompt "def " --temperature 0.7
 """
@@ -59,12 +63,13 @@ from _report import write_results  # examples/_report.py
 
 DEFAULT = dict(train_chars=3_000_000, valid_chars=200_000, min_count=20, hidden=128, layers=2, embed=64,
                dropout=0.0, batch=32, k1=64, k2=64, lr=3e-3, lr_final=3e-4, clip_norm=1.0,
-               train_seconds=15 * 60, eval_every_seconds=120, eval_window=500, ngram_orders=(1, 2, 3, 4, 5),
+               train_steps=4320, eval_every_steps=600, eval_window=500, ngram_orders=(1, 2, 3, 4, 5),
                sample_chars=200, seed=0)
-"""Sized for 15 minutes on a shared 2-core CPU (measured ~5-10k tokens/s): a small 2 x 128 LSTM sees the
-training split ~1-2 times, so dropout is off by default (``--dropout``; the quick run exercises it)."""
+"""4,320 updates: what the committed 15-minute run (then a wall-clock budget) trained on a shared 2-core CPU at
+~10k tokens/s; a small 2 x 128 LSTM sees the training split ~3 times (8.8M tokens), so dropout is off by default
+(``--dropout``; the quick run exercises it)."""
 QUICK = dict(DEFAULT, train_chars=600_000, valid_chars=60_000, batch=32, k1=50, k2=50, dropout=0.1,
-             train_seconds=30, eval_every_seconds=15)
+             train_steps=480, eval_every_steps=240)
 PROMPT = "def "
 
 
@@ -303,13 +308,13 @@ def plot_curve(curve: list, baselines: dict, out: str, title: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    t = [r["seconds"] / 60 for r in curve]
+    t = [r["step"] for r in curve]
     ax.plot(t, [r["train_bpc"] for r in curve], "-", label="LSTM train (recent windows)")
     ax.plot(t, [r["valid_bpc"] for r in curve], "o-", label="LSTM validation")
     for n, r in baselines.items():
         if int(n) >= 2:
             ax.axhline(r["bits_per_char"], ls="--", lw=1, color=f"C{int(n) + 1}", label=f"{n}-gram KN (valid)")
-    ax.set_xlabel("training time (minutes)")
+    ax.set_xlabel("TBPTT updates")
     ax.set_ylabel("bits per character")
     ax.set_title(title)
     lo = min(min(r["valid_bpc"] for r in curve), min(b["bits_per_char"] for b in baselines.values()))
@@ -336,7 +341,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a reduced run (<= 2 min on 2 CPU cores)")
     ap.add_argument("--out", default="runs/char_lm", help="output directory (results.json, PNG, checkpoint)")
     ap.add_argument("--text", default=None, help="train on this text file instead of the stdlib sources")
-    ap.add_argument("--minutes", type=float, default=None, help="training time budget (default 15, quick 0.5)")
+    ap.add_argument("--steps", type=int, default=None, help="TBPTT updates (default 4320, quick 480)")
     ap.add_argument("--generate-from", default=None, metavar="CKPT", help="load a checkpoint and only generate")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--length", type=int, default=300)
@@ -350,8 +355,10 @@ def main(argv=None):
         return generate_main(args)
 
     cfg = dict(QUICK if args.quick else DEFAULT)
-    if args.minutes is not None:
-        cfg["train_seconds"] = args.minutes * 60
+    if args.steps is not None:
+        if args.steps < 1:
+            ap.error(f"--steps must be >= 1, got {args.steps}")
+        cfg["train_steps"] = args.steps
     if args.dropout is not None:
         cfg["dropout"] = args.dropout
     os.makedirs(args.out, exist_ok=True)
@@ -382,8 +389,10 @@ def main(argv=None):
     params = init(jax.random.fold_in(key, 0))
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     B, k1, k2 = cfg["batch"], cfg["k1"], cfg["k2"]
+    n_steps = cfg["train_steps"]
+    lr = optax.linear_schedule(cfg["lr"], cfg["lr_final"], n_steps)    # linear in updates, not in time
     opt = optax.chain(optax.clip_by_global_norm(cfg["clip_norm"]),
-                      optax.inject_hyperparams(optax.adam)(learning_rate=cfg["lr"]))
+                      optax.inject_hyperparams(optax.adam)(learning_rate=lr))
     step = tbptt.make_step(model, loss_fn, opt, k1=k1, k2=k2)
     ev = tbptt.make_eval(model, loss_fn)
     train_stream = tbptt.Stream(tbptt.batchify(train_ids, B))
@@ -391,58 +400,57 @@ def main(argv=None):
     h0 = layer.initial_carry(params["cell"], (B,))
     print(f"model: embed {cfg['embed']} -> {cfg['layers']} x LSTM({cfg['hidden']}) -> softmax {V}, dropout "
           f"{cfg['dropout']}, {n_params:,} parameters; TBPTT(k1={k1}, k2={k2}), batch {B}, Adam {cfg['lr']} -> "
-          f"{cfg['lr_final']} (linear in time), clip {cfg['clip_norm']}; budget {cfg['train_seconds'] / 60:.1f} min",
+          f"{cfg['lr_final']} (linear in updates), clip {cfg['clip_norm']}; budget {n_steps:,} updates",
           flush=True)
 
     curve, samples = [], []
-    budget = cfg["train_seconds"]
-    clock = {"start": None, "step0": 0, "last_eval": 0.0, "eval_time": 0.0, "ema": None}
+    eval_every = cfg["eval_every_steps"]
+    every = math.gcd(10, n_steps, eval_every)     # callback cadence: hits the budget and every evaluation exactly
+    clock = {"start": None, "step0": 0, "eval_time": 0.0, "ema": None}   # wall time: reported, never a stopping rule
 
     def valid_bpc(p):
         m, _ = tbptt.evaluate(ev, p, valid_stream, T=cfg["eval_window"], initial_carry=h0)
         return m["loss"] / math.log(2)
 
-    def record(gstep, st, elapsed, vb):
-        tokens = (gstep - clock["step0"]) * B * k1
-        row = {"step": gstep, "seconds": elapsed, "tokens": tokens, "tokens_per_second": tokens / max(elapsed, 1e-9),
+    def elapsed():
+        return time.perf_counter() - clock["start"] - clock["eval_time"]
+
+    def record(gstep, st, secs, vb):
+        timed = (gstep - clock["step0"]) * B * k1    # tokens trained since the clock started (compilation excluded)
+        row = {"step": gstep, "seconds": secs, "tokens": gstep * B * k1, "tokens_per_second": timed / max(secs, 1e-9),
                "train_bpc": clock["ema"] / math.log(2), "valid_bpc": vb,
                "learning_rate": float(st.opt_state[1].hyperparams["learning_rate"])}
         curve.append(row)
         return row
 
     def callback(gstep, st, last):
-        """Every 10 windows: the time budget, the learning-rate schedule, periodic evaluation and samples."""
-        now = time.perf_counter()
+        """Every ``every`` windows: the step budget, periodic evaluation and samples."""
         if "loss" in last:
             clock["ema"] = last["loss"] if clock["ema"] is None else 0.9 * clock["ema"] + 0.1 * last["loss"]
-        if clock["start"] is None:      # the clock starts after the first 10 windows (compilation excluded)
-            clock.update(start=now, step0=gstep, last_eval=now)
-            return False
-        elapsed = now - clock["start"] - clock["eval_time"]
-        frac = min(1.0, elapsed / budget)   # learning rate: linear from lr to lr_final over the budget
-        st.opt_state[1].hyperparams["learning_rate"] = jnp.asarray(
-            cfg["lr"] + (cfg["lr_final"] - cfg["lr"]) * frac, jnp.float32)
-        if elapsed >= budget:
+        if clock["start"] is None:      # the clock starts after the first windows (compilation excluded)
+            clock.update(start=time.perf_counter(), step0=gstep)
+        if gstep >= n_steps:
             return True
-        if now - clock["last_eval"] >= cfg["eval_every_seconds"]:
+        if gstep % eval_every == 0:
             te = time.perf_counter()
-            row = record(gstep, st, elapsed, valid_bpc(st.params))
+            row = record(gstep, st, elapsed(), valid_bpc(st.params))
             txt = sample(cell, st.params, vocab, PROMPT, jax.random.fold_in(key, gstep), cfg["sample_chars"])
             samples.append({"step": gstep, "text": txt})
-            print(f"[{elapsed / 60:5.1f} min] step {gstep}: train {row['train_bpc']:.3f} valid {row['valid_bpc']:.3f} "
-                  f"bits/char, {row['tokens_per_second']:,.0f} tokens/s\n--- sample ---\n{txt}\n---", flush=True)
+            print(f"[{row['seconds'] / 60:5.1f} min] step {gstep}: train {row['train_bpc']:.3f} valid "
+                  f"{row['valid_bpc']:.3f} bits/char, {row['tokens_per_second']:,.0f} tokens/s\n"
+                  f"--- sample ---\n{txt}\n---", flush=True)
             clock["eval_time"] += time.perf_counter() - te
-            clock["last_eval"] = time.perf_counter()
         return False
 
     state, _, hist = tbptt.fit(step, init_state(params, opt), train_stream, initial_carry=h0, num_epochs=10 ** 6,
-                               key=jax.random.fold_in(key, 1), callback=callback, callback_every=10, log_every=10)
-    train_seconds = time.perf_counter() - clock["start"] - clock["eval_time"]
+                               key=jax.random.fold_in(key, 1), callback=callback, callback_every=every,
+                               log_every=every)
+    train_seconds = elapsed()
     gsteps = int(state.step)
     epochs = hist.train[-1]["epoch"] + 1
     final_bpc = valid_bpc(state.params)
     row = record(gsteps, state, train_seconds, final_bpc)
-    tokens = row["tokens"]
+    tokens, tokens_per_second = row["tokens"], row["tokens_per_second"]
     final_sample = sample(cell, state.params, vocab, PROMPT, jax.random.fold_in(key, 10 ** 6), 400)
     ckpt = os.path.join(args.out, "checkpoint")
     save_checkpoint(ckpt, state.params, cfg, vocab)
@@ -454,8 +462,8 @@ def main(argv=None):
         print(f"{n + '-gram Kneser-Ney':32s} {r['bits_per_char']:16.3f}")
     print(f"{'LSTM ' + str(cfg['layers']) + 'x' + str(cfg['hidden']) + ' (TBPTT)':32s} {final_bpc:16.3f}")
     print(f"LSTM - best n-gram ({best_n}-gram): {final_bpc - best:+.3f} bits/char; "
-          f"{tokens:,} training tokens in {train_seconds / 60:.1f} min = {tokens / max(train_seconds, 1e-9):,.0f} "
-          f"tokens/s ({epochs} epoch(s) started, {gsteps} updates)")
+          f"{tokens:,} training tokens in {gsteps} updates ({epochs} epoch(s) started); "
+          f"{train_seconds / 60:.1f} min of training, {tokens_per_second:,.0f} tokens/s")
     print(f"--- final sample ---\n{final_sample}\n---")
     plots = {"learning_curve": plot_curve(curve, baselines, args.out,
                                           f"char LM: {cfg['layers']}x LSTM({cfg['hidden']}) vs n-grams")}
@@ -464,8 +472,9 @@ def main(argv=None):
            "corpus": info, "parameters": n_params, "ngram_valid_bpc": baselines, "best_ngram_order": int(best_n),
            "best_ngram_bpc": best, "lstm_valid_bpc": final_bpc, "lstm_minus_best_ngram": final_bpc - best,
            "beats_best_ngram": bool(final_bpc < best), "train_seconds": train_seconds, "train_tokens": tokens,
-           "tokens_per_second": tokens / max(train_seconds, 1e-9), "updates": gsteps, "curve": curve,
-           "samples": samples + [{"step": gsteps, "text": final_sample}], "checkpoint": os.path.abspath(ckpt),
+           "tokens_per_second": tokens_per_second, "updates": gsteps, "curve": curve,
+           "samples": samples + [{"step": gsteps, "text": final_sample}],
+           "checkpoint": os.path.relpath(ckpt, args.out),     # relative to --out, where results.json is
            "plots": plots, "seconds": time.perf_counter() - t_start}
     return write_results(args.out, res, [plots["learning_curve"], ckpt], t_start)
 

@@ -392,8 +392,7 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
         initial_carry: PyTree, num_epochs: int = 1, key: Optional[Array] = None,
         eval_fn: Optional[Callable[[TrainState], dict]] = None, log_every: int = 1,
         callback: Optional[Callable[[int, TrainState, dict], None]] = None, callback_every: int = 0,
-        max_seconds: Optional[float] = None, progress: bool = False,
-        scan_epoch: bool = False) -> tuple[TrainState, PyTree, History]:
+        progress: bool = False, scan_epoch: bool = False) -> tuple[TrainState, PyTree, History]:
     """Trains with TBPTT over one stream for ``num_epochs`` epochs.
 
     Equivalent loop::
@@ -420,12 +419,15 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
       callback: optional ``callback(global_step, state, last_metrics)`` run every
         ``callback_every`` windows (e.g. to evaluate or print samples); if it
         returns True training stops (``history.stop_reason == "callback"``).
-      max_seconds: stop after this much wall time (checked after each window).
       progress: print one line per epoch.
       scan_epoch: run each epoch as ONE jitted `lax.scan` over its stacked
         windows (``step.epoch_fn``): no Python dispatch per window, which is
-        what small models need; ``callback`` and ``max_seconds`` then act
-        between epochs only. Same results as the per-window loop.
+        what small models need; ``callback`` then acts between epochs only.
+        Same results as the per-window loop.
+
+    The budget is ``num_epochs`` (or a ``callback`` that counts steps), never
+    the clock: the same call gives the same result on any machine load.
+    ``history.wall_time`` records the wall time as information only.
 
     Returns:
       ``(state, carry, history)``: the final state, the final carry, and a
@@ -471,8 +473,6 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
             flush()
             if callback is not None and callback(gstep, state, history.train[-1] if history.train else {}):
                 stopped = "callback"
-            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-                stopped = "max_seconds"
             starts = []
         s = _device_stream(s)
         for j, (t, n) in enumerate(starts):
@@ -490,9 +490,6 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
                 if callback(gstep, state, history.train[-1] if history.train else {}):
                     stopped = "callback"
                     break
-            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-                stopped = "max_seconds"
-                break
         flush()
         if eval_fn is not None:
             em = {k: float(v) for k, v in jax.device_get(eval_fn(state)).items()}
