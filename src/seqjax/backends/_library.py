@@ -268,7 +268,7 @@ def _load(name: str) -> ctypes.CDLL:
             _loaded[name] = _setup(name, _open(name))
         except NativeUnavailable as e:
             _loaded[name] = e
-        except (OSError, AttributeError) as e:  # e.g. a library of an older build without a handler
+        except Exception as e:  # noqa: BLE001  e.g. a library of an older build without a handler
             _loaded[name] = NativeUnavailable(f"seqjax's {name} kernels do not load ({type(e).__name__}: {e}); "
                                               f"{_BUILD_HINT[name]}")
     got = _loaded[name]
