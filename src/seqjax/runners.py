@@ -372,8 +372,8 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         a fusable cell pass ``backward="autodiff"``.
       * ``kernel``: ``"xla"`` runs the loop above, compiled by XLA. ``"avx2"``
         runs the whole recurrence, forward and backward, as one call into
-        seqjax's own CPU kernels (`seqjax.avx2`: x86-64 with AVX2 and FMA, a C++
-        compiler to build them once, 20-35 s): the standard LSTM, with or without
+        seqjax's own CPU kernels (`seqjax.avx2`: x86-64 with AVX2 and FMA, built
+        when seqjax is installed): the standard LSTM, with or without
         peepholes (Greff et al.'s "vanilla"), and Greff et al.'s variants of it
         but FGR, the GRU with
         ``reset_after=True`` and the tanh/relu RNN, float32, hidden size a
@@ -385,18 +385,17 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         AVX-512 build where the CPU has it (`seqjax.avx2.auto_isa`). ``"onednn"``
         runs the whole recurrence, forward and backward, as one of oneDNN's
         fused RNN primitives on the CPU (`seqjax.onednn`; the kernel of
-        PyTorch's CPU ``nn.LSTM``; needs ``pip install 'seqjax[onednn]'``): the
+        PyTorch's CPU ``nn.LSTM``; needs ``pip install -e '.[onednn]' -C seqjax.onednn=true``): the
         standard LSTM (also with peepholes and/or ``proj_size``), both GRUs and
         the tanh/relu RNN, float32, no ``lengths``, ``resets`` or ``remat``,
         ``backward="auto"``, reverse-mode gradients only (ValueError
         otherwise). For the cells AVX2 does not take, ``"auto"`` takes oneDNN
         where it applies, is installed and won the benchmarks
-        (`seqjax.onednn.AUTO_MIN_HIDDEN`; first use compiles it, ~10 s, cached),
-        XLA elsewhere. ``"cuda"`` runs the
+        (`seqjax.onednn.AUTO_MIN_HIDDEN`), XLA elsewhere. ``"cuda"`` runs the
         whole recurrence as one persistent kernel on a Hopper GPU (`seqjax.cuda`:
         the standard LSTM, the GRU with ``reset_after=True``, the tanh/relu RNN,
         float32, the same restrictions as oneDNN, batches up to about 1024 * 16 / H);
-        first use compiles it with nvcc, ~1 min, cached. ``"auto"`` does not take
+        built when seqjax is installed where nvcc is found. ``"auto"`` does not take
         it yet (`seqjax.cuda.AUTO`).
         ``unroll`` and ``hoist`` do not apply to the AVX2/AVX-512, oneDNN or CUDA kernels.
       * A stacked cell (`seqjax.stack`) runs layer by layer.
