@@ -29,8 +29,8 @@ standard LSTM of `seqjax.lstm` (no peepholes or projection), `seqjax.gru` with
 ``reset_after=True`` and `seqjax.rnn` with tanh or relu, for hidden sizes that
 split into blocks of a multiple of 4 units (H a multiple of 4) and batches small
 enough that one block holds a step's ``h`` (`plan` says). Needs a GPU of compute
-capability 9.0 (thread-block clusters) and ``nvcc`` to build the kernels once
-(`seqjax.backends._library.load_cuda`, about a minute, cached).
+capability 9.0 (thread-block clusters); the kernels are built when seqjax is installed
+where ``nvcc`` is found (`seqjax.backends._library.load_cuda`).
 """
 from __future__ import annotations
 

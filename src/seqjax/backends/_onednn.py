@@ -19,7 +19,7 @@ has no per-sequence lengths):
 
 oneDNN orders the GRU's gates (u=z, r, n) where seqjax has (r, z, n): the
 params are permuted on the way in (and their gradients on the way out by autodiff).
-Needs ``pip install 'seqjax[onednn]'`` and a C++ compiler (`seqjax.backends._library`).
+Needs ``pip install -e '.[onednn]' -C seqjax.onednn=true`` (`seqjax.backends._library`).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ AUTO_MIN_HIDDEN = {"lstm": 128, "gru": 256}
 
 
 def available() -> bool:
-    """Whether the oneDNN kernels load here (building them on first call; see `seqjax.backends._library`)."""
+    """Whether the oneDNN kernels load here (`seqjax.backends._library.unavailable` says why not)."""
     try:
         load_onednn()
     except NativeUnavailable:

@@ -37,8 +37,8 @@ Greff et al.) and Greff et al.'s variants of it (`seqjax.lstm_variant` "NIG",
 "NFG", "NOG", "CIFG", "NIAF", "NOAF", "NP"; not FGR, no projection), `seqjax.gru` with
 ``reset_after=True`` and `seqjax.rnn` with tanh or relu, for hidden sizes that
 are multiples of 8 (AVX2) or 16 (AVX-512). Needs an x86-64 CPU with AVX2 and FMA
-(or AVX-512F) and a C++ compiler (`seqjax.backends._library.load_avx2`, 20–35 s per
-build on 2 cores, once, cached). tanh and sigmoid are a
+(or AVX-512F); both builds are compiled when seqjax is installed
+(`seqjax.backends._library.load_avx2`). tanh and sigmoid are a
 vectorised rational approximation (Eigen's, as XLA:CPU's), so results match
 XLA's to float32 rounding, not bit for bit.
 """
@@ -58,7 +58,7 @@ __all__ = ["AUTO", "ISAS", "NativeUnavailable", "auto_isa", "avx2_scan", "kind_o
 ISAS = {"avx2": 8, "avx512": 16}
 
 #: Whether ``seqjax.scan(kernel="auto")`` takes these kernels on the CPU wherever they apply (and the CPU has
-#: AVX2 and FMA and a C++ compiler is here). On both 2-core CPUs measured they beat XLA's loop in forward and
+#: AVX2 and FMA and the install built the kernels). On both 2-core CPUs measured they beat XLA's loop in forward and
 #: train step for the LSTM, GRU and RNN at the three benchmark shapes, e.g. on an AMD EPYC (AVX2) LSTM (B, T,
 #: I, H) = (16, 1000, 32, 128), median ms fwd / train: 34.3 / 153 against 67.7 / 203, and on an Intel Xeon
 #: (AVX-512) LSTM (64, 100, 128, 256) 29.8 / 143 against 49.1 / 159 (bench/results/levers.md, sessions 7
@@ -88,8 +88,8 @@ def shape_blocker(hidden: int, isa: str = "avx2") -> str | None:
 
 
 def auto_isa(hidden: int) -> str:
-    """The build ``kernel="auto"`` runs for this hidden size: "avx512" where this CPU has AVX-512F, a
-    compiler is here and ``hidden`` is a multiple of 16, else "avx2"."""
+    """The build ``kernel="auto"`` runs for this hidden size: "avx512" where this CPU has AVX-512F, the
+    install built that library and ``hidden`` is a multiple of 16, else "avx2"."""
     if not shape_blocker(hidden, "avx512") and native.avx2_installed("avx512"):
         return "avx512"
     return "avx2"
