@@ -128,8 +128,8 @@ def test_kind_of_refuses_other_cells(make_cell, message):
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU refusal")
 def test_cuda_kernel_refuses_the_cpu():
     cell, params, xs, _ = _setup("lstm", 2, 3, 4, 8)
-    with pytest.raises(ValueError, match="kernel='cuda' cannot run this call: it is a GPU kernel and the default "
-                                         "backend is cpu"):
+    with pytest.raises(ValueError, match="kernel='cuda' cannot run this call: it is a GPU kernel and the run is "
+                                         "placed on CPU"):
         seqjax.scan(cell, params, xs, kernel="cuda")
 
 

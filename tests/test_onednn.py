@@ -208,21 +208,17 @@ def test_missing_onednn_is_named(monkeypatch, tmp_path):
 
 
 def test_auto_falls_back_to_xla_when_the_kernels_do_not_load(monkeypatch):
-    def unusable():
-        raise native.NativeUnavailable("no kernels in this test")
-    monkeypatch.setattr(native, "load_onednn", unusable)
+    real = native.unavailable
+    monkeypatch.setattr(native, "unavailable", lambda name: "no kernels in this test" if name == "onednn" else real(name))
     monkeypatch.setattr(seqjax.backends._x86, "AUTO", False)
-    native.onednn_usable.cache_clear()
-    try:
-        cell = seqjax.lstm(128)
-        params = cell.init(jax.random.key(0), I)
-        xs = jnp.ones((B, T, I))
-        jaxpr = _targets(lambda p, x: seqjax.scan(cell, p, x)[1], params, xs)
-        assert "seqjax_onednn" not in jaxpr
-        with pytest.raises(native.NativeUnavailable, match="no kernels in this test"):
-            seqjax.scan(cell, params, xs, kernel="onednn")
-    finally:
-        native.onednn_usable.cache_clear()
+    cell = seqjax.lstm(128)
+    params = cell.init(jax.random.key(0), I)
+    xs = jnp.ones((B, T, I))
+    jaxpr = _targets(lambda p, x: seqjax.scan(cell, p, x)[1], params, xs)
+    assert "seqjax_onednn" not in jaxpr
+    assert "not available here: no kernels in this test" in dict(seqjax.backends.explain(cell, params, xs).reasons)["onednn"]
+    with pytest.raises(native.NativeUnavailable, match="kernel='onednn': no kernels in this test"):
+        seqjax.scan(cell, params, xs, kernel="onednn")
 
 
 def test_build_native_prints_the_library(capsys):
