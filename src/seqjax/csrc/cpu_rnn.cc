@@ -88,8 +88,11 @@ inline vec div(vec a, vec b) { return _mm512_div_ps(a, b); }
 inline vec min(vec a, vec b) { return _mm512_min_ps(a, b); }
 inline vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
 inline vec zero() { return _mm512_setzero_ps(); }
-// 1 where y > 0, else 0 (the relu's derivative, from its output)
-inline vec positive(vec y) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, zero(), _CMP_GT_OQ), v(1.f)); }
+// x where y > 0, else +0 (the relu's backward from its output y: a select, as XLA's, so that a NaN or Inf in x
+// does not pass where y <= 0 or y is NaN)
+inline vec where_positive(vec y, vec x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, zero(), _CMP_GT_OQ), x); }
+// relu: x where x > 0 or x is NaN, else +0 (XLA's max(x, 0): NaN stays NaN, -0 gives +0)
+inline vec relu(vec x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, zero(), _CMP_NLE_UQ), x); }
 #else
 using vec = __m256;
 constexpr int kU = 8;
@@ -106,13 +109,20 @@ inline vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
 inline vec min(vec a, vec b) { return _mm256_min_ps(a, b); }
 inline vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
 inline vec zero() { return _mm256_setzero_ps(); }
-inline vec positive(vec y) { return _mm256_and_ps(_mm256_cmp_ps(y, zero(), _CMP_GT_OQ), v(1.f)); }
+inline vec where_positive(vec y, vec x) { return _mm256_and_ps(_mm256_cmp_ps(y, zero(), _CMP_GT_OQ), x); }
+inline vec relu(vec x) { return _mm256_and_ps(_mm256_cmp_ps(x, zero(), _CMP_NLE_UQ), x); }
 #endif
 
-// tanh: Eigen's 13/6 rational minimax approximation (the one XLA:CPU uses), a few ulp over the whole
-// range; beyond |x| = 7.905 tanh rounds to +-1 in float32.
+// tanh: Eigen's 13/6 rational minimax approximation, a few ulp over the whole range, evaluated as XLA:CPU
+// evaluates it for float32 with FMA (xla/codegen/intrinsic/tanh.cc: the same FMAs, product and division), so
+// that it gives XLA's bits wherever |x| >= 0.0004 (below, XLA returns x and this x p/q, within 3 ulp of it for
+// |x| >= 1e-36; the select that would match it there cost ~1-2 % of the forward pass). The input is
+// clamped to +-7.99881172180175781, XLA's bound with FMA, where the approximation gives exactly +-1: from
+// there on (and at +-Inf) tanh is exactly +-1 and its derivative 1 - y^2 exactly 0, as XLA's. min and max
+// return their second operand where either is NaN, so with x second a NaN passes through both (and the
+// arithmetic after) as NaN.
 inline vec tanhv(vec x) {
-  x = min(max(x, v(-7.90531110763549805f)), v(7.90531110763549805f));
+  x = min(v(7.99881172180175781f), max(v(-7.99881172180175781f), x));
   const vec x2 = mul(x, x);
   vec p = v(-2.76076847742355e-16f);
   p = fmadd(p, x2, v(2.00018790482477e-13f));
@@ -128,7 +138,9 @@ inline vec tanhv(vec x) {
   return div(mul(x, p), q);
 }
 
-// sigmoid(x) = (1 + tanh(x / 2)) / 2: one division, absolute error ~3e-8.
+// sigmoid(x) = (1 + tanh(x / 2)) / 2: one division, absolute error under 2e-7 (XLA's is 1 / (1 + exp(-x))).
+// NaN gives NaN, +Inf 1 and -Inf 0; exactly 1 for x >= 15.9977 (XLA's for x >= 16.636) and exactly 0 for
+// x <= -15.9977 (XLA's for x <= -87.34, where it flushes e^x to zero; between, XLA's is about e^x <= 1.1e-7).
 inline vec sigmoidv(vec x) { return fmadd(tanhv(mul(x, v(0.5f))), v(0.5f), v(0.5f)); }
 
 inline vec one_minus(vec x) { return sub(v(1.f), x); }
@@ -252,6 +264,8 @@ struct Masks {
   bool reset(int t, int b) const {
     return resets && t >= 0 && t < T && resets[static_cast<size_t>(t) * B + phys(b)] && active(t, b);
   }
+  // whether no gradient passes from step t to the carry before it through the step's gates (padding or a reset)
+  bool cut(int t, int b) const { return !active(t, b) || reset(t, b); }
   // whether rows b0 .. b0+rows-1 are all padding at step t (false without lengths)
   bool padding_only(int t, int b0, int rows) const {
     if (!len) return false;
@@ -387,7 +401,7 @@ void forward_tile(const ForwardArgs& a, int t, const float* hp, float* hn, int b
     if constexpr (is_rnn(CELL)) {  // G register blocks of units, GS apart
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
-        const vec y = CELL == kRnnTanh || CELL == kRnnTanhPair ? tanhv(acc[r][g]) : max(acc[r][g], zero());
+        const vec y = CELL == kRnnTanh || CELL == kRnnTanhPair ? tanhv(acc[r][g]) : relu(acc[r][g]);
         st(a.ys + row * H + g * GS + u, y);
         st(hn + static_cast<size_t>(b0 + r) * H + g * GS + u, reset ? zero() : y);
       }
@@ -631,9 +645,7 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
       st(a.dhz + bu, reset ? zero() : mul(dh, z));
     } else {
       const vec y = ld(a.ys + row * H + u);
-      const vec d = CELL == kRnnTanh ? one_minus(mul(y, y))
-                                         : positive(y);
-      const vec da[1] = {mul(dh, d)};
+      const vec da[1] = {CELL == kRnnTanh ? mul(dh, one_minus(mul(y, y))) : where_positive(y, dh)};
       st(dpx, da[0]);
       pack_da<1>(a, s, b, u, da, reset);
       if (a.dhz) st(a.dhz + bu, zero());
@@ -642,9 +654,11 @@ void gate_grads(const BackwardArgs& a, int s, int u, int r0, int r1) {
 }
 
 // dh[b0 .. b0+R-1, u .. u+NV*kU-1] = dA W_h^T (+ dh z for the GRU), ``da`` the recurrent GEMM's output
-// gradient from row b0 on (`kPackedDa`).
+// gradient of forward step tq from row b0 on (`kPackedDa`). A row that step tq cuts off (`Masks::cut`: its dA
+// is zero) gets dhz (or zero) as it is, not 0 * W_h: a NaN or Inf in W_h does not reach it, as XLA's select
+// keeps it from the carry there.
 template <int CELL, int NV, int R>
-void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int u) {
+void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int u, int tq) {
   constexpr int G = gates_of(CELL);
   const int GH = G * a.H;
   vec acc[R][NV];
@@ -668,9 +682,12 @@ void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int u) {
     }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
+    const size_t at = static_cast<size_t>(b0 + r) * a.H + u;
+    const bool cut = a.mask.cut(tq, b0 + r);
 #pragma GCC unroll 2
-    for (int j = 0; j < NV; ++j) st(a.dh + static_cast<size_t>(b0 + r) * a.H + u + j * kU, acc[r][j]);
+    for (int j = 0; j < NV; ++j) st(a.dh + at + j * kU, !cut ? acc[r][j] : a.dhz ? ld(a.dhz + at + j * kU) : zero());
+  }
 }
 
 // The `rows` (1 .. kRows) rows from b0 on: a full tile, or a batch's last rows in tiles of 4, 2 and 1 (a tile
@@ -679,13 +696,13 @@ void recurrent_tile(const BackwardArgs& a, const float* da, int b0, int u) {
 // FMA chains in flight, were slower: LSTM, B = 1, H = 128, 4,300 perf samples in the tile against 3,150. At
 // B = 1 the tile streams W_h from L2, and more weight streams at once did not help.)
 template <int CELL, int NV>
-void recurrent_rows(const BackwardArgs& a, const float* da, int b0, int rows, int u) {
+void recurrent_rows(const BackwardArgs& a, const float* da, int b0, int rows, int u, int tq) {
   static_assert(kRows == 8, "the last rows go in tiles of 4, 2 and 1");
-  if (rows == kRows) return recurrent_tile<CELL, NV, kRows>(a, da, b0, u);
+  if (rows == kRows) return recurrent_tile<CELL, NV, kRows>(a, da, b0, u, tq);
   const size_t r_step = kPackedDa ? 1 : lda(gates_of(CELL) * a.H);
-  if (rows & 4) recurrent_tile<CELL, NV, 4>(a, da, b0, u), b0 += 4, da += 4 * r_step;
-  if (rows & 2) recurrent_tile<CELL, NV, 2>(a, da, b0, u), b0 += 2, da += 2 * r_step;
-  if (rows & 1) recurrent_tile<CELL, NV, 1>(a, da, b0, u);
+  if (rows & 4) recurrent_tile<CELL, NV, 4>(a, da, b0, u, tq), b0 += 4, da += 4 * r_step;
+  if (rows & 2) recurrent_tile<CELL, NV, 2>(a, da, b0, u, tq), b0 += 2, da += 2 * r_step;
+  if (rows & 1) recurrent_tile<CELL, NV, 1>(a, da, b0, u, tq);
 }
 
 // Unit blocks per backward chunk: two with AVX-512 where H allows (a weight load per 16 FMAs and 8 broadcasts
@@ -707,9 +724,9 @@ void backward_chunk(const BackwardArgs& a, int s, int chunk, int r0, int r1) {
       // rows of padding only: dA = 0 and dh passes unchanged (gate_grads left it where it is)
       if (a.mask.padding_only(tq, b0, rows)) continue;
       if (nv == 2) {
-        recurrent_rows<CELL, 2>(a, da, b0, rows, u);
+        recurrent_rows<CELL, 2>(a, da, b0, rows, u, tq);
       } else {
-        recurrent_rows<CELL, 1>(a, da, b0, rows, u);
+        recurrent_rows<CELL, 1>(a, da, b0, rows, u, tq);
       }
     }
   }
