@@ -30,9 +30,14 @@ A query with no valid slot at all is an error when the mask is concrete
 and a zero context instead of NaN.
 
 Example:
+  >>> from seqjax.attention import additive_attention, additive_init
   >>> params = additive_init(jax.random.key(0), query_size=32, key_size=64, attention_size=48)
-  >>> ctx, w = additive_attention(params, q, memory, memory, lengths=src_lengths)
+  >>> q, memory = jnp.ones((2, 3, 32)), jnp.ones((2, 7, 64))   # [B, Tq, 32], [B, Tk, 64]
+  >>> ctx, w = additive_attention(params, q, memory, memory, lengths=jnp.array([7, 4]))
   >>> ctx.shape, w.shape    # [B, Tq, 64], [B, Tq, Tk]
+  ((2, 3, 64), (2, 3, 7))
+  >>> float(w[1, :, 4:].max())   # keys past a row's length get no weight
+  0.0
 """
 from __future__ import annotations
 

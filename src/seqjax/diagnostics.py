@@ -64,8 +64,14 @@ def step_gradients(cell, params, xs: Array, loss_fn: Callable[[Array, object], A
       `StepGradients` with [B, T] norms.
 
     Example:
-      >>> g = step_gradients(cell, params, xs, lambda ys, c: jnp.sum(ys[:, -1] ** 2))
-      >>> g.carry[:, 0]   # gradient reaching the first step
+      >>> cell = seqjax.rnn(8)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> xs = jax.random.normal(jax.random.key(1), (2, 20, 3))        # [B, T, I]
+      >>> g = seqjax.diagnostics.step_gradients(cell, params, xs, lambda ys, c: jnp.sum(ys[:, -1] ** 2))
+      >>> g.carry.shape, g.x.shape                                     # [B, T] norms
+      ((2, 20), (2, 20))
+      >>> bool(jnp.all(g.x[:, 0] < g.x[:, -1]))   # the gradient reaching the first step is the smaller
+      True
     """
     if not isinstance(cell, Cell):
         cell, params = _from_module(cell, params)

@@ -106,12 +106,15 @@ def from_torch(module, *, dtype=None) -> tuple[Layer, tuple]:
       ValueError: the module uses a mode seqjax cannot reproduce.
 
     Example:
+      >>> import torch
       >>> m = torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True)
       >>> layer, params = seqjax.from_torch(m)
       >>> xs = np.random.randn(4, 10, 8).astype(np.float32)
       >>> carry, ys = layer.apply(params, xs)                  # ys [4, 10, 32]
       >>> h_n, c_n = seqjax.torch_carry(carry)                 # [4, 4, 16] each
-      >>> out, _ = m(torch.from_numpy(xs))                     # == ys
+      >>> out, _ = m(torch.from_numpy(xs))
+      >>> np.allclose(out.detach().numpy(), ys, atol=1e-5)
+      True
     """
     call = "seqjax.from_torch"
     torch = _import_torch(call)
@@ -193,8 +196,12 @@ def torch_carry(carry, *, as_torch: bool = False):
       bidirectional), exactly PyTorch's layout.
 
     Example:
-      >>> carry, ys = layer.apply(params, xs)
-      >>> h_n, c_n = seqjax.torch_carry(carry)       # compare with nn.LSTM's (h_n, c_n)
+      >>> layer = seqjax.multilayer(seqjax.lstm(16), num_layers=2)
+      >>> params = layer.init(jax.random.key(0), input_size=8)
+      >>> carry, ys = layer.apply(params, jnp.ones((3, 10, 8)))
+      >>> h_n, c_n = seqjax.torch_carry(carry)       # nn.LSTM's (h_n, c_n) layout: [L*D, B, H]
+      >>> h_n.shape, c_n.shape
+      ((2, 3, 16), (2, 3, 16))
     """
     call = "seqjax.torch_carry"
     if not isinstance(carry, (tuple, list)) or isinstance(carry, LSTMCarry) or not carry:
@@ -239,9 +246,14 @@ def from_torch_carry(state, *, bidirectional: bool = False, num_layers: int | No
       ``(forward, backward)`` pair of them when bidirectional.
 
     Example:
+      >>> import torch
+      >>> layer = seqjax.multilayer(seqjax.lstm(16), num_layers=2, bidirectional=True)
+      >>> params = layer.init(jax.random.key(0), input_size=8)
       >>> h0, c0 = torch.randn(4, 3, 16), torch.randn(4, 3, 16)       # 2 layers, bidirectional
       >>> carry = seqjax.from_torch_carry((h0, c0), bidirectional=True)
-      >>> carry, ys = layer.apply(params, xs, carry=carry)
+      >>> carry, ys = layer.apply(params, jnp.ones((3, 10, 8)), carry=carry)
+      >>> ys.shape
+      (3, 10, 32)
     """
     call = "seqjax.from_torch_carry"
     if not isinstance(bidirectional, bool):
@@ -334,8 +346,10 @@ def to_torch_state_dict(params, *, cell_type: str | None = None, num_layers: int
     Example:
       >>> layer = seqjax.multilayer(seqjax.gru(16), num_layers=2)
       >>> params = layer.init(jax.random.key(0), input_size=8)
+      >>> import torch
       >>> m = torch.nn.GRU(8, 16, num_layers=2)
       >>> m.load_state_dict(seqjax.to_torch_state_dict(params, cell_type="gru"))
+      <All keys matched successfully>
     """
     call = "seqjax.to_torch_state_dict"
     torch = _import_torch(call)

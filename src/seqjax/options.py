@@ -38,8 +38,12 @@ class ScanOptions(NamedTuple):
       remat: rematerialise each step in the backward pass (memory for compute).
 
     Example:
+      >>> cell = seqjax.gru(8)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> xs = jnp.ones((2, 5, 3))
       >>> opts = seqjax.ScanOptions(kernel="xla", backward="autodiff")   # forward mode works
       >>> carry, ys = seqjax.scan(cell, params, xs, options=opts)
+      >>> _, dys = jax.jvp(lambda x: seqjax.scan(cell, params, x, options=opts)[1], (xs,), (xs,))
       >>> layer = seqjax.multilayer(cell, 2, options=opts)
     """
 

@@ -159,10 +159,12 @@ def attention_decoder(cell: Cell, attention: str | None = "additive", *, memory_
       An `AttentionDecoder`; see the module docstring for the step equations.
 
     Example:
-      >>> dec = attention_decoder(seqjax.gru(64), "scaled_dot", memory_size=128)
+      >>> dec = seqjax.seq2seq.attention_decoder(seqjax.gru(64), "scaled_dot", memory_size=128)
       >>> params = dec.init(jax.random.key(0), input_size=16)
-      >>> cell = dec.bind(params, memory, lengths)            # memory [B, Tk, 128]
-      >>> carry, ys = seqjax.scan(cell, params, xs, carry=cell.initial_carry(params, (B,)))
+      >>> memory, lengths = jnp.ones((2, 7, 128)), jnp.array([7, 5])   # memory [B, Tk, 128]
+      >>> cell = dec.bind(params, memory, lengths)
+      >>> xs = jnp.ones((2, 4, 16))                                    # [B, T, 16]
+      >>> carry, ys = seqjax.scan(cell, params, xs, carry=cell.initial_carry(params, (2,)))
     """
     call = "seqjax.seq2seq.attention_decoder"
     if not isinstance(cell, Cell):
@@ -705,9 +707,10 @@ def seq2seq(src_vocab_size: int, tgt_vocab_size: int, *, embed_size: int = 32, h
       A `Seq2Seq`; ``source`` is ``(tokens [B, S] int, lengths [B] int in [1, S])``.
 
     Example:
-      >>> model = seq2seq(40, 13, attention="additive")
+      >>> model = seqjax.seq2seq.seq2seq(40, 13, attention="additive", embed_size=8, hidden_size=16)
       >>> params = model.init(jax.random.key(0))
       >>> step = seqjax.make_train_step(model.loss, optax.adam(1e-3), has_aux=True, clip_norm=1.0)
+      >>> src, src_lengths = jnp.ones((2, 6), jnp.int32), jnp.array([6, 4])   # tokens [B, S], lengths [B]
       >>> out = model.beam(params, (src, src_lengths), max_length=12, beam_width=4)
     """
     call = "seqjax.seq2seq.seq2seq"
@@ -833,6 +836,7 @@ class Vocabulary:
     Example:
       >>> v = Vocabulary("0123456789-")
       >>> v.encode("12-3"), v.decode(v.encode("12-3") + [v.eos_id, v.pad_id])
+      ([4, 5, 13, 6], '12-3')
     """
 
     specials = ("<pad>", "<bos>", "<eos>")

@@ -17,7 +17,14 @@ All compute `seqjax.unrolled`'s semantics (lengths, resets, reverse, NaN and
 Inf propagation); tests compare each with the reference. `explain` returns the
 path a call takes and every other backend's reason::
 
-    >>> print(seqjax.backends.explain(cell, params, xs, lengths=lengths))
+    >>> cell = seqjax.lstm(16)
+    >>> params = cell.init(jax.random.key(0), input_size=4)
+    >>> xs, lengths = jnp.ones((2, 5, 4)), jnp.array([5, 3])
+    >>> print(seqjax.backends.explain(cell, params, xs, lengths=lengths, kernel="xla"))
+    runs on: xla+custom_vjp (placed on ...)
+      not cuda: kernel='xla'
+      ...
+      not xla: could run it too; xla+custom_vjp comes first
 """
 from __future__ import annotations
 
@@ -70,7 +77,9 @@ def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=
       kernel that cannot run the call.
 
     Example:
-      >>> e = seqjax.backends.explain(seqjax.lstm(64), params, xs, kernel="xla")
+      >>> cell = seqjax.lstm(16)
+      >>> params = cell.init(jax.random.key(0), input_size=4)
+      >>> e = seqjax.backends.explain(cell, params, jnp.ones((2, 5, 4)), kernel="xla")
       >>> e.backend
       'xla+custom_vjp'
     """
