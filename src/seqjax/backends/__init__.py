@@ -73,8 +73,9 @@ def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=
     runs nothing. ``print`` the result for a person.
 
     Raises:
-      what ``seqjax.scan`` raises before running: invalid arguments, a named
-      kernel that cannot run the call.
+      ValueError: what ``seqjax.scan`` raises before running for invalid
+        arguments or a named kernel that cannot run the call.
+      TypeError: likewise, for a cell or params of the wrong type.
 
     Example:
       >>> cell = seqjax.lstm(16)
