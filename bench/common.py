@@ -266,8 +266,8 @@ def summarise(samples: list[float]) -> dict:
 
 
 def environment() -> dict:
-    """The machine and the library versions of this run."""
-    env = dict(python=platform.python_version(), machine=platform.machine(), processor=platform.processor(),
+    """The machine, the command and the library versions of this run."""
+    env = dict(command=" ".join(["python", *sys.argv]), python=platform.python_version(), machine=platform.machine(), processor=platform.processor(),
                cpu_count=os.cpu_count(), platform=platform.platform(), jax=jax.__version__,
                backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
                time=time.strftime("%Y-%m-%d %H:%M:%S"))

@@ -19,10 +19,10 @@ for stage in "$@"; do
            $py -m pip install -q --no-deps --no-index out/wheels/*.whl && \
            $py bench/peers.py --libs seqjax,haiku --out "$out" --name peers_gpu_haiku;;
     peers-highest) $py bench/peers.py --libs seqjax --precision highest --out "$out" --name peers_gpu_highest;;
-    levers) $py bench/levers.py --cells lstm,gru,rnn --reps 15 --out "$out" --name levers_gpu --candidates \
+    levers) $py bench/experiments/levers.py --cells lstm,gru,rnn --reps 15 --out "$out" --name levers_gpu --candidates \
               "fused vjp,fused vjp hoist=True,fused vjp hoist=True unroll=4,fused vjp hoist=True unroll=8,fused vjp hoist=True unroll=16,scan hoist=True,scan hoist=True unroll=8";;
     levers-cmdbuf) XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL ${XLA_FLAGS:-}" \
-              $py bench/levers.py --cells lstm --shapes long,standard --reps 15 --out "$out" --name levers_gpu_cmdbuf \
+              $py bench/experiments/levers.py --cells lstm --shapes long,standard --reps 15 --out "$out" --name levers_gpu_cmdbuf \
               --candidates "fused vjp hoist=True,fused vjp hoist=True unroll=8,scan hoist=True" || echo "levers-cmdbuf failed";;
     flags) $py - "$out/xla_gpu_flags.txt" <<'PY'
 import glob, os, re, site, sys
@@ -35,7 +35,7 @@ print(len(names), "xla_gpu_* names")
 PY
            ;;
     kernels) for flags in "" ${KERNEL_FLAGS:-}; do
-               XLA_FLAGS="${flags//;/ }" $py bench/loop_kernels.py --cells lstm,gru,rnn --shapes long,standard --out "$out" \
+               XLA_FLAGS="${flags//;/ }" $py bench/experiments/loop_kernels.py --cells lstm,gru,rnn --shapes long,standard --out "$out" \
                  --label="${flags:-no flags}" ${KERNEL_ARGS:-} || echo "kernels failed with XLA_FLAGS=$flags"
              done;;
     scan) $py bench/scan_vs_unroll.py --unrolled-max-T 25 --out "$out" --name scan_vs_unroll_gpu;;

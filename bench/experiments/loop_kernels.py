@@ -2,13 +2,13 @@
 
 On a GPU every fusion, custom call (cuBLAS GEMM, Triton GEMM) and copy in the body of
 the scan's while loop is at least one kernel launch per iteration, and the long
-sequences are launch-bound (bench/results/levers.md, run 6). This script compiles the
+sequences are launch-bound (docs/design/performance.md, run 6). This script compiles the
 forward and the train step of `seqjax.scan` at its defaults (or with the given scan
 options), lists the launching ops of every while-loop body, and times both, so that
 XLA flags (set through the XLA_FLAGS environment variable, one process per setting)
 can be compared by what they do to the loop, not only by the clock.
 
-    XLA_FLAGS=... python bench/loop_kernels.py --cells lstm --shapes long --label myflags
+    XLA_FLAGS=... python bench/experiments/loop_kernels.py --cells lstm --shapes long --label myflags
 
 Writes <out>/<name>.json (one entry per run, appended, keyed by --label) and prints a table.
 """
@@ -21,7 +21,7 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/: common, peers
 import common  # noqa: E402
 import peers  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Lever: one fused [x, h] @ [[W_x], [W_h]] GEMM per step (seqjax.cells.base.Form.joint_apply) vs two GEMMs, interleaved, medians.
 
-Usage: python bench/fused_gemm.py REPS OUT.json   (e.g. 9 bench/results/fused_gemm.json)
+Usage: python bench/experiments/fused_gemm.py REPS OUT.json   (e.g. 9 bench/experiments/results/fused_gemm.json)
 """
 import time, sys, jax, jax.numpy as jnp, numpy as np, seqjax
 shapes = {"small": (32, 50, 8, 64), "standard": (64, 100, 128, 256), "long": (16, 1000, 32, 128)}

@@ -6,7 +6,7 @@ bfloat16 params (``param_dtype=jnp.bfloat16``; float32 inputs), train step
 (`value_and_grad` of mean(ys²) w.r.t. params and input) at the three shapes of issue 3,
 interleaved, medians.
 
-    python bench/vjp_variants.py [--variants peephole,lstm_bf16] [--reps 7] [--out bench/results] [--quick]
+    python bench/experiments/vjp_variants.py [--variants peephole,lstm_bf16] [--reps 7] [--out bench/experiments/results] [--quick]
 
 Writes <out>/vjp_variants.json and prints one line per configuration.
 """
@@ -19,7 +19,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/: common, peers
 import common  # noqa: E402
 
 import seqjax  # noqa: E402

@@ -1,7 +1,7 @@
 """Lever probes (GPU): Pallas kernels for the recurrence, against seqjax.scan's forward.
 
 On the H100 every step of seqjax's scan is two kernels, a Triton GEMM and the gate
-fusion (`bench/loop_kernels.py`), and at T=1000 a step costs about 4 µs whatever the
+fusion (`bench/experiments/loop_kernels.py`), and at T=1000 a step costs about 4 µs whatever the
 cell: the loop is launch-bound. Two ways out are probed here, forward pass only:
 
 * "pallas step": the whole step (recurrent GEMM and gate arithmetic) as one Pallas
@@ -16,10 +16,10 @@ cell: the loop is launch-bound. Two ways out are probed here, forward pass only:
   grid barrier (atomic step counters and a spin loop). ``--gridsync-parts`` builds parts of
   the barrier only, for diagnosis. On the H100 the spin loop crashed Triton's compiler.
 
-The results and the decision are in bench/results/levers.md (run 7).
+The results and the decision are in docs/design/performance.md (run 7).
 
-    python bench/pallas_step.py [--cells rnn,lstm,gru] [--shapes long,standard] [--impls ...]
-    python bench/pallas_step.py --interpret --quick     # CPU: Pallas' interpreter, numerics only
+    python bench/experiments/pallas_step.py [--cells rnn,lstm,gru] [--shapes long,standard] [--impls ...]
+    python bench/experiments/pallas_step.py --interpret --quick     # CPU: Pallas' interpreter, numerics only
 
 Writes <out>/<name>.json and prints a table (a kernel that fails to compile, e.g. for
 lack of shared memory, is a row marked failed).
@@ -32,7 +32,7 @@ import os
 import sys
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/: common, peers
 import common  # noqa: E402
 
 import jax  # noqa: E402

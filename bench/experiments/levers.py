@@ -12,11 +12,11 @@ Candidates (all interleaved in one process with PyTorch as the reference):
   * ... unroll=k       : k steps per loop iteration (GPU: fewer loop iterations, kernel launches fused)
 
 The custom-JVP form of the same idea (the JVP split into a time-parallel part and a
-linear recurrence, transposed by JAX) was measured and removed: bench/results/levers.md.
+linear recurrence, transposed by JAX) was measured and removed: docs/design/performance.md.
 
-    python bench/levers.py [--cells lstm,gru,rnn] [--shapes small,standard,long] [--reps 15] [--quick]
+    python bench/experiments/levers.py [--cells lstm,gru,rnn] [--shapes small,standard,long] [--reps 15] [--quick]
 
-Writes <out>/levers.json and prints markdown tables (bench/results/levers.md is
+Writes <out>/levers.json and prints markdown tables (docs/design/performance.md is
 written by hand from them, with the decisions).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/: common, peers
 import common  # noqa: E402
 import peers  # noqa: E402
 
