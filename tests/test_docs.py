@@ -66,12 +66,12 @@ def _python_blocks(page: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
 
 
-GUIDES = sorted(p for p in DOCS.rglob("*.md") if _python_blocks(p))
+GUIDES = sorted(p for p in DOCS.rglob("*.md") if _python_blocks(p)) + [ROOT / "README.md"]
 
 
-@pytest.mark.parametrize("page", GUIDES, ids=[p.relative_to(DOCS).as_posix() for p in GUIDES])
+@pytest.mark.parametrize("page", GUIDES, ids=[p.relative_to(ROOT).as_posix() for p in GUIDES])
 def test_the_guides_code_runs(page):
-    """Every ```python block of a documentation page runs, in order, in one namespace per page (their asserts
+    """Every ```python block of a documentation page (and of the README) runs, in order, in one namespace per page (their asserts
     check what the text around them says)."""
     if "import torch" in page.read_text():
         pytest.importorskip("torch")
