@@ -11,8 +11,8 @@ to the parameters and the input) of:
 * ``seqjax, sorted batch``: the same sequences sorted longest first by the
   caller, so that whole tiles of batch rows are padding after the shorter
   sequences end and the kernels skip their products (PyTorch's packed sequences
-  work this way; since session 11 the kernels take the rows in that order
-  themselves, so this measures what the caller's sort still adds);
+  work this way; the kernels take the rows in that order themselves, so this
+  measures what the caller's sort still adds);
 * ``seqjax, no lengths``: the same batch treated as full length (what the
   lengths cost or save);
 * ``seqjax kernel=xla``: XLA's loop with lengths (before the kernels took them);

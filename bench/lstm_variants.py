@@ -1,7 +1,7 @@
 """Greff et al.'s LSTM variants through seqjax's paths: its CPU kernels against XLA's loop.
 
 PyTorch, Flax, Equinox and Haiku have none of them (no peepholes either), so
-this compares seqjax's own ways to run each, at the three shapes of issue 3,
+this compares seqjax's own ways to run each, at the three benchmark shapes,
 forward and train step (`value_and_grad` of mean(outputs²) with respect to the
 parameters and the input). For each variant of `seqjax.lstm_variant`
 ("vanilla" is the peephole LSTM, "NP" the plain LSTM without peepholes):

@@ -1,4 +1,4 @@
-"""Speed levers of seqjax, each measured against the plain path (issue 3, "Make seqjax fast").
+"""Speed levers of seqjax, each measured against the plain path (the measurements behind docs/design/performance.md).
 
 Candidates (all interleaved in one process with PyTorch as the reference):
   * scan hoist=False   : autodiff of the scan (backward="autodiff"), input projection inside the body

@@ -2,7 +2,7 @@
 
 On a GPU every fusion, custom call (cuBLAS GEMM, Triton GEMM) and copy in the body of
 the scan's while loop is at least one kernel launch per iteration, and the long
-sequences are launch-bound (docs/design/performance.md, run 6). This script compiles the
+sequences are launch-bound (docs/design/performance.md, the GPU). This script compiles the
 forward and the train step of `seqjax.scan` at its defaults (or with the given scan
 options), lists the launching ops of every while-loop body, and times both, so that
 XLA flags (set through the XLA_FLAGS environment variable, one process per setting)

@@ -16,7 +16,7 @@ cell: the loop is launch-bound. Two ways out are probed here, forward pass only:
   grid barrier (atomic step counters and a spin loop). ``--gridsync-parts`` builds parts of
   the barrier only, for diagnosis. On the H100 the spin loop crashed Triton's compiler.
 
-The results and the decision are in docs/design/performance.md (run 7).
+The results and the decision are in docs/design/performance.md (the GPU).
 
     python bench/experiments/pallas_step.py [--cells rnn,lstm,gru] [--shapes long,standard] [--impls ...]
     python bench/experiments/pallas_step.py --interpret --quick     # CPU: Pallas' interpreter, numerics only

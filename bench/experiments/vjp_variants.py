@@ -3,7 +3,7 @@
 Peephole LSTM (Greff et al.'s "vanilla LSTM"), LSTMP (``proj_size=H // 2``), Greff's CIFG (coupled
 input and forget gates, with peepholes), Cho's GRU (``reset_after=False``) and the LSTM and GRU with
 bfloat16 params (``param_dtype=jnp.bfloat16``; float32 inputs), train step
-(`value_and_grad` of mean(ys²) w.r.t. params and input) at the three shapes of issue 3,
+(`value_and_grad` of mean(ys²) w.r.t. params and input) at the three benchmark shapes,
 interleaved, medians.
 
     python bench/experiments/vjp_variants.py [--variants peephole,lstm_bf16] [--reps 7] [--out bench/experiments/results] [--quick]

@@ -139,7 +139,7 @@ def _body(cell: Cell, params, init_carry, projected: bool, remat: bool):
 def _hoist_default(platform: str) -> bool:
     """Whether runners compute the input projection for all steps before the loop, by default, on ``platform``.
 
-    Decided by the benchmarks (bench/results/levers.md): on XLA:CPU the hoisted
+    Decided by the benchmarks (docs/design/performance.md): on XLA:CPU the hoisted
     GEMM lost to projecting inside the scan body; on an H100 it won (LSTM
     standard train 3.10 -> 3.06 ms, forward 1.28 -> 1.09 ms), as it does for cuDNN.
     """
@@ -149,7 +149,7 @@ def _hoist_default(platform: str) -> bool:
 def _unroll_default(platform: str) -> int:
     """`scan`'s ``unroll`` when none is given: 1 on CPU, 8 on accelerators.
 
-    Decided by the benchmarks (bench/results/levers.md): on XLA:CPU unrolling
+    Decided by the benchmarks (docs/design/performance.md): on XLA:CPU unrolling
     made training slower; on an H100, where each loop iteration costs kernel
     launches, unroll=8 cut the LSTM train step 23.3 -> 11.3 ms (long shape)
     and 3.06 -> 1.84 ms (standard shape), for a longer compile (LSTM long

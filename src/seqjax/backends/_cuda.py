@@ -6,7 +6,7 @@ is switched on (`auto_eligible`); `cuda_scan` is the direct entry point.
 
 XLA runs a recurrence as a loop of small dependent kernels, about two per step,
 and at a few microseconds per launch the loop, not the arithmetic, sets the
-time of long sequences (bench/results/levers.md, run 7). Here one kernel runs
+time of long sequences (docs/design/performance.md, the GPU). Here one kernel runs
 the whole time loop, forward or backward (``csrc/cuda_rnn.cu``):
 
 * one thread-block cluster of up to 16 blocks; each block keeps the recurrent

@@ -14,7 +14,7 @@ rows to reduce over) to a running sum, likewise ``x_t^T @ dA_t``, and computes
   ``dX = dA W_x^T`` as single GEMMs over all T*B rows.
 
 On the 2-core CPU this cut the train step by 8-50 % against autodiff of the same
-loop (bench/results/levers.md). The trade-off of a `jax.custom_vjp`: reverse
+loop (docs/design/performance.md). The trade-off of a `jax.custom_vjp`: reverse
 mode (`jax.grad`, `jax.vjp`) works, forward mode (`jax.jvp`, `jax.jacfwd`,
 `jax.hessian`) raises; ``seqjax.scan(..., backward="autodiff")`` keeps forward mode.
 

@@ -61,8 +61,8 @@ ISAS = {"avx2": 8, "avx512": 16}
 #: AVX2 and FMA and the install built the kernels). On both 2-core CPUs measured they beat XLA's loop in forward and
 #: train step for the LSTM, GRU and RNN at the three benchmark shapes, e.g. on an AMD EPYC (AVX2) LSTM (B, T,
 #: I, H) = (16, 1000, 32, 128), median ms fwd / train: 34.3 / 153 against 67.7 / 203, and on an Intel Xeon
-#: (AVX-512) LSTM (64, 100, 128, 256) 29.8 / 143 against 49.1 / 159 (bench/results/levers.md, sessions 7
-#: and 8; bench/results/peers_avx2*.json, peers_avx512*.json).
+#: (AVX-512) LSTM (64, 100, 128, 256) 29.8 / 143 against 49.1 / 159 (docs/design/performance.md, the x86
+#: kernels; bench/results/peers.json).
 AUTO = True
 
 

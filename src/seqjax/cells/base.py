@@ -1,7 +1,7 @@
 """The `Cell` type shared by every cell family, and the numerics they share.
 
-A cell is one time step written as pure functions over explicit parameters
-(see DESIGN.md). Every factory (`seqjax.rnn`, `seqjax.lstm`, `seqjax.gru`,
+A cell is one time step written as pure functions over explicit parameters.
+Every factory (`seqjax.rnn`, `seqjax.lstm`, `seqjax.gru`,
 `seqjax.stack`) returns a `Cell`:
 
     cell = seqjax.lstm(hidden_size=256)

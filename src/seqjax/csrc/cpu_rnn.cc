@@ -545,7 +545,7 @@ constexpr int kRows = 8;
 // scatters them there), or rows of stride G*H + 16 (vector stores; the kRows rows a tile reads fall into
 // different L1 sets, which rows G*H = 1024 floats apart would not). Measured on one Xeon, backward kernel
 // at (B, T, I, H) = (64, 100, 128, 256), ms packed vs rows: AVX2 LSTM 57.6 vs 42.2, GRU 45.2 vs 34.7;
-// AVX-512 LSTM 34.0 vs 37.1, GRU 28.9 vs 31.0 (bench/results/levers.md, session 8).
+// AVX-512 LSTM 34.0 vs 37.1, GRU 28.9 vs 31.0 (docs/design/performance.md).
 constexpr bool kPackedDa = kRegs == 32;
 inline int padded_rows(int B) { return (B + kRows - 1) / kRows * kRows; }
 // floats per row of dA (packed: per row of tiles / kRows)
@@ -904,9 +904,9 @@ float* out_or_null(Buf& b) {
 // train step at (B, T, H) = (64, 100, 256). With SEQJAX_HUGE_PAGES=1 in the environment the kernels advise
 // transparent huge pages on the 2 MiB-aligned part of each large result, so that the kernel faults it in
 // 2 MiB at a time where the system allows it (a hint: it changes no contents; 3 700 faults per such step).
-// Off by default since session 12: on a 2-core VM, calls whose fresh huge pages the host had to back took
-// up to 10x as long, all of it in the OS kernel, when another program ran between them, and training loops
-// that also evaluate ran as fast or faster without it (bench/results/levers.md, session 12).
+// Off by default: on a 2-core VM, calls whose fresh huge pages the host had to back took up to 10x as long,
+// all of it in the OS kernel, when another program ran between them, and training loops that also evaluate
+// ran as fast or faster without it (docs/design/performance.md).
 inline bool huge_pages_wanted() {
   static const bool wanted = [] {
     const char* v = std::getenv("SEQJAX_HUGE_PAGES");
@@ -927,7 +927,7 @@ void advise_huge_pages(Buf& b) {
 // How two threads share a pass: by hidden units, every step (`Team`'s chunks, one barrier per step), or by
 // batch rows, each thread running its half of the batch through all the steps on its own (the rows are
 // independent recurrences: no barrier, no h crossing cores, but each thread reads all the weights every
-// step). Measured (bench/results/levers.md, session 8): rows win the backward pass wherever both halves get
+// step). Measured (docs/design/performance.md): rows win the backward pass wherever both halves get
 // a full 8-row tile, and the forward for the RNN and for steps under 1.5 Mflop; the LSTM's and GRU's
 // bigger forward steps, whose weights dominate the traffic, run faster split by units.
 inline bool split_rows(int helpers, int B) { return helpers > 0 && B >= 2 * kRows; }
