@@ -41,7 +41,7 @@ __all__ = ["AUTO_MIN_HIDDEN", "NativeUnavailable", "available", "kind_of", "oned
 _CELLS = {"lstm": 0, "gru": 1, "gru_cho": 2, "rnn_tanh": 3, "rnn_relu": 4}
 
 #: ``seqjax.scan(kernel="auto")`` takes oneDNN for these kinds from this hidden size up: where it beat
-#: XLA's loop on the 2-core CPU (bench/results/peers_onednn.json, median ms, oneDNN vs XLA):
+#: XLA's loop on a 2-core AMD EPYC (docs/design/performance.md, oneDNN; median ms, oneDNN vs XLA):
 #: LSTM H=256 (B=64, T=100) train 204 vs 253, H=128 (T=1000) train 199 vs 216, but H=64 (T=50) train
 #: 7.21 vs 6.11; GRU H=256 forward 39.4 vs 58.0, train 164 vs 191, H=128 at par, H=64 behind. The RNN
 #: lost at every size (H=256 train 85.5 vs 81.0) and Cho's GRU was not measured: they never go to
