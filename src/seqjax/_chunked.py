@@ -11,6 +11,7 @@ one compiled program.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -54,12 +55,22 @@ def make_chunk(train_step: Callable, batch_fn: Optional[Callable], *, num_runs: 
         after the step that reaches it), or ``None``.
       stop_run: a non-finite step stops only its own run (else it halts every run).
 
-    The returned function is jitted; ``step0`` is the ``[]`` int32 global index of the chunk's first
+    The returned function is jitted (compiled once per step function, batch function and options);
+    ``step0`` is the ``[]`` int32 global index of the chunk's first
     step (0-based), ``active``/``halted`` are ``[S]`` bool (``[]`` for one run), and ``data`` is
     ``[k]`` int32 step offsets (with ``batch_fn``) or the stacked batches ``[k, (S,) ...]``. The
     metrics come back as ``[k, (S)]`` arrays and ``bad`` as ``[k, (S)]`` bool (the non-finite steps
     of runs that were still training).
     """
+    return functools.partial(_chunk, train_step=train_step, batch_fn=batch_fn, num_runs=num_runs, seed=seed,
+                             train_target=train_target, stop_run=stop_run)
+
+
+@functools.partial(jax.jit, static_argnames=("train_step", "batch_fn", "num_runs", "seed", "train_target",
+                                             "stop_run"))
+def _chunk(state, step0, active, halted, data, *, train_step, batch_fn, num_runs, seed, train_target, stop_run):
+    # The step and batch functions are static arguments, so JAX's jit cache reuses the compiled
+    # chunk when `fit` is called again with the same ones (e.g. to resume).
     lockstep = num_runs is not None
     step = jax.vmap(train_step) if lockstep else train_step
     runs = jnp.arange(num_runs) if lockstep else None
@@ -86,11 +97,18 @@ def make_chunk(train_step: Callable, batch_fn: Optional[Callable], *, num_runs: 
             active = active & ~(training & ~bad & _reached(train_target, metrics))
         return (state, active, halted, step0), (metrics, bad)
 
-    def chunk(state, step0, active, halted, data):
-        (state, active, halted, _), (metrics, bad) = jax.lax.scan(body, (state, active, halted, step0), data)
-        return state, active, halted, metrics, bad
+    (state, active, halted, _), (metrics, bad) = jax.lax.scan(body, (state, active, halted, step0), data)
+    return state, active, halted, metrics, bad
 
-    return jax.jit(chunk)
+
+@functools.partial(jax.jit, static_argnames="fn")
+def _vmapped(state, *, fn):
+    return jax.vmap(fn)(state)
+
+
+def vmapped(fn: Callable) -> Callable:
+    """``jit(vmap(fn))``, compiled once per ``fn`` (lockstep evaluation)."""
+    return functools.partial(_vmapped, fn=fn)
 
 
 def stack_batches(where: str, batches: list) -> PyTree:

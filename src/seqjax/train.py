@@ -807,7 +807,7 @@ class _CompiledLoop(_Loop):
                                     stop_run=self.stop_run)
         evaluate_all = self.eval_fn
         if self.eval_fn is not None and lockstep:
-            evaluate_all = jax.jit(jax.vmap(self.eval_fn))
+            evaluate_all = _chunked.vmapped(self.eval_fn)
         S = self.runs
         steps = np.asarray(jax.device_get(getattr(state, "step", 0))).reshape(-1)
         start = int(steps.max()) if steps.size else 0
