@@ -63,7 +63,7 @@ from _report import write_results  # examples/_report.py
 CELLS = ("rnn", "gru", "lstm")
 
 LIKE = dict(hidden=32, batch=16, optimizer="adam", clip_norm=1.0, budget_sequences=32_000, eval_every=100,
-            lrs=(1e-3, 3e-3, 1e-2, 3e-2), rnn_activation="tanh", init="principled")
+            lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2), rnn_activation="tanh", init="principled")
 """Like-for-like settings, the same for every cell (init: see the module docstring)."""
 
 NYU = dict(hidden=4, batch=32, lr=1e-3, rms_decay=0.99, rms_eps=1e-8, batches_per_epoch=31, init="pytorch",
@@ -341,7 +341,7 @@ def plot_like(like, path):
         ax.set_xlabel("training sequences")
         ax.set_ylabel(f"test accuracy ({TEST_SIZE} sequences)")
         ax.set_title(f"{level}: H=32, same optimiser and budget", fontsize=10)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="center right")
     fig.suptitle("Temporal order, like for like: mean over seeds, band = min..max", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
