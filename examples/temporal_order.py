@@ -70,7 +70,7 @@ NYU = dict(hidden=4, batch=32, lr=1e-3, rms_decay=0.99, rms_eps=1e-8, batches_pe
            rnn_activation="relu")
 """NYU 08-seq_classification.ipynb settings (torch defaults for what it leaves implicit)."""
 
-QUICK_LR = {"rnn": 1e-2, "gru": 1e-2, "lstm": 1e-2}
+QUICK_LR = {"rnn": 1e-3, "gru": 3e-2, "lstm": 1e-2}
 """``--quick`` trains one learning rate per cell: the one the full run chose at HARD."""
 
 HS_SEQUENCES = 31_390      # H&S 1997 Table 9/10: 6a solved after 31,390 training sequences (mean of 20 trials)
@@ -85,7 +85,7 @@ SOLVED = 0.99              # a seed "solves" a level at >= 99 % test accuracy
 FULL = dict(like_levels=("NORMAL", "MODERATE", "HARD"), like_seeds=5, like_lrs=None,
             like_budget=LIKE["budget_sequences"], nyu_levels=("EASY", "NORMAL", "MODERATE", "HARD"), nyu_seeds=5,
             nyu_epochs=100, easy_checkpoints=(10, 100))
-QUICK = dict(like_levels=("HARD",), like_seeds=3, like_lrs=QUICK_LR, like_budget=9_600, nyu_levels=(),
+QUICK = dict(like_levels=("HARD",), like_seeds=3, like_lrs=QUICK_LR, like_budget=12_800, nyu_levels=(),
              nyu_seeds=0, nyu_epochs=0, easy_checkpoints=())
 
 
