@@ -13,7 +13,7 @@ What this script does:
    settings and budget) to regress the target from the output at each
    sequence's last valid step (``SequenceClassifier(..., 1)`` with
    ``pooling="last"`` and ``lengths``), on freshly generated sequences
-   (online, as H&S), several seeds in lockstep (vmapped);
+   (online, as H&S), several seeds in lockstep (``seqjax.fit(..., num_runs=S)``);
 2. applies H&S's stopping rule *during* training: a model stops updating once
    the last 2000 training sequences (those of the last ``ceil(2000 / batch)``
    batches, judged on the predictions made while training on them) were all
@@ -54,6 +54,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import seqjax
 import seqjax.nnx as snx
 from seqjax.tasks import ADDING_TOLERANCE, adding_correct, adding_problem
 from _report import write_results  # examples/_report.py
@@ -122,48 +123,38 @@ def count_params(state) -> int:
 
 
 # ----------------------------------------------------------------------------
-# train (one jit call runs `chunk` steps for all seeds, then evaluates)
+# train: seqjax.fit, every seed in lockstep, one jitted call per evaluation period
 # ----------------------------------------------------------------------------
 
-def make_runner(graphdef, tx, T: int, batch: int, chunk: int):
-    """``run(carry, key, test) -> (carry, train_metrics [S, chunk], test_metrics [S])``, vmapped over seeds.
+def make_step(graphdef, tx, batch: int):
+    """``step((state, run_len, done), batch) -> (carry, metrics)``: a `seqjax.make_train_step` step plus H&S's rule.
 
-    ``carry = (state, opt_state, run_len, done)``: ``run_len`` counts the
-    consecutive fully-correct training batches; once it reaches
-    ``ceil(2000 / batch)`` the seed is ``done`` and its updates are dropped
-    (H&S stop training there).
+    ``run_len`` counts the consecutive fully-correct training batches (judged on the predictions the
+    step trained on); once it reaches ``ceil(2000 / batch)`` the run is ``done`` and its later updates are
+    dropped: H&S stop training there. `seqjax.fit` then stops the run at its next evaluation
+    (``target=("solved", 1)``), so its state is the one at the moment the rule fired.
     """
     window = math.ceil(HS_WINDOW / batch)
 
-    def predict(state, x, lengths):
-        return nnx.merge(graphdef, state)(x, lengths=lengths)[:, 0]
+    def loss_fn(params, b):
+        p = predict(graphdef, params, b.x, b.lengths)
+        return optax.losses.squared_error(p, b.y).mean(), dict(
+            correct=jnp.sum(adding_correct(p, b.y)), max_abs_error=jnp.max(jnp.abs(p - b.y)))
 
-    def loss_fn(state, b):
-        p = predict(state, b.x, b.lengths)
-        return optax.losses.squared_error(p, b.y).mean(), p
+    train_step = seqjax.make_train_step(loss_fn, tx, has_aux=True)
 
-    def step(carry, key):
-        state, opt_state, run_len, done = carry
-        b = adding_problem(key, batch, T)
-        (loss, p), grads = jax.value_and_grad(loss_fn, has_aux=True)(state, b)
-        updates, new_opt = tx.update(grads, opt_state, state)
-        new_state = optax.apply_updates(state, updates)
-        keep = lambda n, o: jnp.where(done, o, n)                            # noqa: E731
-        state, opt_state = jax.tree.map(keep, new_state, state), jax.tree.map(keep, new_opt, opt_state)
-        correct = jnp.sum(adding_correct(p, b.y))
-        run_len = jnp.where(correct == batch, run_len + 1, 0)
-        m = dict(loss=loss, correct=correct, max_abs_error=jnp.max(jnp.abs(p - b.y)), done=done)
-        done = done | (run_len >= window)
-        return (state, opt_state, run_len, done), m
+    def step(carry, b):
+        state, run_len, done = carry
+        new, m = train_step(state, b)
+        state = jax.tree.map(lambda n, o: jnp.where(done, o, n), new, state)
+        run_len = jnp.where(m["correct"] == batch, run_len + 1, 0)
+        return (state, run_len, done | (run_len >= window)), {**m, "done": done.astype(jnp.float32)}
 
-    def run(carry, key, test):
-        carry, m = jax.lax.scan(step, carry, jax.random.split(key, chunk))
-        p = predict(carry[0], test.x, test.lengths)
-        test_m = dict(mse=optax.losses.squared_error(p, test.y).mean(),
-                      wrong=jnp.sum(~adding_correct(p, test.y)), max_abs_error=jnp.max(jnp.abs(p - test.y)))
-        return carry, m, test_m
+    return step
 
-    return jax.jit(jax.vmap(run, in_axes=(0, 0, None)))
+
+def predict(graphdef, params, x, lengths):
+    return nnx.merge(graphdef, params)(x, lengths=lengths)[:, 0]
 
 
 def sequences_to_criterion(correct: np.ndarray, loss: np.ndarray, batch: int):
@@ -182,40 +173,38 @@ def sequences_to_criterion(correct: np.ndarray, loss: np.ndarray, batch: int):
     return None
 
 
-def train(kind, *, T, seeds, budget, s=SETTINGS, verbose=True):
-    """Trains ``len(seeds)`` models in lockstep until every seed met the rule or ``budget`` sequences."""
+def train(kind, *, T, seeds, budget, s=SETTINGS):
+    """Trains ``len(seeds)`` models in lockstep; each stops once it met the rule, all stop at ``budget`` sequences.
+
+    Returns per-seed lists (runs stop at different steps): ``train`` {loss, correct, max_abs_error}
+    per step, ``test`` {mse, wrong, max_abs_error} per evaluation at ``eval_sequences``.
+    """
     batch = s["batch"]
     models = [build_model(kind, sd, s) for sd in seeds]
     graphdef, _ = nnx.split(models[0])
-    state = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(m)[1] for m in models])
+    params = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(m)[1] for m in models])
     tx = make_optimizer(s)
     S = len(seeds)
-    carry = (state, jax.vmap(tx.init)(state), jnp.zeros((S,), jnp.int32), jnp.zeros((S,), bool))
-    chunk = max(1, s["eval_every_sequences"] // batch)
-    run = make_runner(graphdef, tx, T, batch, chunk)
+    carry = (jax.vmap(lambda p: seqjax.init_state(p, tx))(params), jnp.zeros((S,), jnp.int32), jnp.zeros((S,), bool))
     test = test_set(T)
-    keys = [jax.random.key(10_000 + sd) for sd in seeds]
-    steps_m, evals, eval_seq = [], [], []
+
+    def eval_fn(c):
+        p = predict(graphdef, c[0].params, test.x, test.lengths)
+        return dict(mse=optax.losses.squared_error(p, test.y).mean(), wrong=jnp.sum(~adding_correct(p, test.y)),
+                    max_abs_error=jnp.max(jnp.abs(p - test.y)), solved=c[2].astype(jnp.float32))
+
+    chunk = max(1, s["eval_every_sequences"] // batch)
+    steps = -(-budget // (chunk * batch)) * chunk
     t0 = time.perf_counter()
-    n_chunks = math.ceil(budget / (chunk * batch))
-    for c in range(n_chunks):
-        ks = jnp.stack([jax.random.fold_in(k, c) for k in keys])
-        carry, m, ev = run(carry, ks, test)
-        steps_m.append(jax.device_get(m))
-        evals.append(jax.device_get(ev))
-        eval_seq.append((c + 1) * chunk * batch)
-        done = np.asarray(carry[3])
-        if verbose and ((c + 1) % max(1, n_chunks // 8) == 0 or done.all()):
-            print(f"  [{kind} T={T}] {eval_seq[-1]:>7,d} seqs  train mse "
-                  f"{' '.join(f'{v:.4f}' for v in m['loss'][:, -10:].mean(1))}  test mse "
-                  f"{' '.join(f'{v:.4f}' for v in ev['mse'])}  wrong {ev['wrong'].tolist()}  "
-                  f"solved {done.tolist()}  ({time.perf_counter() - t0:.1f}s)", flush=True)
-        if done.all():
-            break
-    cat = {k: np.concatenate([m[k] for m in steps_m], axis=1) for k in steps_m[0]}
-    ev = {k: np.stack([e[k] for e in evals], axis=1) for k in evals[0]}
-    return dict(kind=kind, seeds=list(seeds), train=cat, test=ev, eval_sequences=np.array(eval_seq),
-                n_params=count_params(state), seconds=time.perf_counter() - t0)
+    print(f"  {kind.upper()} T={T}: {S} seeds in lockstep, up to {steps} steps of {batch} sequences", flush=True)
+    _, hists = seqjax.fit(make_step(graphdef, tx, batch), carry, lambda key: adding_problem(key, batch, T),
+                          num_steps=steps, eval_fn=eval_fn, eval_every=chunk, steps_per_call=chunk, num_runs=S,
+                          target=("solved", 1.0, "max"), seed=10_000)
+    train_m = {k: [h.series(k)[1] for h in hists] for k in ("loss", "correct", "max_abs_error")}
+    test_m = {k: [h.series(k, "eval")[1] for h in hists] for k in ("mse", "wrong", "max_abs_error")}
+    return dict(kind=kind, seeds=list(seeds), train=train_m, test=test_m,
+                eval_sequences=[h.series("mse", "eval")[0] * batch for h in hists],
+                n_params=count_params(params), seconds=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------
@@ -234,15 +223,15 @@ def summarise(r, batch):
     """Per-seed sequences to the rule, and the test metrics of the final (stopped) models."""
     tr, te = r["train"], r["test"]
     seqs = [sequences_to_criterion(c, l, batch) for c, l in zip(tr["correct"], tr["loss"])]
-    final_mse = te["mse"][:, -1]
-    final_wrong = te["wrong"][:, -1]
+    last = lambda name: [float(a[-1]) for a in te[name]]                                   # noqa: E731
     return dict(sequences_to_criterion=seqs, solved=int(sum(x is not None for x in seqs)),
                 sequences_to_criterion_stats=stats(seqs),
-                test_mse=stats(final_mse), test_wrong=stats(final_wrong),
-                test_max_abs_error=stats(te["max_abs_error"][:, -1]),
-                trained_sequences=int(r["train"]["loss"].shape[1] * batch),
-                eval_sequences=r["eval_sequences"].tolist(), test_mse_curve=te["mse"].tolist(),
-                test_wrong_curve=te["wrong"].tolist(), n_params=r["n_params"], seconds=r["seconds"])
+                test_mse=stats(last("mse")), test_wrong=stats(last("wrong")),
+                test_max_abs_error=stats(last("max_abs_error")),
+                trained_sequences=[int(len(a) * batch) for a in tr["loss"]],
+                eval_sequences=[a.tolist() for a in r["eval_sequences"]],
+                test_mse_curve=[a.tolist() for a in te["mse"]], test_wrong_curve=[a.tolist() for a in te["wrong"]],
+                n_params=r["n_params"], seconds=r["seconds"])
 
 
 # ----------------------------------------------------------------------------
@@ -250,10 +239,10 @@ def summarise(r, batch):
 # ----------------------------------------------------------------------------
 
 def moving_mse(loss: np.ndarray, batch: int, window_seqs: int = 2_000):
-    """Mean of the per-batch MSE over windows of ~``window_seqs`` sequences: (x [N], y [S, N])."""
+    """Mean of one run's per-batch MSE [N] over windows of ~``window_seqs`` sequences: (x [n], y [n])."""
     k = max(1, window_seqs // batch)
-    n = loss.shape[1] // k
-    y = loss[:, :n * k].reshape(loss.shape[0], n, k).mean(-1)
+    n = loss.shape[0] // k
+    y = loss[:n * k].reshape(n, k).mean(-1)
     return (np.arange(n) + 1) * k * batch, y
 
 
@@ -262,17 +251,16 @@ def plot_curves(runs, summaries, T, path, s=SETTINGS):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for kind, r in runs.items():
-        x, y = moving_mse(r["train"]["loss"], s["batch"])
-        line, = axes[0].plot(x, y.mean(0), label=f"{kind.upper()} H={s['hidden']}")
-        axes[0].fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+    for n, (kind, r) in enumerate(runs.items()):
+        color = f"C{n}"
+        for j, loss in enumerate(r["train"]["loss"]):
+            x, y = moving_mse(loss, s["batch"])
+            axes[0].plot(x, y, color=color, lw=1, label=f"{kind.upper()} H={s['hidden']}" if j == 0 else None)
         for q in summaries[kind]["sequences_to_criterion"]:
             if q is not None:
-                axes[0].axvline(q, color=line.get_color(), lw=0.8, ls=":")
-        te = np.asarray(r["test"]["mse"])
-        xe = r["eval_sequences"]
-        line, = axes[1].plot(xe, te.mean(0), marker=".", label=kind.upper())
-        axes[1].fill_between(xe, te.min(0), te.max(0), color=line.get_color(), alpha=0.2)
+                axes[0].axvline(q, color=color, lw=0.8, ls=":")
+        for j, (xe, te) in enumerate(zip(r["eval_sequences"], r["test"]["mse"])):
+            axes[1].plot(xe, te, color=color, marker=".", lw=1, label=kind.upper() if j == 0 else None)
     for ax in axes:
         if T in HS:
             ax.axvline(HS[T][0], ls="--", color="gray", label=f"H&S 1997: {HS[T][0]:,} sequences")
@@ -281,10 +269,10 @@ def plot_curves(runs, summaries, T, path, s=SETTINGS):
         ax.set_yscale("log")
         ax.set_xlabel("training sequences")
     axes[0].set_ylabel("training MSE (mean per 2000 sequences)")
-    axes[0].set_title(f"Adding problem T={T}: training MSE (mean, band = min..max over seeds;"
-                      f" dotted: H&S rule met)", fontsize=9)
+    axes[0].set_title(f"Adding problem T={T}: training MSE, one line per seed (dotted: H&S rule met)",
+                      fontsize=9)
     axes[1].set_ylabel(f"test MSE ({TEST_SIZE} sequences)")
-    axes[1].set_title("test MSE (frozen once a seed met the rule)", fontsize=9)
+    axes[1].set_title("test MSE (a seed stops training once it met the rule)", fontsize=9)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

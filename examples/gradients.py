@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import seqjax
 from seqjax import diagnostics, tasks
@@ -35,8 +34,8 @@ from _report import write_results  # examples/_report.py
 CONFIG = dict(
     seed=0,
     spectral=dict(hidden=32, input=4, T=100, batch=16, sigmas=[0.8, 1.0, 1.2]),
-    # the LSTM uses the gate biases that make HARD learnable (examples/temporal_order.py, BETTER):
-    # forget-gate bias 5, input-gate bias -3; all cells share Adam 3e-2 with clipping at 1
+    # the LSTM's gate biases make HARD learnable: forget-gate bias 5 (memory that lasts ~100 steps),
+    # input-gate bias -3 (distractors are not written in by default); all cells share Adam 3e-2, clipping at 1
     temporal=dict(level="HARD", hidden=32, batch=16, steps=600, lr=3e-2, clip_norm=1.0, probe_every=50,
                   probe_batch=256, lstm_forget_bias=5.0, lstm_input_bias=-3.0),
     clipping=dict(hidden=32, T=50, batch=32, steps=300, lr=0.05, sigma=1.6, clip_norm=1.0),
@@ -100,37 +99,30 @@ def temporal_study(cfg, key):
             return optax.softmax_cross_entropy_with_integer_labels(logits_of(p, batch.x), batch.y).mean()
 
         tx = optax.chain(optax.clip_by_global_norm(cfg["clip_norm"]), optax.adam(cfg["lr"]))
-        opt = tx.init(params)
-
-        @jax.jit
-        def train_step(p, opt, k):
-            batch = tasks.temporal_order(k, B, level=cfg["level"])
-            loss, g = jax.value_and_grad(loss_fn)(p, batch)
-            up, opt = tx.update(g, opt)
-            return optax.apply_updates(p, up), opt, loss
-
         probe = tasks.temporal_order(kd, cfg["probe_batch"], level=cfg["level"])
 
         @jax.jit
-        def probe_fn(p):
+        def probe_fn(state):
+            p = state.params
+
             def seq_loss(ys, c):
                 logits = ys[:, -1] @ p["head"] + p["b"]
                 return optax.softmax_cross_entropy_with_integer_labels(logits, probe.y).sum()
 
             g = diagnostics.step_gradients(cell, p["cell"], probe.x, seq_loss)
             rows = jnp.arange(probe.x.shape[0])
-            at_t1 = g.x[rows, probe.positions[:, 0]]
-            at_t2 = g.x[rows, probe.positions[:, 1]]
             acc = jnp.mean(jnp.argmax(logits_of(p, probe.x), -1) == probe.y)
-            return jnp.mean(at_t1), jnp.mean(at_t2), jnp.mean(g.x[:, -1]), acc  # front padding: x_T is the E
+            return dict(grad_x_t1=jnp.mean(g.x[rows, probe.positions[:, 0]]),
+                        grad_x_t2=jnp.mean(g.x[rows, probe.positions[:, 1]]),
+                        grad_x_last=jnp.mean(g.x[:, -1]), accuracy=acc)  # front padding: x_T is the E
 
-        history = []
-        for step in tqdm(range(cfg["steps"] + 1), desc=f"temporal order {kind}", leave=False):
-            if step % cfg["probe_every"] == 0:
-                t1, t2, end, acc = (float(a) for a in probe_fn(params))
-                history.append(dict(step=step, grad_x_t1=t1, grad_x_t2=t2, grad_x_last=end, accuracy=acc))
-            if step < cfg["steps"]:
-                params, opt, _ = train_step(params, opt, jax.random.fold_in(kd, step))
+        state = seqjax.init_state(params, tx)
+        at_init = {k: float(v) for k, v in probe_fn(state).items()}
+        _, hist = seqjax.fit(seqjax.make_train_step(loss_fn, tx), state,
+                             lambda k: tasks.temporal_order(k, B, level=cfg["level"]), num_steps=cfg["steps"],
+                             eval_fn=probe_fn, eval_every=cfg["probe_every"], steps_per_call=cfg["probe_every"],
+                             seed=int(jax.random.randint(kd, (), 0, 2 ** 30)), progress=False)
+        history = [dict(step=0, **at_init)] + hist.eval
         results[kind] = history
     return results
 
@@ -158,26 +150,18 @@ def clipping_study(cfg, key):
            "constant_predictor_mse_sampled": float(jnp.mean((ref.y - 0.5) ** 2))}
     for name, tx in [("unclipped", optax.sgd(cfg["lr"])),
                      ("clipped", optax.chain(optax.clip_by_global_norm(cfg["clip_norm"]), optax.sgd(cfg["lr"])))]:
-        @jax.jit
-        def step_fn(p, opt, k, tx=tx):
-            batch = tasks.adding_problem(k, B, min_length=T)
-            loss, g = jax.value_and_grad(loss_fn)(p, batch)
-            up, opt = tx.update(g, opt)
-            return optax.apply_updates(p, up), opt, loss, optax.tree.norm(g)
-
-        p, opt, losses, norms = p0, tx.init(p0), [], []
-        for step in tqdm(range(cfg["steps"]), desc=f"clipping: {name}", leave=False):
-            p, opt, loss, gn = step_fn(p, opt, jax.random.fold_in(kd, step))
-            losses.append(float(loss))
-            norms.append(float(gn))
-        finite = np.isfinite(losses)
-        out[name] = dict(loss=[x if np.isfinite(x) else None for x in losses],
-                         grad_norm=[x if np.isfinite(x) else None for x in norms],
-                         all_finite=bool(finite.all()),
-                         first_non_finite_step=None if finite.all() else int(np.argmin(finite)),
-                         final_loss=losses[-1] if finite[-1] else None,
-                         mean_loss_last_50=float(np.mean(losses[-50:])) if finite[-50:].all() else None,
-                         max_grad_norm=float(np.nanmax(np.where(np.isfinite(norms), norms, np.nan))))
+        # on_non_finite="stop_run": the run ends at its first non-finite step (the bad update is not applied)
+        _, hist = seqjax.fit(seqjax.make_train_step(loss_fn, tx), seqjax.init_state(p0, tx),
+                             lambda k: tasks.adding_problem(k, B, min_length=T), num_steps=cfg["steps"],
+                             steps_per_call=cfg["steps"], on_non_finite="stop_run",
+                             seed=int(jax.random.randint(kd, (), 0, 2 ** 30)), progress=False)
+        losses, norms = hist.series("loss")[1], hist.series("grad_norm")[1]
+        finite = hist.stop_reason != "non_finite"
+        out[name] = dict(loss=losses.tolist(), grad_norm=norms.tolist(), all_finite=finite,
+                         first_non_finite_step=None if finite else len(losses),
+                         final_loss=float(losses[-1]) if finite else None,
+                         mean_loss_last_50=float(np.mean(losses[-50:])) if finite else None,
+                         max_grad_norm=float(np.max(norms)) if len(norms) else None)
     return out
 
 

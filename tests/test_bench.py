@@ -113,3 +113,16 @@ def test_scan_vs_unroll_quick(tmp_path):
     for r in res["rows"]:
         assert r["compile_s"] > 0 and r["median_ms"] > 0 and r["memory"]["temp_bytes"] >= 0
     assert is_png(tmp_path / "scan_vs_unroll.png")
+
+
+
+def test_fit_loop_quick(tmp_path):
+    proc = run_bench("fit_loop.py", tmp_path)
+    ok(proc)
+    res = json.loads((tmp_path / "fit_loop.json").read_text())
+    names = [r["candidate"] for r in res["rows"]]
+    assert names[0] == "fit k=1" and len(names) == 4 and res["environment"]["backend"] == "cpu"
+    for r in res["rows"]:
+        assert r["median_ms"] > 0 and r["run_steps"] in (r["steps"], 5 * r["steps"])
+        assert abs(r["run_steps_per_s"] - r["run_steps"] / (r["median_ms"] / 1e3)) < 1e-6 * r["run_steps_per_s"]
+    assert is_png(tmp_path / "fit_loop.png")

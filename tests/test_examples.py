@@ -7,20 +7,18 @@ from example_runs import check_plots, run_quick
 @pytest.mark.slow
 def test_temporal_order_quick(tmp_path):
     out, res, stdout = run_quick(tmp_path, "temporal_order")
-    assert "Temporal order: accuracy" in stdout
-    assert res["mode"] == "quick"
-    assert set(res["easy"]) == {"rnn", "lstm", "gru"}
-    for entry in res["easy"].values():
-        s = entry["test_accuracy_epoch10"]
-        assert 0.0 <= s["min"] <= s["mean"] <= s["max"] <= 1.0
-        assert len(s["per_seed"]) == res["config"]["easy_seeds"]
-        assert len(entry["epoch_train_accuracy"][0]) == 10
-    hb = res["hard_better"]
-    assert hb["hs_reference_sequences"] == 31390
-    assert len(hb["sequences_to_hs_criterion"]) == res["config"]["better_seeds"]
-    assert hb["eval_sequences"][-1] <= 31390 and hb["settings"]["hidden"] >= 4
-    assert res["nyu_settings"]["hidden"] == 4 and res["nyu_settings"]["batch"] == 32
-    assert res["table"] and {"setting", "cell", "seeds", "train_accuracy", "test_accuracy"} <= set(res["table"][0])
+    assert "Verdict" in stdout and "HARD: RNN" in stdout
+    assert res["mode"] == "quick" and res["hs_reference_sequences"] == 31390
+    hard = res["like"]["HARD"]
+    assert set(hard) == {"rnn", "gru", "lstm"}
+    seeds = res["config"]["like_seeds"]
+    for c in hard.values():   # the same budget, hidden size and seeds for every cell
+        s = c["test_final"]
+        assert 0.0 <= s["min"] <= s["mean"] <= s["max"] <= 1.0 and len(s["per_seed"]) == seeds == c["seeds"]
+        assert 0 <= c["seeds_solved"] <= seeds and len(c["sequences_to_hs_criterion"]) == seeds
+        assert c["eval_sequences"] == hard["lstm"]["eval_sequences"]
+        assert c["eval_sequences"][-1] <= res["config"]["like_budget"]
+    assert res["like_settings"]["hidden"] == 32 and res["verdicts"][0].startswith("HARD: RNN")
     check_plots(res, out)
 
 

@@ -22,7 +22,9 @@ def test_adding_quick(tmp_path):
         check_stats(sm["test_wrong"], seeds)
         assert sm["test_wrong"]["max"] <= 2560
         assert sm["n_params"] > 0
-        assert len(sm["test_mse_curve"]) == seeds and len(sm["test_mse_curve"][0]) == len(sm["eval_sequences"])
+        assert len(sm["test_mse_curve"]) == len(sm["eval_sequences"]) == seeds
+        for curve, at, trained in zip(sm["test_mse_curve"], sm["eval_sequences"], sm["trained_sequences"]):
+            assert len(curve) == len(at) and at[-1] == trained <= res["config"]["budget"] + 3200
     # the LSTM learns the task within the quick budget (well below the 0.042 MSE of predicting the mean)
     assert res["results"]["lstm"]["test_mse"]["min"] < 0.01
     check_plots(res, out)

@@ -104,21 +104,26 @@ class NonFiniteLossError(FloatingPointError):
 
     Attributes:
       step: the 1-based global step number whose loss was non-finite.
-      state: the last good state (the bad update was not applied).
+      state: the last good state (the bad update was not applied; with ``num_runs``, no run
+        applied that step).
       metrics: the metrics (floats) reported by the bad step.
-      history: the :class:`History` recorded up to the failure.
+      history: the :class:`History` recorded up to the failure (with ``num_runs``, the list of
+        every run's history).
+      run: with ``num_runs``, the index of the run whose step was non-finite, else ``None``.
     """
 
-    def __init__(self, step: int, state: Any, metrics: dict, history: "History"):
+    def __init__(self, step: int, state: Any, metrics: dict, history, run: Optional[int] = None):
         self.step = step
         self.state = state
         self.metrics = metrics
         self.history = history
+        self.run = run
         what = ", ".join(
             f"{k}={metrics[k]}" for k in ("loss", "grad_norm") if k in metrics
         )
+        where = f"step {step}" if run is None else f"step {step} of run {run}"
         super().__init__(
-            f"seqjax.train.fit: non-finite value at step {step} ({what}); "
+            f"seqjax.train.fit: non-finite value at {where} ({what}); "
             "training stopped and the update was not applied. The last good "
             "state is in this error's `.state`. Lower the learning rate, set "
             "clip_norm, or check the batch and the loss for log(0) / overflow."
@@ -498,7 +503,10 @@ def fit(
     progress: bool = True,
     log_path: Optional[Union[str, os.PathLike]] = None,
     seed: int = 0,
-) -> tuple[Any, History]:
+    num_runs: Optional[int] = None,
+    steps_per_call: int = 1,
+    on_non_finite: str = "raise",
+) -> tuple[Any, Union[History, list]]:
     """Runs ``train_step`` for up to ``num_steps`` steps with evaluation and logging.
 
     Equivalent loop::
@@ -514,17 +522,39 @@ def fit(
     :func:`make_nnx_train_step`, or anything a custom step accepts. Steps are
     numbered globally, continuing from ``state.step`` / ``optimizer.step``.
 
+    **Several runs in lockstep** (``num_runs=S``): ``state`` holds ``S`` runs
+    stacked on a leading axis (e.g. ``jax.vmap(init)(keys)``, or learning rates
+    in an ``optax.inject_hyperparams`` state) and one vmapped step trains them
+    all. Run ``r`` draws its data as a single run with ``seed=seed + r`` would
+    (callable ``batches``), or takes row ``r`` of each batch (an iterator of
+    batches stacked ``[S, ...]``). Each run has its own :class:`History`, its
+    own evaluation (``eval_fn`` is vmapped) and stops on its own when it reaches
+    ``target``; a stopped run keeps its state while the others go on.
+
+    **Several steps per call** (``steps_per_call=k``): one jitted
+    `jax.lax.scan` runs ``k`` steps and the host reads the metrics once per
+    call, which removes the per-step host round trip that dominates small
+    models. The result equals ``steps_per_call=1`` (same batches, same
+    updates); a non-finite step still stops training at that step, and an
+    error still names it. ``eval_every`` must be a multiple of ``k``.
+
+    With ``num_runs`` or ``steps_per_call > 1`` the steps run inside one jitted
+    call, so ``state`` must be a pytree of arrays (not an NNX pair), callable
+    ``batches`` and ``eval_fn`` (with ``num_runs``) must be traceable by JAX,
+    and ``train_step`` must be a pure step such as :func:`make_train_step`'s.
+
     Args:
       train_step: ``(state, batch) -> (state, metrics)``; ``metrics`` is a
         dict of scalars including ``"loss"``.
-      state: the initial state.
+      state: the initial state (with ``num_runs``, leaves ``[S, ...]``).
       batches: an iterable/iterator of batches, or a callable ``key -> batch``
         called with ``jax.random.fold_in(jax.random.key(seed), step)`` so the
         data stream is a deterministic function of ``seed`` and the step.
       num_steps: number of steps to run (> 0).
       eval_fn: optional ``state -> dict of scalar metrics`` (e.g.
         ``{"accuracy": ...}``), run every ``eval_every`` steps and at the end.
-      eval_every: evaluation period in steps; default ``max(1, num_steps // 10)``.
+      eval_every: evaluation period in steps; default ``max(1, num_steps // 10)``
+        rounded up to a multiple of ``steps_per_call``.
       target: optional ``(name, value)`` or ``(name, value, "max"|"min")``:
         stop when the metric reaches ``value`` (``"min"`` is the default for
         names containing loss/error/mse, ``"max"`` otherwise). Checked on eval
@@ -532,15 +562,23 @@ def fit(
       progress: show a tqdm bar with live loss / accuracy.
       log_path: optional path stem; the history is written to
         ``<log_path>.json`` and ``<log_path>.csv`` at each evaluation and at
-        the end (also when stopping on an error).
+        the end (also when stopping on an error); with ``num_runs``, run ``r``'s
+        to ``<log_path>.run<r>.json`` / ``.csv``.
       seed: seed for callable ``batches``.
+      num_runs: train this many runs in lockstep (``None``: one run).
+      steps_per_call: steps per jitted call (>= 1).
+      on_non_finite: ``"raise"`` (default): a non-finite loss or gradient norm
+        stops training and raises :class:`NonFiniteLossError` (with
+        ``num_runs``, no run applies that step); ``"stop_run"``: that run stops
+        with ``stop_reason="non_finite"`` and the others go on.
 
     Returns:
-      ``(state, history)``: the final state and a :class:`History`.
+      ``(state, history)``: the final state and a :class:`History` (with
+      ``num_runs``, a list of ``S`` histories).
 
     Raises:
       NonFiniteLossError: a step produced a NaN/inf loss or grad norm; the
-        error carries ``.step`` and the last good ``.state``.
+        error carries ``.step`` (and ``.run``) and the last good ``.state``.
 
     Example:
       >>> loss_fn = lambda p, key: jnp.mean((p - jax.random.normal(key, (8,)) - 3) ** 2)
@@ -552,6 +590,19 @@ def fit(
       >>> hist.stop_reason
       'target'
       >>> steps, losses = hist.series("loss")
+
+      Three learning rates in lockstep, 50 steps per call:
+
+      >>> opt = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+      >>> def start(lr):
+      ...     s = init_state(jnp.zeros(()), opt)
+      ...     s.opt_state.hyperparams["learning_rate"] = lr
+      ...     return s
+      >>> states = jax.vmap(start)(jnp.array([0.01, 0.1, 0.3]))
+      >>> states, hists = fit(make_train_step(loss_fn, opt), states, lambda key: key,
+      ...                     num_steps=200, num_runs=3, steps_per_call=50, progress=False)
+      >>> states.params.shape, [h.stop_reason for h in hists]
+      ((3,), ['num_steps', 'num_steps', 'num_steps'])
     """
     if not callable(train_step):
         raise TypeError(
@@ -560,100 +611,321 @@ def fit(
     if not (isinstance(num_steps, (int, np.integer)) and num_steps > 0):
         raise ValueError(
             f"seqjax.train.fit: num_steps must be a positive int, got {num_steps!r}")
+    if not (isinstance(steps_per_call, (int, np.integer)) and not isinstance(steps_per_call, bool)
+            and steps_per_call > 0):
+        raise ValueError(
+            f"seqjax.train.fit: steps_per_call must be a positive int, got {steps_per_call!r}")
+    if num_runs is not None and not (isinstance(num_runs, (int, np.integer))
+                                     and not isinstance(num_runs, bool) and num_runs > 0):
+        raise ValueError(
+            f"seqjax.train.fit: num_runs must be a positive int or None, got {num_runs!r}")
+    if on_non_finite not in ("raise", "stop_run"):
+        raise ValueError(
+            f"seqjax.train.fit: on_non_finite must be 'raise' or 'stop_run', got {on_non_finite!r}")
+    k = int(steps_per_call)
     if eval_every is None:
         eval_every = max(1, int(num_steps) // 10)
+        eval_every = -(-eval_every // k) * k
     if not (isinstance(eval_every, (int, np.integer)) and eval_every > 0):
         raise ValueError(
             f"seqjax.train.fit: eval_every must be a positive int, got {eval_every!r}")
     if eval_fn is not None and not callable(eval_fn):
         raise TypeError("seqjax.train.fit: eval_fn must be callable state -> dict")
+    if eval_fn is not None and eval_every % k:
+        raise ValueError(
+            f"seqjax.train.fit: eval_every ({eval_every}) must be a multiple of steps_per_call ({k}): "
+            "evaluations happen between jitted calls")
     tgt = _parse_target(target)
 
     if callable(batches) and not hasattr(batches, "__next__"):
-        base_key = jax.random.key(seed)
-        def next_batch(step):
-            return batches(jax.random.fold_in(base_key, step))
+        draws_keys = True
     else:
+        draws_keys = False
         try:
-            it = iter(batches)
+            batches = iter(batches)
         except TypeError:
             raise TypeError(
                 "seqjax.train.fit: batches must be an iterable of batches or a "
                 f"callable key -> batch, got {type(batches).__name__}") from None
-        def next_batch(step):
-            return next(it)
 
-    history = History()
-    start = _state_step(state)
-    t0 = time.perf_counter()
+    loop = _CompiledLoop if (num_runs is not None or k > 1) else _StepLoop
+    return loop(train_step, batches, draws_keys, num_steps=int(num_steps), eval_fn=eval_fn,
+                eval_every=int(eval_every), target=tgt, progress=progress, log_path=log_path,
+                seed=seed, num_runs=num_runs, k=k, stop_run=on_non_finite == "stop_run").run(state)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=int(num_steps), desc="train", dynamic_ncols=True)
 
-    def save():
-        history.wall_time = time.perf_counter() - t0
-        if log_path is not None:
-            history.save(log_path)
+class _Loop:
+    """What both loops share: the histories, the progress bar, logging and evaluation records."""
 
-    def postfix(train_m):
-        if bar is None:
+    def __init__(self, train_step, batches, draws_keys, *, num_steps, eval_fn, eval_every, target,
+                 progress, log_path, seed, num_runs, k, stop_run):
+        self.train_step, self.batches, self.draws_keys = train_step, batches, draws_keys
+        self.num_steps, self.eval_fn, self.eval_every, self.target = num_steps, eval_fn, eval_every, target
+        self.progress, self.log_path, self.seed = progress, log_path, seed
+        self.num_runs, self.k, self.stop_run = num_runs, k, stop_run
+        self.runs = num_runs or 1
+        self.histories = [History() for _ in range(self.runs)]
+        self.t0 = time.perf_counter()
+        self.bar = None
+
+    def result(self, state):
+        return state, (self.histories if self.num_runs is not None else self.histories[0])
+
+    def save(self):
+        elapsed = time.perf_counter() - self.t0
+        for h in self.histories:
+            h.wall_time = elapsed
+        if self.log_path is None:
+            return
+        if self.num_runs is None:
+            self.histories[0].save(self.log_path)
+            return
+        stem, ext = os.path.splitext(os.fspath(self.log_path))
+        stem = stem if ext in (".json", ".csv") else os.fspath(self.log_path)
+        for r, h in enumerate(self.histories):
+            h.save(f"{stem}.run{r}")
+
+    def open_bar(self):
+        if self.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.num_steps, desc="train", dynamic_ncols=True)
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    def postfix(self, train_m):
+        if self.bar is None or not train_m:
             return
         pf = {"loss": f"{train_m['loss']:.4g}"}
         if "accuracy" in train_m:
             pf["acc"] = f"{train_m['accuracy']:.3f}"
-        if history.eval:
-            for k, v in history.eval[-1].items():
-                if k != "step":
-                    pf[f"eval_{k}"] = f"{v:.4g}"
-        bar.set_postfix(pf, refresh=False)
+        evals = [h.eval[-1] for h in self.histories if h.eval]
+        if evals:
+            for key in evals[-1]:
+                if key != "step":
+                    vals = [e[key] for e in evals if key in e]
+                    pf[f"eval_{key}"] = f"{np.mean(vals):.4g}"
+        self.bar.set_postfix(pf, refresh=False)
 
-    def evaluate(step):
-        m = _to_floats("eval_fn", eval_fn(state))
-        history.eval.append({"step": step, **m})
-        save()
-        return m
+    def non_finite(self, step, state, m, run=None):
+        for h in self.histories:
+            h.stop_reason = h.stop_reason or "non_finite"
+        history = self.histories if self.num_runs is not None else self.histories[0]
+        return NonFiniteLossError(step, state, m, history, run)
 
-    try:
-        last_eval_step = None
-        for i in range(int(num_steps)):
-            step = start + i + 1
-            try:
-                batch = next_batch(step - 1)
-            except StopIteration:
-                history.stop_reason = "data_exhausted"
-                break
-            state, metrics = train_step(state, batch)
-            m = _to_floats("train_step", metrics)
-            if "loss" not in m:
-                raise ValueError(
-                    "seqjax.train.fit: train_step metrics must include 'loss', "
-                    f"got keys {sorted(m)}")
-            if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm") if k in m):
-                history.stop_reason = "non_finite"
-                raise NonFiniteLossError(step, state, m, history)
-            history.train.append({"step": step, **m})
-            if bar is not None:
-                bar.update(1)
-            done = False
-            if eval_fn is not None and (i + 1) % eval_every == 0:
-                em = evaluate(step)
-                last_eval_step = step
-                done = tgt is not None and _reached(tgt, em)
-            elif eval_fn is None and tgt is not None:
-                done = _reached(tgt, m)
-            postfix(m)
-            if done:
-                history.stop_reason = "target"
-                break
+
+def _check_loss(m):
+    if "loss" not in m:
+        raise ValueError(
+            "seqjax.train.fit: train_step metrics must include 'loss', "
+            f"got keys {sorted(m)}")
+
+
+def _finite_metrics(m) -> bool:
+    return all(math.isfinite(m[k]) for k in ("loss", "grad_norm") if k in m)
+
+
+class _StepLoop(_Loop):
+    """One run, one step per host round trip: any state and any Python step or batch function."""
+
+    def run(self, state):
+        history = self.histories[0]
+        if self.draws_keys:
+            base_key = jax.random.key(self.seed)
+            next_batch = lambda step: self.batches(jax.random.fold_in(base_key, step))
         else:
-            history.stop_reason = "num_steps"
-        if (eval_fn is not None and history.train
-                and last_eval_step != history.train[-1]["step"]):
-            evaluate(history.train[-1]["step"])
-    finally:
-        if bar is not None:
-            bar.close()
-        save()
-    return state, history
+            next_batch = lambda step: next(self.batches)
+        start = _state_step(state)
+
+        def evaluate(step):
+            m = _to_floats("eval_fn", self.eval_fn(state))
+            history.eval.append({"step": step, **m})
+            self.save()
+            return m
+
+        self.open_bar()
+        try:
+            last_eval_step = None
+            for i in range(self.num_steps):
+                step = start + i + 1
+                try:
+                    batch = next_batch(step - 1)
+                except StopIteration:
+                    history.stop_reason = "data_exhausted"
+                    break
+                new_state, metrics = self.train_step(state, batch)
+                m = _to_floats("train_step", metrics)
+                _check_loss(m)
+                if not _finite_metrics(m):
+                    state = new_state
+                    if self.stop_run:
+                        history.stop_reason = "non_finite"
+                        break
+                    raise self.non_finite(step, state, m)
+                state = new_state
+                history.train.append({"step": step, **m})
+                if self.bar is not None:
+                    self.bar.update(1)
+                done = False
+                if self.eval_fn is not None and (i + 1) % self.eval_every == 0:
+                    em = evaluate(step)
+                    last_eval_step = step
+                    done = self.target is not None and _reached(self.target, em)
+                elif self.eval_fn is None and self.target is not None:
+                    done = _reached(self.target, m)
+                self.postfix(m)
+                if done:
+                    history.stop_reason = "target"
+                    break
+            else:
+                history.stop_reason = "num_steps"
+            if (self.eval_fn is not None and history.train
+                    and last_eval_step != history.train[-1]["step"]):
+                evaluate(history.train[-1]["step"])
+        finally:
+            self.close_bar()
+            self.save()
+        return self.result(state)
+
+
+class _CompiledLoop(_Loop):
+    """``k`` steps per jitted call, for one run or ``S`` runs in lockstep (see `seqjax._chunked`)."""
+
+    where = "seqjax.train.fit"
+
+    def run(self, state):
+        from seqjax import _chunked
+
+        _chunked.check_pytree_state(self.where, state)
+        lockstep = self.num_runs is not None
+        if lockstep:
+            _chunked.check_run_axis(self.where, state, self.num_runs)
+        train_target = self.target if self.eval_fn is None else None
+        chunk = _chunked.make_chunk(self.train_step, self.batches if self.draws_keys else None,
+                                    num_runs=self.num_runs, seed=self.seed, train_target=train_target,
+                                    stop_run=self.stop_run)
+        evaluate_all = self.eval_fn
+        if self.eval_fn is not None and lockstep:
+            evaluate_all = _chunked.vmapped(self.eval_fn)
+        S = self.runs
+        steps = np.asarray(jax.device_get(getattr(state, "step", 0))).reshape(-1)
+        start = int(steps.max()) if steps.size else 0
+        active = np.ones(S, bool)
+        halted = False
+        last_train = [None] * S
+        last_eval = [None] * S
+        done = 0
+
+        def as_runs(x):
+            return jnp.asarray(x) if lockstep else jnp.asarray(x[0])
+
+        def evaluate(step, runs):
+            out = evaluate_all(state)
+            if not isinstance(out, dict):
+                raise TypeError(
+                    "seqjax.train.fit: eval_fn must return a dict of scalar metrics, "
+                    f"got {type(out).__name__}")
+            host = jax.device_get(out)
+            for r in runs:
+                m = _to_floats("eval_fn", {key: (v[r] if lockstep else v) for key, v in host.items()})
+                self.histories[r].eval.append({"step": step, **m})
+                last_eval[r] = step
+                if self.target is not None and _reached(self.target, m):
+                    active[r] = False
+                    self.histories[r].stop_reason = "target"
+            self.save()
+
+        self.open_bar()
+        try:
+            while done < self.num_steps and active.any():
+                n = min(self.k, self.num_steps - done)
+                step0 = start + done
+                if self.draws_keys:
+                    data = jnp.arange(n, dtype=jnp.int32)
+                else:
+                    pulled = []
+                    for _ in range(n):
+                        try:
+                            pulled.append(next(self.batches))
+                        except StopIteration:
+                            break
+                    if not pulled:
+                        for r in np.nonzero(active)[0]:
+                            self.histories[r].stop_reason = "data_exhausted"
+                        active[:] = False
+                        break
+                    n = len(pulled)
+                    data = _chunked.stack_batches(self.where, pulled)
+                trained = np.nonzero(active)[0]
+                state, active_d, halted_d, metrics, bad = chunk(
+                    state, jnp.int32(step0), as_runs(active), jnp.asarray(halted), data)
+                metrics, bad = jax.device_get((metrics, bad))
+                if not isinstance(metrics, dict):
+                    raise TypeError("seqjax.train.fit: train_step must return (state, dict of scalar metrics), "
+                                    f"got metrics of type {type(metrics).__name__}")
+                bad = np.asarray(bad).reshape(n, S)
+                rows = self._rows(metrics, n)
+                error = None
+                for i in range(n):
+                    step = step0 + i + 1
+                    live = [r for r in trained if active[r]]
+                    if not self.stop_run:
+                        first_bad = [r for r in live if bad[i, r]]
+                        if first_bad:
+                            error = (step, rows[i][first_bad[0]], first_bad[0])
+                            break
+                    for r in live:
+                        m = rows[i][r]
+                        if bad[i, r]:
+                            active[r] = False
+                            self.histories[r].stop_reason = "non_finite"
+                            continue
+                        self.histories[r].train.append({"step": step, **m})
+                        last_train[r] = step
+                        if train_target is not None and _reached(train_target, m):
+                            active[r] = False
+                            self.histories[r].stop_reason = "target"
+                if error is not None:
+                    step, m, r = error
+                    raise self.non_finite(step, state, m, r if lockstep else None)
+                done += n
+                if self.bar is not None:
+                    self.bar.update(n)
+                    live = [rows[n - 1][r] for r in trained if self.histories[r].train
+                            and self.histories[r].train[-1]["step"] == step0 + n]
+                    if live:
+                        self.postfix({key: float(np.mean([m[key] for m in live])) for key in live[0]})
+                if self.eval_fn is not None and done % self.eval_every == 0:
+                    evaluate(step0 + n, [r for r in trained if active[r]])
+            for r in range(S):
+                if self.histories[r].stop_reason is None:
+                    self.histories[r].stop_reason = "num_steps"
+            if self.eval_fn is not None:
+                final = [r for r in range(S) if last_train[r] is not None and last_eval[r] != last_train[r]
+                         and self.histories[r].stop_reason != "non_finite"]
+                if final:
+                    out = jax.device_get(evaluate_all(state))
+                    for r in final:
+                        m = _to_floats("eval_fn", {key: (v[r] if lockstep else v) for key, v in out.items()})
+                        self.histories[r].eval.append({"step": last_train[r], **m})
+        finally:
+            self.close_bar()
+            self.save()
+        return self.result(state)
+
+    def _rows(self, metrics, n):
+        """Host metrics ``{name: [n, (S)]}`` as ``rows[i][r] = {name: float}`` (loss, grad_norm first)."""
+        order = [key for key in ("loss", "grad_norm") if key in metrics]
+        order += [key for key in metrics if key not in order]
+        S = self.runs
+        arrays = {}
+        for key in order:
+            a = np.asarray(metrics[key], dtype=np.float64)
+            if a.size != n * S:
+                raise ValueError(
+                    f"seqjax.train.fit: train_step metric {key!r} must be a scalar, got shape "
+                    f"{a.shape[1:] if self.num_runs is None else a.shape[2:]}")
+            arrays[key] = a.reshape(n, S)
+        _check_loss(arrays)
+        return [[{key: float(arrays[key][i, r]) for key in order} for r in range(S)] for i in range(n)]
