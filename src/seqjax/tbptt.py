@@ -392,7 +392,8 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
         initial_carry: PyTree, num_epochs: int = 1, key: Optional[Array] = None,
         eval_fn: Optional[Callable[[TrainState], dict]] = None, log_every: int = 1,
         callback: Optional[Callable[[int, TrainState, dict], None]] = None, callback_every: int = 0,
-        progress: bool = False, scan_epoch: bool = False) -> tuple[TrainState, PyTree, History]:
+        progress: bool = False, scan_epoch: bool = False, mesh: Optional[jax.sharding.Mesh] = None,
+        batch_axis: Optional[str] = None) -> tuple[TrainState, PyTree, History]:
     """Trains with TBPTT over one stream for ``num_epochs`` epochs.
 
     Equivalent loop::
@@ -424,6 +425,13 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
         windows (``step.epoch_fn``): no Python dispatch per window, which is
         what small models need; ``callback`` then acts between epochs only.
         Same results as the per-window loop.
+      mesh: a `jax.sharding.Mesh` to train data-parallel on: the state is
+        replicated, the stream's columns (axis 1) and the carry's batch rows
+        (axis 0) are split over ``batch_axis``, and XLA averages the gradients
+        across devices (`seqjax.sharding`). Same results as one device with
+        the same stream, up to float32 rounding. B must be a multiple of the
+        axis' size.
+      batch_axis: the mesh axis the batch is split over; default the mesh's first.
 
     The budget is ``num_epochs`` (or a ``callback`` that counts steps), never
     the clock: the same call gives the same result on any machine load.
@@ -442,6 +450,8 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
         raise TypeError(f"{call}: step must be a TBPTTStep from seqjax.tbptt.make_step, got {type(step).__name__}")
     num_epochs = _positive_int(call, "num_epochs", num_epochs)
     log_every = _positive_int(call, "log_every", log_every)
+    place = _Placement(call, mesh, batch_axis)
+    state = place.state(state)
     history = History()
     t0 = time.perf_counter()
     gstep = int(jax.device_get(state.step))
@@ -466,15 +476,15 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
         N = np.shape(s.inputs)[0]
         shift = 1 if s.targets is None else 0
         starts = _window_starts(call, N, step.k2, step.k1, shift, drop_last=True)
-        carry = _copy(initial_carry)
+        carry = place.carry(_copy(initial_carry))
         if scan_epoch:
-            state, carry = _scan_epoch(step, state, carry, s, starts, key, gstep, epoch, pending, log_every)
+            state, carry = _scan_epoch(step, state, carry, s, starts, key, gstep, epoch, pending, log_every, place)
             gstep += len(starts)
             flush()
             if callback is not None and callback(gstep, state, history.train[-1] if history.train else {}):
                 stopped = "callback"
             starts = []
-        s = _device_stream(s)
+        s = place.stream(_device_stream(s))
         for j, (t, n) in enumerate(starts):
             x, y, r = _slice(s, t, n)
             window = Window(x, y, r, jnp.asarray(0 if j == 0 else step.k2 - step.k1, jnp.int32))
@@ -507,8 +517,27 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
     return state, carry, history
 
 
+class _Placement:
+    """Where `fit` puts the state, carry and stream: as they are, or data-parallel on a mesh."""
+
+    def __init__(self, call: str, mesh, batch_axis):
+        from seqjax.sharding import data_parallel
+        self.call = call
+        self.dp = None if mesh is None else data_parallel(mesh, batch_axis, call=call)
+
+    def state(self, state):
+        return state if self.dp is None else self.dp.replicate(state)
+
+    def carry(self, carry):
+        return carry if self.dp is None else self.dp.shard(carry, 0, call=self.call)
+
+    def stream(self, stream: Stream, axis: int = 1) -> Stream:
+        """``stream``'s arrays with their batch axis (1: [N, B, ...]; 2: stacked windows [n, T, B, ...]) split."""
+        return stream if self.dp is None else Stream(*self.dp.shard(tuple(stream), axis, call=self.call))
+
+
 def _scan_epoch(step: TBPTTStep, state, carry, s: Stream, starts, key, gstep: int, epoch: int, pending: list,
-                log_every: int):
+                log_every: int, place: _Placement):
     """One epoch as one `lax.scan` over the stacked windows; appends every window's metrics to ``pending``."""
     idx = np.asarray([t for t, _ in starts])[:, None] + np.arange(step.k2)[None, :]     # [n, k2]
     take = lambda a, shift=0: None if a is None else jnp.asarray(np.asarray(a)[idx + shift])
@@ -517,7 +546,8 @@ def _scan_epoch(step: TBPTTStep, state, carry, s: Stream, starts, key, gstep: in
     ls = jnp.asarray([0] + [step.k2 - step.k1] * (len(starts) - 1), jnp.int32)
     keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
         jnp.arange(gstep, gstep + len(starts)))
-    state, carry, metrics = step.epoch_fn(state, carry, Window(xs, ys, take(s.resets), ls), keys)
+    xs, ys, rs = place.stream(Stream(xs, ys, take(s.resets)), axis=2)
+    state, carry, metrics = step.epoch_fn(state, carry, Window(xs, ys, rs, ls), keys)
     host = jax.device_get(metrics)
     for j in range(len(starts)):
         if (gstep + j + 1) % log_every == 0:
