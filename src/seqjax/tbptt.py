@@ -393,7 +393,7 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
         eval_fn: Optional[Callable[[TrainState], dict]] = None, log_every: int = 1,
         callback: Optional[Callable[[int, TrainState, dict], None]] = None, callback_every: int = 0,
         progress: bool = False, scan_epoch: bool = False, mesh: Optional[jax.sharding.Mesh] = None,
-        batch_axis: Optional[str] = None) -> tuple[TrainState, PyTree, History]:
+        batch_axis: Optional[str] = None, checkpoint=None, log_path=None) -> tuple[TrainState, PyTree, History]:
     """Trains with TBPTT over one stream for ``num_epochs`` epochs.
 
     Equivalent loop::
@@ -432,6 +432,17 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
         the same stream, up to float32 rounding. B must be a multiple of the
         axis' size.
       batch_axis: the mesh axis the batch is split over; default the mesh's first.
+      checkpoint: a `seqjax.checkpoint.Checkpoints`: every ``checkpoint.every``
+        windows it saves the state (params, optimiser state, step), the carry,
+        ``key``, the position in the stream (epoch and window) and the
+        history; and where it already holds a checkpoint, training resumes
+        from the latest one (``state`` and ``key`` give only the structure), so
+        a run killed after any window and started again with the same
+        arguments ends with the same bits as one that was never stopped. Not
+        with ``scan_epoch``.
+      log_path: where to write the history (``.json`` and ``.csv``, via
+        `seqjax.train.History.save`) at the end and at every checkpoint; a
+        resumed run's history holds the rows from before the checkpoint too.
 
     The budget is ``num_epochs`` (or a ``callback`` that counts steps), never
     the clock: the same call gives the same result on any machine load.
@@ -454,6 +465,16 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
     state = place.state(state)
     history = History()
     t0 = time.perf_counter()
+    start_epoch, start_window, resumed = 0, 0, None
+    if checkpoint is not None:
+        if scan_epoch:
+            raise ValueError(f"{call}: checkpoint= saves between windows, which scan_epoch=True runs in one call; "
+                             "pass scan_epoch=False")
+        if checkpoint.latest() is not None:
+            arrays, meta = checkpoint.restore(_saved(state, place.carry(_copy(initial_carry)), key))
+            state, resumed, key = arrays["state"], arrays["carry"], arrays.get("key")
+            start_epoch, start_window = int(meta["epoch"]), int(meta["window"])
+            history.train, history.eval = list(meta["train"]), list(meta["eval"])
     gstep = int(jax.device_get(state.step))
     carry = None
     pending: list[tuple[int, int, dict]] = []
@@ -471,7 +492,7 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
                 raise NonFiniteLossError(last["step"], state, last, history)
 
     stopped = None
-    for epoch in range(num_epochs):
+    for epoch in range(start_epoch, num_epochs):
         s = _check_stream(call, stream(epoch) if callable(stream) else stream)
         N = np.shape(s.inputs)[0]
         shift = 1 if s.targets is None else 0
@@ -485,7 +506,12 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
                 stopped = "callback"
             starts = []
         s = place.stream(_device_stream(s))
+        first = 0
+        if resumed is not None:
+            carry, first, resumed = resumed, start_window, None
         for j, (t, n) in enumerate(starts):
+            if j < first:
+                continue
             x, y, r = _slice(s, t, n)
             window = Window(x, y, r, jnp.asarray(0 if j == 0 else step.k2 - step.k1, jnp.int32))
             k = None if key is None else jax.random.fold_in(key, gstep)
@@ -495,6 +521,12 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
                 pending.append((gstep, epoch, metrics))
             if len(pending) >= 256:
                 flush()
+            if checkpoint is not None and checkpoint.should_save(gstep):
+                flush()
+                checkpoint.save(gstep, _saved(state, carry, key),
+                                {"epoch": epoch, "window": j + 1, "train": history.train, "eval": history.eval})
+                if log_path is not None:
+                    history.save(log_path)
             if callback is not None and callback_every and gstep % callback_every == 0:
                 flush()
                 if callback(gstep, state, history.train[-1] if history.train else {}):
@@ -514,7 +546,14 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
             break
     history.stop_reason = stopped or "num_steps"
     history.wall_time = time.perf_counter() - t0
+    if log_path is not None:
+        history.save(log_path)
     return state, carry, history
+
+
+def _saved(state, carry, key) -> dict:
+    """What a checkpoint of `fit` holds besides its metadata."""
+    return {"state": state, "carry": carry, **({} if key is None else {"key": key})}
 
 
 class _Placement:

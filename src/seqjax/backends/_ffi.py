@@ -135,8 +135,10 @@ def ffi_call(target: str, result_shape_dtypes, *, batch: Batch | None = None, **
     def checked(*args, **attrs):
         try:
             return _call(target, results, batch, kwargs, args, attrs)
-        except ValueError as e:
-            if "cannot be differentiated" not in str(e):
+        except (ValueError, NotImplementedError) as e:
+            # JAX's words for the FFI call, and for the custom_partitioning around it on a multi-device host
+            words = ("cannot be differentiated", "Differentiation rule for 'custom_partitioning'")
+            if not any(w in str(e) for w in words):
                 raise
             raise TypeError(f"seqjax.scan: the native kernel {target!r} is differentiable once, in reverse mode "
                             f"(jax.grad, jax.vjp); a second derivative (grad of grad, jax.hessian) or forward mode "
