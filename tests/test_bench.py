@@ -156,3 +156,22 @@ def test_pallas_probes_interpret(tmp_path):
     assert impls[("lstm", "pallas grid-sync")]["max_abs_diff"] < 1e-5  # one program in the interpreter
     assert "the per-step probe covers rnn and lstm" in impls[("gru", "pallas step")]["failed"]
     assert "the grid-barrier probe covers the lstm" in impls[("rnn", "pallas grid-sync")]["failed"]
+
+
+def test_sharded_quick(tmp_path):
+    proc = run_bench("sharded.py", tmp_path)
+    ok(proc)
+    res = json.loads((tmp_path / "sharded.json").read_text())
+    assert res["devices"] == 2 and len(res["environment"]["devices"]) == 2
+    rows = res["rows"]
+    assert [r["library"] for r in rows] == ["sharded", "replicated", "one device"]
+    replicated = rows[1]["median_ms"]
+    for r in rows:
+        assert 0 < r["min_ms"] <= r["median_ms"] and r["n"] == 3
+        assert r["ratio_to_replicated"] == pytest.approx(r["median_ms"] / replicated)
+        assert r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)  # the same step, placed three ways
+    if rows[0]["backend"] in ("avx2", "avx512"):  # the kernels run on B/2 rows of the tiny shape's B=4
+        forward = next(c for c in rows[0]["hlo_kernel_calls"] if c.endswith("_rnn_forward"))
+        assert forward.startswith("(f32[2,12,16]")
+    assert rows[0]["hlo_all_gather"] is False
+    assert is_png(tmp_path / "sharded.png")
