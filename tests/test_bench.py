@@ -126,3 +126,22 @@ def test_fit_loop_quick(tmp_path):
         assert r["median_ms"] > 0 and r["run_steps"] in (r["steps"], 5 * r["steps"])
         assert abs(r["run_steps_per_s"] - r["run_steps"] / (r["median_ms"] / 1e3)) < 1e-6 * r["run_steps_per_s"]
     assert is_png(tmp_path / "fit_loop.png")
+
+
+def test_sharded_quick(tmp_path):
+    proc = run_bench("sharded.py", tmp_path)
+    ok(proc)
+    res = json.loads((tmp_path / "sharded.json").read_text())
+    assert res["devices"] == 2 and len(res["environment"]["devices"]) == 2
+    rows = res["rows"]
+    assert [r["library"] for r in rows] == ["sharded", "replicated", "one device"]
+    replicated = rows[1]["median_ms"]
+    for r in rows:
+        assert 0 < r["min_ms"] <= r["median_ms"] and r["n"] == 3
+        assert r["ratio_to_replicated"] == pytest.approx(r["median_ms"] / replicated)
+        assert r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)  # the same step, placed three ways
+    if rows[0]["backend"] in ("avx2", "avx512"):  # the kernels run on B/2 rows of the tiny shape's B=4
+        forward = next(c for c in rows[0]["hlo_kernel_calls"] if c.endswith("_rnn_forward"))
+        assert forward.startswith("(f32[2,12,16]")
+    assert rows[0]["hlo_all_gather"] is False
+    assert is_png(tmp_path / "sharded.png")

@@ -15,7 +15,8 @@ from seqjax.runners import scan, unrolled
 from seqjax.generation import generate
 from seqjax.interop import from_torch, from_torch_carry, to_torch_state_dict, torch_carry
 from seqjax.train import History, NonFiniteLossError, TrainState, fit, init_state, make_nnx_train_step, make_train_step
-from seqjax import attention, backends, diagnostics, losses, nnx, seq2seq, tasks, tbptt  # noqa: E402
+from seqjax import (attention, backends, checkpoint, diagnostics, losses, nnx, seq2seq, sharding,  # noqa: E402
+                    tasks, tbptt)
 
 __all__ = [
     # cells and their params
@@ -29,5 +30,5 @@ __all__ = [
     # PyTorch interop
     "from_torch", "from_torch_carry", "to_torch_state_dict", "torch_carry",
     # modules
-    "attention", "backends", "diagnostics", "losses", "nnx", "seq2seq", "tasks", "tbptt",
+    "attention", "backends", "checkpoint", "diagnostics", "losses", "nnx", "seq2seq", "sharding", "tasks", "tbptt",
 ]

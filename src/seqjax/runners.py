@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax._vma import batch_sharded_like, vary_over, varying_axes
 from seqjax.backends._table import Request, choose, platform_of, run
 from seqjax.cells.base import Array, Cell, form_of
 from seqjax.cells.validate import check_params
@@ -83,6 +84,15 @@ def _plan(call: str, cell: Cell, params, xs, carry, lengths, resets, time_major:
                              f"got {tuple(rshape)}")
         resets = jnp.asarray(resets).astype(bool)
         resets = resets if time_major else resets.T
+    # on Explicit mesh axes the carry and masks are sharded as the batch of xs is
+    carry, init_carry, lengths = batch_sharded_like((carry, init_carry, lengths), xs_tm, 1)
+    if resets is not None:
+        resets = batch_sharded_like(resets, xs_tm, 1, leaf_axis=1)
+    if lengths is not None:
+        valid = jnp.arange(T)[:, None] < lengths[None, :]
+    # inside jax.shard_map the loop's carry varies over whatever mesh axes its inputs vary over
+    axes = varying_axes(xs_tm, params, carry, lengths, resets)
+    carry, init_carry = vary_over(carry, axes), vary_over(init_carry, axes)
     return _Plan(xs_tm, carry, init_carry, lengths, valid, resets)
 
 
@@ -291,6 +301,17 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
     an accelerator, a call whose placement is not fixed by its inputs or
     `jax.default_device` is decided per platform when it is lowered
     (`jax.lax.platform_dependent`): a computation lowered for the CPU gets the CPU path.
+
+    Sharding (`jax.sharding`): batch rows are independent, so a batch sharded
+    over a mesh runs per shard on every path, the native kernels included
+    (`seqjax.backends._ffi`): under `jax.jit` with Auto axes the outputs and
+    the final carry keep the batch's sharding and the compiled program gathers
+    no batch; with Explicit axes (`jax.make_mesh`'s default) and inside
+    `jax.shard_map` (``check_vma=True``), forward and gradients work. Weights
+    are expected replicated; a sharding of the weights, the hidden or the time
+    axis is gathered before the kernels run (same results, no per-shard
+    speed-up). `seqjax.sharding` places state and batches for data-parallel
+    training.
 
     Truncated BPTT: feed ``jax.lax.stop_gradient(final_carry)`` back as ``carry``.
 

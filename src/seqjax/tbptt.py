@@ -392,7 +392,8 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
         initial_carry: PyTree, num_epochs: int = 1, key: Optional[Array] = None,
         eval_fn: Optional[Callable[[TrainState], dict]] = None, log_every: int = 1,
         callback: Optional[Callable[[int, TrainState, dict], None]] = None, callback_every: int = 0,
-        progress: bool = False, scan_epoch: bool = False) -> tuple[TrainState, PyTree, History]:
+        progress: bool = False, scan_epoch: bool = False, mesh: Optional[jax.sharding.Mesh] = None,
+        batch_axis: Optional[str] = None, checkpoint=None, log_path=None) -> tuple[TrainState, PyTree, History]:
     """Trains with TBPTT over one stream for ``num_epochs`` epochs.
 
     Equivalent loop::
@@ -424,6 +425,24 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
         windows (``step.epoch_fn``): no Python dispatch per window, which is
         what small models need; ``callback`` then acts between epochs only.
         Same results as the per-window loop.
+      mesh: a `jax.sharding.Mesh` to train data-parallel on: the state is
+        replicated, the stream's columns (axis 1) and the carry's batch rows
+        (axis 0) are split over ``batch_axis``, and XLA averages the gradients
+        across devices (`seqjax.sharding`). Same results as one device with
+        the same stream, up to float32 rounding. B must be a multiple of the
+        axis' size.
+      batch_axis: the mesh axis the batch is split over; default the mesh's first.
+      checkpoint: a `seqjax.checkpoint.Checkpoints`: every ``checkpoint.every``
+        windows it saves the state (params, optimiser state, step), the carry,
+        ``key``, the position in the stream (epoch and window) and the
+        history; and where it already holds a checkpoint, training resumes
+        from the latest one (``state`` and ``key`` give only the structure), so
+        a run killed after any window and started again with the same
+        arguments ends with the same bits as one that was never stopped. Not
+        with ``scan_epoch``.
+      log_path: where to write the history (``.json`` and ``.csv``, via
+        `seqjax.train.History.save`) at the end and at every checkpoint; a
+        resumed run's history holds the rows from before the checkpoint too.
 
     The budget is ``num_epochs`` (or a ``callback`` that counts steps), never
     the clock: the same call gives the same result on any machine load.
@@ -442,8 +461,20 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
         raise TypeError(f"{call}: step must be a TBPTTStep from seqjax.tbptt.make_step, got {type(step).__name__}")
     num_epochs = _positive_int(call, "num_epochs", num_epochs)
     log_every = _positive_int(call, "log_every", log_every)
+    place = _Placement(call, mesh, batch_axis)
+    state = place.state(state)
     history = History()
     t0 = time.perf_counter()
+    start_epoch, start_window, resumed = 0, 0, None
+    if checkpoint is not None:
+        if scan_epoch:
+            raise ValueError(f"{call}: checkpoint= saves between windows, which scan_epoch=True runs in one call; "
+                             "pass scan_epoch=False")
+        if checkpoint.latest() is not None:
+            arrays, meta = checkpoint.restore(_saved(state, place.carry(_copy(initial_carry)), key))
+            state, resumed, key = arrays["state"], arrays["carry"], arrays.get("key")
+            start_epoch, start_window = int(meta["epoch"]), int(meta["window"])
+            history.train, history.eval = list(meta["train"]), list(meta["eval"])
     gstep = int(jax.device_get(state.step))
     carry = None
     pending: list[tuple[int, int, dict]] = []
@@ -461,21 +492,26 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
                 raise NonFiniteLossError(last["step"], state, last, history)
 
     stopped = None
-    for epoch in range(num_epochs):
+    for epoch in range(start_epoch, num_epochs):
         s = _check_stream(call, stream(epoch) if callable(stream) else stream)
         N = np.shape(s.inputs)[0]
         shift = 1 if s.targets is None else 0
         starts = _window_starts(call, N, step.k2, step.k1, shift, drop_last=True)
-        carry = _copy(initial_carry)
+        carry = place.carry(_copy(initial_carry))
         if scan_epoch:
-            state, carry = _scan_epoch(step, state, carry, s, starts, key, gstep, epoch, pending, log_every)
+            state, carry = _scan_epoch(step, state, carry, s, starts, key, gstep, epoch, pending, log_every, place)
             gstep += len(starts)
             flush()
             if callback is not None and callback(gstep, state, history.train[-1] if history.train else {}):
                 stopped = "callback"
             starts = []
-        s = _device_stream(s)
+        s = place.stream(_device_stream(s))
+        first = 0
+        if resumed is not None:
+            carry, first, resumed = resumed, start_window, None
         for j, (t, n) in enumerate(starts):
+            if j < first:
+                continue
             x, y, r = _slice(s, t, n)
             window = Window(x, y, r, jnp.asarray(0 if j == 0 else step.k2 - step.k1, jnp.int32))
             k = None if key is None else jax.random.fold_in(key, gstep)
@@ -485,6 +521,12 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
                 pending.append((gstep, epoch, metrics))
             if len(pending) >= 256:
                 flush()
+            if checkpoint is not None and checkpoint.should_save(gstep):
+                flush()
+                checkpoint.save(gstep, _saved(state, carry, key),
+                                {"epoch": epoch, "window": j + 1, "train": history.train, "eval": history.eval})
+                if log_path is not None:
+                    history.save(log_path)
             if callback is not None and callback_every and gstep % callback_every == 0:
                 flush()
                 if callback(gstep, state, history.train[-1] if history.train else {}):
@@ -504,11 +546,37 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
             break
     history.stop_reason = stopped or "num_steps"
     history.wall_time = time.perf_counter() - t0
+    if log_path is not None:
+        history.save(log_path)
     return state, carry, history
 
 
+def _saved(state, carry, key) -> dict:
+    """What a checkpoint of `fit` holds besides its metadata."""
+    return {"state": state, "carry": carry, **({} if key is None else {"key": key})}
+
+
+class _Placement:
+    """Where `fit` puts the state, carry and stream: as they are, or data-parallel on a mesh."""
+
+    def __init__(self, call: str, mesh, batch_axis):
+        from seqjax.sharding import data_parallel
+        self.call = call
+        self.dp = None if mesh is None else data_parallel(mesh, batch_axis, call=call)
+
+    def state(self, state):
+        return state if self.dp is None else self.dp.replicate(state)
+
+    def carry(self, carry):
+        return carry if self.dp is None else self.dp.shard(carry, 0, call=self.call)
+
+    def stream(self, stream: Stream, axis: int = 1) -> Stream:
+        """``stream``'s arrays with their batch axis (1: [N, B, ...]; 2: stacked windows [n, T, B, ...]) split."""
+        return stream if self.dp is None else Stream(*self.dp.shard(tuple(stream), axis, call=self.call))
+
+
 def _scan_epoch(step: TBPTTStep, state, carry, s: Stream, starts, key, gstep: int, epoch: int, pending: list,
-                log_every: int):
+                log_every: int, place: _Placement):
     """One epoch as one `lax.scan` over the stacked windows; appends every window's metrics to ``pending``."""
     idx = np.asarray([t for t, _ in starts])[:, None] + np.arange(step.k2)[None, :]     # [n, k2]
     take = lambda a, shift=0: None if a is None else jnp.asarray(np.asarray(a)[idx + shift])
@@ -517,7 +585,8 @@ def _scan_epoch(step: TBPTTStep, state, carry, s: Stream, starts, key, gstep: in
     ls = jnp.asarray([0] + [step.k2 - step.k1] * (len(starts) - 1), jnp.int32)
     keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
         jnp.arange(gstep, gstep + len(starts)))
-    state, carry, metrics = step.epoch_fn(state, carry, Window(xs, ys, take(s.resets), ls), keys)
+    xs, ys, rs = place.stream(Stream(xs, ys, take(s.resets)), axis=2)
+    state, carry, metrics = step.epoch_fn(state, carry, Window(xs, ys, rs, ls), keys)
     host = jax.device_get(metrics)
     for j in range(len(starts)):
         if (gstep + j + 1) % log_every == 0:

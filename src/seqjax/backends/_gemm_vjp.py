@@ -33,6 +33,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from seqjax._vma import explicit_replicated, match_varying
 from seqjax.cells.base import Array, Cell, compute_dtype, form_of, matmul
 from seqjax.cells.gru import GRUParams
 from seqjax.cells.lstm import ACTIVATIONS as LSTM_ACTIVATIONS
@@ -400,32 +401,36 @@ def _fused_bwd(kind, reverse, hoist, remat, unroll, saved, cts):
     dcarry0, (dpx, extra) = jax.lax.scan(body, dfinal, (per_step, dys, valid, resets), reverse=not reverse,
                                          unroll=unroll)
     dcarry0 = jax.tree.map(lambda a, dt: a.astype(dt), dcarry0, carry_dtypes)
-    rows = lambda a: a.reshape(-1, a.shape[-1]).astype(ct)  # noqa: E731  [T, B, K] -> [T*B, K] (T may be 0)
+    # [T, B, K] arrays contracted over all T*B rows at once (no reshape: the batch axis may be sharded)
+    rows = lambda a: a.astype(ct)  # noqa: E731
     dpx2 = rows(dpx)
     if kind == "gru":
         H = extra["dghn"].shape[-1]
-        dgh2 = jnp.concatenate([dpx2[:, :2 * H], rows(extra["dghn"])], -1)
+        dgh2 = jnp.concatenate([dpx2[..., :2 * H], rows(extra["dghn"])], -1)
     else:
         dgh2 = dpx2
-    contract_rows = (((0,), (0,)), ((), ()))
+    over_rows = partial(jax.lax.dot_general, dimension_numbers=(((0, 1), (0, 1)), ((), ())),
+                        out_sharding=explicit_replicated(dpx2))
     if kind == "gru_cho":  # dW_h = [H_prev^T dA_rz, (R * H_prev)^T dA_n]
         H = h_start.shape[-1]
-        dw_h = jnp.concatenate([jax.lax.dot_general(rows(h_start), dpx2[:, :2 * H], contract_rows),
-                                jax.lax.dot_general(rows(extra["rh"]), dpx2[:, 2 * H:], contract_rows)], axis=1)
+        dw_h = jnp.concatenate([over_rows(rows(h_start), dpx2[..., :2 * H]),
+                                over_rows(rows(extra["rh"]), dpx2[..., 2 * H:])], axis=1)
     else:
-        dw_h = jax.lax.dot_general(rows(h_start), dgh2, contract_rows)
-    dw_x = jax.lax.dot_general(rows(xs), dpx2, contract_rows)
-    dxs = jax.lax.dot_general(dpx2, params.w_x.astype(ct), (((1,), (1,)), ((), ())))
-    dxs = dxs.reshape(xs.shape).astype(xs.dtype)
-    grads = dict(w_x=dw_x, w_h=dw_h, b=jnp.sum(dpx2, 0))
+        dw_h = over_rows(rows(h_start), dgh2)
+    dw_x = over_rows(rows(xs), dpx2)
+    dxs = jax.lax.dot_general(dpx2, params.w_x.astype(ct), (((2,), (1,)), ((), ())))
+    dxs = dxs.astype(xs.dtype)
+    grads = dict(w_x=dw_x, w_h=dw_h, b=jnp.sum(dpx2, (0, 1)))
     if kind == "gru":
-        grads["b_hn"] = jnp.sum(rows(extra["dghn"]), 0)
+        grads["b_hn"] = jnp.sum(rows(extra["dghn"]), (0, 1))
     if "peep" in extra:
         grads["peep"] = jnp.sum(extra["peep"], 0)
     if "h_full" in extra:  # dW_proj = sum_t (o_t * tanh c_t)^T dh_t
-        grads["w_proj"] = jax.lax.dot_general(rows(extra["h_full"]), rows(extra["dh"]), contract_rows)
+        grads["w_proj"] = over_rows(rows(extra["h_full"]), rows(extra["dh"]))
     grads = {k: v.astype(getattr(params, k).dtype) for k, v in grads.items()}
-    return params._replace(**grads), dxs, dcarry0, None, None
+    # inside jax.shard_map: the weight gradients of one block's rows are summed over the blocks
+    dparams, dxs = match_varying((params._replace(**grads), dxs), (params, xs))
+    return dparams, dxs, dcarry0, None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

@@ -44,7 +44,8 @@ import jax.numpy as jnp
 
 from seqjax.cells.base import Array, matmul
 from seqjax.cells.lstm import LSTMCarry
-from seqjax.backends._ffi import ffi_call
+from seqjax._vma import explicit_replicated, match_varying
+from seqjax.backends._ffi import SUM, Batch, ffi_call
 from seqjax.backends._gemm_vjp import _start_h
 
 __all__ = ["CELLS", "LSTM_VARIANTS", "native_scan"]
@@ -72,6 +73,11 @@ class Target(NamedTuple):
         """Whether the sequence arrays are [B, T, .] rather than [T, B, .]: the targets' own attribute."""
         return bool(dict(self.attrs).get("batch_major", False))
 
+    @property
+    def batch_axis(self) -> int:
+        """The axis of the batch rows in the sequence arrays."""
+        return 0 if self.batch_major else 1
+
 
 def _empty():
     return jnp.zeros((0,), jnp.float32)
@@ -79,6 +85,11 @@ def _empty():
 
 def _sds(shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _rows_at(a, axis: int):
+    """``axis`` if ``a`` has batch rows there, else None (an empty placeholder): for `seqjax.backends._ffi.Batch`."""
+    return axis if a.size else None
 
 
 def _forward(target, training, inputs, w_h, b_hn, h0, c0, masks=()):
@@ -90,7 +101,11 @@ def _forward(target, training, inputs, w_h, b_hn, h0, c0, masks=()):
     residuals = training and (target.cell in _LSTMS or target.cell == CELLS["gru"])
     out = (_sds((*lead, H)), _sds(h0.shape), _sds(c0.shape), _sds((*lead, GH) if residuals else (0,)),
            _sds((*lead, H) if residuals else (0,)))
-    call = ffi_call(f"{target.prefix}_forward", out, vmap_method="sequential")
+    bt = target.batch_axis
+    lengths_resets = (_rows_at(masks[0], 0), _rows_at(masks[1], 1)) if masks else ()  # resets are time-major
+    batch = Batch((bt,) + (None,) * (len(inputs) - 1) + (None, None, 0, _rows_at(c0, 0)) + lengths_resets,
+                  (bt, 0, _rows_at(c0, 0), bt if residuals else None, bt if residuals else None))
+    call = ffi_call(f"{target.prefix}_forward", out, vmap_method="sequential", batch=batch)
     return call(*inputs, w_h, b_hn, h0, c0, *masks, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
@@ -109,12 +124,18 @@ def _state_grads(target, saved, cts, masks=None):
     gru = target.cell == CELLS["gru"]
     out = (_sds((*lead, w_h.shape[1])), _sds((*lead, H) if gru else (0,)), _sds(h0.shape), _sds(c0.shape))
     operands = (dys, dhT, dcT, w_h, ys, h0, c0, act, aux)
+    bt = target.batch_axis
+    in_axes = (bt, 0, _rows_at(dcT, 0), None, bt, 0, _rows_at(c0, 0), _rows_at(act, bt), _rows_at(aux, bt))
+    out_axes = (bt, bt if gru else None, 0, _rows_at(c0, 0))
     if masks is not None:
         out += (_sds((h0.shape[0], extra.size) if target.cell in _LSTMS and extra.size else (0,)),)
         operands += (*masks, extra)
+        in_axes += (_rows_at(masks[0], 0), _rows_at(masks[1], 1), None)
+        out_axes += (0 if out[-1].shape[0] else None,)
     # operands 7 and 8 are act and aux; results 0 and 1 are dpx and dghn
     aliases = ({7: 0, 8: 1} if gru else {7: 0}) if target.in_place and act.size else None
-    call = ffi_call(f"{target.prefix}_backward", out, vmap_method="sequential", input_output_aliases=aliases)
+    call = ffi_call(f"{target.prefix}_backward", out, vmap_method="sequential", input_output_aliases=aliases,
+                    batch=Batch(in_axes, out_axes))
     results = call(*operands, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
     return tuple(results) if masks is not None else (*results, None)
 
@@ -128,8 +149,8 @@ def _backward(target, saved, cts):
     # the recurrent GEMM's output gradient: dpx, except the GRU's n block, which saw r * (h W_hn + b_hn)
     dgh = jnp.concatenate([dpx[..., :2 * H], dghn], -1) if gru else dpx
     h_start = _start_h_batch_major(ys, h0, target.reverse) if target.batch_major else _start_h(ys, h0, target.reverse)
-    db_hn = jnp.sum(_rows(dghn), 0) if gru else jnp.zeros_like(b_hn)
-    dw_h = jax.lax.dot_general(_rows(h_start), _rows(dgh), (((0,), (0,)), ((), ())))
+    db_hn = jnp.sum(dghn, (0, 1)) if gru else jnp.zeros_like(b_hn)
+    dw_h = jax.lax.dot_general(h_start, dgh, _OVER_ROWS, out_sharding=explicit_replicated(dgh))
     return dpx, dw_h, db_hn, dh0, dc0
 
 
@@ -137,7 +158,9 @@ def _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, b_hn, masks):
     """``(dw_x, dw_h, db, db_hn)`` from the weight-gradient target of kernels that project."""
     I, H, GH = xs.shape[-1], h0.shape[-1], dpx.shape[-1]
     out = (_sds((I, GH)), _sds((H, GH)), _sds((GH,)), _sds(b_hn.shape))
-    call = ffi_call(f"{target.prefix}_weight_grads", out, vmap_method="sequential")
+    bt = target.batch_axis
+    batch = Batch((bt, bt, 0, bt, _rows_at(dghn, bt), _rows_at(masks[0], 0), _rows_at(masks[1], 1)), (SUM,) * 4)
+    call = ffi_call(f"{target.prefix}_weight_grads", out, vmap_method="sequential", batch=batch)
     return call(xs, ys, h0, dpx, dghn, *masks, cell=target.cell, reverse=target.reverse, **dict(target.attrs))
 
 
@@ -148,9 +171,9 @@ def _start_h_batch_major(ys, h0, reverse):
     return jnp.concatenate([h0[:, None], ys[:, :-1]], axis=1)
 
 
-def _rows(a):
-    """[T, B, N] -> [T*B, N]: the 2-D layout XLA:CPU's fast GEMM path wants."""
-    return a.reshape(-1, a.shape[-1])
+#: dot_general dimensions that contract two [T, B, .] arrays over all T*B rows (no reshape: the batch axis may be
+#: sharded, and XLA lays the contraction out as one GEMM)
+_OVER_ROWS = (((0, 1), (0, 1)), ((), ()))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -161,11 +184,14 @@ def _run(target, px, w_h, b_hn, h0, c0):
 
 def _run_fwd(target, px, w_h, b_hn, h0, c0):
     ys, hT, cT, act, aux = _forward(target, True, (px,), w_h, b_hn, h0, c0)
-    return (ys, hT, cT), (w_h, b_hn, h0, c0, ys, act, aux)
+    # px[:0] keeps only px's type (its varying manual axes), which its cotangent must match
+    return (ys, hT, cT), (px[:0], (w_h, b_hn, h0, c0, ys, act, aux))
 
 
 def _run_bwd(target, saved, cts):
-    return _backward(target, saved, cts)
+    px_type, rest = saved
+    grads = _backward(target, rest, cts)
+    return match_varying(grads, (px_type, *rest[:4]))
 
 
 _run.defvjp(_run_fwd, _run_bwd)
@@ -179,18 +205,20 @@ def _run_projecting(target, xs, w_x, b, w_h, extra, h0, c0, lengths, resets):
 
 def _run_projecting_fwd(target, xs, w_x, b, w_h, extra, h0, c0, lengths, resets):
     ys, hT, cT, act, aux = _forward(target, True, (xs, w_x, b), w_h, extra, h0, c0, (lengths, resets))
-    return (ys, hT, cT), (xs, w_x, (lengths, resets), (w_h, extra, h0, c0, ys, act, aux))
+    return (ys, hT, cT), (xs, w_x, b, (lengths, resets), (w_h, extra, h0, c0, ys, act, aux))
 
 
 def _run_projecting_bwd(target, saved, cts):
-    xs, w_x, masks, rest = saved
+    xs, w_x, b, masks, rest = saved
     _, extra, h0, _, ys, _, _ = rest
     dpx, dghn, dh0, dc0, dpeep = _state_grads(target, rest, cts, masks)
     gru = target.cell == CELLS["gru"]
     dw_x, dw_h, db, db_hn = _kernel_weight_grads(target, xs, ys, h0, dpx, dghn, extra if gru else _empty(), masks)
-    dxs = (_rows(dpx) @ w_x.T).reshape(xs.shape)
+    dxs = jax.lax.dot_general(dpx, w_x, (((2,), (1,)), ((), ())))
     dextra = db_hn if gru else jnp.sum(dpeep, 0).reshape(extra.shape) if dpeep.size else jnp.zeros_like(extra)
-    return dxs, dw_x, db, dw_h, dextra, dh0, dc0, None, None
+    # inside jax.shard_map: the weight gradients of one block's rows are summed over the blocks
+    grads = match_varying((dxs, dw_x, db, dw_h, dextra, dh0, dc0), (xs, w_x, b, *rest[:4]))
+    return (*grads, None, None)
 
 
 _run_projecting.defvjp(_run_projecting_fwd, _run_projecting_bwd)

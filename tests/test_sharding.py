@@ -1,0 +1,114 @@
+"""seqjax over a sharded batch on 4 emulated CPU devices, against the same computation on one device.
+
+The device count is fixed when a process first starts JAX's CPU backend, so
+the sharded runs happen in one subprocess (tests/sharded_checks.py, started
+once for the module with ``--xla_force_host_platform_device_count=4`` added to
+its XLA_FLAGS); the tests assert on what it reports. The rest of the suite
+keeps its single device.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import seqjax
+from seqjax.sharding import data_parallel
+
+HERE = os.path.dirname(__file__)
+CELLS = ("lstm", "gru", "rnn")
+KERNELS = ("auto", "xla")
+TOL = 2e-5  # float32: the sharded sums add the same terms in another order
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    done = subprocess.run([sys.executable, os.path.join(HERE, "sharded_checks.py")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_auto_mesh_keeps_the_batch_sharded_and_matches_one_device(report, cell, kernel):
+    key = f"{cell}/{kernel}/auto"
+    assert report[f"{key}/ys_spec"] == "P('b',)"
+    assert report[f"{key}/carry_spec"] == "P('b',)"
+    assert report[f"{key}/diff"] < TOL
+    assert report[f"{key}/all_gather"] is False
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_native_kernels_run_per_shard(report, cell):
+    if not report["kernels_available"]:
+        pytest.skip("seqjax's x86 kernels are not available here")
+    backend = report[f"{cell}/auto/backend"]
+    assert backend in ("avx2", "avx512")
+    calls = dict(report[f"{cell}/auto/auto/kernel_calls"])
+    # forward, backward and weight-gradient kernels, each on B/4 = 2 rows of the batch-major xs [B, T, I]
+    assert set(calls) == {f"seqjax_{backend}_rnn_{k}" for k in ("forward", "backward", "weight_grads")}
+    assert calls[f"seqjax_{backend}_rnn_forward"] == "f32[2,6,4]"
+    assert calls[f"seqjax_{backend}_rnn_weight_grads"] == "f32[2,6,4]"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_shard_map_with_check_vma(report, cell, kernel):
+    assert report[f"{cell}/{kernel}/shard_map/diff"] < TOL
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_explicit_mesh(report, cell, kernel):
+    assert report[f"{cell}/{kernel}/explicit/diff"] < TOL
+    assert report[f"{cell}/{kernel}/explicit/ys_spec"] == "P('b', None, None)"
+
+
+@pytest.mark.parametrize("what", ["time", "hidden", "replicated"])
+def test_other_shardings_fall_back_to_the_same_result(report, what):
+    assert report[f"fallback/{what}/diff"] < TOL
+
+
+def test_vmap_on_a_multi_device_host(report):
+    assert report["vmap/diff"] < TOL
+
+
+@pytest.mark.parametrize("schedule", ["8_8_loop", "5_8_scan"])
+def test_tbptt_fit_data_parallel(report, schedule):
+    key = f"tbptt/{schedule}"
+    assert report[f"{key}/steps"] > 0
+    assert report[f"{key}/diff"] < 1e-4  # two epochs of Adam steps on float32 gradients
+    assert report[f"{key}/carry_spec"] == "P('b',)"
+    assert report[f"{key}/params_spec"] == "P()"
+
+
+def test_nnx_train_step_data_parallel(report):
+    assert report["nnx/diff"] < 1e-4
+
+
+def test_data_parallel_errors():
+    import jax
+    import numpy as np
+    mesh = jax.make_mesh((1,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+    with pytest.raises(TypeError, match="seqjax.sharding.data_parallel: mesh must be a jax.sharding.Mesh"):
+        data_parallel("b")
+    with pytest.raises(ValueError, match=r"axis must name axes of the mesh \('b',\), got 'x'"):
+        data_parallel(mesh, "x")
+    dp = data_parallel(mesh)
+    assert dp.axis == "b" and dp.size == 1
+    batch = dp.shard({"x": np.ones((4, 3)), "n": None})
+    assert batch["n"] is None and batch["x"].sharding.spec == jax.sharding.PartitionSpec("b", None)
+    with pytest.raises(ValueError, match="seqjax.tbptt.fit: axis must name axes"):
+        seqjax.tbptt.fit(seqjax.tbptt.make_step(lambda p, c, x, **k: (c, x), lambda o, y: o, _sgd(), k1=2),
+                         None, np.zeros((8, 2)), initial_carry=None, mesh=mesh, batch_axis="x")
+
+
+def _sgd():
+    import optax
+    return optax.sgd(0.1)
