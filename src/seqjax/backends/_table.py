@@ -97,8 +97,11 @@ def _never(_request=None) -> None:
 
 # ----------------------------------------------------------------------------- blockers shared by the native kernels
 
-def _native_blocker(request: Request, platform: str, takes_masks: bool) -> str | None:
-    """Why a native kernel for ``platform`` cannot run ``request``, whatever the cell (None: nothing)."""
+def _native_blocker(request: Request, platform: str, takes_masks: bool, checkpoints: bool = False) -> str | None:
+    """Why a native kernel for ``platform`` cannot run ``request``, whatever the cell (None: nothing).
+
+    ``checkpoints``: whether its custom VJP runs ``checkpoint`` policies other than "all".
+    """
     if request.reference:
         return "seqjax.unrolled is the plain-JAX reference"
     if 0 in request.xs_tm.shape[:2]:
@@ -111,6 +114,9 @@ def _native_blocker(request: Request, platform: str, takes_masks: bool) -> str |
         return "this native kernel has no per-step resets"
     if request.options.remat:
         return "remat=True (the native kernels keep their own residuals for the backward pass)"
+    if request.options.checkpoint != "all" and not checkpoints:
+        return (f"checkpoint={request.options.checkpoint!r} (these kernels keep every step's residuals; seqjax's "
+                "x86 kernels and XLA's loop checkpoint)")
     if request.options.backward != "auto":
         return (f"backward={request.options.backward!r} (the native kernels have their own backward pass; "
                 "pass backward='auto')")
@@ -209,6 +215,8 @@ def _vjp_blocker(request: Request) -> str | None:
         return "backward='autodiff'"
     if request.options.remat and backward == "auto":
         return "remat=True with backward='auto' (autodiff's checkpointed loop saves the most memory)"
+    if request.options.checkpoint != "all":
+        return f"checkpoint={request.options.checkpoint!r}"
     if fusable(request.cell, request.params) is None:
         return ("it covers cells built by seqjax.lstm with named activations (not callables) and no gate "
                 "recurrence, optionally with peepholes and/or proj_size, by seqjax.gru, or by seqjax.rnn with tanh "

@@ -1,0 +1,138 @@
+"""``checkpoint=`` (what reverse mode keeps): the same values and gradients as ``"all"`` on every path.
+
+Per path, against ``checkpoint="all"`` on the same path: the final carry and
+the outputs bitwise where one compiled kernel computes every step (seqjax's
+x86 kernels: the same code from the same carries), else to a few float32 ulps
+(XLA compiles the nested loops' bodies on their own, and its vectorised
+tanh/exp can round differently in another fusion); the cotangents of the
+inputs and of the initial carry to a few ulps (the same formulas, fused
+differently); the weight gradients to float32 rounding: every checkpointed
+path sums them per segment where "all" sums over the whole sequence at once,
+so the additions come in another order.
+T = 11 and 13 are no multiples of the segment lengths (remainder segments).
+"""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import seqjax
+from seqjax._checkpoint import segment_sizes
+from seqjax.backends import _library
+
+POLICIES = ("sqrt", ("budget", 4), ("budget", 2))
+
+
+def _has_avx2():
+    return _library.unavailable("avx2") is None
+
+
+# (kernel, backward, the backend explain names, whether the forward values are bitwise)
+PATHS = {
+    "xla autodiff": ("xla", "autodiff", "xla", False),
+}
+
+
+def _problem(cell_name, B=3, T=11, I=4, H=16, seed=0):
+    cell = {"lstm": seqjax.lstm(H), "gru": seqjax.gru(H), "rnn": seqjax.rnn(H)}[cell_name]
+    params = cell.init(jax.random.key(seed), input_size=I)
+    k = jax.random.split(jax.random.key(seed + 1), 3)
+    xs = jax.random.normal(k[0], (B, T, I))
+    carry = jax.tree.map(lambda a: 0.5 * jax.random.normal(k[1], a.shape), cell.initial_carry(params, (B,)))
+    lengths = jnp.array([T, 4, 0][:B])
+    resets = jax.random.bernoulli(k[2], 0.2, (B, T))
+    return cell, params, xs, carry, lengths, resets
+
+
+def _value_and_grads(cell, params, xs, carry, policy, kernel, backward, **kw):
+    def loss(p, x, c):
+        c, ys = seqjax.scan(cell, p, x, carry=c, checkpoint=policy, kernel=kernel, backward=backward, **kw)
+        return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(jnp.cos(a)) for a in jax.tree.leaves(c)), (c, ys)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, xs, carry)
+    return out, grads
+
+
+def _check_same(path, cell_name, policy, reverse, masks, T=11):
+    kernel, backward, _, bitwise = PATHS[path]
+    cell, params, xs, carry, lengths, resets = _problem(cell_name, T=T)
+    kw = dict(reverse=reverse, **(dict(lengths=lengths, resets=resets) if masks else {}))
+    out_all, g_all = _value_and_grads(cell, params, xs, carry, "all", kernel, backward, **kw)
+    out, g = _value_and_grads(cell, params, xs, carry, policy, kernel, backward, **kw)
+    for a, b in zip(jax.tree.leaves(out_all), jax.tree.leaves(out)):
+        if bitwise:
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    (dp_all, dx_all, dc_all), (dp, dx, dc) = g_all, g
+    for a, b in zip(jax.tree.leaves((dc_all, dx_all)), jax.tree.leaves((dc, dx))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(dp_all), jax.tree.leaves(dp)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    return g
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=str)
+@pytest.mark.parametrize("reverse, masks", [(False, False), (True, False), (False, True), (True, True)])
+def test_xla_autodiff_equals_all(policy, reverse, masks):
+    _check_same("xla autodiff", "lstm", policy, reverse, masks)
+
+
+def test_xla_autodiff_gru_against_reference():
+    """The checkpointed loop against `seqjax.unrolled` (plain autodiff of a Python loop), GRU, T=13."""
+    cell, params, xs, carry, lengths, resets = _problem("gru", T=13)
+    kw = dict(lengths=lengths, resets=resets, reverse=True)
+
+    def grads(run, **extra):
+        def loss(p, x):
+            _, ys = run(cell, p, x, carry=carry, **kw, **extra)
+            return jnp.sum(jnp.sin(ys))
+        return jax.grad(loss, argnums=(0, 1))(params, xs)
+
+    want = grads(seqjax.unrolled)
+    got = grads(seqjax.scan, checkpoint="sqrt", kernel="xla", backward="autodiff")
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_segment_sizes():
+    assert segment_sizes("all", 1000) == ()
+    assert segment_sizes("sqrt", 1) == ()
+    assert segment_sizes("sqrt", 1000) == (32,) and segment_sizes("sqrt", 1024) == (32,)
+    assert segment_sizes("sqrt", 1025) == (33,)
+    for T in (2, 10, 999, 10**6):
+        for k in (2, 3, 8, 64):
+            sizes = segment_sizes(("budget", k), T)
+            outer = -(-T // sizes[0])
+            inner = sizes[0] // sizes[-1] if len(sizes) > 1 else 0
+            assert outer + inner <= k, (T, k, sizes)
+
+
+def test_xla_memory_falls_with_sqrt():
+    """XLA's compiled memory analysis of a train step: "sqrt" needs a fraction of "all"'s temporaries (T=1024)."""
+    cell, params, xs, carry, _, _ = _problem("lstm", B=4, T=1024, H=32)
+
+    def temp_bytes(policy):
+        def loss(p):
+            return jnp.sum(seqjax.scan(cell, p, xs, checkpoint=policy, kernel="xla", backward="autodiff")[1] ** 2)
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("sqrt") < 0.35 * temp_bytes("all")
+
+
+@pytest.mark.parametrize("bad", ["none", ("budget", 1), ("budget", 2.0), ("budget", True), ("binomial", 4), 3, None])
+def test_bad_checkpoint_is_refused(bad):
+    cell, params, xs, *_ = _problem("rnn")
+    if bad is None:
+        with pytest.raises(ValueError, match=r"seqjax.scan: checkpoint must be"):
+            seqjax.scan(cell, params, xs, options=seqjax.ScanOptions(checkpoint=None))
+        return
+    with pytest.raises(ValueError, match=r"seqjax.scan: checkpoint must be 'all', 'sqrt' or \('budget', k\)"):
+        seqjax.scan(cell, params, xs, checkpoint=bad)
+
+
+def test_explain_shows_the_policy():
+    cell, params, xs, *_ = _problem("lstm", T=100)
+    text = str(seqjax.backends.explain(cell, params, xs, checkpoint="sqrt"))
+    assert "checkpoint='sqrt': the carry every 10 steps is kept (10 segments of T=100)" in text
+    assert seqjax.backends.explain(cell, params, xs).checkpoint.startswith("checkpoint='all'")
