@@ -31,6 +31,7 @@ def _has_avx2():
 # (kernel, backward, the backend explain names, whether the forward values are bitwise)
 PATHS = {
     "xla autodiff": ("xla", "autodiff", "xla", False),
+    "xla custom vjp": ("xla", "fused", "xla+custom_vjp", False),
 }
 
 
@@ -78,6 +79,36 @@ def test_xla_autodiff_equals_all(policy, reverse, masks):
     _check_same("xla autodiff", "lstm", policy, reverse, masks)
 
 
+@pytest.mark.parametrize("cell_name, policy, reverse, masks", [
+    ("lstm", "sqrt", False, False), ("lstm", ("budget", 4), True, True), ("lstm", ("budget", 2), False, True),
+    ("gru", "sqrt", True, True), ("gru", ("budget", 4), False, False), ("rnn", "sqrt", False, True),
+    ("rnn", ("budget", 4), True, False)], ids=str)
+def test_custom_vjp_equals_all(cell_name, policy, reverse, masks):
+    _check_same("xla custom vjp", cell_name, policy, reverse, masks, T=13)
+
+
+@pytest.mark.parametrize("variant", ["peepholes+proj", "gru_cho", "bfloat16"])
+def test_custom_vjp_variants_equal_all(variant):
+    """The LSTMP with peepholes, Cho's GRU and 16-bit params (hoisted projection), lengths and reverse."""
+    cell = {"peepholes+proj": seqjax.lstm(16, peepholes=True, proj_size=8), "gru_cho": seqjax.gru(16, reset_after=False),
+            "bfloat16": seqjax.lstm(16)}[variant]
+    params = cell.init(jax.random.key(0), input_size=4)
+    if variant == "bfloat16":
+        params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    xs = jax.random.normal(jax.random.key(1), (3, 13, 4)).astype(jax.tree.leaves(params)[0].dtype)
+
+    def grads(policy):
+        def loss(p, x):
+            _, ys = seqjax.scan(cell, p, x, checkpoint=policy, kernel="xla", backward="fused", hoist=True,
+                                lengths=jnp.array([13, 5, 0]), reverse=True)
+            return jnp.sum(jnp.sin(ys.astype(jnp.float32)))
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs)
+
+    tol = 1e-2 if variant == "bfloat16" else 1e-5
+    for a, b in zip(jax.tree.leaves(grads("all")), jax.tree.leaves(grads("sqrt"))):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
 def test_xla_autodiff_gru_against_reference():
     """The checkpointed loop against `seqjax.unrolled` (plain autodiff of a Python loop), GRU, T=13."""
     cell, params, xs, carry, lengths, resets = _problem("gru", T=13)
@@ -108,13 +139,14 @@ def test_segment_sizes():
             assert outer + inner <= k, (T, k, sizes)
 
 
-def test_xla_memory_falls_with_sqrt():
+@pytest.mark.parametrize("backward", ["autodiff", "fused"])
+def test_xla_memory_falls_with_sqrt(backward):
     """XLA's compiled memory analysis of a train step: "sqrt" needs a fraction of "all"'s temporaries (T=1024)."""
     cell, params, xs, carry, _, _ = _problem("lstm", B=4, T=1024, H=32)
 
     def temp_bytes(policy):
         def loss(p):
-            return jnp.sum(seqjax.scan(cell, p, xs, checkpoint=policy, kernel="xla", backward="autodiff")[1] ** 2)
+            return jnp.sum(seqjax.scan(cell, p, xs, checkpoint=policy, kernel="xla", backward=backward)[1] ** 2)
         return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes("sqrt") < 0.35 * temp_bytes("all")

@@ -215,8 +215,6 @@ def _vjp_blocker(request: Request) -> str | None:
         return "backward='autodiff'"
     if request.options.remat and backward == "auto":
         return "remat=True with backward='auto' (autodiff's checkpointed loop saves the most memory)"
-    if request.options.checkpoint != "all":
-        return f"checkpoint={request.options.checkpoint!r}"
     if fusable(request.cell, request.params) is None:
         return ("it covers cells built by seqjax.lstm with named activations (not callables) and no gate "
                 "recurrence, optionally with peepholes and/or proj_size, by seqjax.gru, or by seqjax.rnn with tanh "
@@ -226,10 +224,12 @@ def _vjp_blocker(request: Request) -> str | None:
 
 
 def _vjp_run(request: Request):
+    from seqjax._checkpoint import segment_sizes
     from seqjax.backends._gemm_vjp import fusable, fused_scan
     o = request.options
     carry, ys = fused_scan(fusable(request.cell, request.params), request.params, request.xs_tm, request.carry,
-                           request.valid, request.resets_tm, request.reverse, o.hoist, o.remat, o.unroll)
+                           request.valid, request.resets_tm, request.reverse, o.hoist, o.remat, o.unroll,
+                           segment_sizes(o.checkpoint, request.xs_tm.shape[0]))
     return _in_layout(request, carry, ys)
 
 
