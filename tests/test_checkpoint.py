@@ -1,12 +1,12 @@
 """``checkpoint=`` (what reverse mode keeps): the same values and gradients as ``"all"`` on every path.
 
-Per path, against ``checkpoint="all"`` on the same path: the final carry and
-the outputs bitwise where one compiled kernel computes every step (seqjax's
-x86 kernels: the same code from the same carries), else to a few float32 ulps
-(XLA compiles the nested loops' bodies on their own, and its vectorised
-tanh/exp can round differently in another fusion); the cotangents of the
-inputs and of the initial carry to a few ulps (the same formulas, fused
-differently); the weight gradients to float32 rounding: every checkpointed
+Per path, against ``checkpoint="all"`` on the same path: the final carry, the
+outputs and the cotangents of the inputs and of the initial carry bitwise
+where one compiled kernel computes every step (seqjax's x86 kernels: the same
+code from the same carries, the segments' gates recomputed bit for bit), else
+to a few float32 ulps (XLA compiles the nested loops' bodies on their own, and
+its vectorised tanh/exp can round differently in another fusion); the weight
+gradients to float32 rounding: every checkpointed
 path sums them per segment where "all" sums over the whole sequence at once,
 so the additions come in another order.
 T = 11 and 13 are no multiples of the segment lengths (remainder segments).
@@ -28,10 +28,11 @@ def _has_avx2():
     return _library.unavailable("avx2") is None
 
 
-# (kernel, backward, the backend explain names, whether the forward values are bitwise)
+# (kernel, backward, the backend explain names, whether values and state/input cotangents are bitwise)
 PATHS = {
     "xla autodiff": ("xla", "autodiff", "xla", False),
     "xla custom vjp": ("xla", "fused", "xla+custom_vjp", False),
+    "avx2": ("avx2", "auto", "avx2", True),
 }
 
 
@@ -54,10 +55,14 @@ def _value_and_grads(cell, params, xs, carry, policy, kernel, backward, **kw):
     return out, grads
 
 
-def _check_same(path, cell_name, policy, reverse, masks, T=11):
-    kernel, backward, _, bitwise = PATHS[path]
+def _check_same(path, cell_name, policy, reverse, masks, T=11, time_major=False):
+    kernel, backward, backend, bitwise = PATHS[path]
     cell, params, xs, carry, lengths, resets = _problem(cell_name, T=T)
-    kw = dict(reverse=reverse, **(dict(lengths=lengths, resets=resets) if masks else {}))
+    if time_major:
+        xs, resets = jnp.swapaxes(xs, 0, 1), resets.T
+    kw = dict(reverse=reverse, time_major=time_major, **(dict(lengths=lengths, resets=resets) if masks else {}))
+    assert seqjax.backends.explain(cell, params, xs, carry=carry, checkpoint=policy, kernel=kernel,
+                                   backward=backward, **kw).backend == backend
     out_all, g_all = _value_and_grads(cell, params, xs, carry, "all", kernel, backward, **kw)
     out, g = _value_and_grads(cell, params, xs, carry, policy, kernel, backward, **kw)
     for a, b in zip(jax.tree.leaves(out_all), jax.tree.leaves(out)):
@@ -67,7 +72,10 @@ def _check_same(path, cell_name, policy, reverse, masks, T=11):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     (dp_all, dx_all, dc_all), (dp, dx, dc) = g_all, g
     for a, b in zip(jax.tree.leaves((dc_all, dx_all)), jax.tree.leaves((dc, dx))):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        if bitwise:
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves(dp_all), jax.tree.leaves(dp)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     return g
@@ -107,6 +115,31 @@ def test_custom_vjp_variants_equal_all(variant):
     tol = 1e-2 if variant == "bfloat16" else 1e-5
     for a, b in zip(jax.tree.leaves(grads("all")), jax.tree.leaves(grads("sqrt"))):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="seqjax's AVX2 kernels are not available here")
+@pytest.mark.parametrize("cell_name, policy, reverse, masks, time_major", [
+    ("lstm", "sqrt", False, False, False), ("lstm", "sqrt", True, True, False), ("lstm", ("budget", 4), False, True, True),
+    ("lstm", ("budget", 2), True, False, True), ("gru", "sqrt", False, True, False), ("gru", ("budget", 4), True, True, True),
+    ("rnn", "sqrt", True, True, False), ("rnn", ("budget", 4), False, False, True)], ids=str)
+def test_native_kernels_equal_all(cell_name, policy, reverse, masks, time_major):
+    _check_same("avx2", cell_name, policy, reverse, masks, T=13, time_major=time_major)
+
+
+def test_native_peepholes_and_variants_equal_all():
+    """Greff et al.'s peephole LSTM and CIFG on the kernels: the peephole gradients summed per segment."""
+    for cell in (seqjax.lstm_variant("vanilla", 16), seqjax.lstm_variant("CIFG", 16)):
+        params = cell.init(jax.random.key(0), input_size=4)
+        xs = jax.random.normal(jax.random.key(1), (3, 13, 4))
+
+        def grads(policy):
+            def loss(p, x):
+                return jnp.sum(jnp.sin(seqjax.scan(cell, p, x, checkpoint=policy, lengths=jnp.array([13, 6, 1]))[1]))
+            return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs)
+
+        assert seqjax.backends.explain(cell, params, xs, checkpoint="sqrt").backend in ("avx2", "avx512")
+        for a, b in zip(jax.tree.leaves(grads("all")), jax.tree.leaves(grads("sqrt"))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_xla_autodiff_gru_against_reference():

@@ -132,7 +132,7 @@ def _in_layout(request: Request, carry, ys_tm):
 def _x86_blocker(isa: str):
     def blocker(request: Request) -> str | None:
         from seqjax.backends import _x86
-        why = _native_blocker(request, "cpu", takes_masks=True)
+        why = _native_blocker(request, "cpu", takes_masks=True, checkpoints=True)
         if why:
             return why
         kind, why = _x86.kind_of(request.cell, request.params)
@@ -147,11 +147,13 @@ def _x86_policy(request: Request) -> str | None:
 
 def _x86_run(isa: str):
     def run(request: Request):
+        from seqjax._checkpoint import segment_sizes
         from seqjax.backends._x86 import avx2_scan, kind_of
         kind = kind_of(request.cell, request.params)[0]
         # the kernels read xs and write ys in the caller's layout
         return avx2_scan(kind, request.params, jnp.asarray(request.xs), request.carry, request.reverse, isa=isa,
-                         time_major=request.time_major, lengths=request.lengths, resets=request.resets)
+                         time_major=request.time_major, lengths=request.lengths, resets=request.resets,
+                         checkpoint=segment_sizes(request.options.checkpoint, request.xs_tm.shape[0]))
     return run
 
 
