@@ -201,3 +201,37 @@ def test_explain_shows_the_policy():
     text = str(seqjax.backends.explain(cell, params, xs, checkpoint="sqrt"))
     assert "checkpoint='sqrt': the carry every 10 steps is kept (10 segments of T=100)" in text
     assert seqjax.backends.explain(cell, params, xs).checkpoint.startswith("checkpoint='all'")
+
+
+@pytest.mark.parametrize("kernel, backward", [("auto", "auto"), ("xla", "fused"), ("xla", "autodiff")])
+def test_tbptt_keeps_its_semantics(kernel, backward):
+    """TBPTT(k1=5, k2=9) with resets over three windows: every policy applies "all"'s updates and carries."""
+    import optax
+    from seqjax import tbptt
+    from seqjax.tbptt import Window
+    from seqjax.train import init_state
+
+    cell, B, I = seqjax.lstm(16), 2, 3
+    params = {"cell": cell.init(jax.random.key(0), input_size=I), "w": jax.random.normal(jax.random.key(1), (16, 1))}
+    xs = jax.random.normal(jax.random.key(2), (5 * 3 + 4, B, I))
+    ys = jnp.sum(xs, -1, keepdims=True)
+    resets = jnp.zeros(xs.shape[:2], bool).at[7, 0].set(True).at[12, 1].set(True)
+
+    def run(policy):
+        def model(p, carry, x, *, resets=None, key=None):
+            carry, hs = seqjax.scan(cell, p["cell"], x, carry=carry, resets=resets, time_major=True,
+                                    checkpoint=policy, kernel=kernel, backward=backward)
+            return carry, hs @ p["w"]
+
+        step = tbptt.make_step(model, lambda out, y: jnp.sum((out - y) ** 2, -1), optax.sgd(0.1), k1=5, k2=9)
+        state, carry, trace = init_state(params, optax.sgd(0.1)), cell.initial_carry(params["cell"], (B,)), []
+        for t in range(0, 15, 5):
+            window = Window(xs[t:t + 9], ys[t:t + 9], resets[t:t + 9], jnp.int32(0))
+            state, carry, metrics = step(state, carry, window)
+            trace.append(jax.tree.map(np.asarray, (state.params, carry, metrics["loss"])))  # state is donated
+        return trace
+
+    want = run("all")
+    for policy in ("sqrt", ("budget", 2)):
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run(policy))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
