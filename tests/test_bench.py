@@ -156,3 +156,18 @@ def test_pallas_probes_interpret(tmp_path):
     assert impls[("lstm", "pallas grid-sync")]["max_abs_diff"] < 1e-5  # one program in the interpreter
     assert "the per-step probe covers rnn and lstm" in impls[("gru", "pallas step")]["failed"]
     assert "the grid-barrier probe covers the lstm" in impls[("rnn", "pallas grid-sync")]["failed"]
+
+
+def test_long_sequences_quick(tmp_path):
+    proc = run_bench("long_sequences.py", tmp_path, "--policies", "all,sqrt", "--pair-max-t", "50")
+    ok(proc)
+    res = json.loads((tmp_path / "long_sequences.json").read_text())
+    points = {(r["T"], r["policy"]): r for r in res["points"]}
+    assert set(points) == {(T, p) for T in (50, 200) for p in ("all", "sqrt")}
+    for r in points.values():
+        assert r["ran"] and r["peak_rss_bytes"] > 0 and r["memory"]["temp_bytes"] > 0
+    # XLA's temporaries: "sqrt" keeps less than "all" at the longer T
+    assert points[(200, "sqrt")]["memory"]["temp_bytes"] < points[(200, "all")]["memory"]["temp_bytes"]
+    assert [r["T"] for r in res["pairs"] if r["interleaved"]] == [50]
+    assert all(r["run"][p]["median_ms"] > 0 for r in res["pairs"] for p in ("all", "sqrt"))
+    assert is_png(tmp_path / "long_sequences.png")

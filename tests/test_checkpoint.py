@@ -81,8 +81,9 @@ def _check_same(path, cell_name, policy, reverse, masks, T=11, time_major=False)
     return g
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=str)
-@pytest.mark.parametrize("reverse, masks", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("policy, reverse, masks", [
+    ("sqrt", False, False), ("sqrt", True, True), (("budget", 4), True, False), (("budget", 4), False, True),
+    (("budget", 2), True, True)], ids=str)
 def test_xla_autodiff_equals_all(policy, reverse, masks):
     _check_same("xla autodiff", "lstm", policy, reverse, masks)
 
@@ -143,15 +144,15 @@ def test_native_peepholes_and_variants_equal_all():
 
 
 def test_xla_autodiff_gru_against_reference():
-    """The checkpointed loop against `seqjax.unrolled` (plain autodiff of a Python loop), GRU, T=13."""
-    cell, params, xs, carry, lengths, resets = _problem("gru", T=13)
+    """The checkpointed loop against `seqjax.unrolled` (plain autodiff of a Python loop), GRU, T=7."""
+    cell, params, xs, carry, lengths, resets = _problem("gru", T=7)
     kw = dict(lengths=lengths, resets=resets, reverse=True)
 
     def grads(run, **extra):
         def loss(p, x):
             _, ys = run(cell, p, x, carry=carry, **kw, **extra)
             return jnp.sum(jnp.sin(ys))
-        return jax.grad(loss, argnums=(0, 1))(params, xs)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs)
 
     want = grads(seqjax.unrolled)
     got = grads(seqjax.scan, checkpoint="sqrt", kernel="xla", backward="autodiff")
@@ -172,14 +173,14 @@ def test_segment_sizes():
             assert outer + inner <= k, (T, k, sizes)
 
 
-@pytest.mark.parametrize("backward", ["autodiff", "fused"])
-def test_xla_memory_falls_with_sqrt(backward):
+@pytest.mark.parametrize("kernel, backward", [("xla", "autodiff"), ("xla", "fused"), ("auto", "auto")])
+def test_memory_falls_with_sqrt(kernel, backward):
     """XLA's compiled memory analysis of a train step: "sqrt" needs a fraction of "all"'s temporaries (T=1024)."""
     cell, params, xs, carry, _, _ = _problem("lstm", B=4, T=1024, H=32)
 
     def temp_bytes(policy):
         def loss(p):
-            return jnp.sum(seqjax.scan(cell, p, xs, checkpoint=policy, kernel="xla", backward=backward)[1] ** 2)
+            return jnp.sum(seqjax.scan(cell, p, xs, checkpoint=policy, kernel=kernel, backward=backward)[1] ** 2)
         return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes("sqrt") < 0.35 * temp_bytes("all")
@@ -203,7 +204,7 @@ def test_explain_shows_the_policy():
     assert seqjax.backends.explain(cell, params, xs).checkpoint.startswith("checkpoint='all'")
 
 
-@pytest.mark.parametrize("kernel, backward", [("auto", "auto"), ("xla", "fused"), ("xla", "autodiff")])
+@pytest.mark.parametrize("kernel, backward", [("auto", "auto"), ("xla", "fused")])
 def test_tbptt_keeps_its_semantics(kernel, backward):
     """TBPTT(k1=5, k2=9) with resets over three windows: every policy applies "all"'s updates and carries."""
     import optax

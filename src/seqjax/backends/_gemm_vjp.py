@@ -531,7 +531,9 @@ def fused_scan(kind: str | LSTMSpec, params, xs_tm: Array, carry0, valid: Array 
       checkpoint: the segment lengths per level (`seqjax._checkpoint.segment_sizes`),
         or () to keep every step's residuals: the forward pass keeps only the
         start carry of each outermost segment, the backward pass recomputes each
-        segment's residuals from it and sums the weight gradients per segment.
+        segment's residuals from it and sums the weight gradients per segment
+        (``remat`` is then moot: a segment's residuals live only while it is
+        differentiated).
     """
     flags = (bool(reverse), bool(hoist), bool(remat), int(unroll), tuple(checkpoint))
     if isinstance(kind, LSTMSpec):
