@@ -1,6 +1,7 @@
 """Long sequences: peak memory and time of a full-BPTT LSTM train step against T, per checkpointing policy.
 
-The train step: ``jax.value_and_grad`` of mean(ys²) (ys: the LSTM's outputs)
+The train step: ``jax.value_and_grad`` of mean(ys²) (ys: the LSTM's outputs;
+``--loss mean``: mean(ys), whose cotangent XLA keeps as a broadcast constant)
 with respect to the params, full backpropagation through time, B=16, I=32,
 H=128, float32, `seqjax.scan` with ``kernel="auto"`` (the x86 kernels here)
 and ``checkpoint`` = each policy (``--policies``; ``budget:k`` is ``("budget", k)``).
@@ -51,7 +52,11 @@ def _policy(text: str):
     return text
 
 
-def _step(T: int, policy: str, shape: dict):
+LOSSES = {"mean_square": "mean(ys²): the other benchmarks' loss; its backward holds ys and dys [B, T, H]",
+          "mean": "mean(ys): dys is a broadcast constant, so only ys [B, T, H] is held"}
+
+
+def _step(T: int, policy: str, shape: dict, loss: str = "mean_square"):
     """The jitted train step and its inputs."""
     import jax
     import jax.numpy as jnp
@@ -65,12 +70,15 @@ def _step(T: int, policy: str, shape: dict):
         return seqjax.scan(cell, p, x, checkpoint=_policy(policy))[1]
 
     backend = seqjax.backends.explain(cell, params, xs, checkpoint=_policy(policy)).backend
+    if loss == "mean":
+        return jax.value_and_grad(lambda p, x: jnp.mean(run(p, x))), (params, xs), backend
     return jax.value_and_grad(common.mean_square_loss(run)), (params, xs), backend
 
 
-def _point(T: int, policy: str, shape: dict, reps: int, mem_limit: float) -> dict:
-    """One (T, policy) point in this (fresh) process."""
-    fn, args, backend = _step(T, policy, shape)
+def _point(T: int, policy: str, shape: dict, reps: int, mem_limit: float, loss: str) -> dict:
+    """One (T, policy) point in this (fresh) process; prints the compile record first (a JSON line), so that a
+    run killed for memory still leaves XLA's estimate behind."""
+    fn, args, backend = _step(T, policy, shape, loss)
     c = common.compile_timed(fn, *args)
     m = c["memory"]
     xla_peak = m.get("argument_bytes", 0) + m.get("output_bytes", 0) + m.get("temp_bytes", 0) - m.get("alias_bytes", 0)
@@ -80,6 +88,7 @@ def _point(T: int, policy: str, shape: dict, reps: int, mem_limit: float) -> dic
         row.update(ran=False, why=f"XLA's estimate {xla_peak / 2**30:.1f} GiB exceeds --mem-limit-gb "
                                   f"{mem_limit / 2**30:.1f}")
         return row
+    print(json.dumps(dict(row, ran=False, why="killed while running")), flush=True)
     compiled = c["compiled"]
     t0 = time.perf_counter()
     common.block(compiled(*args))
@@ -90,11 +99,11 @@ def _point(T: int, policy: str, shape: dict, reps: int, mem_limit: float) -> dic
     return row
 
 
-def _pair(T: int, shape: dict, reps: int, policies) -> dict:
+def _pair(T: int, shape: dict, reps: int, policies, loss: str) -> dict:
     """"sqrt" (and the other policies) against "all", interleaved in this process."""
     fns, backends = {}, {}
     for policy in policies:
-        fn, args, backends[policy] = _step(T, policy, shape)
+        fn, args, backends[policy] = _step(T, policy, shape, loss)
         compiled = common.compile_timed(fn, *args)["compiled"]
         fns[policy] = lambda compiled=compiled, args=args: compiled(*args)
     samples = common.interleave(fns, reps=reps, warmup=1)
@@ -109,9 +118,12 @@ def _child(args: list[str], timeout: float) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(error=f"timed out after {timeout:.0f} s")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0:
-        return dict(error=f"exit {proc.returncode}: {proc.stderr[-1500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        partial = json.loads(lines[-1]) if lines else {}
+        why = "killed (SIGKILL: out of memory?)" if proc.returncode == -9 else proc.stderr[-1500:]
+        return dict(partial, error=f"exit {proc.returncode}: {why}")
+    return json.loads(lines[-1])
 
 
 def _outputs_bytes(T: int, shape: dict) -> int:
@@ -172,6 +184,7 @@ def main(argv=None):
     ap.add_argument("--pair-max-t", type=int, default=30000, help="interleave the policies up to this T")
     ap.add_argument("--mem-limit-gb", type=float, default=16.0, help="run a point only below this XLA estimate")
     ap.add_argument("--timeout-s", type=float, default=900.0, help="per subprocess")
+    ap.add_argument("--loss", default="mean_square", choices=sorted(LOSSES))
     ap.add_argument("--name", default="long_sequences", help="the results' file name (without .json/.png)")
     ap.add_argument("--point", nargs=2, metavar=("T", "POLICY"), help=argparse.SUPPRESS)
     ap.add_argument("--pair", type=int, metavar="T", help=argparse.SUPPRESS)
@@ -181,14 +194,14 @@ def main(argv=None):
     if a.point:
         T = int(a.point[0])
         reps = a.reps if a.reps is not None else (3 if T <= 30000 else 1 if T <= 300000 else 0)
-        print(json.dumps(_point(int(a.point[0]), a.point[1], shape, reps, a.mem_limit_gb * 2**30)))
+        print(json.dumps(_point(T, a.point[1], shape, reps, a.mem_limit_gb * 2**30, a.loss)))
         return
     if a.pair:
-        print(json.dumps(_pair(a.pair, shape, a.reps or 5, policies)))
+        print(json.dumps(_pair(a.pair, shape, a.reps or 5, policies, a.loss)))
         return
 
     Ts = [int(float(t)) for t in a.Ts.split(",")] if a.Ts else list(QUICK_TS if a.quick else TS)
-    common_args = (["--quick"] if a.quick else []) + ["--mem-limit-gb", str(a.mem_limit_gb)] + \
+    common_args = (["--quick"] if a.quick else []) + ["--mem-limit-gb", str(a.mem_limit_gb), "--loss", a.loss] + \
         (["--reps", str(a.reps)] if a.reps is not None else [])
     points, pairs, notes = [], [], set()
     progress = common.progress_bar(len(Ts) * len(policies), "long sequences")
@@ -223,6 +236,8 @@ def main(argv=None):
     for r in points:
         if "memory" not in r:
             continue
+        if r.get("error"):
+            r["ran"] = False
         med = r["run"]["median_ms"] / 1e3 if r.get("run") else (r.get("first_call_s") if r.get("ran") else None)
         lines.append(f"| {r['T']} | {r['policy']} | {r['backend']} | {r['xla_peak_bytes'] / 2**30:.3f} | "
                      f"{r['memory'].get('temp_bytes', 0) / 2**30:.3f} | "
@@ -235,6 +250,7 @@ def main(argv=None):
             lines.append(f"| {r['T']} | {r['interleaved']} | " + " | ".join(
                 f"{r['ratio_to_all'].get(p, float('nan')):.2f}" for p in policies if p != "all") + " |")
     payload = dict(command=" ".join([os.path.basename(sys.executable), *sys.argv]), shape=shape, policies=policies,
+                   loss=a.loss, loss_note=LOSSES[a.loss],
                    Ts=Ts, mem_limit_gb=a.mem_limit_gb, points=points, pairs=pairs)
     common.report(a.out, a.name, payload, notes, lambda path: plot(path, points, pairs, policies, shape),
                   "\n".join(lines))
