@@ -164,7 +164,8 @@ def plot(path: str, points: list[dict], pairs: list[dict], policies, shape: dict
         bx.plot([r["T"] for r in rows], [r["ratio_to_all"][policy] for r in rows], marker="o", color=f"C{k + 1}",
                 label=policy)
     bx.axhline(1.4, color="red", ls=":", label="goal 1.4×")
-    bx.set_xscale("log")
+    if any("ratio_to_all" in r for r in pairs):
+        bx.set_xscale("log")
     bx.set_xlabel("T (steps)"), bx.set_ylabel("time / time of 'all' (median)")
     bx.set_title("train step time relative to checkpoint='all'")
     bx.legend(fontsize=7)
