@@ -39,16 +39,19 @@ class ScanOptions(NamedTuple):
       unroll: `lax.scan`'s unroll factor; None: the platform's measured default
         (1 on CPU, 8 on accelerators).
       remat: rematerialise each step in the backward pass (memory for compute).
-      checkpoint: what reverse mode keeps of the forward pass, on every path
-        (`seqjax.checkpointing`): ``"all"`` (default: every step's residuals),
+      checkpoint: what reverse mode keeps of the forward pass, on XLA's loop,
+        seqjax's custom VJP and x86 kernels (oneDNN and CUDA keep everything,
+        so other policies skip them; `seqjax.backends.explain` shows the
+        schedule): ``"all"`` (default: every step's residuals),
         ``"sqrt"`` (only the carry every ceil(sqrt(T)) steps; the backward pass
         recomputes each segment's residuals from its saved start carry: memory
         ~ sqrt(T), one more forward pass), or ``("budget", k)`` with an int
         k >= 2 (at most k saved carries at once, two nested levels of
         segments, two more forward passes; the innermost segments hold
-        ceil(T / (k // 2)**2) steps of residuals). Results are the same up to
-        float rounding (forward values bitwise; the weight gradients are summed
-        per segment).
+        ceil(T / (k // 2)**2) steps of residuals; a two-level schedule, not a
+        binomial one). Results are the same up to float rounding (on seqjax's
+        x86 kernels the values and the input and carry cotangents bitwise; the
+        weight gradients are summed per segment).
 
     Example:
       >>> opts = seqjax.ScanOptions(kernel="xla", backward="autodiff")   # forward mode works
