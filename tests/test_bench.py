@@ -145,3 +145,18 @@ def test_sharded_quick(tmp_path):
         assert forward.startswith("(f32[2,12,16]")
     assert rows[0]["hlo_all_gather"] is False
     assert is_png(tmp_path / "sharded.png")
+
+
+def test_long_sequences_quick(tmp_path):
+    proc = run_bench("long_sequences.py", tmp_path, "--Ts", "200", "--policies", "all,sqrt")
+    ok(proc)
+    res = json.loads((tmp_path / "long_sequences.json").read_text())
+    points = {(r["T"], r["policy"]): r for r in res["points"]}
+    assert set(points) == {(200, "all"), (200, "sqrt")}
+    for r in points.values():
+        assert r["ran"] and r["peak_rss_bytes"] > 0 and r["memory"]["temp_bytes"] > 0
+    # XLA's temporaries: "sqrt" keeps less than "all" at the longer T
+    assert points[(200, "sqrt")]["memory"]["temp_bytes"] < points[(200, "all")]["memory"]["temp_bytes"]
+    assert [r["T"] for r in res["pairs"] if r["interleaved"]] == [200]
+    assert all(r["run"][p]["median_ms"] > 0 for r in res["pairs"] for p in ("all", "sqrt"))
+    assert is_png(tmp_path / "long_sequences.png")

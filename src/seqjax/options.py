@@ -3,8 +3,9 @@
 The options change how `seqjax.scan` computes a run, never what it computes
 (up to float rounding): which implementation runs the loop (``kernel``), how
 reverse mode differentiates it (``backward``), whether the input projection is
-hoisted out of the loop (``hoist``), `lax.scan`'s unroll factor (``unroll``)
-and rematerialisation (``remat``). `seqjax.backends.explain` shows what a given
+hoisted out of the loop (``hoist``), `lax.scan`'s unroll factor (``unroll``),
+rematerialisation of each step (``remat``) and which carries the backward pass
+keeps (``checkpoint``). `seqjax.backends.explain` shows what a given
 value picks for a call.
 """
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["BACKWARD_MODES", "KERNELS", "ScanOptions", "resolve"]
+__all__ = ["BACKWARD_MODES", "CHECKPOINTS", "KERNELS", "ScanOptions", "resolve"]
 
 KERNELS = ("auto", "xla", "avx2", "avx512", "onednn", "cuda")
 BACKWARD_MODES = ("auto", "fused", "autodiff")
+#: the named checkpointing policies; ``("budget", k)`` is the third form
+CHECKPOINTS = ("all", "sqrt")
 
 
 class ScanOptions(NamedTuple):
@@ -36,6 +39,19 @@ class ScanOptions(NamedTuple):
       unroll: `lax.scan`'s unroll factor; None: the platform's measured default
         (1 on CPU, 8 on accelerators).
       remat: rematerialise each step in the backward pass (memory for compute).
+      checkpoint: what reverse mode keeps of the forward pass, on XLA's loop,
+        seqjax's custom VJP and x86 kernels (oneDNN and CUDA keep everything,
+        so other policies skip them; `seqjax.backends.explain` shows the
+        schedule): ``"all"`` (default: every step's residuals),
+        ``"sqrt"`` (only the carry every ceil(sqrt(T)) steps; the backward pass
+        recomputes each segment's residuals from its saved start carry: memory
+        ~ sqrt(T), one more forward pass), or ``("budget", k)`` with an int
+        k >= 2 (at most k saved carries at once, two nested levels of
+        segments, two more forward passes; the innermost segments hold
+        ceil(T / (k // 2)**2) steps of residuals; a two-level schedule, not a
+        binomial one). Results are the same up to float rounding (on seqjax's
+        x86 kernels the values and the input and carry cotangents bitwise; the
+        weight gradients are summed per segment).
 
     Example:
       >>> cell = seqjax.gru(8)
@@ -52,6 +68,7 @@ class ScanOptions(NamedTuple):
     hoist: bool | None = None
     unroll: int | None = None
     remat: bool = False
+    checkpoint: str | tuple = "all"
 
 
 def resolve(call: str, options: ScanOptions | None, **given) -> ScanOptions:
@@ -64,7 +81,8 @@ def resolve(call: str, options: ScanOptions | None, **given) -> ScanOptions:
     elif not isinstance(options, ScanOptions):
         raise TypeError(f"{call}: options must be a seqjax.ScanOptions, got {type(options).__name__}")
     options = options._replace(**{k: v for k, v in given.items() if v is not None})
-    kernel, backward, hoist, unroll, remat = options
+    kernel, backward, hoist, unroll, remat = (options.kernel, options.backward, options.hoist, options.unroll,
+                                              options.remat)
     if not isinstance(kernel, str) or kernel not in KERNELS:
         raise ValueError(f"{call}: kernel must be one of {list(KERNELS)}, got {kernel!r}")
     if not isinstance(backward, str) or backward not in BACKWARD_MODES:
@@ -75,4 +93,13 @@ def resolve(call: str, options: ScanOptions | None, **given) -> ScanOptions:
         raise ValueError(f"{call}: unroll must be a positive int or None, got {unroll!r}")
     if not isinstance(remat, (bool, np.bool_)):
         raise ValueError(f"{call}: remat must be a bool, got {remat!r}")
-    return options
+    checkpoint = options.checkpoint
+    if isinstance(checkpoint, list):
+        checkpoint = tuple(checkpoint)
+    if isinstance(checkpoint, tuple) and len(checkpoint) == 2 and checkpoint[0] == "budget" and \
+            isinstance(checkpoint[1], (int, np.integer)) and not isinstance(checkpoint[1], bool) and checkpoint[1] >= 2:
+        checkpoint = ("budget", int(checkpoint[1]))
+    elif not (isinstance(checkpoint, str) and checkpoint in CHECKPOINTS):
+        raise ValueError(f"{call}: checkpoint must be 'all', 'sqrt' or ('budget', k) with an int k >= 2 "
+                         f"(the most carries kept at once), got {checkpoint!r}")
+    return options._replace(checkpoint=checkpoint)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqjax._checkpoint import checkpointed_scan, segment_sizes
 from seqjax._vma import batch_sharded_like, vary_over, varying_axes
 from seqjax.backends._table import Request, choose, platform_of, run
 from seqjax.cells.base import Array, Cell, form_of
@@ -237,12 +238,11 @@ def reference_loop(request: Request):
     o = request.options
     inputs = request.cell.project(request.params, request.xs_tm) if o.hoist else request.xs_tm
     body = _body(request.cell, request.params, request.init_carry, o.hoist, o.remat)
-    loop = _python_loop if request.reference else _lax_loop
-    return loop(body, request.carry, (inputs, request.valid, request.resets_tm), request.reverse, o.unroll)
-
-
-def _lax_loop(body, carry, xs, reverse, unroll):
-    return jax.lax.scan(body, carry, xs, reverse=reverse, unroll=unroll)
+    xs = (inputs, request.valid, request.resets_tm)
+    if request.reference:
+        return _python_loop(body, request.carry, xs, request.reverse, o.unroll)
+    sizes = segment_sizes(o.checkpoint, request.xs_tm.shape[0])
+    return checkpointed_scan(body, request.carry, xs, request.reverse, o.unroll, sizes)
 
 
 def _python_loop(body, carry, xs, reverse, unroll):
@@ -257,7 +257,7 @@ def _python_loop(body, carry, xs, reverse, unroll):
 def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None, resets: Array | None = None,
          reverse: bool = False, time_major: bool = False, options: ScanOptions | None = None,
          unroll: int | None = None, remat: bool | None = None, hoist: bool | None = None, backward: str | None = None,
-         kernel: str | None = None):
+         kernel: str | None = None, checkpoint=None):
     """Runs ``cell`` over a sequence with `jax.lax.scan`: ``(final_carry, ys)``.
 
     Equivalent Python loop (batch-major, no options)::
@@ -283,7 +283,11 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
     Execution (never the result, up to float rounding) is set by ``options``, a
     `seqjax.ScanOptions`, or by its fields as keywords (a keyword given wins over
     ``options``): ``kernel`` picks the implementation, ``backward`` how reverse
-    mode differentiates it, ``hoist``, ``unroll`` and ``remat`` tune XLA's loop.
+    mode differentiates it, ``hoist``, ``unroll`` and ``remat`` tune XLA's loop,
+    ``checkpoint`` sets what reverse mode keeps (every path but oneDNN and
+    CUDA): ``"all"`` (default), ``"sqrt"`` (the carry every ceil(sqrt(T))
+    steps; each segment is recomputed in the backward pass: memory ~ sqrt(T)
+    for one more forward pass) or ``("budget", k)`` (at most k carries; see `seqjax.ScanOptions`).
     By default (``kernel="auto"``) the run takes the first implementation in
     `seqjax.backends`' table that applies: on an x86-64 CPU seqjax's own
     AVX-512/AVX2 kernels (LSTM and Greff et al.'s variants but FGR, GRU with
@@ -324,7 +328,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       resets: [B, T] bool (or [T, B] with ``time_major``).
       reverse, time_major: bools.
       options: a `seqjax.ScanOptions` (default ``ScanOptions()``).
-      unroll, remat, hoist, backward, kernel: override the fields of ``options``.
+      unroll, remat, hoist, backward, kernel, checkpoint: override the fields of ``options``.
 
     Returns:
       ``(final_carry, ys)`` with ys [B, T, O] (or [T, B, O]) in the params' dtype.
@@ -335,7 +339,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       >>> carry, ys = seqjax.scan(cell, params, jnp.ones((4, 20, 8)), lengths=jnp.array([20, 5, 0, 13]))
     """
     options = resolve("seqjax.scan", options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
-                      kernel=kernel)
+                      kernel=kernel, checkpoint=checkpoint)
     return _run("seqjax.scan", False, cell, params, xs, carry, lengths, resets, reverse, time_major, options)
 
 
@@ -348,15 +352,15 @@ def scan_for(call: str, cell: Cell, params, xs: Array, *, carry=None, lengths=No
 def unrolled(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None,
              resets: Array | None = None, reverse: bool = False, time_major: bool = False,
              options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
-             hoist: bool | None = None, backward: str | None = None, kernel: str | None = None):
+             hoist: bool | None = None, backward: str | None = None, kernel: str | None = None, checkpoint=None):
     """`scan` as a Python loop over time: same arguments, same results.
 
     The reference implementation for tests and the baseline of the
     scan-vs-unroll benchmark. Under `jax.jit` the loop is unrolled into one
     straight-line program, so compile time grows with T. ``unroll``,
-    ``backward`` and ``kernel`` are accepted (validated) and ignored: the
-    reference is always plain JAX differentiated by autodiff.
+    ``backward``, ``kernel`` and ``checkpoint`` are accepted (validated) and
+    ignored: the reference is always plain JAX differentiated by autodiff.
     """
     options = resolve("seqjax.unrolled", options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
-                      kernel=kernel)._replace(kernel="xla", backward="autodiff")
+                      kernel=kernel, checkpoint=checkpoint)._replace(kernel="xla", backward="autodiff")
     return _run("seqjax.unrolled", True, cell, params, xs, carry, lengths, resets, reverse, time_major, options)

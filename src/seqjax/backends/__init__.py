@@ -45,17 +45,22 @@ class Explanation(NamedTuple):
       reasons: ``((name, why not), ...)`` for every other implementation, in table order.
       platform: where the call is placed ("cpu", "gpu", "tpu").
       layers: for a stacked cell, one `Explanation` per layer; else ().
+      checkpoint: what reverse mode keeps on that path (the ``checkpoint``
+        policy and its schedule for this T), one line.
     """
 
     backend: str
     reasons: tuple
     platform: str
     layers: tuple = ()
+    checkpoint: str = ""
 
     def __str__(self) -> str:
         if self.layers:
             return "\n".join(f"layer {k}: " + str(e).replace("\n", "\n  ") for k, e in enumerate(self.layers))
         lines = [f"runs on: {self.backend} (placed on {self.platform})"]
+        if self.checkpoint:
+            lines.append(f"  {self.checkpoint}")
         lines += [f"  not {name}: {why}" for name, why in self.reasons]
         return "\n".join(lines)
 
@@ -66,7 +71,8 @@ def names() -> tuple[str, ...]:
 
 
 def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=False, time_major=False,
-            options=None, unroll=None, remat=None, hoist=None, backward=None, kernel=None) -> Explanation:
+            options=None, unroll=None, remat=None, hoist=None, backward=None, kernel=None,
+            checkpoint=None) -> Explanation:
     """The implementation ``seqjax.scan(cell, params, xs, ...)`` with these arguments takes, and every other one's reason.
 
     Takes exactly `seqjax.scan`'s arguments and validates them the same way;
@@ -85,12 +91,14 @@ def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=
       'xla+custom_vjp'
     """
     from seqjax import runners
+    from seqjax._checkpoint import describe
     from seqjax.backends._table import choose
     from seqjax.cells.base import form_of
     from seqjax.options import resolve
 
     call = "seqjax.backends.explain"
-    opts = resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, backward=backward, kernel=kernel)
+    opts = resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, backward=backward, kernel=kernel,
+                   checkpoint=checkpoint)
     form = form_of(cell)
     if form is not None and form.layers is not None:
         import jax.numpy as jnp
@@ -100,7 +108,9 @@ def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=
             layers.append(explain(sub, p, ys, carry=c, lengths=plan.lengths, resets=plan.resets, reverse=reverse,
                                   time_major=True, options=opts))
             ys = jnp.zeros(ys.shape[:2] + (sub.output_size,), ys.dtype)
-        return Explanation(layers[0].backend, layers[0].reasons, layers[0].platform, tuple(layers))
+        return Explanation(layers[0].backend, layers[0].reasons, layers[0].platform, tuple(layers),
+                           layers[0].checkpoint)
     request, _ = runners._request(call, False, cell, params, xs, carry, lengths, resets, reverse, time_major, opts)
     choice = choose(request, explain=True)
-    return Explanation(choice.backend.name, choice.reasons, request.platform)
+    return Explanation(choice.backend.name, choice.reasons, request.platform,
+                       checkpoint=describe(opts.checkpoint, request.xs_tm.shape[0]))

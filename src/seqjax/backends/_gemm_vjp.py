@@ -33,6 +33,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from seqjax._checkpoint import backward_segments, forward_segments, put, take
 from seqjax._vma import explicit_replicated, match_varying
 from seqjax.cells.base import Array, Cell, compute_dtype, form_of, matmul
 from seqjax.cells.gru import GRUParams
@@ -351,12 +352,14 @@ def _start_h(ys, h0, reverse):
     return jnp.concatenate([h0[None], ys], axis=0)[:ys.shape[0]]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8, 9))
-def _fused(kind, params, xs, carry0, valid, resets, reverse, hoist, remat, unroll):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8, 9, 10))
+def _fused(kind, params, xs, carry0, valid, resets, reverse, hoist, remat, unroll, sizes):
     return _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, unroll)
 
 
-def _fused_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, remat, unroll):
+def _fused_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, remat, unroll, sizes):
+    if sizes:
+        return _checkpointed_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, unroll, sizes)
     final, (ys, saved, h_start) = _loop(kind, params, xs, carry0, valid, resets, reverse, hoist, unroll,
                                         keep="starts" if remat else "residuals")
     if remat:
@@ -366,21 +369,9 @@ def _fused_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, remat, u
     return (final, ys), (params, xs, saved, h_start, valid, resets)
 
 
-def _fused_bwd(kind, reverse, hoist, remat, unroll, saved, cts):
-    params, xs, saved_steps, h_start, valid, resets = saved
-    dfinal, dys = cts
-    # the state cotangents run in the compute dtype (float32 for 16-bit params) and are cast back at the end
-    ct = compute_dtype(params.w_h.dtype)
-    carry_dtypes = jax.tree.map(lambda a: a.dtype, dfinal)
-    dfinal = jax.tree.map(lambda a: a.astype(ct), dfinal)
-    step, back = _step_fns(kind)
-    wT = _transposed(kind, params)
-    if remat:  # recompute each step's residuals from its start carry
-        pre = _pre_activation(kind, params, hoist)
-        per_step = (saved_steps, _inputs(params, xs, hoist))
-        residuals = lambda s: step(params, s[0], pre(_h(kind, s[0]), s[1]))[2]  # noqa: E731
-    else:
-        per_step, residuals = saved_steps, lambda s: s  # noqa: E731
+def _state_backward(kind, params, wT, per_step, residuals, dys, valid, resets, dfinal, reverse, unroll, ct):
+    """The reverse recurrence of the state cotangents: ``(d start carry, dpx [T, B, K], extra)``."""
+    back = _step_fns(kind)[1]
 
     def body(dcarry, inp):
         r_t, dy, v, rs = inp
@@ -400,8 +391,15 @@ def _fused_bwd(kind, reverse, hoist, remat, unroll, saved, cts):
 
     dcarry0, (dpx, extra) = jax.lax.scan(body, dfinal, (per_step, dys, valid, resets), reverse=not reverse,
                                          unroll=unroll)
-    dcarry0 = jax.tree.map(lambda a, dt: a.astype(dt), dcarry0, carry_dtypes)
-    # [T, B, K] arrays contracted over all T*B rows at once (no reshape: the batch axis may be sharded)
+    return dcarry0, dpx, extra
+
+
+def _weight_grads(kind, params, xs, h_start, dpx, extra, ct):
+    """``(grads, dxs)``: the weight gradients in the compute dtype ``ct`` and the input cotangent, as
+    single GEMMs over the T*B rows of ``xs [T, B, I]``, ``h_start`` and the state backward's ``dpx``, ``extra``.
+
+    The [T, B, K] arrays are contracted over both leading axes at once (no reshape: the batch axis may be sharded).
+    """
     rows = lambda a: a.astype(ct)  # noqa: E731
     dpx2 = rows(dpx)
     if kind == "gru":
@@ -427,6 +425,88 @@ def _fused_bwd(kind, reverse, hoist, remat, unroll, saved, cts):
         grads["peep"] = jnp.sum(extra["peep"], 0)
     if "h_full" in extra:  # dW_proj = sum_t (o_t * tanh c_t)^T dh_t
         grads["w_proj"] = over_rows(rows(extra["h_full"]), rows(extra["dh"]))
+    return grads, dxs
+
+
+def _fused_bwd(kind, reverse, hoist, remat, unroll, sizes, saved, cts):
+    if sizes:
+        return _checkpointed_bwd(kind, reverse, hoist, unroll, sizes, saved, cts)
+    params, xs, saved_steps, h_start, valid, resets = saved
+    dfinal, dys = cts
+    # the state cotangents run in the compute dtype (float32 for 16-bit params) and are cast back at the end
+    ct = compute_dtype(params.w_h.dtype)
+    carry_dtypes = jax.tree.map(lambda a: a.dtype, dfinal)
+    dfinal = jax.tree.map(lambda a: a.astype(ct), dfinal)
+    step = _step_fns(kind)[0]
+    wT = _transposed(kind, params)
+    if remat:  # recompute each step's residuals from its start carry
+        pre = _pre_activation(kind, params, hoist)
+        per_step = (saved_steps, _inputs(params, xs, hoist))
+        residuals = lambda s: step(params, s[0], pre(_h(kind, s[0]), s[1]))[2]  # noqa: E731
+    else:
+        per_step, residuals = saved_steps, lambda s: s  # noqa: E731
+    dcarry0, dpx, extra = _state_backward(kind, params, wT, per_step, residuals, dys, valid, resets, dfinal, reverse,
+                                          unroll, ct)
+    dcarry0 = jax.tree.map(lambda a, dt: a.astype(dt), dcarry0, carry_dtypes)
+    grads, dxs = _weight_grads(kind, params, xs, h_start, dpx, extra, ct)
+    grads = {k: v.astype(getattr(params, k).dtype) for k, v in grads.items()}
+    # inside jax.shard_map: the weight gradients of one block's rows are summed over the blocks
+    dparams, dxs = match_varying((params._replace(**grads), dxs), (params, xs))
+    return dparams, dxs, dcarry0, None, None
+
+
+# ----------------------------------------------------------------------------- checkpointed over time
+# The forward pass keeps the start carry of each outermost segment (seqjax._checkpoint); the backward pass
+# recomputes a segment's residuals with `_loop` from its start carry, runs its reverse recurrence and adds the
+# segment's weight-gradient GEMMs to running sums.
+
+def _segment_loop(kind, params, xs, valid, resets, reverse, hoist, unroll, carry, start, steps, keep=None):
+    """`_loop` over steps [start, start + steps) of the time-major sequences."""
+    return _loop(kind, params, take(xs, start, steps), carry, take(valid, start, steps), take(resets, start, steps),
+                 reverse, hoist, unroll, keep=keep)
+
+
+def _checkpointed_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, unroll, sizes):
+    T, B = xs.shape[:2]
+
+    def run(ys, carry, start, steps):
+        carry, ys_seg = _segment_loop(kind, params, xs, valid, resets, reverse, hoist, unroll, carry, start, steps)
+        return put(ys, ys_seg, start), carry
+
+    ys = jnp.zeros((T, B, _h(kind, carry0).shape[-1]), params.w_h.dtype)
+    ys, final, starts = forward_segments(run, ys, carry0, 0, T, sizes[0], reverse)
+    return (final, ys), (params, xs, starts, None, valid, resets)
+
+
+def _checkpointed_bwd(kind, reverse, hoist, unroll, sizes, saved, cts):
+    params, xs, starts, _, valid, resets = saved
+    dfinal, dys = cts
+    ct = compute_dtype(params.w_h.dtype)
+    carry_dtypes = jax.tree.map(lambda a: a.dtype, dfinal)
+    dfinal = jax.tree.map(lambda a: a.astype(ct), dfinal)
+    wT = _transposed(kind, params)
+    lengths_or_resets = valid is not None or resets is not None
+
+    def advance(carry, start, steps):
+        return _segment_loop(kind, params, xs, valid, resets, reverse, hoist, unroll, carry, start, steps)[0]
+
+    def leaf(acc, carry_in, start, steps, dcarry):
+        grads, dxs = acc
+        _, (ys, res, h_start) = _segment_loop(kind, params, xs, valid, resets, reverse, hoist, unroll, carry_in,
+                                              start, steps, keep="residuals")
+        if not lengths_or_resets:
+            h_start = _start_h(ys, _h(kind, carry_in), reverse)
+        v, rs, dy = take(valid, start, steps), take(resets, start, steps), take(dys, start, steps)
+        dcarry, dpx, extra = _state_backward(kind, params, wT, res, lambda r: r, dy, v, rs, dcarry, reverse,
+                                             unroll, ct)
+        seg_grads, seg_dxs = _weight_grads(kind, params, take(xs, start, steps), h_start, dpx, extra, ct)
+        grads = {k: grads[k] + seg_grads[k] for k in grads}
+        return (grads, put(dxs, seg_dxs, start)), dcarry
+
+    names = ["w_x", "w_h", "b"] + [k for k in ("b_hn", "peep", "w_proj") if getattr(params, k, None) is not None]
+    acc = ({k: jnp.zeros(getattr(params, k).shape, ct) for k in names}, jnp.zeros_like(xs))
+    (grads, dxs), dcarry0 = backward_segments(sizes, reverse, advance, leaf, acc, dfinal, 0, xs.shape[0], starts)
+    dcarry0 = jax.tree.map(lambda a, dt: a.astype(dt), dcarry0, carry_dtypes)
     grads = {k: v.astype(getattr(params, k).dtype) for k, v in grads.items()}
     # inside jax.shard_map: the weight gradients of one block's rows are summed over the blocks
     dparams, dxs = match_varying((params._replace(**grads), dxs), (params, xs))
@@ -438,7 +518,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_scan(kind: str | LSTMSpec, params, xs_tm: Array, carry0, valid: Array | None = None,
                resets: Array | None = None, reverse: bool = False, hoist: bool = False, remat: bool = False,
-               unroll: int = 1):
+               unroll: int = 1, checkpoint: tuple[int, ...] = ()):
     """Runs a fusable cell over a time-major sequence with the custom VJP: ``(final_carry, ys [T, B, H])``.
 
     Reverse mode only (no `jax.jvp`/`jacfwd`). `seqjax.scan` calls this for
@@ -457,8 +537,14 @@ def fused_scan(kind: str | LSTMSpec, params, xs_tm: Array, carry0, valid: Array 
         (gate activations) in the backward loop: less memory for one more
         step computation per step.
       unroll: steps per iteration of both loops (`jax.lax.scan`'s ``unroll``).
+      checkpoint: the segment lengths per level (`seqjax._checkpoint.segment_sizes`),
+        or () to keep every step's residuals: the forward pass keeps only the
+        start carry of each outermost segment, the backward pass recomputes each
+        segment's residuals from it and sums the weight gradients per segment
+        (``remat`` is then moot: a segment's residuals live only while it is
+        differentiated).
     """
-    flags = (bool(reverse), bool(hoist), bool(remat), int(unroll))
+    flags = (bool(reverse), bool(hoist), bool(remat), int(unroll), tuple(checkpoint))
     if isinstance(kind, LSTMSpec):
         final, ys = _fused(kind, params, xs_tm, LSTMCarry(carry0.h, carry0.c), valid, resets, *flags)
         return LSTMCarry(final.h, final.c, None), ys

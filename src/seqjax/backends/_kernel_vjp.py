@@ -42,6 +42,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from seqjax._checkpoint import backward_segments, forward_segments, put, take
 from seqjax.cells.base import Array, matmul
 from seqjax.cells.lstm import LSTMCarry
 from seqjax._vma import explicit_replicated, match_varying
@@ -224,9 +225,77 @@ def _run_projecting_bwd(target, saved, cts):
 _run_projecting.defvjp(_run_projecting_fwd, _run_projecting_bwd)
 
 
+# ----------------------------------------------------------------------------- checkpointed over time
+# `_run_projecting` keeping only the start carry (h, c) of each outermost segment of ``sizes``
+# (`seqjax._checkpoint.segment_sizes`): the backward pass calls the forward target on each segment from its saved
+# start carry (training: the segment's gates), the backward target with the carry cotangent the later segment
+# passed back (its dh0, dc0 are this segment's dhT, dcT), and the weight-gradient target, summing per segment.
+
+def _segment_masks(masks, start, steps):
+    """``(lengths, resets)`` of steps [start, start + steps): lengths counted from ``start``, clipped to the segment."""
+    lengths, resets = masks
+    if lengths.size:
+        lengths = jnp.clip(lengths - start, 0, steps).astype(jnp.int32)
+    if resets.size:
+        resets = take(resets, start, steps)
+    return lengths, resets
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _run_checkpointed(target, sizes, xs, w_x, b, w_h, extra, h0, c0, lengths, resets):
+    ys, hT, cT, _, _ = _forward(target, False, (xs, w_x, b), w_h, extra, h0, c0, (lengths, resets))
+    return ys, hT, cT
+
+
+def _run_checkpointed_fwd(target, sizes, xs, w_x, b, w_h, extra, h0, c0, lengths, resets):
+    axis = 1 if target.batch_major else 0
+
+    def run(ys, carry, start, steps):
+        masks = _segment_masks((lengths, resets), start, steps)
+        ys_seg, hT, cT, _, _ = _forward(target, False, (take(xs, start, steps, axis), w_x, b), w_h, extra, *carry,
+                                        masks)
+        return put(ys, ys_seg, start, axis), (hT, cT)
+
+    ys = jnp.zeros(xs.shape[:2] + h0.shape[-1:], jnp.float32)
+    ys, (hT, cT), starts = forward_segments(run, ys, (h0, c0), 0, xs.shape[axis], sizes[0], target.reverse)
+    return (ys, hT, cT), (xs, w_x, b, w_h, extra, lengths, resets, starts)
+
+
+def _run_checkpointed_bwd(target, sizes, saved, cts):
+    xs, w_x, b, w_h, extra, lengths, resets, starts = saved
+    dys, dhT, dcT = cts
+    axis = 1 if target.batch_major else 0
+    gru = target.cell == CELLS["gru"]
+
+    def advance(carry, start, steps):
+        masks = _segment_masks((lengths, resets), start, steps)
+        _, hT, cT, _, _ = _forward(target, False, (take(xs, start, steps, axis), w_x, b), w_h, extra, *carry, masks)
+        return hT, cT
+
+    def leaf(acc, carry_in, start, steps, dcarry):
+        dw_x, db, dw_h, dextra, dxs = acc
+        (h, c), masks, xs_seg = carry_in, _segment_masks((lengths, resets), start, steps), take(xs, start, steps, axis)
+        ys, _, _, act, aux = _forward(target, True, (xs_seg, w_x, b), w_h, extra, h, c, masks)
+        dpx, dghn, dh, dc, dpeep = _state_grads(target, (w_h, extra, h, c, ys, act, aux),
+                                                (take(dys, start, steps, axis), *dcarry), masks)
+        gw_x, gw_h, gb, gb_hn = _kernel_weight_grads(target, xs_seg, ys, h, dpx, dghn, extra if gru else _empty(),
+                                                     masks)
+        gextra = gb_hn if gru else jnp.sum(dpeep, 0).reshape(extra.shape) if dpeep.size else jnp.zeros_like(extra)
+        dxs = put(dxs, (_rows(dpx) @ w_x.T).reshape(xs_seg.shape), start, axis)
+        return (dw_x + gw_x, db + gb, dw_h + gw_h, dextra + gextra, dxs), (dh, dc)
+
+    acc = tuple(jnp.zeros_like(a) for a in (w_x, b, w_h, extra, xs))
+    (dw_x, db, dw_h, dextra, dxs), (dh0, dc0) = backward_segments(sizes, target.reverse, advance, leaf, acc,
+                                                                  (dhT, dcT), 0, xs.shape[axis], starts)
+    return dxs, dw_x, db, dw_h, dextra, dh0, dc0, None, None
+
+
+_run_checkpointed.defvjp(_run_checkpointed_fwd, _run_checkpointed_bwd)
+
+
 def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool, attrs: tuple,
                 projects: bool = False, in_place: bool = False, lengths: Array | None = None,
-                resets: Array | None = None):
+                resets: Array | None = None, checkpoint: tuple[int, ...] = ()):
     """``(final_carry, ys)`` of the recurrence run by the FFI targets ``prefix + "_forward"/"_backward"``.
 
     Args:
@@ -248,6 +317,10 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
       resets: [T, B] bool (time-major whatever the layout of ``xs``): where
         true, the carry is zero before the step (`seqjax.scan`'s semantics), or
         None; only kernels that project take them.
+      checkpoint: the segment lengths per level (`seqjax._checkpoint.segment_sizes`),
+        or () to keep the gates of every step: reverse mode then keeps only the
+        start carry of each outermost segment and recomputes each segment's
+        gates with the forward target; only kernels that project take it.
     """
     if kind not in CELLS:
         raise ValueError(f"seqjax: kind must be one of {list(CELLS)}, got {kind!r}")
@@ -266,10 +339,14 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
     if projects:
         lengths = jnp.zeros((0,), jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
         resets = jnp.zeros((0,), bool) if resets is None else jnp.asarray(resets, bool)
-        ys, hT, cT = _run_projecting(target, xs, params.w_x, params.b, params.w_h, extra, h0, c0, lengths, resets)
+        operands = (xs, params.w_x, params.b, params.w_h, extra, h0, c0, lengths, resets)
+        if checkpoint:
+            ys, hT, cT = _run_checkpointed(target, tuple(checkpoint), *operands)
+        else:
+            ys, hT, cT = _run_projecting(target, *operands)
     else:
-        if lengths is not None or resets is not None:
-            raise ValueError(f"seqjax: the {prefix} kernels take no lengths or resets")
+        if lengths is not None or resets is not None or checkpoint:
+            raise ValueError(f"seqjax: the {prefix} kernels take no lengths, resets or checkpoint schedule")
         px = matmul(xs, params.w_x) + params.b
         ys, hT, cT = _run(target, px, params.w_h, extra, h0, c0)
     return (LSTMCarry(hT, cT, None) if lstm else hT), ys

@@ -97,8 +97,11 @@ def _never(_request=None) -> None:
 
 # ----------------------------------------------------------------------------- blockers shared by the native kernels
 
-def _native_blocker(request: Request, platform: str, takes_masks: bool) -> str | None:
-    """Why a native kernel for ``platform`` cannot run ``request``, whatever the cell (None: nothing)."""
+def _native_blocker(request: Request, platform: str, takes_masks: bool, checkpoints: bool = False) -> str | None:
+    """Why a native kernel for ``platform`` cannot run ``request``, whatever the cell (None: nothing).
+
+    ``checkpoints``: whether its custom VJP runs ``checkpoint`` policies other than "all".
+    """
     if request.reference:
         return "seqjax.unrolled is the plain-JAX reference"
     if 0 in request.xs_tm.shape[:2]:
@@ -111,6 +114,9 @@ def _native_blocker(request: Request, platform: str, takes_masks: bool) -> str |
         return "this native kernel has no per-step resets"
     if request.options.remat:
         return "remat=True (the native kernels keep their own residuals for the backward pass)"
+    if request.options.checkpoint != "all" and not checkpoints:
+        return (f"checkpoint={request.options.checkpoint!r} (these kernels keep every step's residuals; seqjax's "
+                "x86 kernels and XLA's loop checkpoint)")
     if request.options.backward != "auto":
         return (f"backward={request.options.backward!r} (the native kernels have their own backward pass; "
                 "pass backward='auto')")
@@ -126,7 +132,7 @@ def _in_layout(request: Request, carry, ys_tm):
 def _x86_blocker(isa: str):
     def blocker(request: Request) -> str | None:
         from seqjax.backends import _x86
-        why = _native_blocker(request, "cpu", takes_masks=True)
+        why = _native_blocker(request, "cpu", takes_masks=True, checkpoints=True)
         if why:
             return why
         kind, why = _x86.kind_of(request.cell, request.params)
@@ -141,11 +147,13 @@ def _x86_policy(request: Request) -> str | None:
 
 def _x86_run(isa: str):
     def run(request: Request):
+        from seqjax._checkpoint import segment_sizes
         from seqjax.backends._x86 import avx2_scan, kind_of
         kind = kind_of(request.cell, request.params)[0]
         # the kernels read xs and write ys in the caller's layout
         return avx2_scan(kind, request.params, jnp.asarray(request.xs), request.carry, request.reverse, isa=isa,
-                         time_major=request.time_major, lengths=request.lengths, resets=request.resets)
+                         time_major=request.time_major, lengths=request.lengths, resets=request.resets,
+                         checkpoint=segment_sizes(request.options.checkpoint, request.xs_tm.shape[0]))
     return run
 
 
@@ -218,10 +226,12 @@ def _vjp_blocker(request: Request) -> str | None:
 
 
 def _vjp_run(request: Request):
+    from seqjax._checkpoint import segment_sizes
     from seqjax.backends._gemm_vjp import fusable, fused_scan
     o = request.options
     carry, ys = fused_scan(fusable(request.cell, request.params), request.params, request.xs_tm, request.carry,
-                           request.valid, request.resets_tm, request.reverse, o.hoist, o.remat, o.unroll)
+                           request.valid, request.resets_tm, request.reverse, o.hoist, o.remat, o.unroll,
+                           segment_sizes(o.checkpoint, request.xs_tm.shape[0]))
     return _in_layout(request, carry, ys)
 
 

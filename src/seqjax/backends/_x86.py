@@ -31,7 +31,7 @@ steps, no synchronisation: the backward pass from B = 16, the forward for the
 RNN and small steps) or by chunks of one register of hidden units with one
 barrier per step; the results do not depend on it.
 
-Covered, float32 params, with or without ``lengths`` and ``resets``, without ``remat``: the
+Covered, float32 params, with or without ``lengths``, ``resets`` and ``checkpoint``, without ``remat``: the
 standard LSTM of `seqjax.lstm` with or without peepholes (the "vanilla" LSTM of
 Greff et al.) and Greff et al.'s variants of it (`seqjax.lstm_variant` "NIG",
 "NFG", "NOG", "CIFG", "NIAF", "NOAF", "NP"; not FGR, no projection), `seqjax.gru` with
@@ -102,7 +102,7 @@ def _check_isa(call: str, isa) -> None:
 
 def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threads: int = 0,
               isa: str = "avx2", time_major: bool = True, lengths: Array | None = None,
-              resets: Array | None = None):
+              resets: Array | None = None, checkpoint: tuple[int, ...] = ()):
     """A whole recurrence in one kernel call: ``(final_carry, ys)``, ys [T, B, H] (or [B, T, H]).
 
     Same results as ``seqjax.scan(cell, params, xs, carry=carry0,
@@ -132,6 +132,9 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
         products (the order changes no bits).
       resets: [T, B] bool (or [B, T] with ``time_major=False``), or None: where
         true (at a valid step), the carry is set back to zero before the step.
+      checkpoint: segment lengths per level (`seqjax._checkpoint.segment_sizes`;
+        `seqjax.scan`'s ``checkpoint=``), or () to keep every step's gates for
+        the backward pass.
 
     Raises:
       ValueError: an unknown kind or isa, a hidden size the kernels do not
@@ -164,4 +167,4 @@ def avx2_scan(kind: str, params, xs: Array, carry0, reverse: bool = False, threa
     load_avx2(isa)
     attrs = (("threads", int(threads)), ("batch_major", not time_major))
     return native_scan(f"seqjax_{isa}_rnn", kind, params, xs, carry0, reverse, attrs, projects=True, in_place=True,
-                       lengths=lengths, resets=resets)
+                       lengths=lengths, resets=resets, checkpoint=checkpoint)
