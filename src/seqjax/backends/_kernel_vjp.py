@@ -281,7 +281,7 @@ def _run_checkpointed_bwd(target, sizes, saved, cts):
         gw_x, gw_h, gb, gb_hn = _kernel_weight_grads(target, xs_seg, ys, h, dpx, dghn, extra if gru else _empty(),
                                                      masks)
         gextra = gb_hn if gru else jnp.sum(dpeep, 0).reshape(extra.shape) if dpeep.size else jnp.zeros_like(extra)
-        dxs = put(dxs, (_rows(dpx) @ w_x.T).reshape(xs_seg.shape), start, axis)
+        dxs = put(dxs, jax.lax.dot_general(dpx, w_x, (((dpx.ndim - 1,), (1,)), ((), ()))), start, axis)
         return (dw_x + gw_x, db + gb, dw_h + gw_h, dextra + gextra, dxs), (dh, dc)
 
     acc = tuple(jnp.zeros_like(a) for a in (w_x, b, w_h, extra, xs))
