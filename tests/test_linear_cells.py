@@ -35,7 +35,7 @@ def test_lru_ring_initialisation():
 
 def test_lru_default_ring_is_finite():
     """r_min=0, r_max=1 (the defaults) give finite parameters, |lambda| < 1."""
-    p = seqjax.lru(4096).init(jax.random.key(0), 2)
+    p = jax.jit(seqjax.lru(2048).init, static_argnums=1)(jax.random.key(0), 2)
     for leaf in jax.tree.leaves(p):
         assert np.all(np.isfinite(np.asarray(leaf)))
     assert np.all(np.exp(-np.exp(np.asarray(p.nu_log))) < 1.0)
@@ -105,12 +105,17 @@ def test_stack_multilayer_and_nnx_run_the_new_cells():
     xs = jax.random.normal(key, (2, 5, 3))
     cell = seqjax.stack([seqjax.min_gru(4), seqjax.lru(4, output_size=4), seqjax.min_lstm(3)])
     params = cell.init(key, 3)
-    _, ys = seqjax.scan(cell, params, xs)
-    carry, stepped = cell.initial_carry(params, (2,)), []
-    for t in range(5):
-        carry, y = cell.apply(params, carry, xs[:, t])
-        stepped.append(y)
-    np.testing.assert_allclose(np.asarray(ys), np.asarray(jnp.stack(stepped, 1)), atol=1e-6)
+
+    @jax.jit
+    def scanned_and_stepped(xs):
+        carry, stepped = cell.initial_carry(params, (2,)), []
+        for t in range(5):
+            carry, y = cell.apply(params, carry, xs[:, t])
+            stepped.append(y)
+        return seqjax.scan(cell, params, xs)[1], jnp.stack(stepped, 1)
+
+    ys, stepped = scanned_and_stepped(xs)
+    np.testing.assert_allclose(np.asarray(ys), np.asarray(stepped), atol=1e-6)
     model = seqjax.nnx.SequenceClassifier(seqjax.nnx.Recurrent(seqjax.lru(8), 3, num_layers=2, rngs=nnx.Rngs(0)), 5,
                                           rngs=nnx.Rngs(1))
     assert model(xs).shape == (2, 5)

@@ -3,8 +3,9 @@
 The options change how `seqjax.scan` computes a run, never what it computes
 (up to float rounding): which implementation runs the loop (``kernel``), how
 reverse mode differentiates it (``backward``), whether the input projection is
-hoisted out of the loop (``hoist``), `lax.scan`'s unroll factor (``unroll``)
-and rematerialisation (``remat``). `seqjax.backends.explain` shows what a given
+hoisted out of the loop (``hoist``), `lax.scan`'s unroll factor (``unroll``),
+rematerialisation (``remat``), and whether a cell with a linear recurrence is
+evaluated step by step or by a parallel prefix scan (``method``). `seqjax.backends.explain` shows what a given
 value picks for a call.
 """
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["BACKWARD_MODES", "KERNELS", "ScanOptions", "resolve"]
+__all__ = ["BACKWARD_MODES", "KERNELS", "METHODS", "ScanOptions", "resolve"]
 
 KERNELS = ("auto", "xla", "avx2", "avx512", "onednn", "cuda")
 BACKWARD_MODES = ("auto", "fused", "autodiff")
+METHODS = ("auto", "sequential", "associative")
 
 
 class ScanOptions(NamedTuple):
@@ -36,6 +38,13 @@ class ScanOptions(NamedTuple):
       unroll: `lax.scan`'s unroll factor; None: the platform's measured default
         (1 on CPU, 8 on accelerators).
       remat: rematerialise each step in the backward pass (memory for compute).
+      method: how a cell with a linear recurrence (`seqjax.min_gru`,
+        `seqjax.min_lstm`, `seqjax.lru`) is evaluated: ``"sequential"`` (a loop
+        over T), ``"associative"`` (`jax.lax.associative_scan`: log-depth in T)
+        or ``"auto"`` (default: the associative scan from the sequence length
+        where it won the benchmark on the run's platform, see
+        `seqjax.backends.explain`). Other cells always run sequentially;
+        ``"associative"`` for one of them raises.
 
     Example:
       >>> opts = seqjax.ScanOptions(kernel="xla", backward="autodiff")   # forward mode works
@@ -48,6 +57,7 @@ class ScanOptions(NamedTuple):
     hoist: bool | None = None
     unroll: int | None = None
     remat: bool = False
+    method: str = "auto"
 
 
 def resolve(call: str, options: ScanOptions | None, **given) -> ScanOptions:
@@ -60,7 +70,7 @@ def resolve(call: str, options: ScanOptions | None, **given) -> ScanOptions:
     elif not isinstance(options, ScanOptions):
         raise TypeError(f"{call}: options must be a seqjax.ScanOptions, got {type(options).__name__}")
     options = options._replace(**{k: v for k, v in given.items() if v is not None})
-    kernel, backward, hoist, unroll, remat = options
+    kernel, backward, hoist, unroll, remat = options[:5]
     if not isinstance(kernel, str) or kernel not in KERNELS:
         raise ValueError(f"{call}: kernel must be one of {list(KERNELS)}, got {kernel!r}")
     if not isinstance(backward, str) or backward not in BACKWARD_MODES:
@@ -71,4 +81,6 @@ def resolve(call: str, options: ScanOptions | None, **given) -> ScanOptions:
         raise ValueError(f"{call}: unroll must be a positive int or None, got {unroll!r}")
     if not isinstance(remat, (bool, np.bool_)):
         raise ValueError(f"{call}: remat must be a bool, got {remat!r}")
+    if not isinstance(options.method, str) or options.method not in METHODS:
+        raise ValueError(f"{call}: method must be one of {list(METHODS)}, got {options.method!r}")
     return options

@@ -38,17 +38,23 @@ class Explanation(NamedTuple):
       reasons: ``((name, why not), ...)`` for every other implementation, in table order.
       platform: where the call is placed ("cpu", "gpu", "tpu").
       layers: for a stacked cell, one `Explanation` per layer; else ().
+      method: "sequential" (a loop over T, run by ``backend``) or
+        "associative" (`jax.lax.associative_scan` on XLA; ``reasons`` is then empty).
+      method_reason: why that method (see ``method=`` of `seqjax.scan`).
     """
 
     backend: str
     reasons: tuple
     platform: str
     layers: tuple = ()
+    method: str = "sequential"
+    method_reason: str = ""
 
     def __str__(self) -> str:
         if self.layers:
             return "\n".join(f"layer {k}: " + str(e).replace("\n", "\n  ") for k, e in enumerate(self.layers))
-        lines = [f"runs on: {self.backend} (placed on {self.platform})"]
+        lines = [f"runs on: {self.backend} (placed on {self.platform})",
+                 f"  method: {self.method} ({self.method_reason})"]
         lines += [f"  not {name}: {why}" for name, why in self.reasons]
         return "\n".join(lines)
 
@@ -59,7 +65,8 @@ def names() -> tuple[str, ...]:
 
 
 def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=False, time_major=False,
-            options=None, unroll=None, remat=None, hoist=None, backward=None, kernel=None) -> Explanation:
+            options=None, unroll=None, remat=None, hoist=None, backward=None, kernel=None,
+            method=None) -> Explanation:
     """The implementation ``seqjax.scan(cell, params, xs, ...)`` with these arguments takes, and every other one's reason.
 
     Takes exactly `seqjax.scan`'s arguments and validates them the same way;
@@ -75,12 +82,14 @@ def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=
       'xla+custom_vjp'
     """
     from seqjax import runners
+    from seqjax.backends._associative import method_of
     from seqjax.backends._table import choose
     from seqjax.cells.base import form_of
     from seqjax.options import resolve
 
     call = "seqjax.backends.explain"
-    opts = resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, backward=backward, kernel=kernel)
+    opts = resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, backward=backward, kernel=kernel,
+                   method=method)
     form = form_of(cell)
     if form is not None and form.layers is not None:
         import jax.numpy as jnp
@@ -92,5 +101,8 @@ def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=
             ys = jnp.zeros(ys.shape[:2] + (sub.output_size,), ys.dtype)
         return Explanation(layers[0].backend, layers[0].reasons, layers[0].platform, tuple(layers))
     request, _ = runners._request(call, False, cell, params, xs, carry, lengths, resets, reverse, time_major, opts)
+    method, why = method_of(request)
+    if method == "associative":
+        return Explanation("xla", (), request.platform, (), method, why)
     choice = choose(request, explain=True)
-    return Explanation(choice.backend.name, choice.reasons, request.platform)
+    return Explanation(choice.backend.name, choice.reasons, request.platform, (), method, why)
