@@ -42,8 +42,9 @@ class ScanOptions(NamedTuple):
         `seqjax.min_lstm`, `seqjax.lru`) is evaluated: ``"sequential"`` (a loop
         over T), ``"associative"`` (`jax.lax.associative_scan`: log-depth in T)
         or ``"auto"`` (default: the associative scan from the sequence length
-        where it won the benchmark on the run's platform, see
-        `seqjax.backends.explain`). Other cells always run sequentially;
+        where it won the benchmark on the run's platform; on the CPU it won
+        neither the forward pass nor the short train steps, so "auto" keeps the
+        loop there; see `seqjax.backends.explain`). Other cells always run sequentially;
         ``"associative"`` for one of them raises.
 
     Example:

@@ -27,12 +27,14 @@ from seqjax.cells.base import form_of
 
 __all__ = ["AUTO_MIN_T", "method_of", "run"]
 
-#: ``method="auto"``: the sequence length T from which the associative scan runs, per platform.
-#: Measured with ``bench/parallel_scan.py`` (results/parallel_scan_cpu.json): on XLA:CPU (2 cores, B=16,
-#: H=64) the associative scan is faster than the sequential loop for every linear cell, forward and
-#: train step, from T=64 on, the shortest length measured (see bench/README.md). No GPU or TPU was
-#: measured: there ``"auto"`` keeps the sequential loop until a benchmark sets a crossover.
-AUTO_MIN_T: dict[str, int | None] = {"cpu": 64, "gpu": None, "tpu": None}
+#: ``method="auto"``: the sequence length T from which the associative scan runs, per platform (None: never).
+#: Measured with ``python bench/parallel_scan.py`` (bench/results/parallel_scan_cpu.json; 2-core AMD EPYC,
+#: B=4, I=16, H=32, float32, T = 64 ... 65,536, one run on a shared machine): on XLA:CPU the sequential loop
+#: was faster in the forward pass at every T for every linear cell (associative / sequential 1.07-3.3, the
+#: log-space variant 4-14); in the train step the associative scan won at most lengths (0.5-0.9) but lost at
+#: T=4,096 for every cell (1.2-1.6), the log-space variant everywhere. No T wins both modes, so "auto" keeps
+#: the loop on the CPU. No GPU or TPU was measured: there too "auto" keeps the loop until a benchmark sets a T.
+AUTO_MIN_T: dict[str, int | None] = {"cpu": None, "gpu": None, "tpu": None}
 
 _LINEAR_CELLS = "seqjax.min_gru, seqjax.min_lstm or seqjax.lru"
 
@@ -76,8 +78,9 @@ def method_of(request) -> tuple[str, str]:
                               f"backward={options.backward!r}")
     least = AUTO_MIN_T.get(request.platform)
     if least is None:
-        return "sequential", (f"method='auto' has no measured crossover on {request.platform.upper()} "
-                              "(bench/parallel_scan.py); pass method='associative' to scan in parallel")
+        return "sequential", (f"method='auto' has no crossover T on {request.platform.upper()} where the "
+                              "associative scan won (bench/parallel_scan.py); pass method='associative' to scan "
+                              "in parallel")
     if T < least:
         return "sequential", (f"method='auto' takes the associative scan from T={least} on "
                               f"{request.platform.upper()} (measured, bench/parallel_scan.py), got T={T}")
