@@ -56,3 +56,41 @@ def lstm_step(p, carry, x, *, input_gate=True, forget_gate=True, output_gate=Tru
     acts = {"i": i, "f": f, "o": o}
     new_g = np.concatenate([np.broadcast_to(acts[g], c.shape) for g in sig], -1) if p.w_gates is not None else None
     return (y, c, new_g), y
+
+
+def positive(v):
+    """Feng et al. (2024), appendix: g(v) = v + 0.5 for v >= 0, sigmoid(v) below."""
+    return np.where(v >= 0, v + 0.5, sigmoid(v))
+
+
+def min_gru_step(p, h, x, log_space):
+    """Feng et al. (2024) eq. minGRU: z = sigma(Linear_z(x)), h~ = Linear_h(x), h = (1 - z) h + z h~."""
+    H = h.shape[-1]
+    z = sigmoid(x @ p.w_x[:, :H] + p.b[:H])
+    h_tilde = x @ p.w_x[:, H:] + p.b[H:]
+    if log_space:
+        h_tilde = positive(h_tilde)
+    return (1 - z) * h + z * h_tilde
+
+
+def min_lstm_step(p, h, x, log_space):
+    """Feng et al. (2024) eq. minLSTM: f' = f / (f + i), i' = i / (f + i), h = f' h + i' h~."""
+    H = h.shape[-1]
+    f = sigmoid(x @ p.w_x[:, :H] + p.b[:H])
+    i = sigmoid(x @ p.w_x[:, H:2 * H] + p.b[H:2 * H])
+    h_tilde = x @ p.w_x[:, 2 * H:] + p.b[2 * H:]
+    if log_space:
+        h_tilde = positive(h_tilde)
+    return f / (f + i) * h + i / (f + i) * h_tilde
+
+
+def lru_step(p, x_state, u):
+    """Orvieto et al. (2023), eq. (7) and section 3: x = lambda x + gamma (B u), y = Re(C x) + D u.
+
+    ``x_state`` complex [..., N]; the params are the transposed (row-vector) matrices.
+    """
+    lam = np.exp(-np.exp(p.nu_log) + 1j * np.exp(p.theta_log))
+    gamma = np.exp(p.gamma_log)
+    x_state = lam * x_state + gamma * (u @ (p.b_re + 1j * p.b_im))
+    y = (x_state @ (p.c_re + 1j * p.c_im)).real + u @ p.d
+    return x_state, y

@@ -18,6 +18,12 @@ CELLS = {
     "gru": lambda: seqjax.gru(H),
     "gru_cho": lambda: seqjax.gru(H, reset_after=False),
     "stack": lambda: seqjax.stack([seqjax.lstm(H), seqjax.gru(4)]),
+    "min_gru": lambda: seqjax.min_gru(H),
+    "min_gru_log": lambda: seqjax.min_gru(H, log_space=True),
+    "min_lstm": lambda: seqjax.min_lstm(H),
+    "min_lstm_log": lambda: seqjax.min_lstm(H, log_space=True),
+    "lru": lambda: seqjax.lru(H),
+    "lru_out": lambda: seqjax.lru(H, output_size=3, r_min=0.5, r_max=0.99, max_phase=0.3),
 }
 
 # Runner invariants (jit, vmap, reverse, padding, resets) depend on the carry's structure, not on the gate
@@ -31,4 +37,7 @@ FACTORIES = {
     "lstm_variant": [f"lstm_{v}" for v in seqjax.GREFF_VARIANTS],
     "gru": ["gru", "gru_cho"],
     "stack": ["stack"],
+    "min_gru": ["min_gru", "min_gru_log"],
+    "min_lstm": ["min_lstm", "min_lstm_log"],
+    "lru": ["lru", "lru_out"],
 }

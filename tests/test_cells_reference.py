@@ -27,6 +27,15 @@ def numpy_step(name):
     if name.startswith("lstm"):
         flags = LSTM_FLAGS[name]
         return lambda p, c, x: ref.lstm_step(p, tuple(c), x, **flags)
+    if name.startswith("min_gru") or name.startswith("min_lstm"):
+        ref_step = ref.min_gru_step if name.startswith("min_gru") else ref.min_lstm_step
+        return lambda p, h, x: (lambda h: (h, h))(ref_step(p, h, x, name.endswith("_log")))
+    if name.startswith("lru"):
+        def step(p, carry, x):
+            N = carry.shape[-1] // 2
+            state, y = ref.lru_step(p, carry[..., :N] + 1j * carry[..., N:], x)
+            return np.concatenate([state.real, state.imag], -1), y
+        return step
     raise KeyError(name)
 
 

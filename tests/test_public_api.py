@@ -8,12 +8,13 @@ import seqjax
 
 PUBLIC = {
     "seqjax": {
-        "BidirectionalParams", "Cell", "GREFF_VARIANTS", "GRUParams", "History", "LSTMCarry", "LSTMParams", "Layer",
-        "NonFiniteLossError", "RNNParams", "ScanOptions", "TrainState", "attention", "backends", "bidirectional",
-        "checkpoint", "deep", "diagnostics", "dropout", "fit", "from_torch", "from_torch_carry", "generate", "gru",
-        "init_state", "losses", "lstm", "lstm_variant", "make_nnx_train_step", "make_train_step", "multilayer", "nnx",
-        "rnn", "scan", "seq2seq", "sequence", "sharding", "stack", "symmetric_uniform", "tasks", "tbptt",
-        "to_torch_state_dict", "torch_carry", "unrolled",
+        "BidirectionalParams", "Cell", "GREFF_VARIANTS", "GRUParams", "History", "LRUParams", "LSTMCarry",
+        "LSTMParams", "Layer", "MinGRUParams", "MinLSTMParams", "NonFiniteLossError", "RNNParams", "ScanOptions",
+        "TrainState", "attention", "backends", "bidirectional", "checkpoint", "deep", "diagnostics", "dropout", "fit",
+        "from_torch", "from_torch_carry", "generate", "gru", "init_state", "losses", "lru", "lstm", "lstm_variant",
+        "make_nnx_train_step", "make_train_step", "min_gru", "min_lstm", "multilayer", "nnx", "rnn", "scan",
+        "seq2seq", "sequence", "sharding", "stack", "symmetric_uniform", "tasks", "tbptt", "to_torch_state_dict",
+        "torch_carry", "unrolled",
     },
     "seqjax.backends": {"Explanation", "NativeUnavailable", "explain", "names"},
     "seqjax.sharding": {"DataParallel", "data_parallel"},

@@ -1,14 +1,15 @@
 """seqjax: functional sequence models for JAX.
 
-Pure-function cells (`rnn`, `lstm`, `gru`, `stack`), runners that scan them over
-time (`scan`, `unrolled`) with their execution options (`ScanOptions`), sequence
-layers (`sequence`, `bidirectional`, `deep`, `multilayer`), the Optax training
-loop (`make_train_step`, `fit`), losses (`seqjax.losses`) and the documented
-tasks' data (`seqjax.tasks`). `seqjax.backends.explain` shows which
+Pure-function cells (`rnn`, `lstm`, `gru`, `stack`, and the linear-recurrence
+cells `min_gru`, `min_lstm`, `lru` that `scan` can also evaluate in parallel),
+runners that scan them over time (`scan`, `unrolled`) with their execution
+options (`ScanOptions`), sequence layers (`sequence`, `bidirectional`, `deep`,
+`multilayer`), the Optax training loop (`make_train_step`, `fit`), losses
+(`seqjax.losses`) and the documented tasks' data (`seqjax.tasks`). `seqjax.backends.explain` shows which
 implementation a call runs on.
 """
-from seqjax.cells import (GREFF_VARIANTS, Cell, GRUParams, LSTMCarry, LSTMParams, RNNParams, gru, lstm, lstm_variant,
-                          rnn, stack, symmetric_uniform)
+from seqjax.cells import (GREFF_VARIANTS, Cell, GRUParams, LRUParams, LSTMCarry, LSTMParams, MinGRUParams, MinLSTMParams,
+                          RNNParams, gru, lru, lstm, lstm_variant, min_gru, min_lstm, rnn, stack, symmetric_uniform)
 from seqjax.layers import BidirectionalParams, Layer, bidirectional, deep, dropout, multilayer, sequence
 from seqjax.options import ScanOptions
 from seqjax.runners import scan, unrolled
@@ -21,7 +22,7 @@ from seqjax import (attention, backends, checkpoint, diagnostics, losses, nnx, s
 __all__ = [
     # cells and their params
     "Cell", "GREFF_VARIANTS", "GRUParams", "LSTMCarry", "LSTMParams", "RNNParams", "gru", "lstm", "lstm_variant",
-    "rnn", "stack", "symmetric_uniform",
+    "rnn", "stack", "symmetric_uniform", "LRUParams", "MinGRUParams", "MinLSTMParams", "lru", "min_gru", "min_lstm",
     # runners and layers
     "ScanOptions", "scan", "unrolled", "BidirectionalParams", "Layer", "bidirectional", "deep", "dropout",
     "multilayer", "sequence", "generate",

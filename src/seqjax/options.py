@@ -4,8 +4,9 @@ The options change how `seqjax.scan` computes a run, never what it computes
 (up to float rounding): which implementation runs the loop (``kernel``), how
 reverse mode differentiates it (``backward``), whether the input projection is
 hoisted out of the loop (``hoist``), `lax.scan`'s unroll factor (``unroll``),
-rematerialisation of each step (``remat``) and which carries the backward pass
-keeps (``checkpoint``). `seqjax.backends.explain` shows what a given
+rematerialisation of each step (``remat``), which carries the backward pass
+keeps (``checkpoint``), and whether a cell with a linear recurrence is
+evaluated step by step or by a parallel prefix scan (``method``). `seqjax.backends.explain` shows what a given
 value picks for a call.
 """
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["BACKWARD_MODES", "CHECKPOINTS", "KERNELS", "ScanOptions", "resolve"]
+__all__ = ["BACKWARD_MODES", "CHECKPOINTS", "KERNELS", "METHODS", "ScanOptions", "resolve"]
 
 KERNELS = ("auto", "xla", "avx2", "avx512", "onednn", "cuda")
 BACKWARD_MODES = ("auto", "fused", "autodiff")
 #: the named checkpointing policies; ``("budget", k)`` is the third form
 CHECKPOINTS = ("all", "sqrt")
+METHODS = ("auto", "sequential", "associative")
 
 
 class ScanOptions(NamedTuple):
@@ -52,6 +54,14 @@ class ScanOptions(NamedTuple):
         binomial one). Results are the same up to float rounding (on seqjax's
         x86 kernels the values and the input and carry cotangents bitwise; the
         weight gradients are summed per segment).
+      method: how a cell with a linear recurrence (`seqjax.min_gru`,
+        `seqjax.min_lstm`, `seqjax.lru`) is evaluated: ``"sequential"`` (a loop
+        over T), ``"associative"`` (`jax.lax.associative_scan`: log-depth in T)
+        or ``"auto"`` (default: the associative scan from the sequence length
+        where it won the benchmark on the run's platform; on the CPU it won
+        neither the forward pass nor the short train steps, so "auto" keeps the
+        loop there; see `seqjax.backends.explain`). Other cells always run sequentially;
+        ``"associative"`` for one of them raises.
 
     Example:
       >>> cell = seqjax.gru(8)
@@ -69,6 +79,7 @@ class ScanOptions(NamedTuple):
     unroll: int | None = None
     remat: bool = False
     checkpoint: str | tuple = "all"
+    method: str = "auto"
 
 
 def resolve(call: str, options: ScanOptions | None, **given) -> ScanOptions:
@@ -102,4 +113,6 @@ def resolve(call: str, options: ScanOptions | None, **given) -> ScanOptions:
     elif not (isinstance(checkpoint, str) and checkpoint in CHECKPOINTS):
         raise ValueError(f"{call}: checkpoint must be 'all', 'sqrt' or ('budget', k) with an int k >= 2 "
                          f"(the most carries kept at once), got {checkpoint!r}")
+    if not isinstance(options.method, str) or options.method not in METHODS:
+        raise ValueError(f"{call}: method must be one of {list(METHODS)}, got {options.method!r}")
     return options._replace(checkpoint=checkpoint)

@@ -13,6 +13,7 @@ import numpy as np
 
 from seqjax._checkpoint import checkpointed_scan, segment_sizes
 from seqjax._vma import batch_sharded_like, vary_over, varying_axes
+from seqjax.backends import _associative
 from seqjax.backends._table import Request, choose, platform_of, run
 from seqjax.cells.base import Array, Cell, form_of
 from seqjax.cells.validate import check_params
@@ -195,6 +196,10 @@ def _run(call, reference, cell, params, xs, carry, lengths, resets, reverse, tim
             c, ys = _run(call, reference, sub, p, ys, c, plan.lengths, plan.resets, reverse, True, options)
             carries.append(c)
         return tuple(carries), (ys if time_major else jnp.swapaxes(ys, 0, 1))
+    if options.method == "associative" or (options.method == "auto" and form is not None and form.linear is not None):
+        request, _ = _request(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major, options)
+        if _associative.method_of(request)[0] == "associative":
+            return _associative.run(request)
 
     def on(platform, params, xs, carry, lengths, resets):
         request, _ = _request(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major,
@@ -257,7 +262,7 @@ def _python_loop(body, carry, xs, reverse, unroll):
 def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None, resets: Array | None = None,
          reverse: bool = False, time_major: bool = False, options: ScanOptions | None = None,
          unroll: int | None = None, remat: bool | None = None, hoist: bool | None = None, backward: str | None = None,
-         kernel: str | None = None, checkpoint=None):
+         kernel: str | None = None, checkpoint=None, method: str | None = None):
     """Runs ``cell`` over a sequence with `jax.lax.scan`: ``(final_carry, ys)``.
 
     Equivalent Python loop (batch-major, no options)::
@@ -296,6 +301,12 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
     custom VJP (weight gradients as single GEMMs over all T*B rows), else XLA's
     loop differentiated by autodiff. ``seqjax.backends.explain(cell, params, xs,
     ...)`` prints which one a call takes and why each other one does not.
+    ``method`` decides how a cell with a linear recurrence (`seqjax.min_gru`,
+    `seqjax.min_lstm`, `seqjax.lru`) is evaluated: ``"associative"`` runs
+    `jax.lax.associative_scan` over all T steps at once (same semantics, lengths,
+    resets and reverse included; float32 accumulation for 16-bit params),
+    ``"sequential"`` the loop, ``"auto"`` (default) the associative scan from the
+    measured crossover length on the run's platform.
     The native kernels and the custom VJP are reverse mode only: `jax.jvp` and
     `jax.jacfwd` through them raise a TypeError that says to pass
     ``kernel="xla", backward="autodiff"`` (the tangent map `jax.linearize`
@@ -328,7 +339,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       resets: [B, T] bool (or [T, B] with ``time_major``).
       reverse, time_major: bools.
       options: a `seqjax.ScanOptions` (default ``ScanOptions()``).
-      unroll, remat, hoist, backward, kernel, checkpoint: override the fields of ``options``.
+      unroll, remat, hoist, backward, kernel, checkpoint, method: override the fields of ``options``.
 
     Returns:
       ``(final_carry, ys)`` with ys [B, T, O] (or [T, B, O]) in the params' dtype.
@@ -339,7 +350,7 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       >>> carry, ys = seqjax.scan(cell, params, jnp.ones((4, 20, 8)), lengths=jnp.array([20, 5, 0, 13]))
     """
     options = resolve("seqjax.scan", options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
-                      kernel=kernel, checkpoint=checkpoint)
+                      kernel=kernel, checkpoint=checkpoint, method=method)
     return _run("seqjax.scan", False, cell, params, xs, carry, lengths, resets, reverse, time_major, options)
 
 
@@ -352,15 +363,17 @@ def scan_for(call: str, cell: Cell, params, xs: Array, *, carry=None, lengths=No
 def unrolled(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None,
              resets: Array | None = None, reverse: bool = False, time_major: bool = False,
              options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
-             hoist: bool | None = None, backward: str | None = None, kernel: str | None = None, checkpoint=None):
+             hoist: bool | None = None, backward: str | None = None, kernel: str | None = None, checkpoint=None,
+             method: str | None = None):
     """`scan` as a Python loop over time: same arguments, same results.
 
     The reference implementation for tests and the baseline of the
     scan-vs-unroll benchmark. Under `jax.jit` the loop is unrolled into one
     straight-line program, so compile time grows with T. ``unroll``,
-    ``backward``, ``kernel`` and ``checkpoint`` are accepted (validated) and
-    ignored: the reference is always plain JAX differentiated by autodiff.
+    ``backward``, ``kernel``, ``checkpoint`` and ``method`` are accepted (validated) and
+    ignored: the reference is always plain JAX, stepped, differentiated by autodiff.
     """
     options = resolve("seqjax.unrolled", options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
-                      kernel=kernel, checkpoint=checkpoint)._replace(kernel="xla", backward="autodiff")
+                      kernel=kernel, checkpoint=checkpoint, method=method)._replace(kernel="xla", backward="autodiff",
+                                                                                   method="sequential")
     return _run("seqjax.unrolled", True, cell, params, xs, carry, lengths, resets, reverse, time_major, options)

@@ -47,6 +47,9 @@ class Explanation(NamedTuple):
       layers: for a stacked cell, one `Explanation` per layer; else ().
       checkpoint: what reverse mode keeps on that path (the ``checkpoint``
         policy and its schedule for this T), one line.
+      method: "sequential" (a loop over T, run by ``backend``) or
+        "associative" (`jax.lax.associative_scan` on XLA; ``reasons`` is then empty).
+      method_reason: why that method (see ``method=`` of `seqjax.scan`).
     """
 
     backend: str
@@ -54,11 +57,14 @@ class Explanation(NamedTuple):
     platform: str
     layers: tuple = ()
     checkpoint: str = ""
+    method: str = "sequential"
+    method_reason: str = ""
 
     def __str__(self) -> str:
         if self.layers:
             return "\n".join(f"layer {k}: " + str(e).replace("\n", "\n  ") for k, e in enumerate(self.layers))
-        lines = [f"runs on: {self.backend} (placed on {self.platform})"]
+        lines = [f"runs on: {self.backend} (placed on {self.platform})",
+                 f"  method: {self.method} ({self.method_reason})"]
         if self.checkpoint:
             lines.append(f"  {self.checkpoint}")
         lines += [f"  not {name}: {why}" for name, why in self.reasons]
@@ -72,7 +78,7 @@ def names() -> tuple[str, ...]:
 
 def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=False, time_major=False,
             options=None, unroll=None, remat=None, hoist=None, backward=None, kernel=None,
-            checkpoint=None) -> Explanation:
+            checkpoint=None, method=None) -> Explanation:
     """The implementation ``seqjax.scan(cell, params, xs, ...)`` with these arguments takes, and every other one's reason.
 
     Takes exactly `seqjax.scan`'s arguments and validates them the same way;
@@ -92,13 +98,14 @@ def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=
     """
     from seqjax import runners
     from seqjax._checkpoint import describe
+    from seqjax.backends._associative import method_of
     from seqjax.backends._table import choose
     from seqjax.cells.base import form_of
     from seqjax.options import resolve
 
     call = "seqjax.backends.explain"
     opts = resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, backward=backward, kernel=kernel,
-                   checkpoint=checkpoint)
+                   checkpoint=checkpoint, method=method)
     form = form_of(cell)
     if form is not None and form.layers is not None:
         import jax.numpy as jnp
@@ -109,8 +116,12 @@ def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=
                                   time_major=True, options=opts))
             ys = jnp.zeros(ys.shape[:2] + (sub.output_size,), ys.dtype)
         return Explanation(layers[0].backend, layers[0].reasons, layers[0].platform, tuple(layers),
-                           layers[0].checkpoint)
+                           layers[0].checkpoint, layers[0].method, layers[0].method_reason)
     request, _ = runners._request(call, False, cell, params, xs, carry, lengths, resets, reverse, time_major, opts)
+    method, why = method_of(request)
+    if method == "associative":
+        return Explanation("xla", (), request.platform, (), describe(opts.checkpoint, request.xs_tm.shape[0]),
+                           method, why)
     choice = choose(request, explain=True)
-    return Explanation(choice.backend.name, choice.reasons, request.platform,
-                       checkpoint=describe(opts.checkpoint, request.xs_tm.shape[0]))
+    return Explanation(choice.backend.name, choice.reasons, request.platform, (),
+                       describe(opts.checkpoint, request.xs_tm.shape[0]), method, why)

@@ -71,12 +71,43 @@ class Form(NamedTuple):
         ``[x, h] @ [[W_x], [W_h]]``; runners call it once outside the loop, so
         the weights are concatenated once per sequence, not per step.
       layers: for `seqjax.stack`, the stacked cells; else None.
+      linear: for a cell whose state follows a linear recurrence
+        ``h_t = a_t * h_{t-1} + b_t`` (`seqjax.min_gru`, `seqjax.min_lstm`,
+        `seqjax.lru`), its `LinearRecurrence`, which lets `seqjax.scan`
+        evaluate it with a parallel prefix scan; else None.
     """
 
     kind: Any
     project: Callable[..., Array]
     joint_apply: Callable[..., Any] | None
     layers: tuple | None
+    linear: "LinearRecurrence | None" = None
+
+
+class LinearRecurrence(NamedTuple):
+    """A cell's step written as the elementwise linear recurrence ``h_t = a_t * h_{t-1} + b_t`` plus a readout.
+
+    ``apply`` and this form compute the same sequence (up to rounding); the
+    form lets a runner evaluate all T steps with `jax.lax.associative_scan`.
+
+    Attributes:
+      coefficients: ``(params, px [T, B, P]) -> (a, b)``, both [T, B, N], from
+        the cell's projected inputs ``px = cell.project(params, xs)``, in the
+        compute dtype (float32 for 16-bit params; complex for a complex state).
+        With ``log_space`` they are ``(log a, log b)``, real, and the recurrence
+        is evaluated on logarithms (a > 0 and b > 0 by construction).
+      state: ``(carry) -> h [B, N]``, the recurrent state held in a carry.
+      carry: ``(params, h [B, N]) -> carry``, the inverse of ``state``, in the params' dtype.
+      readout: ``(params, hs [T, B, N], px [T, B, P]) -> ys [T, B, O]``, each
+        step's output from its new state and its projected input, in the params' dtype.
+      log_space: whether ``coefficients`` returns logarithms.
+    """
+
+    coefficients: Callable[..., tuple]
+    state: Callable[[Any], Array]
+    carry: Callable[..., Any]
+    readout: Callable[..., Array]
+    log_space: bool = False
 
 
 # step function -> its Form; weak, so a dropped cell takes its entry with it
@@ -84,18 +115,18 @@ _FORMS: "weakref.WeakKeyDictionary[Callable, Form]" = weakref.WeakKeyDictionary(
 
 
 def make_cell(*, init, initial_carry, project, step, input_size, hidden_size, output_size, name, layers=None,
-              joint_apply=None, kind=None) -> Cell:
+              joint_apply=None, kind=None, linear=None) -> Cell:
     """Builds a `Cell` whose ``apply`` is ``step`` after ``project``, and records its `Form`.
 
-    ``kind``, ``joint_apply`` and ``layers``: see `Form`; they describe exactly
-    this ``project`` and ``step``.
+    ``kind``, ``joint_apply``, ``layers`` and ``linear``: see `Form`; they
+    describe exactly this ``project`` and ``step``.
     """
 
     def apply(params, carry, x):
         return step(params, carry, project(params, x))
 
-    if kind is not None or joint_apply is not None or layers is not None:
-        _FORMS[step] = Form(kind, project, joint_apply, layers)
+    if kind is not None or joint_apply is not None or layers is not None or linear is not None:
+        _FORMS[step] = Form(kind, project, joint_apply, layers, linear)
     return Cell(init, initial_carry, project, step, apply, input_size, hidden_size, output_size, name)
 
 
