@@ -143,9 +143,36 @@ def test_forward_mode_through_a_reverse_mode_only_path_names_the_fix():
             jax.jvp(lambda p: f(p, **kwargs), (params,), (params,))
         with pytest.raises(TypeError, match="backward='autodiff'"):
             jax.jacfwd(lambda b: f(params._replace(b=b), **kwargs))(params.b)
+        # raised by jax.linearize itself, not later by the tangent map with JAX's generic custom_vjp message
+        with pytest.raises(TypeError, match=r"seqjax.scan: forward-mode .* pass kernel='xla', backward='autodiff'"):
+            jax.linearize(lambda p: f(p, **kwargs), params)
+        with pytest.raises(TypeError, match=r"seqjax.scan: forward-mode .*backward='autodiff'"):
+            jax.linearize(jax.jit(lambda p: f(p, **kwargs)), params)
     auto = lambda p: f(p, kernel="xla", backward="autodiff")  # noqa: E731
     np.testing.assert_allclose(jax.linearize(auto, params)[1](params), jax.jvp(auto, (params,), (params,))[1],
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", ["multilayer", "nnx"])
+@pytest.mark.parametrize("kernel", ["auto", "xla"])
+def test_linearize_through_layers_and_modules_names_the_fix(make, kernel):
+    cell, _, xs = setup()
+
+    def loss(opts):
+        if make == "nnx":
+            from flax import nnx
+            module = seqjax.nnx.LSTM(I, H, options=opts, rngs=nnx.Rngs(0))
+            return lambda x: jnp.sum(module(x) ** 2)
+        layer = seqjax.multilayer(cell, 2, bidirectional=True, options=opts)
+        params = layer.init(jax.random.key(0), I)
+        return lambda x: jnp.sum(layer.apply(params, x)[1] ** 2)
+
+    f = loss(seqjax.ScanOptions(kernel=kernel))
+    jax.grad(f)(xs)  # reverse mode traces the same call and is not refused
+    with pytest.raises(TypeError, match=r"forward-mode differentiation .* pass kernel='xla', backward='autodiff'"):
+        jax.linearize(f, xs)
+    fixed = loss(seqjax.ScanOptions(kernel="xla", backward="autodiff"))  # the option the message names works
+    np.testing.assert_allclose(jax.linearize(fixed, xs)[1](xs), jax.jvp(fixed, (xs,), (xs,))[1], rtol=1e-5)
 
 
 def test_second_derivatives_work_on_xla_and_name_the_fix_on_the_kernels():

@@ -282,10 +282,9 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
     custom VJP (weight gradients as single GEMMs over all T*B rows), else XLA's
     loop differentiated by autodiff. ``seqjax.backends.explain(cell, params, xs,
     ...)`` prints which one a call takes and why each other one does not.
-    The native kernels and the custom VJP are reverse mode only: `jax.jvp` and
-    `jax.jacfwd` through them raise a TypeError that says to pass
-    ``kernel="xla", backward="autodiff"`` (the tangent map `jax.linearize`
-    returns raises JAX's own message); the native kernels are differentiable
+    The native kernels and the custom VJP are reverse mode only: `jax.jvp`,
+    `jax.jacfwd` and `jax.linearize` through them raise a TypeError that says to
+    pass ``kernel="xla", backward="autodiff"``; the native kernels are differentiable
     once (grad of grad and `jax.hessian` raise a TypeError that says to pass
     ``kernel="xla"``, whose custom VJP is differentiable again). On a host with
     an accelerator, a call whose placement is not fixed by its inputs or

@@ -300,13 +300,41 @@ def choose(request: Request, explain: bool = False) -> Choice:
 FORWARD_MODE_FIX = "pass kernel='xla', backward='autodiff' (or options=seqjax.ScanOptions(kernel='xla', backward='autodiff'))"
 
 
+def _forward_mode_error(request: Request, backend: Backend) -> TypeError:
+    return TypeError(f"{request.caller}: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian, "
+                     f"jax.linearize) cannot go through the {backend.name} path, which is differentiable in reverse "
+                     f"mode only (a jax.custom_vjp); {FORWARD_MODE_FIX}")
+
+
+def _under_linearize() -> bool:
+    """Whether the innermost differentiation tracing this call is `jax.linearize` (not `jax.vjp`/`jax.grad`).
+
+    Both trace a `jax.custom_vjp` the same way; only `jax.linearize` later evaluates
+    the tangent map, where JAX raises its generic custom_vjp message. The traces
+    between this call and that differentiation (`jax.vmap`, ...) are walked through
+    their ``parent_trace``. Inside a `jax.jit` the enclosing differentiation is not
+    visible here (it transforms the traced jaxpr afterwards): then JAX's message stays.
+    """
+    from jax._src import core
+    from jax._src.interpreters import ad
+
+    trace = getattr(getattr(core, "trace_ctx", None), "trace", None)
+    while trace is not None:
+        if isinstance(trace, ad.LinearizeTrace):
+            return not trace.is_vjp
+        if isinstance(trace, ad.JVPTrace):
+            return False  # jax.jvp: its error comes from the call itself (below)
+        trace = getattr(trace, "parent_trace", None)
+    return False
+
+
 def run(request: Request, backend: Backend):
     """``backend.run(request)``; forward-mode differentiation through a reverse-mode-only path gets a seqjax error."""
+    if backend.name != "xla" and _under_linearize():
+        raise _forward_mode_error(request, backend)
     try:
         return backend.run(request)
     except TypeError as e:
         if "custom_vjp" not in str(e) or backend.name == "xla":
             raise
-        raise TypeError(f"{request.caller}: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian, "
-                        f"jax.linearize) cannot go through the {backend.name} path, which is differentiable in reverse "
-                        f"mode only (a jax.custom_vjp); {FORWARD_MODE_FIX}") from e
+        raise _forward_mode_error(request, backend) from e
