@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.backends._table import platform_of
+from seqjax.backends._table import platform_of, zero_padding
 from seqjax.cells.base import Array, Cell
 from seqjax.options import ScanOptions, resolve
 from seqjax.runners import _body, _hoist_default, _plan, _unroll_default
@@ -95,6 +95,7 @@ def step_gradients(cell, params, xs: Array, loss_fn: Callable[[Array, object], A
     body = _body(wrapped, params, plan.init_carry, projected=True, remat=options.remat)
 
     def total(xs_tm, deltas):
+        xs_tm = zero_padding(xs_tm, plan.valid)
         inputs = cell.project(params, xs_tm) if hoist else xs_tm
         c, ys = jax.lax.scan(body, plan.carry, ((inputs, deltas), plan.valid, None), unroll=unroll)
         return loss_fn(jnp.swapaxes(ys, 0, 1), c)

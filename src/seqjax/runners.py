@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqjax.backends._table import Request, choose, platform_of, run
+from seqjax.backends._table import Request, choose, platform_of, run, zero_padding
 from seqjax.cells.base import Array, Cell, form_of
 from seqjax.cells.validate import check_params
 from seqjax.options import ScanOptions, resolve
@@ -225,7 +225,8 @@ def _placed(*trees) -> bool:
 def reference_loop(request: Request):
     """The plain-JAX loop (`lax.scan`, or a Python loop for `unrolled`): ``(final_carry, ys [T, B, O])``."""
     o = request.options
-    inputs = request.cell.project(request.params, request.xs_tm) if o.hoist else request.xs_tm
+    xs_tm = zero_padding(request.xs_tm, request.valid)
+    inputs = request.cell.project(request.params, xs_tm) if o.hoist else xs_tm
     body = _body(request.cell, request.params, request.init_carry, o.hoist, o.remat)
     loop = _python_loop if request.reference else _lax_loop
     return loop(body, request.carry, (inputs, request.valid, request.resets_tm), request.reverse, o.unroll)

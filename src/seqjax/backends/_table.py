@@ -18,7 +18,7 @@ from seqjax.cells.base import Array, Cell
 from seqjax.options import ScanOptions
 from seqjax.backends import _library
 
-__all__ = ["Backend", "Choice", "Request", "TABLE", "choose", "platform_of"]
+__all__ = ["Backend", "Choice", "Request", "TABLE", "choose", "platform_of", "zero_padding"]
 
 
 class Request(NamedTuple):
@@ -40,6 +40,20 @@ class Request(NamedTuple):
     options: ScanOptions      # hoist and unroll resolved for the platform
     platform: str             # "cpu", "gpu" or "tpu": where the run is placed
     reference: bool           # seqjax.unrolled: the plain-JAX Python loop
+
+
+def zero_padding(xs_tm: Array, valid: Array | None) -> Array:
+    """``xs_tm`` [T, B, I] with the steps outside each sequence's length (``valid`` [T, B] false) set to 0.
+
+    A padded step's result is discarded by a select, whose backward gives that
+    step a zero cotangent; but the step's own backward multiplies that zero by
+    its local derivatives, so NaN/Inf (or garbage) in the padding would reach the
+    weight gradients as ``0 * NaN``. Zeroed inputs keep the padding out of every
+    result, as the native kernels do; their gradient is exactly 0.
+    """
+    if valid is None:
+        return xs_tm
+    return jnp.where(valid[:, :, None], xs_tm, jnp.zeros((), xs_tm.dtype))
 
 
 class Backend(NamedTuple):
@@ -220,7 +234,8 @@ def _vjp_blocker(request: Request) -> str | None:
 def _vjp_run(request: Request):
     from seqjax.backends._gemm_vjp import fusable, fused_scan
     o = request.options
-    carry, ys = fused_scan(fusable(request.cell, request.params), request.params, request.xs_tm, request.carry,
+    carry, ys = fused_scan(fusable(request.cell, request.params), request.params,
+                           zero_padding(request.xs_tm, request.valid), request.carry,
                            request.valid, request.resets_tm, request.reverse, o.hoist, o.remat, o.unroll)
     return _in_layout(request, carry, ys)
 
