@@ -285,7 +285,9 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
     ...)`` prints which one a call takes and why each other one does not.
     The native kernels and the custom VJP are reverse mode only: `jax.jvp`,
     `jax.jacfwd` and `jax.linearize` through them raise a TypeError that says to
-    pass ``kernel="xla", backward="autodiff"``; the native kernels are differentiable
+    pass ``kernel="xla", backward="autodiff"`` (`jax.jvp` of a `jax.jit`-ted
+    function raises JAX's own custom_vjp message: the jit hides the
+    transformation from seqjax); the native kernels are differentiable
     once (grad of grad and `jax.hessian` raise a TypeError that says to pass
     ``kernel="xla"``, whose custom VJP is differentiable again). On a host with
     an accelerator, a call whose placement is not fixed by its inputs or
