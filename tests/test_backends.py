@@ -163,7 +163,7 @@ def test_linearize_through_layers_and_modules_names_the_fix(make, kernel):
             from flax import nnx
             module = seqjax.nnx.LSTM(I, H, options=opts, rngs=nnx.Rngs(0))
             return lambda x: jnp.sum(module(x) ** 2)
-        layer = seqjax.multilayer(cell, 2, bidirectional=True, options=opts)
+        layer = seqjax.multilayer(cell, 1, bidirectional=True, options=opts)
         params = layer.init(jax.random.key(0), I)
         return lambda x: jnp.sum(layer.apply(params, x)[1] ** 2)
 
