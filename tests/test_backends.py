@@ -148,6 +148,10 @@ def test_forward_mode_through_a_reverse_mode_only_path_names_the_fix():
             jax.linearize(lambda p: f(p, **kwargs), params)
         with pytest.raises(TypeError, match=r"seqjax.scan: forward-mode .*backward='autodiff'"):
             jax.linearize(jax.jit(lambda p: f(p, **kwargs)), params)
+        # linearized in a variable the scan does not see: no tangent reaches it, nothing to refuse
+        readout = lambda w: jnp.sum(seqjax.scan(cell, params, xs, **kwargs)[1] @ w)  # noqa: E731
+        w = jnp.ones((H, 2))
+        np.testing.assert_allclose(jax.linearize(readout, w)[1](w), readout(w), rtol=1e-5)
     auto = lambda p: f(p, kernel="xla", backward="autodiff")  # noqa: E731
     np.testing.assert_allclose(jax.linearize(auto, params)[1](params), jax.jvp(auto, (params,), (params,))[1],
                                rtol=1e-5)

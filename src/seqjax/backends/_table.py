@@ -321,22 +321,27 @@ def _forward_mode_error(request: Request, backend: Backend) -> TypeError:
                      f"mode only (a jax.custom_vjp); {FORWARD_MODE_FIX}")
 
 
-def _under_linearize() -> bool:
-    """Whether the innermost differentiation tracing this call is `jax.linearize` (not `jax.vjp`/`jax.grad`).
+def _under_linearize(*inputs) -> bool:
+    """Whether ``inputs`` (pytrees) carry a tangent of `jax.linearize`, the innermost differentiation here.
 
-    Both trace a `jax.custom_vjp` the same way; only `jax.linearize` later evaluates
-    the tangent map, where JAX raises its generic custom_vjp message. The traces
-    between this call and that differentiation (`jax.vmap`, ...) are walked through
-    their ``parent_trace``. Inside a `jax.jit` the enclosing differentiation is not
-    visible here (it transforms the traced jaxpr afterwards): then JAX's message stays.
+    `jax.linearize` and `jax.vjp`/`jax.grad` trace a `jax.custom_vjp` the same way;
+    only `jax.linearize` later evaluates the tangent map, where JAX raises its
+    generic custom_vjp message. The traces between this call and that
+    differentiation (`jax.vmap`, ...) are walked through their ``parent_trace``;
+    inputs that none of them traces carry no tangent (then JAX needs no forward
+    mode). Inside a `jax.jit` the enclosing differentiation may not be visible.
     """
     from jax._src import core
     from jax._src.interpreters import ad
 
-    trace = getattr(getattr(core, "trace_ctx", None), "trace", None)
+    trace, chain = getattr(getattr(core, "trace_ctx", None), "trace", None), []
     while trace is not None:
+        chain.append(trace)
         if isinstance(trace, ad.LinearizeTrace):
-            return not trace.is_vjp
+            if trace.is_vjp:
+                return False
+            return any(isinstance(leaf, core.Tracer) and any(leaf._trace is t for t in chain)
+                       for leaf in jax.tree.leaves(inputs))
         if isinstance(trace, ad.JVPTrace):
             return False  # jax.jvp: its error comes from the call itself (below)
         trace = getattr(trace, "parent_trace", None)
@@ -345,7 +350,7 @@ def _under_linearize() -> bool:
 
 def run(request: Request, backend: Backend):
     """``backend.run(request)``; forward-mode differentiation through a reverse-mode-only path gets a seqjax error."""
-    if backend.name != "xla" and _under_linearize():
+    if backend.name != "xla" and _under_linearize(request.params, request.xs, request.carry):
         raise _forward_mode_error(request, backend)
     try:
         return backend.run(request)
