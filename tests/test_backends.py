@@ -143,9 +143,40 @@ def test_forward_mode_through_a_reverse_mode_only_path_names_the_fix():
             jax.jvp(lambda p: f(p, **kwargs), (params,), (params,))
         with pytest.raises(TypeError, match="backward='autodiff'"):
             jax.jacfwd(lambda b: f(params._replace(b=b), **kwargs))(params.b)
+        # raised by jax.linearize itself, not later by the tangent map with JAX's generic custom_vjp message
+        with pytest.raises(TypeError, match=r"seqjax.scan: forward-mode .* pass kernel='xla', backward='autodiff'"):
+            jax.linearize(lambda p: f(p, **kwargs), params)
+        with pytest.raises(TypeError, match=r"seqjax.scan: forward-mode .*backward='autodiff'"):
+            jax.linearize(jax.jit(lambda p: f(p, **kwargs)), params)
+        # linearized in a variable the scan does not see: no tangent reaches it, nothing to refuse
+        readout = lambda w: jnp.sum(seqjax.scan(cell, params, xs, **kwargs)[1] @ w)  # noqa: E731
+        w = jnp.ones((H, 2))
+        np.testing.assert_allclose(jax.linearize(readout, w)[1](w), readout(w), rtol=1e-5)
     auto = lambda p: f(p, kernel="xla", backward="autodiff")  # noqa: E731
     np.testing.assert_allclose(jax.linearize(auto, params)[1](params), jax.jvp(auto, (params,), (params,))[1],
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", ["multilayer", "nnx"])
+@pytest.mark.parametrize("kernel", ["auto", "xla"])
+def test_linearize_through_layers_and_modules_names_the_fix(make, kernel):
+    cell, _, xs = setup()
+
+    def loss(opts):
+        if make == "nnx":
+            from flax import nnx
+            module = seqjax.nnx.LSTM(I, H, options=opts, rngs=nnx.Rngs(0))
+            return lambda x: jnp.sum(module(x) ** 2)
+        layer = seqjax.multilayer(cell, 1, bidirectional=True, options=opts)
+        params = layer.init(jax.random.key(0), I)
+        return lambda x: jnp.sum(layer.apply(params, x)[1] ** 2)
+
+    f = loss(seqjax.ScanOptions(kernel=kernel))
+    jax.grad(f)(xs)  # reverse mode traces the same call and is not refused
+    with pytest.raises(TypeError, match=r"forward-mode differentiation .* pass kernel='xla', backward='autodiff'"):
+        jax.linearize(f, xs)
+    fixed = loss(seqjax.ScanOptions(kernel="xla", backward="autodiff"))  # the option the message names works
+    np.testing.assert_allclose(jax.linearize(fixed, xs)[1](xs), jax.jvp(fixed, (xs,), (xs,))[1], rtol=1e-5)
 
 
 def test_second_derivatives_work_on_xla_and_name_the_fix_on_the_kernels():
@@ -262,3 +293,54 @@ def test_with_several_platforms_each_lowers_its_own_choice(monkeypatch):
     # a committed input fixes the placement: no branches
     committed = jax.device_put(xs, jax.devices("cpu")[0])
     assert "platform_index" not in targets(lambda p: loss(p, committed), params)
+
+
+# ----------------------------------------------------------------------------- padding
+
+PAD_LENGTHS = (7, 3, 0)
+PATHS = {  # every implementation that takes lengths, and the reference
+    "auto": (seqjax.scan, {}),
+    "xla+custom_vjp": (seqjax.scan, dict(kernel="xla")),
+    "xla+custom_vjp hoist remat": (seqjax.scan, dict(kernel="xla", backward="fused", hoist=True, remat=True)),
+    "xla": (seqjax.scan, dict(kernel="xla", backward="autodiff", hoist=True)),
+    "unrolled": (seqjax.unrolled, {}),
+}
+
+
+def _both_directions(run, cell, params, xs, **kwargs):
+    """sum(ys²) + sum(final carry) of a forward and a reverse run (what the padding must not reach)."""
+    total = 0.0
+    for reverse in (False, True):
+        carry, ys = run(cell, params, xs, reverse=reverse, **kwargs)
+        total = total + jnp.sum(ys ** 2) + sum(jnp.sum(c) for c in jax.tree.leaves(carry))
+    return total
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("make", [lambda: seqjax.lstm(8), lambda: seqjax.gru(8), lambda: seqjax.rnn(8)],
+                         ids=["lstm", "gru", "rnn"])
+def test_padding_holding_nan_and_garbage_changes_nothing(make, path):
+    cell = make()
+    params = cell.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+    pad = np.arange(T)[None, :] >= np.array(PAD_LENGTHS)[:, None]
+    garbage = np.where(np.arange(T)[None, :] % 2, np.nan, 1e30)[..., None]
+    padded = jnp.where(pad[..., None], garbage, xs)
+    run, kwargs = PATHS[path]
+    loss = lambda p, x: _both_directions(run, cell, p, x, lengths=jnp.array(PAD_LENGTHS), **kwargs)  # noqa: E731
+    value, (gp, gx) = jax.value_and_grad(loss, argnums=(0, 1))(params, padded)
+
+    # unpadded: each sequence alone, over its own length (the empty one contributes nothing)
+    want_value, want_gp = 0.0, jax.tree.map(jnp.zeros_like, params)
+    want_gx = np.zeros(xs.shape, np.float32)
+    for b, n in enumerate(PAD_LENGTHS):
+        if n:
+            alone = lambda p, x: _both_directions(seqjax.unrolled, cell, p, x)  # noqa: E731
+            v, (g, g_x) = jax.value_and_grad(alone, argnums=(0, 1))(params, xs[b:b + 1, :n])
+            want_value, want_gp = want_value + v, jax.tree.map(jnp.add, want_gp, g)
+            want_gx[b, :n] = g_x[0]
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(gp), jax.tree.leaves(want_gp)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gx, want_gx, rtol=1e-4, atol=1e-5)  # exactly 0 on the padding
+    assert not np.any(np.asarray(gx)[pad])

@@ -110,3 +110,33 @@ def test_step_gradients_on_nnx_module_equal_functional():
     np.testing.assert_allclose(np.asarray(g_module.x), np.asarray(g_core.x), rtol=1e-6)
     with pytest.raises(TypeError, match="cell must be a seqjax Cell or a seqjax.nnx.Cell module, got str"):
         diagnostics.step_gradients("lstm", None, xs, loss)
+
+
+def test_step_gradients_take_options():
+    cell = seqjax.lstm(4)
+    params = cell.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (B, T, I))
+    lengths = jnp.array([T, 5])
+    want = diagnostics.step_gradients(cell, params, xs, loss, lengths=lengths)
+    for opts in (seqjax.ScanOptions(kernel="xla"), seqjax.ScanOptions(hoist=True, unroll=3),
+                 seqjax.ScanOptions(kernel="xla", backward="autodiff", remat=True)):
+        got = diagnostics.step_gradients(cell, params, xs, loss, lengths=lengths, options=opts)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7, err_msg=str(opts))
+    # forward mode through the per-step gradients (forward over reverse), against central differences
+    opts = seqjax.ScanOptions(kernel="xla", backward="autodiff")
+    f = lambda s: diagnostics.step_gradients(cell, params, xs * s, loss, options=opts).carry  # noqa: E731
+    tangent = jax.jvp(f, (1.0,), (1.0,))[1]
+    eps = 1e-2
+    np.testing.assert_allclose(tangent, (f(1.0 + eps) - f(1.0 - eps)) / (2 * eps), rtol=2e-2, atol=1e-4)
+    call = "seqjax.diagnostics.step_gradients"
+    with pytest.raises(TypeError, match=f"{call}: options must be a seqjax.ScanOptions, got dict"):
+        diagnostics.step_gradients(cell, params, xs, loss, options={"kernel": "xla"})
+    with pytest.raises(ValueError, match=f"{call}: kernel must be one of"):
+        diagnostics.step_gradients(cell, params, xs, loss, options=seqjax.ScanOptions(kernel="fast"))
+    with pytest.raises(ValueError, match=f"{call}: kernel='avx2' cannot run this call: .* pass kernel='auto' or 'xla'"):
+        diagnostics.step_gradients(cell, params, xs, loss, options=seqjax.ScanOptions(kernel="avx2"))
+    with pytest.raises(ValueError, match=f"{call}: backward='fused' cannot run this call"):
+        diagnostics.step_gradients(cell, params, xs, loss, options=seqjax.ScanOptions(backward="fused"))
+    with pytest.raises(ValueError, match=f"{call}: xs must have shape"):
+        diagnostics.step_gradients(cell, params, xs[..., :2], loss)

@@ -268,3 +268,77 @@ def test_scan_epoch_equals_window_loop(k1=2, k2=5):
     np.testing.assert_allclose(c_a, c_b, rtol=1e-4, atol=1e-6)
     assert [r["step"] for r in h_a.train] == [r["step"] for r in h_b.train]
     np.testing.assert_allclose([r["loss"] for r in h_a.train], [r["loss"] for r in h_b.train], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def model_with_options(params, carry, xs, *, resets=None, key=None, options=None):
+    """`model` with the execution options passed on to `seqjax.scan`."""
+    carry, hs = seqjax.scan(CELL, params["cell"], params["emb"][xs], carry=carry, resets=resets, time_major=True,
+                            options=options)
+    return carry, hs @ params["w"] + params["b"]
+
+
+def test_options_reach_the_models_scan():
+    T = 6
+    s = stream(T + 1)
+    params = make_params()
+    window = Window(s[:-1], s[1:], None, jnp.int32(0))
+    want, c_want, _ = sgd_grad(tbptt.make_step(model_with_options, loss_fn, optax.sgd(1.0), k1=3, k2=T), params,
+                               zeros(), window)
+    xla = seqjax.ScanOptions(kernel="xla", unroll=2)
+    got, c_got, _ = sgd_grad(tbptt.make_step(model_with_options, loss_fn, optax.sgd(1.0), k1=3, k2=T, options=xla),
+                             params, zeros(), window)
+    assert_tree_close(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c_got, c_want, rtol=1e-5, atol=1e-6)
+    ev = tbptt.make_eval(model_with_options, loss_fn, options=xla)
+    m, _ = tbptt.evaluate(ev, params, Stream(s), T=T, initial_carry=zeros())
+    np.testing.assert_allclose(m["loss"], full_loss(params, s[:-1], s[1:]), rtol=1e-5)
+    # a kernel that cannot run the model's scan is refused by that scan: the option arrived
+    step = tbptt.make_step(model_with_options, loss_fn, optax.sgd(1.0), k1=T, options=seqjax.ScanOptions(kernel="cuda"))
+    with pytest.raises(ValueError, match="seqjax.scan: kernel='cuda' cannot run this call"):
+        sgd_grad(step, params, zeros(), window)
+
+
+def test_options_make_forward_mode_through_a_step_possible():
+    T = 5
+    s = stream(T + 1)
+    params = make_params()
+    window = Window(s[:-1], s[1:], None, jnp.int32(0))
+    opt = optax.sgd(0.0)
+
+    def step_loss(options):
+        step = tbptt.make_step(model_with_options, loss_fn, opt, k1=T, jit=False, options=options)
+        return lambda p: step(init_state(p, opt), zeros(), window)[2]["loss"]
+
+    tangent = jax.tree.map(jnp.ones_like, params)
+    opts = seqjax.ScanOptions(kernel="xla", backward="autodiff")
+    eps = 1e-3
+    want = (step_loss(opts)(jax.tree.map(lambda p, t: p + eps * t, params, tangent))
+            - step_loss(opts)(jax.tree.map(lambda p, t: p - eps * t, params, tangent))) / (2 * eps)
+    np.testing.assert_allclose(jax.jvp(step_loss(opts), (params,), (tangent,))[1], want, rtol=1e-2)
+    # pure forward mode (no gradient inside): the evaluation of a window
+    def eval_loss(options):
+        ev = tbptt.make_eval(model_with_options, loss_fn, options=options)
+        return lambda p: ev(p, zeros(), window)[1]["loss"]
+
+    want = (eval_loss(opts)(jax.tree.map(lambda p, t: p + eps * t, params, tangent))
+            - eval_loss(opts)(jax.tree.map(lambda p, t: p - eps * t, params, tangent))) / (2 * eps)
+    np.testing.assert_allclose(jax.jvp(eval_loss(opts), (params,), (tangent,))[1], want, rtol=1e-2)
+    # the default path is reverse mode only (under make_eval's jax.jit the message is JAX's own: the jit hides
+    # the transformation from seqjax.scan)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(eval_loss(seqjax.ScanOptions()), (params,), (tangent,))
+
+
+def test_bad_options_name_the_builder():
+    for build, name in ((lambda m, o: tbptt.make_step(m, loss_fn, optax.sgd(1.0), k1=2, options=o), "make_step"),
+                        (lambda m, o: tbptt.make_eval(m, loss_fn, options=o), "make_eval")):
+        with pytest.raises(TypeError, match=f"seqjax.tbptt.{name}: options must be a seqjax.ScanOptions, got str"):
+            build(model_with_options, "xla")
+        with pytest.raises(ValueError, match=f"seqjax.tbptt.{name}: unroll must be a positive int"):
+            build(model_with_options, seqjax.ScanOptions(unroll=0))
+        with pytest.raises(TypeError, match=f"seqjax.tbptt.{name}: options was given, so model must take an "
+                                            "options= keyword .*model has none"):
+            build(model, seqjax.ScanOptions(kernel="xla"))

@@ -17,8 +17,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from seqjax.backends._table import platform_of, zero_padding
 from seqjax.cells.base import Array, Cell
-from seqjax.runners import _body
+from seqjax.options import ScanOptions, resolve
+from seqjax.runners import _body, _hoist_default, _plan, _unroll_default
 
 
 class StepGradients(NamedTuple):
@@ -43,7 +45,7 @@ def _row_norms(tree, B: int, T: int) -> Array:
 
 
 def step_gradients(cell, params, xs: Array, loss_fn: Callable[[Array, object], Array], *, carry=None,
-                   lengths: Array | None = None) -> StepGradients:
+                   lengths: Array | None = None, options: ScanOptions | None = None) -> StepGradients:
     """``||dL/dh_t||`` and ``||dL/dx_t||`` for every step t, from a single backward pass.
 
     A zero perturbation ``d_t`` is added to the carry after each step; the
@@ -59,6 +61,11 @@ def step_gradients(cell, params, xs: Array, loss_fn: Callable[[Array, object], A
       loss_fn: ``(ys [B, T, O], final_carry) -> scalar``.
       carry: optional initial carry for batch (B,).
       lengths: optional [B] int valid lengths (as in `seqjax.scan`).
+      options: a `seqjax.ScanOptions` for the loop (``hoist``, ``unroll``,
+        ``remat``). The perturbed step runs in XLA's loop differentiated by
+        autodiff whatever the cell: ``kernel`` may be ``"auto"`` or ``"xla"`` and
+        ``backward`` ``"auto"`` or ``"autodiff"``; a native kernel or
+        ``backward="fused"`` raises a ValueError.
 
     Returns:
       `StepGradients` with [B, T] norms.
@@ -73,26 +80,46 @@ def step_gradients(cell, params, xs: Array, loss_fn: Callable[[Array, object], A
       >>> bool(jnp.all(g.x[:, 0] < g.x[:, -1]))   # the gradient reaching the first step is the smaller
       True
     """
+    call = "seqjax.diagnostics.step_gradients"
+    options = _loop_options(call, options)
     if not isinstance(cell, Cell):
         cell, params = _from_module(cell, params)
-    B, T = xs.shape[0], xs.shape[1]
-    init = cell.initial_carry(params, (B,)) if carry is None else carry
-    zeros = jax.tree.map(lambda a: jnp.zeros((T,) + a.shape, a.dtype), init)
+    plan = _plan(call, cell, params, xs, carry, lengths, None, time_major=False)
+    T, B = plan.xs.shape[:2]
+    platform = platform_of(xs, params, carry)
+    hoist = _hoist_default(platform) if options.hoist is None else bool(options.hoist)
+    unroll = _unroll_default(platform) if options.unroll is None else int(options.unroll)
+    zeros = jax.tree.map(lambda a: jnp.zeros((T,) + a.shape, a.dtype), plan.carry)
 
     def perturbed_cell_step(p, c, inp):
         x, delta = inp
-        c, y = cell.apply(p, c, x)
+        c, y = (cell.step if hoist else cell.apply)(p, c, x)
         return jax.tree.map(jnp.add, c, delta), y
 
-    # The perturbation rides along as part of the input of a cell that scan understands.
+    # The perturbation rides along as part of the input of the step.
     wrapped = cell._replace(step=perturbed_cell_step)
+    body = _body(wrapped, params, plan.init_carry, projected=True, remat=options.remat)
 
-    def total(xs_, deltas):
-        c, ys = _scan_pairs(wrapped, params, xs_, deltas, init, lengths)
-        return loss_fn(ys, c)
+    def total(xs_tm, deltas):
+        xs_tm = zero_padding(xs_tm, plan.valid)
+        inputs = cell.project(params, xs_tm) if hoist else xs_tm
+        c, ys = jax.lax.scan(body, plan.carry, ((inputs, deltas), plan.valid, None), unroll=unroll)
+        return loss_fn(jnp.swapaxes(ys, 0, 1), c)
 
-    loss, (gx, gd) = jax.value_and_grad(total, argnums=(0, 1))(xs, zeros)
-    return StepGradients(_row_norms(gd, B, T), _row_norms(jnp.swapaxes(gx, 0, 1), B, T), loss)
+    loss, (gx, gd) = jax.value_and_grad(total, argnums=(0, 1))(plan.xs, zeros)
+    return StepGradients(_row_norms(gd, B, T), _row_norms(gx, B, T), loss)
+
+
+def _loop_options(call: str, options: ScanOptions | None) -> ScanOptions:
+    """``options`` validated for a loop whose step seqjax wraps (it runs only in XLA's loop, under autodiff)."""
+    options = resolve(call, options)
+    if options.kernel not in ("auto", "xla"):
+        raise ValueError(f"{call}: kernel={options.kernel!r} cannot run this call: it perturbs the carry after "
+                         "every step, which only XLA's loop can do; pass kernel='auto' or 'xla'")
+    if options.backward == "fused":
+        raise ValueError(f"{call}: backward='fused' cannot run this call: seqjax's custom VJP does not take the "
+                         "per-step perturbation; pass backward='auto' or 'autodiff'")
+    return options
 
 
 def _from_module(module, params):
@@ -105,15 +132,6 @@ def _from_module(module, params):
     if params is not None:
         raise ValueError("seqjax.diagnostics.step_gradients: pass params=None with an NNX module (it holds its own)")
     return module.cell, module.get_params()
-
-
-def _scan_pairs(wrapped: Cell, params, xs, deltas, init, lengths):
-    """`seqjax.scan`'s step body (masking, zero outputs past lengths) over (x_t, delta_t) pairs."""
-    T = xs.shape[1]
-    valid = None if lengths is None else jnp.arange(T)[:, None] < jnp.asarray(lengths)[None, :]
-    body = _body(wrapped, params, init, projected=True, remat=False)
-    c, ys = jax.lax.scan(body, init, ((jnp.swapaxes(xs, 0, 1), deltas), valid, None))
-    return c, jnp.swapaxes(ys, 0, 1)
 
 
 def spectral_norm(w: Array) -> Array:

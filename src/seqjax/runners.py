@@ -14,7 +14,7 @@ import numpy as np
 from seqjax._checkpoint import checkpointed_scan, segment_sizes
 from seqjax._vma import batch_sharded_like, vary_over, varying_axes
 from seqjax.backends import _associative
-from seqjax.backends._table import Request, choose, platform_of, run
+from seqjax.backends._table import Request, choose, platform_of, run, zero_padding
 from seqjax.cells.base import Array, Cell, form_of
 from seqjax.cells.validate import check_params
 from seqjax.options import ScanOptions, resolve
@@ -241,7 +241,8 @@ def _placed(*trees) -> bool:
 def reference_loop(request: Request):
     """The plain-JAX loop (`lax.scan`, or a Python loop for `unrolled`): ``(final_carry, ys [T, B, O])``."""
     o = request.options
-    inputs = request.cell.project(request.params, request.xs_tm) if o.hoist else request.xs_tm
+    xs_tm = zero_padding(request.xs_tm, request.valid)
+    inputs = request.cell.project(request.params, xs_tm) if o.hoist else xs_tm
     body = _body(request.cell, request.params, request.init_carry, o.hoist, o.remat)
     xs = (inputs, request.valid, request.resets_tm)
     if request.reference:
@@ -307,10 +308,11 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
     resets and reverse included; float32 accumulation for 16-bit params),
     ``"sequential"`` the loop, ``"auto"`` (default) the associative scan from the
     measured crossover length on the run's platform.
-    The native kernels and the custom VJP are reverse mode only: `jax.jvp` and
-    `jax.jacfwd` through them raise a TypeError that says to pass
-    ``kernel="xla", backward="autodiff"`` (the tangent map `jax.linearize`
-    returns raises JAX's own message); the native kernels are differentiable
+    The native kernels and the custom VJP are reverse mode only: `jax.jvp`,
+    `jax.jacfwd` and `jax.linearize` through them raise a TypeError that says to
+    pass ``kernel="xla", backward="autodiff"`` (`jax.jvp` of a `jax.jit`-ted
+    function raises JAX's own custom_vjp message: the jit hides the
+    transformation from seqjax); the native kernels are differentiable
     once (grad of grad and `jax.hessian` raise a TypeError that says to pass
     ``kernel="xla"``, whose custom VJP is differentiable again). On a host with
     an accelerator, a call whose placement is not fixed by its inputs or

@@ -50,6 +50,7 @@ for on-line training of recurrent network trajectories", Neural Computation
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
@@ -59,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from seqjax.options import ScanOptions, resolve
 from seqjax.train import History, NonFiniteLossError, TrainState, _check_clip, _check_optimizer, _clip
 
 __all__ = ["Stream", "Window", "TBPTTStep", "batchify", "windows", "make_step", "fit", "make_eval", "evaluate"]
@@ -260,15 +262,36 @@ def _split_losses(call: str, out, has_aux: bool, T: int, B: int):
     return losses, aux
 
 
-def _run_model(model, params, carry, x, resets, key, k1: int, k2: int):
+def _model_options(call: str, model: Callable, options: ScanOptions | None) -> dict:
+    """The keyword arguments that hand ``options`` to ``model``: ``{}`` without options, else ``{"options": ...}``.
+
+    Raises:
+      TypeError: ``options`` is not a `seqjax.ScanOptions`, or ``model`` takes no ``options`` keyword.
+      ValueError: a field of ``options`` is invalid.
+    """
+    if options is None:
+        return {}
+    options = resolve(call, options)
+    try:
+        params = inspect.signature(model).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: let the call tell
+        return {"options": options}
+    if not any(p.name == "options" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or p.kind == p.VAR_KEYWORD
+               for p in params):
+        raise TypeError(f"{call}: options was given, so model must take an options= keyword (and pass it on to "
+                        f"seqjax.scan or its layers); {getattr(model, '__name__', type(model).__name__)} has none")
+    return {"options": options}
+
+
+def _run_model(model, params, carry, x, resets, key, k1: int, k2: int, extra: dict):
     """Runs the window; returns (carry handed to the next window, final carry, outputs [k2, B, ...])."""
     if k1 == k2:
-        c, out = model(params, carry, x, resets=resets, key=key)
+        c, out = model(params, carry, x, resets=resets, key=key, **extra)
         return c, c, out
     ka, kb = (None, None) if key is None else jax.random.split(key)
     ra, rb = (None, None) if resets is None else (resets[:k1], resets[k1:])
-    c_mid, out_a = model(params, carry, x[:k1], resets=ra, key=ka)
-    c_end, out_b = model(params, c_mid, x[k1:], resets=rb, key=kb)
+    c_mid, out_a = model(params, carry, x[:k1], resets=ra, key=ka, **extra)
+    c_end, out_b = model(params, c_mid, x[k1:], resets=rb, key=kb, **extra)
     out = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), out_a, out_b)
     return c_mid, c_end, out
 
@@ -299,7 +322,7 @@ class TBPTTStep(NamedTuple):
 
 def make_step(model: Callable, loss_fn: Callable, optimizer: optax.GradientTransformation, *, k1: int,
               k2: Optional[int] = None, clip_norm: Optional[float] = None, has_aux: bool = False,
-              jit: bool = True) -> TBPTTStep:
+              jit: bool = True, options: ScanOptions | None = None) -> TBPTTStep:
     """Builds a TBPTT(k1, k2) update: one jitted function per window.
 
     One call does, for a window of ``k2`` steps starting from ``carry``::
@@ -329,6 +352,11 @@ def make_step(model: Callable, loss_fn: Callable, optimizer: optax.GradientTrans
       clip_norm: optional global gradient-norm clip.
       has_aux: whether ``loss_fn`` returns aux metrics.
       jit: jit the step (with ``state`` and ``carry`` donated).
+      options: a `seqjax.ScanOptions` handed to every call of ``model`` as
+        ``model(..., options=options)``, for the model to pass on to
+        `seqjax.scan` or its layers (e.g. ``ScanOptions(kernel="xla",
+        backward="autodiff")`` for forward mode through the step). None (the
+        default): ``model`` is called without it.
 
     Returns:
       A :class:`TBPTTStep` ``step(state: TrainState, carry, window: Window, key=None)
@@ -342,6 +370,7 @@ def make_step(model: Callable, loss_fn: Callable, optimizer: optax.GradientTrans
     _check_clip("tbptt.make_step", clip_norm)
     k1 = _positive_int(call, "k1", k1)
     k2 = k1 if k2 is None else _positive_int(call, "k2", k2)
+    extra = _model_options(call, model, options)
     if k2 < k1:
         raise ValueError(f"{call}: k2 (steps backpropagated) must be >= k1 (steps advanced), got k1={k1}, k2={k2}")
 
@@ -351,7 +380,7 @@ def make_step(model: Callable, loss_fn: Callable, optimizer: optax.GradientTrans
         if T != k2:
             raise ValueError(f"{call}: the window must have k2={k2} steps, got inputs of shape {tuple(jnp.shape(x))}")
         carry = jax.lax.stop_gradient(carry)
-        c_next, _, out = _run_model(model, params, carry, x, window.resets, key, k1, k2)
+        c_next, _, out = _run_model(model, params, carry, x, window.resets, key, k1, k2, extra)
         losses, aux = _split_losses(call, loss_fn(out, y), has_aux, T, B)
         w = (jnp.arange(T) >= window.loss_start).astype(losses.dtype)[:, None]
         denom = jnp.maximum(jnp.sum(w) * B, 1.0)
@@ -599,19 +628,22 @@ def _scan_epoch(step: TBPTTStep, state, carry, s: Stream, starts, key, gstep: in
 # ----------------------------------------------------------------------------
 
 
-def make_eval(model: Callable, loss_fn: Callable, *, has_aux: bool = False) -> Callable:
+def make_eval(model: Callable, loss_fn: Callable, *, has_aux: bool = False,
+              options: ScanOptions | None = None) -> Callable:
     """Builds a jitted evaluation of one window: ``(params, carry, window) -> (carry, sums)``.
 
     ``sums`` holds ``{"loss": sum of per-step losses, **aux sums, "count": T*B}``
     over the window (``key=None``: no dropout; no gradient). :func:`evaluate`
-    chains it over a stream, carrying the state as training does.
+    chains it over a stream, carrying the state as training does. ``options``:
+    as in :func:`make_step`, handed to ``model`` as ``options=``.
     """
     call = "seqjax.tbptt.make_eval"
+    extra = _model_options(call, model, options)
 
     def run(params, carry, window):
         x, y = window.inputs, window.targets
         T, B = jnp.shape(x)[:2]
-        carry, out = model(params, carry, x, resets=window.resets, key=None)
+        carry, out = model(params, carry, x, resets=window.resets, key=None, **extra)
         losses, aux = _split_losses(call, loss_fn(out, y), has_aux, T, B)
         sums = {"loss": jnp.sum(losses), **{k: jnp.sum(v.astype(losses.dtype)) for k, v in aux.items()}}
         sums["count"] = jnp.asarray(T * B, losses.dtype)

@@ -18,7 +18,7 @@ from seqjax.cells.base import Array, Cell
 from seqjax.options import ScanOptions
 from seqjax.backends import _library
 
-__all__ = ["Backend", "Choice", "Request", "TABLE", "choose", "platform_of"]
+__all__ = ["Backend", "Choice", "Request", "TABLE", "choose", "platform_of", "zero_padding"]
 
 
 class Request(NamedTuple):
@@ -40,6 +40,20 @@ class Request(NamedTuple):
     options: ScanOptions      # hoist and unroll resolved for the platform
     platform: str             # "cpu", "gpu" or "tpu": where the run is placed
     reference: bool           # seqjax.unrolled: the plain-JAX Python loop
+
+
+def zero_padding(xs_tm: Array, valid: Array | None) -> Array:
+    """``xs_tm`` [T, B, I] with the steps outside each sequence's length (``valid`` [T, B] false) set to 0.
+
+    A padded step's result is discarded by a select, whose backward gives that
+    step a zero cotangent; but the step's own backward multiplies that zero by
+    its local derivatives, so NaN/Inf (or garbage) in the padding would reach the
+    weight gradients as ``0 * NaN``. Zeroed inputs keep the padding out of every
+    result, as the native kernels do; their gradient is exactly 0.
+    """
+    if valid is None:
+        return xs_tm
+    return jnp.where(valid[:, :, None], xs_tm, jnp.zeros((), xs_tm.dtype))
 
 
 class Backend(NamedTuple):
@@ -229,7 +243,8 @@ def _vjp_run(request: Request):
     from seqjax._checkpoint import segment_sizes
     from seqjax.backends._gemm_vjp import fusable, fused_scan
     o = request.options
-    carry, ys = fused_scan(fusable(request.cell, request.params), request.params, request.xs_tm, request.carry,
+    carry, ys = fused_scan(fusable(request.cell, request.params), request.params,
+                           zero_padding(request.xs_tm, request.valid), request.carry,
                            request.valid, request.resets_tm, request.reverse, o.hoist, o.remat, o.unroll,
                            segment_sizes(o.checkpoint, request.xs_tm.shape[0]))
     return _in_layout(request, carry, ys)
@@ -310,13 +325,46 @@ def choose(request: Request, explain: bool = False) -> Choice:
 FORWARD_MODE_FIX = "pass kernel='xla', backward='autodiff' (or options=seqjax.ScanOptions(kernel='xla', backward='autodiff'))"
 
 
+def _forward_mode_error(request: Request, backend: Backend) -> TypeError:
+    return TypeError(f"{request.caller}: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian, "
+                     f"jax.linearize) cannot go through the {backend.name} path, which is differentiable in reverse "
+                     f"mode only (a jax.custom_vjp); {FORWARD_MODE_FIX}")
+
+
+def _under_linearize(*inputs) -> bool:
+    """Whether ``inputs`` (pytrees) carry a tangent of `jax.linearize`, the innermost differentiation here.
+
+    `jax.linearize` and `jax.vjp`/`jax.grad` trace a `jax.custom_vjp` the same way;
+    only `jax.linearize` later evaluates the tangent map, where JAX raises its
+    generic custom_vjp message. The traces between this call and that
+    differentiation (`jax.vmap`, ...) are walked through their ``parent_trace``;
+    inputs that none of them traces carry no tangent (then JAX needs no forward
+    mode). Inside a `jax.jit` the enclosing differentiation may not be visible.
+    """
+    from jax._src import core
+    from jax._src.interpreters import ad
+
+    trace, chain = getattr(getattr(core, "trace_ctx", None), "trace", None), []
+    while trace is not None:
+        chain.append(trace)
+        if isinstance(trace, ad.LinearizeTrace):
+            if trace.is_vjp:
+                return False
+            return any(isinstance(leaf, core.Tracer) and any(leaf._trace is t for t in chain)
+                       for leaf in jax.tree.leaves(inputs))
+        if isinstance(trace, ad.JVPTrace):
+            return False  # jax.jvp: its error comes from the call itself (below)
+        trace = getattr(trace, "parent_trace", None)
+    return False
+
+
 def run(request: Request, backend: Backend):
     """``backend.run(request)``; forward-mode differentiation through a reverse-mode-only path gets a seqjax error."""
+    if backend.name != "xla" and _under_linearize(request.params, request.xs, request.carry):
+        raise _forward_mode_error(request, backend)
     try:
         return backend.run(request)
     except TypeError as e:
         if "custom_vjp" not in str(e) or backend.name == "xla":
             raise
-        raise TypeError(f"{request.caller}: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian, "
-                        f"jax.linearize) cannot go through the {backend.name} path, which is differentiable in reverse "
-                        f"mode only (a jax.custom_vjp); {FORWARD_MODE_FIX}") from e
+        raise _forward_mode_error(request, backend) from e

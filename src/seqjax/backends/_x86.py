@@ -41,6 +41,18 @@ are multiples of 8 (AVX2) or 16 (AVX-512). Needs an x86-64 CPU with AVX2 and FMA
 (`seqjax.backends._library.load_avx2`). tanh and sigmoid are a
 vectorised rational approximation (Eigen's, as XLA:CPU's), so results match
 XLA's to float32 rounding, not bit for bit.
+
+Semantics are those of ``kernel="xla"`` (``tests/test_kernel_semantics.py``):
+a NaN or an Inf in ``xs``, the initial carry or a weight propagates through
+tanh, sigmoid and relu, forward and backward, to exactly the outputs and
+gradients where XLA's loop puts it (the clamps are NaN-preserving, the relu
+backward is a select); tanh saturates to exactly +-1 from XLA's bound
+(|x| >= 7.9988, derivative exactly 0). Steps past ``lengths`` or cut off by a
+reset take no part in any result, whatever their inputs hold (NaN included).
+One difference remains: sigmoid is ``(1 + tanh(x / 2)) / 2``, exactly 0 (derivative
+0) for x <= -15.9977, where XLA's ``1 / (1 + exp(-x))`` still gives about e^x
+(1.1e-7 down to 1e-38) until x <= -87.34, and exactly 1 from x >= 15.9977
+(XLA's from 16.636).
 """
 from __future__ import annotations
 
