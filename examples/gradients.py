@@ -1,4 +1,4 @@
-"""Vanishing and exploding gradients, measured (issue 7; seeds 000, 001, 003, 004).
+"""Vanishing and exploding gradients, measured (seeds 000, 001, 003, 004).
 
 Three studies, each printed as a table, saved in DIR/results.json and plotted:
 
