@@ -20,6 +20,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import seqjax
+import sharded_fit_checks  # tests/sharded_fit_checks.py, next to this script
 from seqjax import tbptt
 
 B, T, I, H = 8, 6, 4, 16
@@ -192,6 +193,8 @@ def main():
     fallback_checks(out)
     tbptt_checks(out)
     nnx_checks(out)
+    sharded_fit_checks.fit_checks(out)
+    sharded_fit_checks.restore_checks(out)
     json.dump(out, sys.stdout)
 
 

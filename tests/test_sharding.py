@@ -112,3 +112,38 @@ def test_data_parallel_errors():
 def _sgd():
     import optax
     return optax.sgd(0.1)
+
+
+FIT_CASES = ("loop-callable", "loop-iterator", "compiled-callable", "compiled-iterator", "lockstep-callable")
+
+
+@pytest.mark.parametrize("case", FIT_CASES)
+def test_fit_data_parallel_equals_one_device(report, case):
+    """`seqjax.fit(mesh=)` (one step or two per call, callable batches or an iterator, runs in lockstep) against the
+    same 6 Adam steps on one device with the same global batch (tests/sharded_fit_checks.py)."""
+    assert report[f"fit/{case}/diff"] < 1e-5
+    assert report[f"fit/{case}/params_spec"] == "P()" and report[f"fit/{case}/devices"] == 4
+    if case.startswith("loop"):  # the step loop hands the step batches split by rows
+        assert report[f"fit/{case}/batch_specs"] == ["P('b', None, None)"]
+
+
+@pytest.mark.parametrize("case", ["loop-callable", "loop-iterator", "compiled-callable"])
+def test_fit_rejects_a_batch_that_does_not_split(report, case):
+    assert report[f"fit/error/{case}"] == (
+        "seqjax.train.fit: with mesh=, every array of a batch from `batches` needs its batch rows (axis 0) to split "
+        "evenly over the 4 devices of mesh axis 'b'; batch[0] has shape (6, 5, 3)")
+
+
+def test_fit_resumes_on_another_mesh(report):
+    """Killed after step 4 on 4 devices, resumed on 2: the run that never stopped, to float32 rounding."""
+    assert report["fit/remesh/devices"] == 2
+    assert report["fit/remesh/diff"] < 1e-5
+
+
+@pytest.mark.parametrize("devices", [2, 1])
+def test_checkpoint_restores_onto_a_smaller_mesh(report, devices):
+    """Saved on 4 devices (replicated state, row-sharded array, PRNG key), restored onto `devices`: the same bits, in
+    the target's shardings."""
+    assert report[f"restore/{devices}/same"] is True
+    assert report[f"restore/{devices}/rows_devices"] == devices and report[f"restore/{devices}/rows_spec"] == "P('b',)"
+    assert report[f"restore/{devices}/state_devices"] == devices
