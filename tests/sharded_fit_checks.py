@@ -39,8 +39,8 @@ def fresh(num_runs=None):
         k1, k2 = jax.random.split(key)
         return seqjax.init_state({"cell": CELL.init(k1, input_size=I), "w": 0.3 * jax.random.normal(k2, (H,))}, OPT)
     if num_runs is None:
-        return jax.device_put(one(jax.random.key(0)), jax.devices()[0])
-    return jax.device_put(jax.vmap(one)(jax.random.split(jax.random.key(0), num_runs)), jax.devices()[0])
+        return jax.device_put(one(jax.random.key(0)), jax.local_devices()[0])
+    return jax.device_put(jax.vmap(one)(jax.random.split(jax.random.key(0), num_runs)), jax.local_devices()[0])
 
 
 def stream(num_runs=None, rows=B):
