@@ -88,6 +88,11 @@ def test_tbptt_fit_data_parallel(report, schedule):
     assert report[f"{key}/params_spec"] == "P()"
 
 
+def test_tbptt_fit_resumes_on_the_mesh(report):
+    """`tbptt.fit(mesh=, checkpoint=, key=)`: stopped after window 7 and resumed, the same bits as never stopped."""
+    assert report["tbptt/resume_on_mesh/same"] is True
+
+
 def test_nnx_train_step_data_parallel(report):
     assert report["nnx/diff"] < 1e-4
 
