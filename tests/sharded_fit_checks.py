@@ -17,7 +17,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import seqjax
 from seqjax.checkpoint import Checkpoints
 
-B, T, I, H = 8, 5, 3, 6
+B, T, I, H = 8, 5, 3, 16  # H a multiple of 16: the x86 kernels run
 CELL = seqjax.lstm(H)
 OPT = optax.adam(3e-2)
 
@@ -112,6 +112,7 @@ def fit_checks(out):
             out[f"fit/error/{name}"] = None
         except ValueError as e:
             out[f"fit/error/{name}"] = str(e)
+    compiled_hlo_checks(out, mesh)
     # killed on 4 devices after step 4, resumed on 2: the same run as one that never stopped, to float32 rounding
     want, hist = fit("compiled-iterator", mesh)
     with tempfile.TemporaryDirectory() as d:
@@ -119,6 +120,23 @@ def fit_checks(out):
         got, hist2 = fit("compiled-iterator", mesh_of(2), checkpoint=Checkpoints(d, every=2))
         out["fit/remesh/diff"] = diff((got.params, losses(hist2)), (want.params, losses(hist)))
         out["fit/remesh/devices"] = len(got.params["w"].sharding.device_set)
+
+
+def compiled_hlo_checks(out, mesh):
+    """The compiled loop's program on the mesh (2 steps per call; stacked batches, or batches drawn inside): the
+    kernels' custom-calls run on B/4 = 2 rows, and the batch is never all-gathered."""
+    import re
+    from seqjax import _chunked, _fit_support
+    place = _fit_support.Placement(mesh, None, None)
+    state = place.state(fresh())
+    stacked = place.batch(_chunked.stack_batches("check", [draw(jax.random.key(i)) for i in range(2)]), stacked=True)
+    for name, batch_fn, data in (("iterator", None, stacked), ("callable", draw, jnp.arange(2, dtype=jnp.int32))):
+        hlo = _chunked._chunk.lower(state, jnp.int32(0), jnp.asarray(True), jnp.asarray(False), data,
+                                    train_step=STEP, batch_fn=batch_fn, num_runs=None, seed=5, train_target=None,
+                                    stop_run=False, place=place).compile().as_text()
+        out[f"fit/hlo/{name}/all_gather"] = "all-gather" in hlo
+        out[f"fit/hlo/{name}/kernel_calls"] = sorted(set(re.findall(
+            r'custom_call_target="(seqjax_\w+)", operand_layout_constraints=\{(f32\[[0-9,]*\])', hlo)))
 
 
 def restore_checks(out):

@@ -152,3 +152,17 @@ def test_checkpoint_restores_onto_a_smaller_mesh(report, devices):
     assert report[f"restore/{devices}/same"] is True
     assert report[f"restore/{devices}/rows_devices"] == devices and report[f"restore/{devices}/rows_spec"] == "P('b',)"
     assert report[f"restore/{devices}/state_devices"] == devices
+
+
+@pytest.mark.parametrize("batches", ["iterator", "callable"])
+def test_fit_compiled_loop_runs_the_kernels_per_shard(report, batches):
+    """The compiled loop's program (2 steps per call; batches stacked [k, B, ...], or drawn inside the call): the
+    kernels run on B/4 = 2 rows of xs [B, T, I] = [8, 5, 3], and the batch is never all-gathered."""
+    assert report[f"fit/hlo/{batches}/all_gather"] is False
+    if not report["kernels_available"]:
+        pytest.skip("seqjax's x86 kernels are not available here")
+    calls = dict(report[f"fit/hlo/{batches}/kernel_calls"])
+    backend = next(iter(calls)).split("_")[1]
+    assert backend in ("avx2", "avx512")
+    assert set(calls) == {f"seqjax_{backend}_rnn_{k}" for k in ("forward", "backward", "weight_grads")}
+    assert calls[f"seqjax_{backend}_rnn_forward"] == calls[f"seqjax_{backend}_rnn_weight_grads"] == "f32[2,5,3]"
