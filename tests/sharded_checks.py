@@ -162,7 +162,7 @@ def resumed_on_mesh(step, params, opt, stream, Bt, mesh):
         for stop in (7, None):
             state, carry, history = tbptt.fit(
                 step, seqjax.init_state(single(params), opt), stream, initial_carry=single(jnp.zeros((Bt, H))),
-                num_epochs=2, mesh=mesh, key=jax.random.key(0), checkpoint=Checkpoints(d, every=1),
+                num_epochs=2, mesh=mesh, key=jax.random.key(0), checkpoint=Checkpoints(d, every=7),
                 callback=lambda g, s, m: g == stop, callback_every=1)
     return state.params, carry, [r["loss"] for r in history.train]
 
