@@ -34,6 +34,8 @@ Usage::
     python examples/char_lm.py                          # 4,320 TBPTT updates (default)
     python examples/char_lm.py --text input.txt --out runs/shakespeare
     python examples/char_lm.py --generate-from runs/char_lm/checkpoint --prompt "def " --temperature 0.7
+    python examples/char_lm.py --devices 8             # data-parallel over 8 (emulated CPU) devices
+    python examples/char_lm.py --devices 8 --resume    # continue from --out's latest training checkpoint
 """
 from __future__ import annotations
 
@@ -45,6 +47,19 @@ import sys
 import sysconfig
 import time
 import zlib
+
+
+def emulate_devices(argv: list[str]) -> None:
+    """``--devices N`` on a CPU host: N emulated devices, which XLA_FLAGS must ask for before JAX starts."""
+    for i, arg in enumerate(argv):
+        n = argv[i + 1] if arg == "--devices" and i + 1 < len(argv) else arg.partition("=")[2]
+        if arg.startswith("--devices") and n.isdigit():
+            flag = f"--xla_force_host_platform_device_count={n}"
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+if __name__ == "__main__":
+    emulate_devices(sys.argv[1:])
 
 import jax
 import jax.numpy as jnp
@@ -299,6 +314,35 @@ def load_checkpoint(path: str):
 
 
 # ----------------------------------------------------------------------------
+# several devices, resuming
+# ----------------------------------------------------------------------------
+
+def device_mesh(devices):
+    """The mesh of ``--devices N`` (its first N devices on one batch axis), or None for one device."""
+    if devices is None:
+        return None
+    if devices < 1 or jax.device_count() < devices:
+        raise SystemExit(f"char_lm: --devices {devices} needs {devices} devices, JAX sees {jax.device_count()} "
+                         "(run the script directly: it asks for emulated CPU devices before JAX starts)")
+    return jax.make_mesh((devices,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:devices])
+
+
+def training_checkpoints(out: str, every: int, resume: bool):
+    """Orbax checkpoints of the training run in OUT/train_state, every ``every`` updates; without ``--resume`` an
+    earlier run's are removed first (so the run starts afresh), with it `seqjax.tbptt.fit` continues from them."""
+    import shutil
+    from seqjax.checkpoint import Checkpoints
+    directory = os.path.join(out, "train_state")
+    if not resume and os.path.isdir(directory):
+        shutil.rmtree(directory)
+    ckpt = Checkpoints(directory, every=every, keep=2)
+    print(f"training checkpoints: {directory}, every {every} updates"
+          + (f"; resuming from update {ckpt.latest()}" if ckpt.latest() is not None else ""), flush=True)
+    return ckpt
+
+
+# ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
 
@@ -350,6 +394,11 @@ def main(argv=None):
     ap.add_argument("--num-samples", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dropout", type=float, default=None, help="dropout on non-recurrent connections")
+    ap.add_argument("--devices", type=int, default=None,
+                    help="train data-parallel over N devices (on a CPU: N emulated devices)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/train_state")
+    ap.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                    help="save the training state every N updates (default: every evaluation)")
     args = ap.parse_args(argv)
     if args.generate_from:
         return generate_main(args)
@@ -442,9 +491,13 @@ def main(argv=None):
             clock["eval_time"] += time.perf_counter() - te
         return False
 
+    mesh = device_mesh(args.devices)
+    ckpt_train = training_checkpoints(args.out, args.checkpoint_every or eval_every, args.resume)
+    resumed_from = ckpt_train.latest()
     state, _, hist = tbptt.fit(step, init_state(params, opt), train_stream, initial_carry=h0, num_epochs=10 ** 6,
                                key=jax.random.fold_in(key, 1), callback=callback, callback_every=every,
-                               log_every=every)
+                               log_every=every, mesh=mesh, checkpoint=ckpt_train)
+    ckpt_train.close()
     train_seconds = elapsed()
     gsteps = int(state.step)
     epochs = hist.train[-1]["epoch"] + 1
@@ -475,7 +528,8 @@ def main(argv=None):
            "tokens_per_second": tokens_per_second, "updates": gsteps, "curve": curve,
            "samples": samples + [{"step": gsteps, "text": final_sample}],
            "checkpoint": os.path.relpath(ckpt, args.out),     # relative to --out, where results.json is
-           "plots": plots, "seconds": time.perf_counter() - t_start}
+           "plots": plots, "seconds": time.perf_counter() - t_start,
+           "devices": len(jax.tree.leaves(state.params)[0].sharding.device_set), "resumed_from_update": resumed_from}
     return write_results(args.out, res, [plots["learning_curve"], ckpt], t_start)
 
 

@@ -20,6 +20,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import seqjax
+import sharded_fit_checks  # tests/sharded_fit_checks.py, next to this script
 from seqjax import tbptt
 
 B, T, I, H = 8, 6, 4, 16
@@ -142,11 +143,28 @@ def tbptt_checks(out):
             state, carry, history = tbptt.fit(step, state, tbptt.Stream(stream, resets=resets), initial_carry=h0,
                                               num_epochs=2, scan_epoch=scan_epoch, mesh=m)
             results.append((state.params, carry, [r["loss"] for r in history.train]))
+        if not scan_epoch:  # stopped after window 7 on the mesh and resumed from its checkpoint: the same bits
+            results.append(resumed_on_mesh(step, params, opt, tbptt.Stream(stream, resets=resets), Bt, mesh))
+            out["tbptt/resume_on_mesh/same"] = all(
+                np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(results[2]),
+                                                                             jax.tree.leaves(results[1])))
         tag = f"tbptt/{k1}_{k2}_{'scan' if scan_epoch else 'loop'}"
         out[f"{tag}/diff"] = diff(results[1], results[0])
         out[f"{tag}/carry_spec"] = str(results[1][1].sharding.spec)
         out[f"{tag}/params_spec"] = str(results[1][0]["out"].sharding.spec)
         out[f"{tag}/steps"] = len(results[0][2])
+
+
+def resumed_on_mesh(step, params, opt, stream, Bt, mesh):
+    import tempfile
+    from seqjax.checkpoint import Checkpoints
+    with tempfile.TemporaryDirectory() as d:
+        for stop in (7, None):
+            state, carry, history = tbptt.fit(
+                step, seqjax.init_state(single(params), opt), stream, initial_carry=single(jnp.zeros((Bt, H))),
+                num_epochs=2, mesh=mesh, key=jax.random.key(0), checkpoint=Checkpoints(d, every=7),
+                callback=lambda g, s, m: g == stop, callback_every=1)
+    return state.params, carry, [r["loss"] for r in history.train]
 
 
 def nnx_checks(out):
@@ -192,6 +210,8 @@ def main():
     fallback_checks(out)
     tbptt_checks(out)
     nnx_checks(out)
+    sharded_fit_checks.fit_checks(out)
+    sharded_fit_checks.restore_checks(out)
     json.dump(out, sys.stdout)
 
 

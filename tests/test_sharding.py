@@ -88,6 +88,11 @@ def test_tbptt_fit_data_parallel(report, schedule):
     assert report[f"{key}/params_spec"] == "P()"
 
 
+def test_tbptt_fit_resumes_on_the_mesh(report):
+    """`tbptt.fit(mesh=, checkpoint=, key=)`: stopped after window 7 and resumed, the same bits as never stopped."""
+    assert report["tbptt/resume_on_mesh/same"] is True
+
+
 def test_nnx_train_step_data_parallel(report):
     assert report["nnx/diff"] < 1e-4
 
@@ -112,3 +117,52 @@ def test_data_parallel_errors():
 def _sgd():
     import optax
     return optax.sgd(0.1)
+
+
+FIT_CASES = ("loop-callable", "loop-iterator", "compiled-callable", "compiled-iterator", "lockstep-callable")
+
+
+@pytest.mark.parametrize("case", FIT_CASES)
+def test_fit_data_parallel_equals_one_device(report, case):
+    """`seqjax.fit(mesh=)` (one step or two per call, callable batches or an iterator, runs in lockstep) against the
+    same 6 Adam steps on one device with the same global batch (tests/sharded_fit_checks.py)."""
+    assert report[f"fit/{case}/diff"] < 1e-5
+    assert report[f"fit/{case}/params_spec"] == "P()" and report[f"fit/{case}/devices"] == 4
+    if case.startswith("loop"):  # the step loop hands the step batches split by rows
+        assert report[f"fit/{case}/batch_specs"] == ["P('b', None, None)"]
+
+
+@pytest.mark.parametrize("case", ["loop-callable", "loop-iterator", "compiled-callable"])
+def test_fit_rejects_a_batch_that_does_not_split(report, case):
+    assert report[f"fit/error/{case}"] == (
+        "seqjax.train.fit: with mesh=, every array of a batch from `batches` needs its batch rows (axis 0) to split "
+        "evenly over the 4 devices of mesh axis 'b'; batch[0] has shape (6, 5, 3)")
+
+
+def test_fit_resumes_on_another_mesh(report):
+    """Killed after step 4 on 4 devices, resumed on 2: the run that never stopped, to float32 rounding."""
+    assert report["fit/remesh/devices"] == 2
+    assert report["fit/remesh/diff"] < 1e-5
+
+
+@pytest.mark.parametrize("devices", [2, 1])
+def test_checkpoint_restores_onto_a_smaller_mesh(report, devices):
+    """Saved on 4 devices (replicated state, row-sharded array, PRNG key), restored onto `devices`: the same bits, in
+    the target's shardings."""
+    assert report[f"restore/{devices}/same"] is True
+    assert report[f"restore/{devices}/rows_devices"] == devices and report[f"restore/{devices}/rows_spec"] == "P('b',)"
+    assert report[f"restore/{devices}/state_devices"] == devices
+
+
+@pytest.mark.parametrize("batches", ["iterator", "callable"])
+def test_fit_compiled_loop_runs_the_kernels_per_shard(report, batches):
+    """The compiled loop's program (2 steps per call; batches stacked [k, B, ...], or drawn inside the call): the
+    kernels run on B/4 = 2 rows of xs [B, T, I] = [8, 5, 3], and the batch is never all-gathered."""
+    assert report[f"fit/hlo/{batches}/all_gather"] is False
+    if not report["kernels_available"]:
+        pytest.skip("seqjax's x86 kernels are not available here")
+    calls = dict(report[f"fit/hlo/{batches}/kernel_calls"])
+    backend = next(iter(calls)).split("_")[1]
+    assert backend in ("avx2", "avx512")
+    assert set(calls) == {f"seqjax_{backend}_rnn_{k}" for k in ("forward", "backward", "weight_grads")}
+    assert calls[f"seqjax_{backend}_rnn_forward"] == calls[f"seqjax_{backend}_rnn_weight_grads"] == "f32[2,5,3]"

@@ -43,7 +43,7 @@ def _select(mask, new, old):
 
 
 def make_chunk(train_step: Callable, batch_fn: Optional[Callable], *, num_runs: Optional[int], seed: int,
-               train_target, stop_run: bool):
+               train_target, stop_run: bool, place=None):
     """Builds ``chunk(state, step0, active, halted, data) -> (state, active, halted, metrics, bad)``.
 
     Args:
@@ -54,6 +54,8 @@ def make_chunk(train_step: Callable, batch_fn: Optional[Callable], *, num_runs: 
       train_target: ``(name, value, mode)`` checked on each step's train metrics (a run stops right
         after the step that reaches it), or ``None``.
       stop_run: a non-finite step stops only its own run (else it halts every run).
+      place: with a mesh, the `seqjax._fit_support.Placement` whose batch axis the drawn batches' rows are
+        constrained to (the state and stacked batches come placed), else ``None``.
 
     The returned function is jitted (compiled once per step function, batch function and options);
     ``step0`` is the ``[]`` int32 global index of the chunk's first
@@ -63,12 +65,13 @@ def make_chunk(train_step: Callable, batch_fn: Optional[Callable], *, num_runs: 
     of runs that were still training).
     """
     return functools.partial(_chunk, train_step=train_step, batch_fn=batch_fn, num_runs=num_runs, seed=seed,
-                             train_target=train_target, stop_run=stop_run)
+                             train_target=train_target, stop_run=stop_run, place=place)
 
 
 @functools.partial(jax.jit, static_argnames=("train_step", "batch_fn", "num_runs", "seed", "train_target",
-                                             "stop_run"))
-def _chunk(state, step0, active, halted, data, *, train_step, batch_fn, num_runs, seed, train_target, stop_run):
+                                             "stop_run", "place"))
+def _chunk(state, step0, active, halted, data, *, train_step, batch_fn, num_runs, seed, train_target, stop_run,
+           place):
     # The step and batch functions are static arguments, so JAX's jit cache reuses the compiled
     # chunk when `fit` is called again with the same ones (e.g. to resume).
     lockstep = num_runs is not None
@@ -84,6 +87,8 @@ def _chunk(state, step0, active, halted, data, *, train_step, batch_fn, num_runs
     def body(carry, x):
         state, active, halted, step0 = carry
         batch = draw(step0 + x) if batch_fn is not None else x
+        if place is not None:
+            batch = place.constrain(batch)
         new, metrics = step(state, batch)
         training = active & ~halted
         bad = training & ~_finite(metrics)

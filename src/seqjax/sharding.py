@@ -15,8 +15,12 @@ the same global batch, up to float32 rounding of the sums.
     dp.replicate_nnx(model, optimizer)           # flax.nnx objects, in place
     state, metrics = train_step(state, dp.shard(batch))   # batch [B, ...]: rows split over "b"
 
-`seqjax.tbptt.fit(..., mesh=mesh)` uses it for the state, the stream and the
-carry.
+`seqjax.fit(..., mesh=mesh)` and `seqjax.tbptt.fit(..., mesh=mesh)` use it
+for the state and the batches (and the TBPTT carry).
+
+With several processes (`jax.distributed.initialize`, the mesh spanning every
+process's devices), every process places the same global value: each takes
+the rows of its own devices from its host copy.
 """
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ class DataParallel(NamedTuple):
     def replicate(self, tree):
         """``tree`` (params, a `seqjax.TrainState`, an optimiser state: any pytree of arrays) copied to every
         device of the mesh."""
-        return jax.device_put(tree, self.replicated())
+        return jax.tree.map(lambda leaf: _put(leaf, self.replicated()), tree)
 
     def replicate_nnx(self, *objects) -> None:
         """Replicates the state of ``flax.nnx`` objects (a model, its ``nnx.Optimizer``) in place."""
@@ -81,13 +85,24 @@ class DataParallel(NamedTuple):
                 return None
             ndim = np.ndim(leaf)
             if ndim <= axis:
-                return jax.device_put(leaf, self.replicated())
+                return _put(leaf, self.replicated())
             rows = np.shape(leaf)[axis]
             if rows % self.size:
                 raise ValueError(f"{call}: the batch size along axis {axis} must be a multiple of the {self.size} "
                                  f"shards of mesh axis {self.axis!r}, got an array of shape {tuple(np.shape(leaf))}")
-            return jax.device_put(leaf, self.batch_sharding(ndim, axis))
+            return _put(leaf, self.batch_sharding(ndim, axis))
         return jax.tree.map(put, tree, is_leaf=lambda x: x is None)
+
+
+def _put(leaf, sharding: NamedSharding):
+    """``leaf`` placed with ``sharding``. A mesh that spans several processes (`jax.distributed`) takes the value
+    from this process's host copy, as every process holds the same global value; one process: `jax.device_put`."""
+    if sharding.is_fully_addressable or (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable):
+        return jax.device_put(leaf, sharding)
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_put(jax.random.key_data(leaf), sharding), impl=jax.random.key_impl(leaf))
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def data_parallel(mesh: Mesh, axis=None, *, call: str = "seqjax.sharding.data_parallel") -> DataParallel:

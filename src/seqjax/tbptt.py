@@ -501,7 +501,7 @@ def fit(step: TBPTTStep, state: TrainState, stream: Union[Stream, Callable[[int]
                              "pass scan_epoch=False")
         if checkpoint.latest() is not None:
             arrays, meta = checkpoint.restore(_saved(state, place.carry(_copy(initial_carry)), key))
-            state, resumed, key = arrays["state"], arrays["carry"], arrays.get("key")
+            state, resumed, key = arrays["state"], arrays["carry"], place.state(arrays.get("key"))
             start_epoch, start_window = int(meta["epoch"]), int(meta["window"])
             history.train, history.eval = list(meta["train"]), list(meta["eval"])
     gstep = int(jax.device_get(state.step))

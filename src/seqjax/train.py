@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from seqjax import _fit_support
+
 __all__ = [
     "TrainState",
     "init_state",
@@ -506,6 +508,9 @@ def fit(
     num_runs: Optional[int] = None,
     steps_per_call: int = 1,
     on_non_finite: str = "raise",
+    mesh: Optional[jax.sharding.Mesh] = None,
+    batch_axis: Optional[str] = None,
+    checkpoint=None,
 ) -> tuple[Any, Union[History, list]]:
     """Runs ``train_step`` for up to ``num_steps`` steps with evaluation and logging.
 
@@ -543,6 +548,27 @@ def fit(
     ``batches`` and ``eval_fn`` (with ``num_runs``) must be traceable by JAX,
     and ``train_step`` must be a pure step such as :func:`make_train_step`'s.
 
+    **Data-parallel** (``mesh=``): the state is replicated on every device of
+    the `jax.sharding.Mesh` (an NNX pair in place), every batch's rows (axis
+    0; with ``num_runs``, axis 1) are split over ``batch_axis``, and XLA
+    averages the gradients across devices; the step itself is unchanged
+    (`seqjax.sharding`). The result equals one device with the same global
+    batch, up to float32 rounding. Under ``jax.distributed.initialize`` the
+    mesh spans every process's devices; each process then passes the same
+    global batches (the same ``seed``, or the same data) and only process 0
+    writes ``log_path``.
+
+    **Resume** (``checkpoint=``): every ``checkpoint.every`` steps the state
+    (params, optimiser state, step), the data position (callable batches: the
+    step, which with ``seed`` is their PRNG state; an iterator: how many
+    batches it gave) and the history are saved with Orbax; where the
+    checkpoint directory already holds one, ``fit`` resumes from the latest
+    (``state`` then gives only the structure and placement, and an iterator's
+    consumed batches are skipped), so a run killed after any saved step and
+    started again with the same arguments ends with the same bits as one that
+    never stopped, and its history holds the rows from before the stop.
+    ``num_steps`` counts from where the first call started.
+
     Args:
       train_step: ``(state, batch) -> (state, metrics)``; ``metrics`` is a
         dict of scalars including ``"loss"``.
@@ -571,6 +597,13 @@ def fit(
         stops training and raises :class:`NonFiniteLossError` (with
         ``num_runs``, no run applies that step); ``"stop_run"``: that run stops
         with ``stop_reason="non_finite"`` and the others go on.
+      mesh: a `jax.sharding.Mesh` to train data-parallel on (``None``: as the
+        state and batches are placed). The batch rows must be a multiple of
+        the size of ``batch_axis``.
+      batch_axis: the mesh axis (or tuple of axes) the batch rows are split
+        over; default the mesh's first.
+      checkpoint: a `seqjax.checkpoint.Checkpoints` to save to and resume
+        from; ``checkpoint.every`` must be a multiple of ``steps_per_call``.
 
     Returns:
       ``(state, history)``: the final state and a :class:`History` (with
@@ -648,18 +681,23 @@ def fit(
                 "seqjax.train.fit: batches must be an iterable of batches or a "
                 f"callable key -> batch, got {type(batches).__name__}") from None
 
+    place = None if mesh is None else _fit_support.Placement(mesh, batch_axis, num_runs)
+    resume = None if checkpoint is None else _fit_support.Resume(checkpoint, seed=seed, steps_per_call=k,
+                                                                 draws_keys=draws_keys)
     loop = _CompiledLoop if (num_runs is not None or k > 1) else _StepLoop
     return loop(train_step, batches, draws_keys, num_steps=int(num_steps), eval_fn=eval_fn,
                 eval_every=int(eval_every), target=tgt, progress=progress, log_path=log_path,
-                seed=seed, num_runs=num_runs, k=k, stop_run=on_non_finite == "stop_run").run(state)
+                seed=seed, num_runs=num_runs, k=k, stop_run=on_non_finite == "stop_run",
+                place=place, resume=resume).run(state)
 
 
 class _Loop:
     """What both loops share: the histories, the progress bar, logging and evaluation records."""
 
     def __init__(self, train_step, batches, draws_keys, *, num_steps, eval_fn, eval_every, target,
-                 progress, log_path, seed, num_runs, k, stop_run):
+                 progress, log_path, seed, num_runs, k, stop_run, place, resume):
         self.train_step, self.batches, self.draws_keys = train_step, batches, draws_keys
+        self.place, self.resume = place, resume
         self.num_steps, self.eval_fn, self.eval_every, self.target = num_steps, eval_fn, eval_every, target
         self.progress, self.log_path, self.seed = progress, log_path, seed
         self.num_runs, self.k, self.stop_run = num_runs, k, stop_run
@@ -675,7 +713,7 @@ class _Loop:
         elapsed = time.perf_counter() - self.t0
         for h in self.histories:
             h.wall_time = elapsed
-        if self.log_path is None:
+        if self.log_path is None or not _fit_support.writes_files():
             return
         if self.num_runs is None:
             self.histories[0].save(self.log_path)
@@ -736,7 +774,15 @@ class _StepLoop(_Loop):
             next_batch = lambda step: self.batches(jax.random.fold_in(base_key, step))
         else:
             next_batch = lambda step: next(self.batches)
-        start = _state_step(state)
+        if self.place is not None:
+            state = self.place.state(state)
+        start, first, last_eval_step = _state_step(state), 0, None
+        saved = None if self.resume is None else self.resume.restore(state, self.histories)
+        if saved is not None:
+            state, start, first = saved["state"], saved["start"], saved["done"]
+            if not self.draws_keys:
+                _fit_support.skip(self.batches, saved["consumed"])
+            last_eval_step = history.eval[-1]["step"] if history.eval else None
 
         def evaluate(step):
             m = _to_floats("eval_fn", self.eval_fn(state))
@@ -746,14 +792,19 @@ class _StepLoop(_Loop):
 
         self.open_bar()
         try:
-            last_eval_step = None
-            for i in range(self.num_steps):
+            if history.stop_reason is not None:  # the checkpoint is of the step that ended the run
+                return self.result(state)
+            if self.bar is not None:
+                self.bar.update(first)
+            for i in range(first, self.num_steps):
                 step = start + i + 1
                 try:
                     batch = next_batch(step - 1)
                 except StopIteration:
                     history.stop_reason = "data_exhausted"
                     break
+                if self.place is not None:
+                    batch = self.place.batch(batch)
                 new_state, metrics = self.train_step(state, batch)
                 m = _to_floats("train_step", metrics)
                 _check_loss(m)
@@ -777,6 +828,11 @@ class _StepLoop(_Loop):
                 self.postfix(m)
                 if done:
                     history.stop_reason = "target"
+                if self.resume is not None and self.resume.due(step):
+                    self.resume.save(step, state, start=start, done=i + 1, consumed=i + 1, histories=self.histories,
+                                     active=[not done], halted=False)
+                    self.save()
+                if done:
                     break
             else:
                 history.stop_reason = "num_steps"
@@ -801,10 +857,14 @@ class _CompiledLoop(_Loop):
         lockstep = self.num_runs is not None
         if lockstep:
             _chunked.check_run_axis(self.where, state, self.num_runs)
+        if self.place is not None:
+            state = self.place.state(state)
+            if self.draws_keys:
+                self.place.check(jax.eval_shape(self.batches, jax.random.key(self.seed)), per_run=True)
         train_target = self.target if self.eval_fn is None else None
         chunk = _chunked.make_chunk(self.train_step, self.batches if self.draws_keys else None,
                                     num_runs=self.num_runs, seed=self.seed, train_target=train_target,
-                                    stop_run=self.stop_run)
+                                    stop_run=self.stop_run, place=self.place)
         evaluate_all = self.eval_fn
         if self.eval_fn is not None and lockstep:
             evaluate_all = _chunked.vmapped(self.eval_fn)
@@ -815,7 +875,16 @@ class _CompiledLoop(_Loop):
         halted = False
         last_train = [None] * S
         last_eval = [None] * S
-        done = 0
+        done = consumed = 0
+        saved = None if self.resume is None else self.resume.restore(state, self.histories)
+        if saved is not None:
+            state, start, done, consumed = saved["state"], saved["start"], saved["done"], saved["consumed"]
+            active[:], halted = saved["active"], saved["halted"]
+            if not self.draws_keys:
+                _fit_support.skip(self.batches, consumed)
+            for r, h in enumerate(self.histories):
+                last_train[r] = h.train[-1]["step"] if h.train else None
+                last_eval[r] = h.eval[-1]["step"] if h.eval else None
 
         def as_runs(x):
             return jnp.asarray(x) if lockstep else jnp.asarray(x[0])
@@ -838,6 +907,8 @@ class _CompiledLoop(_Loop):
 
         self.open_bar()
         try:
+            if self.bar is not None:
+                self.bar.update(done)
             while done < self.num_steps and active.any():
                 n = min(self.k, self.num_steps - done)
                 step0 = start + done
@@ -856,7 +927,10 @@ class _CompiledLoop(_Loop):
                         active[:] = False
                         break
                     n = len(pulled)
+                    consumed += n
                     data = _chunked.stack_batches(self.where, pulled)
+                    if self.place is not None:
+                        data = self.place.batch(data, stacked=True)
                 trained = np.nonzero(active)[0]
                 state, active_d, halted_d, metrics, bad = chunk(
                     state, jnp.int32(step0), as_runs(active), jnp.asarray(halted), data)
@@ -898,6 +972,10 @@ class _CompiledLoop(_Loop):
                         self.postfix({key: float(np.mean([m[key] for m in live])) for key in live[0]})
                 if self.eval_fn is not None and done % self.eval_every == 0:
                     evaluate(step0 + n, [r for r in trained if active[r]])
+                if self.resume is not None and self.resume.due(step0 + n):
+                    self.resume.save(step0 + n, state, start=start, done=done, consumed=consumed,
+                                     histories=self.histories, active=active, halted=halted)
+                    self.save()
             for r in range(S):
                 if self.histories[r].stop_reason is None:
                     self.histories[r].stop_reason = "num_steps"
