@@ -14,10 +14,10 @@ Task: temporal order (H&S 1997 Experiment 6a, ``seqjax.tasks.temporal_order``)
 with **right padding** and ``lengths``, at two levels whose lengths vary:
 
 * ``NORMAL``: NYU's level, length 30-40, X/Y at t1 in 2-5 and t2 in 20-27;
-* ``WIDE``: a custom ``TemporalOrderLevel``, length 20-100 (a 5x range), X/Y
-  at t1 in 2-8 and t2 in 10-18, so the class is fixed early and followed by
-  1 to 89 distractors before ``E``: the last output must carry it across up to
-  89 steps, while a mean over the valid steps sees it from t2 on.
+* ``WIDE``: a custom ``TemporalOrderLevel``, length 10-50 (a 5x range), X/Y
+  at t1 in 2-4 and t2 in 6-8, so the class is fixed early and followed by
+  0 to 40 distractors before ``E``: the last output must carry it across up to
+  41 steps, while a mean over the valid steps sees it from t2 on.
 
 Model: ``{RNN (tanh), GRU, LSTM}(8 -> 32)`` + pooling + ``Linear(32 -> 4)``,
 seqjax's default initialisation (LeCun-normal inputs, orthogonal recurrence,
@@ -67,7 +67,7 @@ CELLS = ("rnn", "gru", "lstm")
 POOLINGS = ("last", "mean")
 
 TASK_LEVELS = {"NORMAL": LEVELS["NORMAL"],
-               "WIDE": TemporalOrderLevel(length=(20, 100), t1=(2, 8), t2=(10, 18))}
+               "WIDE": TemporalOrderLevel(length=(10, 50), t1=(2, 4), t2=(6, 8))}
 """The temporal-order levels trained (inclusive ranges; padded length = max length + 1)."""
 
 SETTINGS = dict(hidden=32, batch=16, optimizer="adam", clip_norm=1.0, budget_sequences=32_000, eval_every=100,
@@ -325,6 +325,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/pooling", help="output directory (results.json, *.png)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds")
     p.add_argument("--levels", default=None, help="comma-separated levels to train (default: the mode's)")
+    p.add_argument("--lrs", default=None, help="comma-separated learning-rate grid for every cell")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds is not None:
@@ -334,6 +335,9 @@ def main(argv=None):
         bad = [lv for lv in cfg["levels"] if lv not in TASK_LEVELS]
         if bad:
             p.error(f"--levels: unknown {bad}; choose from {list(TASK_LEVELS)}")
+    if args.lrs:
+        grid = tuple(float(v) for v in args.lrs.split(","))
+        cfg["lrs"] = {kind: grid for kind in CELLS}
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     print(f"seqjax pooling study ({'quick' if args.quick else 'full'}), jax {jax.__version__} on "
@@ -345,7 +349,7 @@ def main(argv=None):
     for level in cfg["levels"]:
         res[level] = {}
         for kind in CELLS:
-            lrs = (cfg["lrs"][kind],) if cfg["lrs"] else SETTINGS["lrs"]
+            lrs = tuple(np.atleast_1d(cfg["lrs"][kind]).tolist()) if cfg["lrs"] else SETTINGS["lrs"]
             res[level][kind] = {pooling: summarise(train(level, kind, pooling, seeds=cfg["seeds"], lrs=lrs,
                                                          steps=steps), cfg["seeds"]) for pooling in POOLINGS}
             v = same_verdict(res[level][kind]["last"], res[level][kind]["mean"])
