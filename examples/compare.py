@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Two-integer comparison (seed 004, Shubhang Desai 2017): does the vanilla RNN fail, and why does the published code stall?
+"""Two-integer comparison (seed 004, Desai 2017): does the vanilla RNN fail, and why does the published code stall?
 
 The task (``seqjax.tasks.compare_dataset``): a sequence is two integers in
 1..9 (2 steps x 1 feature); the label is 1 when the first is larger, else 0
@@ -270,10 +270,23 @@ def stats(values) -> dict:
                 per_seed=[float(a) for a in v])
 
 
-def moving_average(v, k: int = 50):
+CURVE_WINDOW, CURVE_EVERY = 50, 100
+"""Per-step curves are stored as moving averages over CURVE_WINDOW steps, one point every CURVE_EVERY steps."""
+
+
+def smoothed(v) -> list:
+    """Moving average of a per-step series over CURVE_WINDOW steps, kept every CURVE_EVERY steps (6 digits).
+
+    Point ``i`` averages steps ``i * CURVE_EVERY + 1 .. i * CURVE_EVERY + CURVE_WINDOW``.
+    """
     v = np.asarray(v, dtype=float)
-    k = min(k, len(v))
-    return np.convolve(v, np.ones(k) / k, mode="valid")
+    k = min(CURVE_WINDOW, len(v))
+    return [float(f"{a:.6g}") for a in np.convolve(v, np.ones(k) / k, mode="valid")[::CURVE_EVERY]]
+
+
+def curve_steps(curve) -> np.ndarray:
+    """The last step each point of a `smoothed` curve averages."""
+    return np.arange(len(curve)) * CURVE_EVERY + CURVE_WINDOW
 
 
 def spread_growth(steps, spread) -> dict:
@@ -297,14 +310,14 @@ def summarise(name, setup, hists, test_acc, seconds) -> dict:
     for seed, (h, acc) in enumerate(zip(hists, test_acc)):
         tr_steps, ce = h.series("ce")
         _, gn = h.series("grad_norm")
-        ev = {k: h.series(k, "eval")[1].tolist() for k in ("valid_accuracy", "train_accuracy", "valid_ce",
+        ev = {k: [float(f"{v:.6g}") for v in h.series(k, "eval")[1]] for k in ("valid_accuracy", "train_accuracy", "valid_ce",
                                                            "predicted_majority", "logit_spread", "cell_norm",
                                                            "head_norm", "head_bias_diff")}
         last = max(1, len(ce) // 10)
         runs.append(dict(seed=seed, test_accuracy=float(acc), iterations=int(tr_steps[-1]), stop_reason=h.stop_reason,
                          final_train_ce=float(np.mean(ce[-last:])), eval_steps=h.series("valid_accuracy", "eval")[0]
-                         .tolist(), eval=ev, train_ce_ma50=moving_average(ce).tolist(),
-                         grad_norm_ma50=moving_average(gn).tolist(),
+                         .tolist(), eval=ev, train_ce_ma50=smoothed(ce),
+                         grad_norm_ma50=smoothed(gn),
                          spread_growth=spread_growth(h.series("logit_spread", "eval")[0], ev["logit_spread"])))
     return dict(setup=name, label=setup["label"], part=setup["part"], cell=setup["cell"], settings=setup,
                 test_accuracy=stats(test_acc), seeds_at_99pct=int(np.sum(test_acc >= 0.99)),
@@ -319,21 +332,14 @@ def summarise(name, setup, hists, test_acc, seconds) -> dict:
 # report
 # ----------------------------------------------------------------------------
 
-def constant_output(s, baseline) -> list:
-    """Per seed: the class whose constant prediction its test accuracy matches (within 1.5 points), else None.
-
-    A model whose logit difference hardly varies over the inputs (see ``logit_spread``) predicts one class,
-    up to noise, and scores that class's frequency: 55.6 % for class 0, 44.4 % for class 1.
-    """
-    out = []
-    for a in s["test_accuracy"]["per_seed"]:
-        out.append(0 if abs(a - baseline) <= 0.015 else 1 if abs(a - (1 - baseline)) <= 0.015 else None)
-    return out
+STALL_MARGIN = 0.01
+"""A seed has stalled when its validation cross-entropy is within this many nats of the majority-class entropy
+(or above it): it has learned nothing beyond the class prior."""
 
 
-def stalled(s, baseline) -> bool:
-    """Every seed ends at a constant prediction's accuracy: its output ignores the input."""
-    return all(c is not None for c in constant_output(s, baseline))
+def stalled_seeds(s) -> list:
+    """Per seed: whether the final validation cross-entropy is >= the majority-class entropy - STALL_MARGIN."""
+    return [r["eval"]["valid_ce"][-1] >= MAJORITY_ENTROPY - STALL_MARGIN for r in s["runs"]]
 
 
 def verdicts(res, baseline) -> dict:
@@ -352,33 +358,43 @@ def verdicts(res, baseline) -> dict:
         if name not in res:
             continue
         s = res[name]
-        const = constant_output(s, baseline)
-        n0, n1 = const.count(0), const.count(1)
+        st = stalled_seeds(s)
+        ce = [r["eval"]["valid_ce"][-1] for r in s["runs"]]
+        ties = sum(r["eval"]["logit_spread"][-1] == 0.0 for r in s["runs"])
+        acc = s["test_accuracy"]
         out[f"{name}_stall"] = (
-            f"{'stalls' if stalled(s, baseline) else 'does not stall'}: {s['cell'].upper()} with the published "
-            f"gradients ends at {100 * s['test_accuracy']['mean']:.2f} % test accuracy; {n0} seed(s) score as "
-            f"predicting class 0 ({100 * baseline:.2f} %, the majority), {n1} as class 1 "
-            f"({100 * (1 - baseline):.2f} %), {len(const) - n0 - n1} neither; final logit spread "
-            f"{s['logit_spread']['mean']:.2g}")
+            f"{'stalls' if all(st) else 'does not stall'} on {sum(st)}/{len(st)} seeds: {s['cell'].upper()} with the "
+            f"published gradients ends at validation cross-entropy {min(ce):.4f}-{max(ce):.4f} (ln 2 = "
+            f"{math.log(2):.4f}: a uniform output, not even the class prior), logit spread "
+            f"{s['logit_spread']['mean']:.1g}; {ties} seed(s) end with the two logits exactly equal, where argmax "
+            f"picks class 0 and scores the majority's {100 * baseline:.2f} %; the others' "
+            f"{100 * acc['min']:.1f}-{100 * acc['max']:.1f} % is the sign of a logit difference of that size")
     if "lstm_tutorial" in res:
         s = res["lstm_tutorial"]
+        st = stalled_seeds(s)
         to1 = [r["spread_growth"]["iterations_to_1"] for r in s["runs"]]
         rates = [r["spread_growth"]["rate_per_1000"] for r in s["runs"]]
-        grow = (f"; the spread grows by e^{np.median([r for r in rates if r is not None]):.2f} per 1000 iterations "
-                f"and would reach 1 after about {int(np.median([t for t in to1 if t is not None])):,} iterations"
-                if all(t is not None for t in to1) else "")
+        grown = [t for t in to1 if t is not None]
+        grow = (f"; the logit spread grows by e^{np.median([r for r in rates if r is not None]):.2f} per 1000 "
+                f"iterations and would reach 1 after about {int(np.median(grown)):,} iterations (median of "
+                f"{len(grown)} seeds)" if grown else "")
+        at_majority = sum(abs(a - baseline) < 0.5 / COMPARE_SPLITS[2] for a in s["test_accuracy"]["per_seed"])
+        n = len(st)
         out["lstm_tutorial_settings"] = (
-            f"{'stalls' if stalled(s, baseline) else 'learns'}: the tutorial's hyperparameters with correct gradients end at "
-            f"{100 * s['test_accuracy']['mean']:.2f} % test accuracy after {int(np.median(s['iterations'])):,} "
-            f"iterations, training cross-entropy {s['final_train_ce']['mean']:.4f} (majority-class entropy "
-            f"{MAJORITY_ENTROPY:.4f}), logit spread {s['logit_spread']['mean']:.2g}{grow}")
+            f"{'stalls' if at_majority == n else 'learns'}: with the tutorial's hyperparameters and correct gradients "
+            f"{at_majority}/{n} seeds end at exactly the majority class's {100 * baseline:.2f} % test accuracy after "
+            f"{int(np.median(s['iterations'])):,} iterations and {sum(st)}/{n} within {STALL_MARGIN} nats of the "
+            f"majority-class entropy {MAJORITY_ENTROPY:.4f} (training cross-entropy {s['final_train_ce']['mean']:.4f}; "
+            f"the head's bias has learned the class prior), logit spread {s['logit_spread']['mean']:.2g}{grow}")
+    for name in (n for n in res if res[n]["part"] == "published"):
+        out.setdefault("stalled_seeds", {})[name] = int(sum(stalled_seeds(res[name])))
     return out
 
 
 def print_table(res, baseline, majority):
     print("\nTwo-integer comparison: test accuracy % on 4000 sequences")
     print(f"{'setup':<42} {'seeds':>5}  {'mean ± sd':>14}  {'[min, max]':>16}  {'>=99%':>5}  {'iters':>6}  "
-          f"{'train CE':>8}  {'->0 %':>5}")
+          f"{'train CE':>8}  {'->0 %':>5}  {'stalled':>7}")
     print(f"{'majority class (always ' + str(majority) + ')':<42} {'-':>5}  {100 * baseline:14.2f}  "
           f"{'':>16}  {'':>5}  {'':>6}  {MAJORITY_ENTROPY:8.4f}  {100:5.0f}")
     print(f"{'published code, run as published (§4)':<42} {2:>5}  {'~56':>14}")
@@ -392,9 +408,10 @@ def print_table(res, baseline, majority):
         print(f"{s['label']:<42} {n:>5}  {100 * t['mean']:7.2f} ± {100 * t['std']:4.2f}  "
               f"[{100 * t['min']:6.2f}, {100 * t['max']:6.2f}]  {s['seeds_at_99pct']:>2}/{n:<2}  "
               f"{int(np.median(s['iterations'])):>6}  {s['final_train_ce']['mean']:8.4f}  "
-              f"{100 * s['predicted_majority']['mean']:5.1f}")
+              f"{100 * s['predicted_majority']['mean']:5.1f}  {sum(stalled_seeds(s)):>3}/{n:<3}")
     print("(iters: median iterations run, stopping at 100 % validation accuracy; train CE: batch cross-entropy over "
-          "the last tenth; ->0 %: validation sequences predicted as class 0)")
+          "the last tenth; ->0 %: validation sequences predicted as class 0;\n stalled: seeds whose validation "
+          f"cross-entropy ends within {STALL_MARGIN} nats of the majority-class entropy or above it)")
     for s in res.values():
         print(f"  {s['setup']}: per seed " + ", ".join(f"{100 * a:.2f}%" for a in s["test_accuracy"]["per_seed"]))
 
@@ -417,7 +434,7 @@ def plot_fair(res, baseline, path):
             lab = s["label"] if i == 0 else None
             axes[0].plot(r["eval_steps"], r["eval"]["valid_accuracy"], marker=".", color=colors[s["cell"]],
                          alpha=0.6, label=lab)
-            axes[1].plot(np.arange(len(r["train_ce_ma50"])) + 50, r["train_ce_ma50"], color=colors[s["cell"]],
+            axes[1].plot(curve_steps(r["train_ce_ma50"]), r["train_ce_ma50"], color=colors[s["cell"]],
                          alpha=0.6, label=lab)
     axes[0].axhline(baseline, ls="--", color="gray", label=f"majority class ({100 * baseline:.1f}%)")
     axes[0].set_xlabel("iteration (batch of 16)")
@@ -438,7 +455,7 @@ def plot_published(res, baseline, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     rows = [s for s in res.values() if s["part"] == "published"]
     for i, s in enumerate(rows):
         c, ls = f"C{i % 10}", "-" if s["cell"] == "lstm" else "--"
@@ -446,14 +463,14 @@ def plot_published(res, baseline, path):
         lab = s["label"].strip()
         axes[0, 0].plot(steps, _mean_curve(s["runs"], "eval", "valid_accuracy"), color=c, ls=ls, label=lab)
         ce = _mean_curve(s["runs"], "train_ce_ma50")
-        axes[0, 1].plot(np.arange(len(ce)) + 50, ce, color=c, ls=ls, label=lab)
+        axes[0, 1].plot(curve_steps(ce), ce, color=c, ls=ls, label=lab)
         gn = _mean_curve(s["runs"], "grad_norm_ma50")
-        axes[1, 0].plot(np.arange(len(gn)) + 50, gn, color=c, ls=ls, label=lab)
+        axes[1, 0].plot(curve_steps(gn), gn, color=c, ls=ls, label=lab)
         axes[1, 1].plot(steps, _mean_curve(s["runs"], "eval", "logit_spread"), color=c, ls=ls, label=lab)
     axes[0, 0].axhline(baseline, ls=":", color="k", label=f"majority class ({100 * baseline:.1f}%)")
     axes[0, 0].set_ylabel("validation accuracy (mean over seeds)")
     axes[0, 1].axhline(MAJORITY_ENTROPY, ls=":", color="k", label=f"majority-class entropy {MAJORITY_ENTROPY:.3f}")
-    axes[0, 1].set_yscale("log")
+    axes[0, 1].axhline(math.log(2), ls="-.", color="gray", label=f"ln 2 = {math.log(2):.3f} (uniform output)")
     axes[0, 1].set_ylabel("training cross-entropy (moving average of 50)")
     axes[1, 0].set_yscale("log")
     axes[1, 0].set_ylabel("norm of the loss gradient (moving average of 50)")
@@ -461,11 +478,12 @@ def plot_published(res, baseline, path):
     axes[1, 1].set_ylabel("sd of logit(1) - logit(0) over the validation set")
     for ax in axes.flat:
         ax.set_xlabel("iteration (batch of 16)")
-    axes[0, 0].legend(fontsize=7)
-    axes[0, 1].legend(fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    h2, l2 = axes[0, 1].get_legend_handles_labels()
+    fig.legend(handles + h2[-2:], labels + l2[-2:], loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("The tutorial's settings (SGD 1e-3, L2 0.01, N(0, 0.01²) init, raw inputs), then one change at a "
                  "time; dashed: RNN", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -507,6 +525,8 @@ def main(argv=None):
     print()
     for k, v in verdict.items():
         print(f"{k}: {v}")
+    print(f"(a seed stalls when its validation cross-entropy ends within {STALL_MARGIN} nats of the majority-class "
+          f"entropy or above it)")
 
     plots = {}
     if any(s["part"] == "fair" for s in res.values()):

@@ -341,7 +341,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     print(f"seqjax pooling study ({'quick' if args.quick else 'full'}), jax {jax.__version__} on "
-          f"{jax.default_backend()}; settings {SETTINGS}")
+          f"{jax.default_backend()}; settings {SETTINGS}; this run: levels {list(cfg['levels'])}, "
+          f"{cfg['seeds']} seeds, rates {cfg['lrs'] or SETTINGS['lrs']}")
     steps = cfg["budget"] // SETTINGS["batch"]
     steps -= steps % SETTINGS["eval_every"]
 
