@@ -1,4 +1,5 @@
 """Runs an example script with --quick and checks what it wrote (shared by the example tests)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -30,3 +31,16 @@ def check_stats(s, n):
     """A min/mean/max/per_seed summary over ``n`` seeds is ordered and complete."""
     assert 0.0 <= s["min"] <= s["mean"] <= s["max"]
     assert len(s["per_seed"]) == n
+
+
+def load_example(name):
+    """Imports ``examples/<name>.py`` as the module ``example_<name>`` (with ``examples/`` importable meanwhile)."""
+    folder = os.path.join(ROOT, "examples")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(folder, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
