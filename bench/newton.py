@@ -46,7 +46,7 @@ MAX_HT = 32 * 16384
 
 
 def reps_for(T: int, quick: bool) -> int:
-    return 3 if quick or T > 512 else 5
+    return 3 if quick else (9 if T <= 512 else 3)
 
 
 def iterations(cell, params, x) -> dict:
