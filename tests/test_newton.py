@@ -177,3 +177,14 @@ def test_newton_options_are_validated(newton, match):
         seqjax.scan(cell, params, jnp.ones((2, 5, I)), options=seqjax.ScanOptions(method="newton", newton=newton))
     with pytest.raises(TypeError, match="newton must be a seqjax.NewtonOptions"):
         seqjax.scan(cell, params, jnp.ones((2, 5, I)), options=seqjax.ScanOptions(newton={"tol": 1e-3}))
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_unitwise_step_is_the_step_and_local_keeps_each_units_own_weights(name):
+    cell, params, xs, carry = setup(name, T=1)
+    unit = _newton.unitwise_of(cell)
+    px = cell.project(params, xs[:, 0])
+    close(unit.pointwise(params, carry, unit.recurrent(params, carry), px), cell.step(params, carry, px), atol=1e-6)
+    G = params.w_h.shape[1] // H
+    mask = jnp.tile(jnp.eye(H), (1, G))                  # the diagonal of each [H, H] block
+    close(unit.local(params, carry), unit.recurrent(params._replace(w_h=params.w_h * mask), carry), atol=1e-6)

@@ -168,7 +168,8 @@ def _check_newton(call: str, newton) -> NewtonOptions:
     if not isinstance(newton, NewtonOptions):
         raise TypeError(f"{call}: newton must be a seqjax.NewtonOptions, got {type(newton).__name__}")
     tol, max_iters, damping = newton
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not 0 < tol < float("inf"):
+    real = isinstance(tol, (int, float, np.integer, np.floating)) and not isinstance(tol, bool)
+    if not real or not 0 < tol < float("inf"):
         raise ValueError(f"{call}: newton.tol must be a positive finite number, got {tol!r}")
     if isinstance(max_iters, bool) or not isinstance(max_iters, (int, np.integer)) or max_iters < 1:
         raise ValueError(f"{call}: newton.max_iters must be a positive int, got {max_iters!r}")

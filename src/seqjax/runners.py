@@ -309,7 +309,11 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
     `jax.lax.associative_scan` over all T steps at once (same semantics, lengths,
     resets and reverse included; float32 accumulation for 16-bit params),
     ``"sequential"`` the loop, ``"auto"`` (default) the associative scan from the
-    measured crossover length on the run's platform.
+    measured crossover length on the run's platform. ``method="newton"`` evaluates
+    a `seqjax.gru`, `seqjax.lstm` or `seqjax.rnn` in parallel over time by
+    quasi-Newton iterations, each an associative scan, finishing with the loop
+    when they do not converge (settings: `seqjax.NewtonOptions`; "auto" never
+    picks it: on the CPU it lost at every measured length).
     The native kernels and the custom VJP are reverse mode only: `jax.jvp`,
     `jax.jacfwd` and `jax.linearize` through them raise a TypeError that says to
     pass ``kernel="xla", backward="autodiff"`` (`jax.jvp` of a `jax.jit`-ted

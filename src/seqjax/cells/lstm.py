@@ -6,8 +6,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import (Array, Cell, UnitwiseStep, check_factory_options, check_input, check_positive_int, check_real,
-                               compute_dtype, gate_blocks, init_param, joint_input_recurrent, make_cell, matmul,
+from seqjax.cells.base import (Array, Cell, UnitwiseStep, check_factory_options, check_input, check_positive_int,
+                               check_real, compute_dtype, gate_blocks, init_param, joint_input_recurrent, make_cell, matmul,
                                resolve_activation, unit_local, zeros_carry)
 
 ACTIVATIONS = {"tanh": jnp.tanh, "identity": lambda a: a, "relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid}
