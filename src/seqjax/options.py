@@ -46,13 +46,15 @@ class NewtonOptions(NamedTuple):
       max_iters: the most iterations before the sequential fallback (a positive
         int; default 40). After k iterations the first k steps are exact, so
         T iterations always suffice up to rounding.
-      damping: ``"auto"`` (default: undamped Newton steps; if an iterate's
-        residual is not finite or grows past the first one's, restart from
-        the initial guess with damped steps), ``"always"`` (damped from the
-        first iteration) or ``"never"``. A damped step scales each unit's
-        linearised step so that its infinity norm is at most 1: the linear
+      damping: ``"auto"`` (default: undamped Newton steps until one overflows;
+        then the overflowed and the huge entries go back to the initial guess
+        and every later step is damped), ``"always"`` (damped from the first
+        iteration) or ``"never"`` (an overflow ends the iteration, and the
+        sequential loop computes the result). A damped step divides each unit's
+        block of the linearised step by max(1, its infinity norm): the linear
         recurrence can no longer grow, so no iterate overflows; the fixed point
         and the one-more-exact-step-per-iteration guarantee are unchanged.
+        NaN or Inf in the inputs ends the iteration at once (the loop propagates them).
     """
 
     tol: float = 1e-5

@@ -48,6 +48,11 @@ _NONLINEAR_CELLS = ("seqjax.gru (reset_after=True), seqjax.lstm (no proj_size, n
                     "or seqjax.rnn")
 
 
+#: after an overflow, entries of the iterate above this multiple of (1 + max |c_0|) go back to the guess: with
+#: damped (non-expansive) steps every later iterate then stays within T times that of it, far from overflow
+_KEEP = 1e6
+
+
 class Stats(NamedTuple):
     """How one ``method="newton"`` run went (for benchmarks and tests; `seqjax.scan` returns only its result).
 
@@ -154,8 +159,12 @@ def _max_abs(x):
     return jnp.where(jnp.all(jnp.isfinite(x)), jnp.max(jnp.abs(x)), jnp.inf)
 
 
-def _newton_step(steps, params, px, valid, resets, init_carry, s0, S, damped, treedef, dt):
-    """One iteration from the guess ``S`` (carry leaves [T, B, H]): ``(residual, S')``."""
+def _linearise(steps, params, px, valid, resets, init_carry, s0, S, treedef, dt):
+    """One iteration from the guess ``S`` (carry leaves [T, B, H]): ``(residual, solve)``.
+
+    ``solve(damped)`` is the next iterate: the linearised recurrence solved by
+    `jax.lax.associative_scan`, with damped blocks where ``damped`` (a bool []).
+    """
     prev = _shift(s0, S)
     prev_tree = jax.tree.unflatten(treedef, prev)
 
@@ -168,16 +177,24 @@ def _newton_step(steps, params, px, valid, resets, init_carry, s0, S, damped, tr
     for j in range(k):
         e = [jnp.ones_like(p) if i == j else jnp.zeros_like(p) for i, p in enumerate(prev)]
         cols.append(lin(jax.tree.unflatten(treedef, e)))
-    a = [[cols[j][m].astype(dt) for j in range(k)] for m in range(k)]     # a[m][j] = d new_m / d old_j
-    a = _damp(a, damped)
+    jac = [[cols[j][m].astype(dt) for j in range(k)] for m in range(k)]     # jac[m][j] = d new_m / d old_j
     F32, prev32 = [f.astype(dt) for f in F], [p.astype(dt) for p in prev]
     residual = functools.reduce(jnp.maximum, [_max_abs(f - s.astype(dt)) for f, s in zip(F32, S)])
-    b = [F32[m] - sum(a[m][j] * prev32[j] for j in range(k)) for m in range(k)]
-    # s'_1 = F_1(c_0) exactly: the first step does not read the guess
-    a = [[x.at[0].set(0) for x in row] for row in a]
-    b = [bm.at[0].set(F32[m][0]) for m, bm in enumerate(b)]
-    _, S_new = jax.lax.associative_scan(_compose, (a, b), axis=0)
-    return residual, [s.astype(old.dtype) for s, old in zip(S_new, S)]
+
+    def solve(damped):
+        a = _damp(jac, damped)
+        b = [F32[m] - sum(a[m][j] * prev32[j] for j in range(k)) for m in range(k)]
+        # s'_1 = F_1(c_0) exactly: the first step does not read the guess
+        a = [[x.at[0].set(0) for x in row] for row in a]
+        b = [bm.at[0].set(F32[m][0]) for m, bm in enumerate(b)]
+        _, S_new = jax.lax.associative_scan(_compose, (a, b), axis=0)
+        return [s.astype(old.dtype) for s, old in zip(S_new, S)]
+
+    return residual, solve
+
+
+def _all_finite(leaves):
+    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
 def iterate(unit, newton, unroll, params, px, carry0, init_carry, valid, resets):
@@ -197,6 +214,7 @@ def iterate(unit, newton, unroll, params, px, carry0, init_carry, valid, resets)
     dt = jnp.promote_types(compute_dtype(s0[0].dtype), jnp.float32)
     guess = [jnp.broadcast_to(a, (T,) + a.shape) for a in s0]
     tol = jnp.asarray(newton.tol, dt)
+    bound = _KEEP * (1 + functools.reduce(jnp.maximum, [jnp.max(jnp.abs(a), initial=0) for a in s0]))
 
     def cond(state):
         _, it, _, residual, stuck = state
@@ -204,14 +222,18 @@ def iterate(unit, newton, unroll, params, px, carry0, init_carry, valid, resets)
 
     def body(state):
         S, it, damped, _, _ = state
-        res, S_new = _newton_step(steps, params, px, valid, resets, init_carry, s0, S, damped, treedef, dt)
-        done, finite = res <= tol, jnp.isfinite(res)
-        stuck = damped & ~finite          # not finite from a damped iterate: NaN/Inf in the inputs or params
-        if newton.damping == "auto":      # an overflowed undamped iterate: keep its finite entries, damp from now on
-            diverged = ~damped & ~finite
-            S_new = [jnp.where(diverged, jnp.where(jnp.isfinite(s), s, g), n) for s, n, g in zip(S, S_new, guess)]
-            damped = damped | diverged
-        S_next = [jnp.where(done, s, n) for s, n in zip(S, S_new)]
+        res, solve = _linearise(steps, params, px, valid, resets, init_carry, s0, S, treedef, dt)
+        S_new = solve(damped)
+        if newton.damping == "auto":
+            # the undamped step overflowed: keep its moderate entries (any guess has the same fixed point),
+            # put the initial guess back in the others, and take damped steps from now on
+            overflow = ~damped & ~_all_finite(S_new)
+            S_new = [jnp.where(overflow & ~(jnp.abs(n) <= bound), g, n) for n, g in zip(S_new, guess)]
+            damped = damped | overflow
+        # S is finite unless an undamped step overflowed ("never"), so a residual that is not finite also
+        # means NaN/Inf in the inputs or params: stop, and let the loop compute (and propagate) it
+        stuck = ~jnp.isfinite(res)
+        S_next = [jnp.where(res <= tol, s, n) for s, n in zip(S, S_new)]
         return S_next, it + 1, damped, res, stuck
 
     damped0 = jnp.asarray(newton.damping == "always")
