@@ -147,13 +147,15 @@ def plot(rows, its, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(17, 5), squeeze=False)
     styles = {"kernel=auto": ":", "kernel=xla": "--", "newton": "-"}
+    models = list(dict.fromkeys((r["cell"], r["H"]) for r in rows))
+    colour = {m: f"C{k}" for k, m in enumerate(models)}        # one colour per model, one line style per method
     for k, mode in enumerate(("fwd", "train")):
         ax = axes[0][k]
         for cell, H, method in dict.fromkeys((r["cell"], r["H"], r["method"]) for r in rows):
             sel = sorted([r for r in rows if (r["cell"], r["H"], r["method"], r["mode"]) == (cell, H, method, mode)],
                          key=lambda r: r["T"])
-            ax.plot([r["T"] for r in sel], [r["median_ms"] for r in sel], styles[method], marker="o", ms=3,
-                    label=f"{cell}({H}) {method}")
+            ax.plot([r["T"] for r in sel], [r["median_ms"] for r in sel], styles[method], color=colour[cell, H],
+                    marker="o", ms=3, label=f"{cell}({H}) {method}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("T")
@@ -163,7 +165,8 @@ def plot(rows, its, path):
     ax = axes[0][2]
     for cell, H in dict.fromkeys((i["cell"], i["H"]) for i in its):
         sel = sorted([i for i in its if (i["cell"], i["H"]) == (cell, H)], key=lambda i: i["T"])
-        ax.plot([i["T"] for i in sel], [i["iterations"] for i in sel], marker="o", ms=3, label=f"{cell}({H})")
+        ax.plot([i["T"] for i in sel], [i["iterations"] for i in sel], color=colour[cell, H], marker="o", ms=3,
+                label=f"{cell}({H})")
     ax.set_xscale("log")
     ax.set_xlabel("T")
     ax.set_ylabel("Newton iterations to tol=1e-5")
