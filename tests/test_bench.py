@@ -171,3 +171,14 @@ def test_long_sequences_quick(tmp_path):
     assert [r["T"] for r in res["pairs"] if r["interleaved"]] == [200]
     assert all(r["run"][p]["median_ms"] > 0 for r in res["pairs"] for p in ("all", "sqrt"))
     assert is_png(tmp_path / "long_sequences.png")
+
+
+def test_newton_quick(tmp_path):
+    ok(run_bench("newton.py", tmp_path, "--cells", "gru", "--H", "4", "--T", "4", "--name", "nw"))
+    res = json.loads((tmp_path / "nw.json").read_text())
+    got = {(r["cell"], r["method"], r["mode"], r["T"]) for r in res["rows"]}
+    assert got == {("gru", m, mode, 4) for m in ("kernel=auto", "kernel=xla", "newton") for mode in ("fwd", "train")}
+    assert all(r["median_ms"] > 0 and r["vs_xla"] > 0 for r in res["rows"])
+    # after T iterations the trajectory is exact, so T=4 converges within T + 1 iterations
+    assert [(i["converged"], i["iterations"] <= 5) for i in res["iterations"]] == [(True, True)]
+    assert is_png(tmp_path / "nw.png")

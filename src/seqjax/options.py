@@ -5,9 +5,9 @@ The options change how `seqjax.scan` computes a run, never what it computes
 reverse mode differentiates it (``backward``), whether the input projection is
 hoisted out of the loop (``hoist``), `lax.scan`'s unroll factor (``unroll``),
 rematerialisation of each step (``remat``), which carries the backward pass
-keeps (``checkpoint``), and whether a cell with a linear recurrence is
-evaluated step by step or by a parallel prefix scan (``method``). `seqjax.backends.explain` shows what a given
-value picks for a call.
+keeps (``checkpoint``), and whether the run is evaluated step by step or in
+parallel over time (``method``, with ``newton``'s iteration settings).
+`seqjax.backends.explain` shows what a given value picks for a call.
 """
 from __future__ import annotations
 
@@ -15,13 +15,51 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["BACKWARD_MODES", "CHECKPOINTS", "KERNELS", "METHODS", "ScanOptions", "resolve"]
+__all__ = ["BACKWARD_MODES", "CHECKPOINTS", "DAMPINGS", "KERNELS", "METHODS", "NewtonOptions", "ScanOptions",
+           "resolve"]
 
 KERNELS = ("auto", "xla", "avx2", "avx512", "onednn", "cuda")
 BACKWARD_MODES = ("auto", "fused", "autodiff")
 #: the named checkpointing policies; ``("budget", k)`` is the third form
 CHECKPOINTS = ("all", "sqrt")
-METHODS = ("auto", "sequential", "associative")
+METHODS = ("auto", "sequential", "associative", "newton")
+DAMPINGS = ("auto", "always", "never")
+
+
+class NewtonOptions(NamedTuple):
+    """The iteration settings of ``method="newton"`` (``ScanOptions(newton=...)``).
+
+    ``method="newton"`` solves the whole trajectory ``c_t = step(c_{t-1}, x_t)``
+    at once by quasi-Newton iterations (quasi-DEER): each iteration evaluates
+    every step in parallel from the current guess, linearises each step with
+    the per-unit block of its Jacobian and solves the linear recurrence with
+    `jax.lax.associative_scan`. The fixed point is the sequential trajectory;
+    after ``max_iters`` iterations without convergence the run is recomputed by
+    the sequential loop, so the result is always the sequential one.
+
+    Attributes:
+      tol: convergence tolerance: the iteration stops when every carry is
+        within ``tol`` (absolute, max over time, batch and units) of one cell
+        step from the previous carry. The outputs are then one exact cell step
+        from carries that far from the sequential ones. Default 1e-5 (float32;
+        16-bit params need a looser tolerance, e.g. 1e-2).
+      max_iters: the most iterations before the sequential fallback (a positive
+        int; default 40). After k iterations the first k steps are exact, so
+        T iterations always suffice up to rounding.
+      damping: ``"auto"`` (default: undamped Newton steps until one overflows;
+        then the overflowed and the huge entries go back to the initial guess
+        and every later step is damped), ``"always"`` (damped from the first
+        iteration) or ``"never"`` (an overflow ends the iteration, and the
+        sequential loop computes the result). A damped step divides each unit's
+        block of the linearised step by max(1, its infinity norm): the linear
+        recurrence can no longer grow, so no iterate overflows; the fixed point
+        and the one-more-exact-step-per-iteration guarantee are unchanged.
+        NaN or Inf in the inputs ends the iteration at once (the loop propagates them).
+    """
+
+    tol: float = 1e-5
+    max_iters: int = 40
+    damping: str = "auto"
 
 
 class ScanOptions(NamedTuple):
@@ -61,7 +99,16 @@ class ScanOptions(NamedTuple):
         where it won the benchmark on the run's platform; on the CPU it won
         neither the forward pass nor the short train steps, so "auto" keeps the
         loop there; see `seqjax.backends.explain`). Other cells always run sequentially;
-        ``"associative"`` for one of them raises.
+        ``"associative"`` for one of them raises. ``"newton"`` evaluates a
+        nonlinear `seqjax.gru` (``reset_after=True``), `seqjax.lstm` (without
+        ``proj_size`` or ``gate_recurrence``) or `seqjax.rnn` in parallel over
+        time by quasi-Newton iterations (see `NewtonOptions`); it runs on XLA
+        with its own VJP (reverse mode only: the backward pass is the
+        sequential adjoint recurrence from the saved carries), keeps every
+        carry for the backward pass (``checkpoint="all"``), and ``"auto"``
+        never picks it (on the CPU it lost to the sequential loop at every
+        measured T: bench/newton.py).
+      newton: the `NewtonOptions` of ``method="newton"`` (ignored by the other methods).
 
     Example:
       >>> cell = seqjax.gru(8)
@@ -80,6 +127,7 @@ class ScanOptions(NamedTuple):
     remat: bool = False
     checkpoint: str | tuple = "all"
     method: str = "auto"
+    newton: NewtonOptions = NewtonOptions()
 
 
 def resolve(call: str, options: ScanOptions | None, **given) -> ScanOptions:
@@ -115,4 +163,18 @@ def resolve(call: str, options: ScanOptions | None, **given) -> ScanOptions:
                          f"(the most carries kept at once), got {checkpoint!r}")
     if not isinstance(options.method, str) or options.method not in METHODS:
         raise ValueError(f"{call}: method must be one of {list(METHODS)}, got {options.method!r}")
-    return options._replace(checkpoint=checkpoint)
+    return options._replace(checkpoint=checkpoint, newton=_check_newton(call, options.newton))
+
+
+def _check_newton(call: str, newton) -> NewtonOptions:
+    if not isinstance(newton, NewtonOptions):
+        raise TypeError(f"{call}: newton must be a seqjax.NewtonOptions, got {type(newton).__name__}")
+    tol, max_iters, damping = newton
+    real = isinstance(tol, (int, float, np.integer, np.floating)) and not isinstance(tol, bool)
+    if not real or not 0 < tol < float("inf"):
+        raise ValueError(f"{call}: newton.tol must be a positive finite number, got {tol!r}")
+    if isinstance(max_iters, bool) or not isinstance(max_iters, (int, np.integer)) or max_iters < 1:
+        raise ValueError(f"{call}: newton.max_iters must be a positive int, got {max_iters!r}")
+    if not isinstance(damping, str) or damping not in DAMPINGS:
+        raise ValueError(f"{call}: newton.damping must be one of {list(DAMPINGS)}, got {damping!r}")
+    return NewtonOptions(float(tol), int(max_iters), damping)

@@ -13,7 +13,7 @@ import numpy as np
 
 from seqjax._checkpoint import checkpointed_scan, segment_sizes
 from seqjax._vma import batch_sharded_like, vary_over, varying_axes
-from seqjax.backends import _associative
+from seqjax.backends import _associative, _newton
 from seqjax.backends._table import Request, choose, platform_of, run, zero_padding
 from seqjax.cells.base import Array, Cell, form_of
 from seqjax.cells.validate import check_params
@@ -196,10 +196,12 @@ def _run(call, reference, cell, params, xs, carry, lengths, resets, reverse, tim
             c, ys = _run(call, reference, sub, p, ys, c, plan.lengths, plan.resets, reverse, True, options)
             carries.append(c)
         return tuple(carries), (ys if time_major else jnp.swapaxes(ys, 0, 1))
-    if options.method == "associative" or (options.method == "auto" and form is not None and form.linear is not None):
+    if options.method in ("associative", "newton") or (options.method == "auto" and form is not None
+                                                         and form.linear is not None):
         request, _ = _request(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major, options)
-        if _associative.method_of(request)[0] == "associative":
-            return _associative.run(request)
+        method = _associative.method_of(request)[0]
+        if method != "sequential":
+            return (_associative if method == "associative" else _newton).run(request)
 
     def on(platform, params, xs, carry, lengths, resets):
         request, _ = _request(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major,
@@ -307,7 +309,11 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
     `jax.lax.associative_scan` over all T steps at once (same semantics, lengths,
     resets and reverse included; float32 accumulation for 16-bit params),
     ``"sequential"`` the loop, ``"auto"`` (default) the associative scan from the
-    measured crossover length on the run's platform.
+    measured crossover length on the run's platform. ``method="newton"`` evaluates
+    a `seqjax.gru`, `seqjax.lstm` or `seqjax.rnn` in parallel over time by
+    quasi-Newton iterations, each an associative scan, finishing with the loop
+    when they do not converge (settings: `seqjax.NewtonOptions`; "auto" never
+    picks it: on the CPU it lost at every measured length).
     The native kernels and the custom VJP are reverse mode only: `jax.jvp`,
     `jax.jacfwd` and `jax.linearize` through them raise a TypeError that says to
     pass ``kernel="xla", backward="autodiff"`` (`jax.jvp` of a `jax.jit`-ted

@@ -47,8 +47,10 @@ class Explanation(NamedTuple):
       layers: for a stacked cell, one `Explanation` per layer; else ().
       checkpoint: what reverse mode keeps on that path (the ``checkpoint``
         policy and its schedule for this T), one line.
-      method: "sequential" (a loop over T, run by ``backend``) or
-        "associative" (`jax.lax.associative_scan` on XLA; ``reasons`` is then empty).
+      method: "sequential" (a loop over T, run by ``backend``),
+        "associative" (`jax.lax.associative_scan` on XLA) or "newton"
+        (quasi-Newton iterations of associative scans on XLA); ``reasons`` is
+        empty for the last two.
       method_reason: why that method (see ``method=`` of `seqjax.scan`).
     """
 
@@ -119,7 +121,7 @@ def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=
                            layers[0].checkpoint, layers[0].method, layers[0].method_reason)
     request, _ = runners._request(call, False, cell, params, xs, carry, lengths, resets, reverse, time_major, opts)
     method, why = method_of(request)
-    if method == "associative":
+    if method in ("associative", "newton"):
         return Explanation("xla", (), request.platform, (), describe(opts.checkpoint, request.xs_tm.shape[0]),
                            method, why)
     choice = choose(request, explain=True)

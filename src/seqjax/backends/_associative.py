@@ -45,14 +45,26 @@ def _linear_of(cell):
 
 
 def method_of(request) -> tuple[str, str]:
-    """``(method, why)``: "sequential" or "associative" for a validated `Request`, and the reason.
+    """``(method, why)``: "sequential", "associative" or "newton" for a validated `Request`, and the reason.
 
     Raises:
       ValueError: ``method="associative"`` for a cell with no linear recurrence,
-        or with a ``kernel``/``backward`` that only the sequential loop has.
+        ``method="newton"`` for a cell it cannot iterate (`seqjax.backends._newton.blocker`),
+        or either with a ``kernel``/``backward`` that only the sequential loop has.
     """
     options, cell = request.options, request.cell
     linear, method = _linear_of(cell), options.method
+    if method == "newton":
+        from seqjax.backends import _newton
+        reason = _newton.blocker(request)
+        if reason is not None:
+            raise ValueError(f"{request.caller}: {reason}")
+        if request.reference:
+            return "sequential", "seqjax.unrolled is the step-by-step reference"
+        n = options.newton
+        return "newton", (f"method='newton': quasi-Newton iterations over T={request.xs_tm.shape[0]} steps, each a "
+                          f"jax.lax.associative_scan (tol={n.tol:g}, max_iters={n.max_iters}, damping={n.damping!r}); "
+                          "the sequential loop if they do not converge")
     if method == "associative":
         if linear is None:
             raise ValueError(f"{request.caller}: method='associative' needs a cell with a linear recurrence "

@@ -75,6 +75,11 @@ class Form(NamedTuple):
         ``h_t = a_t * h_{t-1} + b_t`` (`seqjax.min_gru`, `seqjax.min_lstm`,
         `seqjax.lru`), its `LinearRecurrence`, which lets `seqjax.scan`
         evaluate it with a parallel prefix scan; else None.
+      unitwise: for a nonlinear cell whose step is a GEMM of the carry
+        followed by per-unit arithmetic (`seqjax.gru` with ``reset_after``,
+        `seqjax.lstm` without projection or gate recurrence, `seqjax.rnn`), its
+        `UnitwiseStep`, which lets ``method="newton"`` evaluate it in parallel
+        over time; else None.
     """
 
     kind: Any
@@ -82,6 +87,7 @@ class Form(NamedTuple):
     joint_apply: Callable[..., Any] | None
     layers: tuple | None
     linear: "LinearRecurrence | None" = None
+    unitwise: "UnitwiseStep | None" = None
 
 
 class LinearRecurrence(NamedTuple):
@@ -110,23 +116,62 @@ class LinearRecurrence(NamedTuple):
     log_space: bool = False
 
 
+class UnitwiseStep(NamedTuple):
+    """A nonlinear cell's step split into the carry's GEMM and per-unit arithmetic.
+
+    ``step(params, carry, px) == pointwise(params, carry, recurrent(params, carry), px)``.
+    Every leaf of the carry is [..., H], and unit i of the new carry depends
+    on the old carry only through unit i of each leaf and unit i of each block
+    of ``u``. So the per-unit block of the step's Jacobian (the k x k matrix of
+    d new_leaf_m[i] / d old_leaf_j[i] for a carry of k leaves) is one
+    Jacobian-vector product per leaf, with ``local`` standing in for
+    ``recurrent``: the quasi-Newton Jacobian of ``method="newton"``.
+
+    Attributes:
+      recurrent: ``(params, carry) -> u [..., G*H]``, the carry's GEMM(s), linear in the carry.
+      local: ``(params, carry) -> u [..., G*H]``, the same linear map keeping
+        only each unit's own weights (the diagonal of each [H, H] block).
+      pointwise: ``(params, carry, u, px) -> (carry, y)``, the rest of the step.
+    """
+
+    recurrent: Callable[..., Array]
+    local: Callable[..., Array]
+    pointwise: Callable[..., Any]
+
+
+def block_diagonals(w: Array, blocks: int) -> Array:
+    """The diagonals of the ``blocks`` square blocks of ``w`` [H, blocks*H], side by side: [blocks*H]."""
+    H = w.shape[0]
+    return jnp.diagonal(w.reshape(H, blocks, H), axis1=0, axis2=2).reshape(blocks * H)
+
+
+def unit_local(h: Array, w: Array, blocks: int) -> Array:
+    """``h [..., H]`` times only the diagonal of each [H, H] block of ``w`` [H, blocks*H]: [..., blocks*H].
+
+    The part of ``h @ w`` in which unit i of each block reads only unit i of
+    ``h``; in the compute dtype (float32 for 16-bit params).
+    """
+    dt = compute_dtype(w.dtype)
+    return jnp.tile(h.astype(dt), (1,) * (h.ndim - 1) + (blocks,)) * block_diagonals(w, blocks).astype(dt)
+
+
 # step function -> its Form; weak, so a dropped cell takes its entry with it
 _FORMS: "weakref.WeakKeyDictionary[Callable, Form]" = weakref.WeakKeyDictionary()
 
 
 def make_cell(*, init, initial_carry, project, step, input_size, hidden_size, output_size, name, layers=None,
-              joint_apply=None, kind=None, linear=None) -> Cell:
+              joint_apply=None, kind=None, linear=None, unitwise=None) -> Cell:
     """Builds a `Cell` whose ``apply`` is ``step`` after ``project``, and records its `Form`.
 
-    ``kind``, ``joint_apply``, ``layers`` and ``linear``: see `Form`; they
+    ``kind``, ``joint_apply``, ``layers``, ``linear`` and ``unitwise``: see `Form`; they
     describe exactly this ``project`` and ``step``.
     """
 
     def apply(params, carry, x):
         return step(params, carry, project(params, x))
 
-    if kind is not None or joint_apply is not None or layers is not None or linear is not None:
-        _FORMS[step] = Form(kind, project, joint_apply, layers, linear)
+    if any(v is not None for v in (kind, joint_apply, layers, linear, unitwise)):
+        _FORMS[step] = Form(kind, project, joint_apply, layers, linear, unitwise)
     return Cell(init, initial_carry, project, step, apply, input_size, hidden_size, output_size, name)
 
 

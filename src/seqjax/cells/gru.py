@@ -6,8 +6,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import (Array, Cell, check_factory_options, check_input, check_positive_int, compute_dtype, gate_blocks,
-                               init_param, make_cell, matmul, zeros_carry)
+from seqjax.cells.base import (Array, Cell, UnitwiseStep, check_factory_options, check_input, check_positive_int,
+                               compute_dtype, gate_blocks, init_param, make_cell, matmul, unit_local, zeros_carry)
 
 
 class GRUParams(NamedTuple):
@@ -82,22 +82,32 @@ def gru(hidden_size: int, *, reset_after: bool = True,
         check_input(call, x, params.w_x.shape[0])
         return matmul(x, params.w_x) + params.b.astype(compute_dtype(params.w_x.dtype))
 
-    def step(params: GRUParams, h: Array, px: Array):
+    def after_gemm(params: GRUParams, h: Array, gh: Array, px: Array):
+        """The reset_after step given the recurrent pre-activations ``gh = h W_h`` [..., 3H]."""
         hf = h.astype(px.dtype)
-        if reset_after:
-            gh = matmul(h, params.w_h)
-            r = jax.nn.sigmoid(px[..., :H] + gh[..., :H])
-            z = jax.nn.sigmoid(px[..., H:2 * H] + gh[..., H:2 * H])
-            n = jnp.tanh(px[..., 2 * H:] + r * (gh[..., 2 * H:] + params.b_hn.astype(px.dtype)))
-        else:
-            gh = matmul(h, params.w_h[:, :2 * H])
-            r = jax.nn.sigmoid(px[..., :H] + gh[..., :H])
-            z = jax.nn.sigmoid(px[..., H:2 * H] + gh[..., H:])
-            n = jnp.tanh(px[..., 2 * H:] + matmul(r * hf, params.w_h[:, 2 * H:]))
+        r = jax.nn.sigmoid(px[..., :H] + gh[..., :H])
+        z = jax.nn.sigmoid(px[..., H:2 * H] + gh[..., H:2 * H])
+        n = jnp.tanh(px[..., 2 * H:] + r * (gh[..., 2 * H:] + params.b_hn.astype(px.dtype)))
         h = ((1.0 - z) * n + z * hf).astype(params.w_h.dtype)
         return h, h
+
+    def step(params: GRUParams, h: Array, px: Array):
+        if reset_after:
+            return after_gemm(params, h, matmul(h, params.w_h), px)
+        hf = h.astype(px.dtype)
+        gh = matmul(h, params.w_h[:, :2 * H])
+        r = jax.nn.sigmoid(px[..., :H] + gh[..., :H])
+        z = jax.nn.sigmoid(px[..., H:2 * H] + gh[..., H:])
+        n = jnp.tanh(px[..., 2 * H:] + matmul(r * hf, params.w_h[:, 2 * H:]))
+        h = ((1.0 - z) * n + z * hf).astype(params.w_h.dtype)
+        return h, h
+
+    # reset_after=False multiplies h by r before the GEMM of n: no per-unit split
+    unitwise = UnitwiseStep(recurrent=lambda params, h: matmul(h, params.w_h),
+                            local=lambda params, h: unit_local(h, params.w_h, 3),
+                            pointwise=after_gemm) if reset_after else None
 
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=H,
                      name=f"gru(hidden_size={H}, reset_after={reset_after})",
-                     kind="gru" if reset_after else "gru_cho")
+                     kind="gru" if reset_after else "gru_cho", unitwise=unitwise)

@@ -6,8 +6,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import (Array, Cell, check_factory_options, check_input, check_positive_int, check_real, compute_dtype, gate_blocks,
-                               init_param, joint_input_recurrent, make_cell, matmul, resolve_activation, zeros_carry)
+from seqjax.cells.base import (Array, Cell, UnitwiseStep, check_factory_options, check_input, check_positive_int,
+                               check_real, compute_dtype, gate_blocks, init_param, joint_input_recurrent, make_cell, matmul,
+                               resolve_activation, unit_local, zeros_carry)
 
 ACTIVATIONS = {"tanh": jnp.tanh, "identity": lambda a: a, "relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid}
 
@@ -241,9 +242,14 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
     spec = None  # the custom VJP covers named activations (it differentiates them from their outputs)
     if not gate_recurrence and isinstance(input_activation, str) and isinstance(output_activation, str):
         spec = layout._replace(input_activation=input_activation, output_activation=output_activation)
+    unitwise = None  # a projection or the gate recurrence mixes units outside the GEMM of h
+    if proj_size is None and not gate_recurrence:
+        unitwise = UnitwiseStep(recurrent=lambda params, carry: matmul(carry.h, params.w_h),
+                                local=lambda params, carry: unit_local(carry.h, params.w_h, G),
+                                pointwise=lambda params, carry, u, px: finish(params, carry, px + u))
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=P,
-                     name=f"lstm({', '.join(opts)})", joint_apply=joint_apply, kind=spec)
+                     name=f"lstm({', '.join(opts)})", joint_apply=joint_apply, kind=spec, unitwise=unitwise)
 
 
 def lstm_variant(name: str, hidden_size: int, **kwargs) -> Cell:

@@ -6,8 +6,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax.cells.base import (Array, Cell, check_factory_options, check_input, check_positive_int, compute_dtype, init_param,
-                               joint_input_recurrent, make_cell, matmul, resolve_activation, zeros_carry)
+from seqjax.cells.base import (Array, Cell, UnitwiseStep, check_factory_options, check_input, check_positive_int,
+                               compute_dtype, init_param, joint_input_recurrent, make_cell, matmul, resolve_activation,
+                               unit_local, zeros_carry)
 
 ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
@@ -80,7 +81,11 @@ def rnn(hidden_size: int, *, activation: str | Callable = "tanh",
     def joint_apply(params: RNNParams):
         return joint_input_recurrent(params.w_x, params.w_h, params.b, lambda h, a: finish(params, a))
 
+    unitwise = UnitwiseStep(recurrent=lambda params, h: matmul(h, params.w_h),
+                            local=lambda params, h: unit_local(h, params.w_h, 1),
+                            pointwise=lambda params, h, u, px: finish(params, px + u))
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=hidden_size, output_size=hidden_size,
                      name=f"rnn(hidden_size={hidden_size}, activation={act_name})", joint_apply=joint_apply,
+                     unitwise=unitwise,
                      kind=f"rnn_{activation}" if activation in ("tanh", "relu") else None)
