@@ -359,6 +359,8 @@ def main(argv=None):
     g.add_argument("--full", action="store_true", help="the full study (default)")
     p.add_argument("--out", default="runs/mnist1d", help="output directory (results.json, *.png)")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+    p.add_argument("--variants", default=None, help="comma-separated subset of regular,shuffled")
+    p.add_argument("--cells", default=None, help=f"comma-separated subset of {','.join(CELLS)}")
     t = p.add_mutually_exclusive_group()
     t.add_argument("--no-timing", action="store_true", help="skip the train-step timing")
     t.add_argument("--timing-only", action="store_true",
@@ -367,14 +369,23 @@ def main(argv=None):
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds is not None:
         cfg["seeds"] = args.seeds
+    for name, allowed in (("variants", VARIANTS), ("cells", CELLS)):
+        if getattr(args, name):
+            chosen = tuple(getattr(args, name).split(","))
+            if not set(chosen) <= set(allowed):
+                p.error(f"--{name} must be a subset of {','.join(allowed)}, got {getattr(args, name)}")
+            cfg[name] = chosen
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     print(f"seqjax MNIST-1D ({'quick' if args.quick else 'full'}), jax {jax.__version__} on {jax.default_backend()}")
 
     path = os.path.join(args.out, "results.json")
-    if args.timing_only and os.path.exists(path):
+    previous = {}
+    if os.path.exists(path):
         with open(path) as f:
-            results = json.load(f)
+            previous = json.load(f)
+    if args.timing_only and previous:
+        results = previous
     else:
         results = dict(mode="quick" if args.quick else "full", config=cfg, train=TRAIN, data_seed=DATA_SEED,
                        models={k: dict(MODELS[k], description=describe(k)) for k in cfg["cells"]},
@@ -393,6 +404,12 @@ def main(argv=None):
                                        load("regular"), cfg["timing_rounds"], cfg["timing_steps"])
         results["plots"]["train_step_time"] = "train_step_time.png"
         plot_timing(results["timing"], os.path.join(args.out, "train_step_time.png"))
+    if args.no_timing and os.path.exists(path):        # keep the step times of a --timing-only run into DIR
+        with open(path) as f:
+            previous = json.load(f)
+        if "timing" in previous:
+            results["timing"] = previous["timing"]
+            results["plots"]["train_step_time"] = previous["plots"]["train_step_time"]
     if results["study"]:
         print_table(results["study"], results.get("timing"))
     results.pop("wall_seconds", None)
