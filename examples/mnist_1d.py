@@ -36,6 +36,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import time
@@ -120,6 +121,26 @@ def make_cell(kind: str, size: int):
             "lru": seqjax.lru}[kind](size)
 
 
+class CausalDepthwiseConv(nnx.Module):
+    """``y_t = b + sum_k w_k * x_{t-k}`` per channel over ``[B, T, D]`` (zeros before t = 0), kernel ``K``.
+
+    The same function as ``nnx.Conv(D, D, (K,), padding=[(K - 1, 0)], feature_group_count=D)`` (and its
+    initialisation), written as K shifted products: XLA:CPU's grouped convolution is slow to differentiate.
+    """
+
+    def __init__(self, width: int, kernel: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (kernel, 1, width)))   # nnx.Conv's layout [K, D/groups, D]
+        self.bias = nnx.Param(jnp.zeros((width,)))
+
+    def __call__(self, x):
+        K = self.kernel.shape[0]
+        padded = jnp.pad(x, ((0, 0), (K - 1, 0), (0, 0)))
+        T = x.shape[1]
+        w = self.kernel[...][:, 0]                                        # [K, D]
+        return self.bias[...] + sum(padded[:, K - 1 - k:K - 1 - k + T] * w[K - 1 - k] for k in range(K))
+
+
 class ResidualBlocks(nnx.Module):
     """``[B, T, 1] -> logits [B, 10]``: Linear(1, D), L residual blocks, mean over time, Linear(D, 10).
 
@@ -130,8 +151,7 @@ class ResidualBlocks(nnx.Module):
                  options: seqjax.ScanOptions | None = None, rngs: nnx.Rngs):
         self.embed = nnx.Linear(1, width, rngs=rngs)
         self.norms = nnx.List([nnx.LayerNorm(width, rngs=rngs) for _ in range(layers)])
-        self.convs = nnx.List([nnx.Conv(width, width, kernel_size=(conv,), padding=[(conv - 1, 0)],
-                                        feature_group_count=width, rngs=rngs) for _ in range(layers)])
+        self.convs = nnx.List([CausalDepthwiseConv(width, conv, rngs=rngs) for _ in range(layers)])
         self.rnns = nnx.List([snx.Recurrent(make_cell(kind, state or width), width, options=options, rngs=rngs)
                               for _ in range(layers)])
         self.mixes = nnx.List([nnx.Linear(r.output_size, width, rngs=rngs) for r in self.rnns])
@@ -187,7 +207,7 @@ def sampler(data, batch: int):
 # training: one seqjax.fit call per (cell, variant), all seeds in lockstep
 # ----------------------------------------------------------------------------
 
-def train(kind: str, variant: str, data: dict, cfg: dict) -> dict:
+def train(kind: str, variant: str, data: dict, cfg: dict, log_dir: str | None = None) -> dict:
     seeds = [SEEDS_SEED + i for i in range(cfg["seeds"])]
     models = [build_model(kind, s, TRAIN_METHOD.get(kind, "auto")) for s in seeds]
     graphdef, _ = nnx.split(models[0])
@@ -206,7 +226,8 @@ def train(kind: str, variant: str, data: dict, cfg: dict) -> dict:
     t0 = time.perf_counter()
     _, hists = seqjax.fit(step, states, sampler(data, TRAIN["batch"]), num_steps=cfg["steps"], eval_fn=eval_fn,
                           eval_every=cfg["eval_every"], steps_per_call=cfg["eval_every"], num_runs=len(seeds),
-                          seed=7, progress=True)
+                          seed=7, progress=True,
+                          log_path=None if log_dir is None else os.path.join(log_dir, f"{kind}_{variant}"))
     seconds = time.perf_counter() - t0
     at, _ = hists[0].series("test_accuracy", "eval")
     curves = np.stack([h.series("test_accuracy", "eval")[1] for h in hists])          # [S, n_evals]
@@ -359,8 +380,10 @@ def main(argv=None):
     g.add_argument("--full", action="store_true", help="the full study (default)")
     p.add_argument("--out", default="runs/mnist1d", help="output directory (results.json, *.png)")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+    p.add_argument("--steps", type=int, default=None, help="override the step budget (a multiple of eval_every)")
     p.add_argument("--variants", default=None, help="comma-separated subset of regular,shuffled")
-    p.add_argument("--cells", default=None, help=f"comma-separated subset of {','.join(CELLS)}")
+    p.add_argument("--cells", default=None, help=f"comma-separated subset of {','.join(CELLS)}; their results "
+                   "are added to those already in DIR/results.json")
     t = p.add_mutually_exclusive_group()
     t.add_argument("--no-timing", action="store_true", help="skip the train-step timing")
     t.add_argument("--timing-only", action="store_true",
@@ -369,6 +392,10 @@ def main(argv=None):
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds is not None:
         cfg["seeds"] = args.seeds
+    if args.steps is not None:
+        if args.steps < 1 or args.steps % cfg["eval_every"]:
+            p.error(f"--steps must be a positive multiple of {cfg['eval_every']}, got {args.steps}")
+        cfg["steps"] = args.steps
     for name, allowed in (("variants", VARIANTS), ("cells", CELLS)):
         if getattr(args, name):
             chosen = tuple(getattr(args, name).split(","))
@@ -380,40 +407,51 @@ def main(argv=None):
     print(f"seqjax MNIST-1D ({'quick' if args.quick else 'full'}), jax {jax.__version__} on {jax.default_backend()}")
 
     path = os.path.join(args.out, "results.json")
-    previous = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-    if args.timing_only and previous:
-        results = previous
-    else:
-        results = dict(mode="quick" if args.quick else "full", config=cfg, train=TRAIN, data_seed=DATA_SEED,
-                       models={k: dict(MODELS[k], description=describe(k)) for k in cfg["cells"]},
-                       published=PUBLISHED, study={}, plots={})
+    results = dict(mode="quick" if args.quick else "full", config=cfg, train=TRAIN, data_seed=DATA_SEED,
+                   models={k: dict(MODELS[k], description=describe(k)) for k in cfg["cells"]},
+                   published=PUBLISHED, study={}, plots={})
     if not args.timing_only:
         for variant in cfg["variants"]:
             data = load(variant)
             print(f"\n{variant}: x {tuple(data['x'].shape)}, x_test {tuple(data['x_test'].shape)}", flush=True)
-            results["study"][variant] = {kind: train(kind, variant, data, cfg) for kind in cfg["cells"]}
+            study = results["study"].setdefault(variant, {})
+            for kind in cfg["cells"]:
+                study[kind] = train(kind, variant, data, cfg, os.path.join(args.out, "history"))
+            results["study"][variant] = {k: study[k] for k in CELLS if k in study}
         results["plots"]["test_accuracy"] = "test_accuracy.png"
-        plot_curves(results["study"], os.path.join(args.out, "test_accuracy.png"))
     if not args.no_timing:
         print(f"\ntiming the train steps ({cfg['timing_rounds']} interleaved rounds of {cfg['timing_steps']} steps)",
               flush=True)
-        results["timing"] = time_steps(results.get("models") and list(results["models"]) or cfg["cells"],
-                                       load("regular"), cfg["timing_rounds"], cfg["timing_steps"])
+        results["timing"] = time_steps(cfg["cells"], load("regular"), cfg["timing_rounds"], cfg["timing_steps"])
         results["plots"]["train_step_time"] = "train_step_time.png"
         plot_timing(results["timing"], os.path.join(args.out, "train_step_time.png"))
-    if args.no_timing and os.path.exists(path):        # keep the step times of a --timing-only run into DIR
+    lock = open(os.path.join(args.out, ".results.lock"), "w")   # runs into one DIR merge their results
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    previous = {}
+    if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
+    if args.cells and not args.timing_only and previous.get("mode") == results["mode"]:
+        for variant, cells in previous.get("study", {}).items():   # keep DIR's results of the other cells
+            merged = dict(cells, **results["study"].get(variant, {}))
+            results["study"][variant] = {k: merged[k] for k in CELLS if k in merged}
+        results["models"] = {k: v for k, v in dict(previous.get("models", {}), **results["models"]).items()}
+    if args.timing_only and previous:                    # DIR's latest results with these step times
+        results = dict(previous, timing=results["timing"], plots=dict(previous.get("plots", {}), **results["plots"]))
+    if args.no_timing:                                   # keep the step times of a --timing-only run into DIR
         if "timing" in previous:
             results["timing"] = previous["timing"]
             results["plots"]["train_step_time"] = previous["plots"]["train_step_time"]
     if results["study"]:
         print_table(results["study"], results.get("timing"))
+    if results["study"]:
+        plot_curves(results["study"], os.path.join(args.out, "test_accuracy.png"))
     results.pop("wall_seconds", None)
-    return write_results(args.out, results, list(results["plots"].values()), t0)
+    try:
+        return write_results(args.out, results, list(results["plots"].values()), t0)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
 
 
 if __name__ == "__main__":
