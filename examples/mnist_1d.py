@@ -354,10 +354,11 @@ def print_table(study: dict, timing: dict | None):
     head = f"{'model':<9} {'params':>7}  " + "".join(f"{v:<22}" for v in variants)
     head += f"{'step ms':>9} {'assoc ms':>9} {'vs GRU':>7}" if timing else ""
     print(head)
-    cells = list(next(iter(study.values())))
+    cells = [k for k in CELLS if any(k in c for c in study.values())]
     for kind in cells:
-        row = f"{LABELS[kind]:<9} {study[variants[0]][kind]['params']:>7,}  "
-        row += "".join(f"{pct(study[v][kind]['test_accuracy']):<22}" for v in variants)
+        params = next(c[kind]["params"] for c in study.values() if kind in c)
+        row = f"{LABELS[kind]:<9} {params:>7,}  "
+        row += "".join(f"{pct(study[v][kind]['test_accuracy']) if kind in study[v] else '-':<22}" for v in variants)
         if timing and kind in timing["results"]:
             t = timing["results"][kind]
             seq, assoc = t["sequential"], t.get("associative")
@@ -436,6 +437,9 @@ def main(argv=None):
             merged = dict(cells, **results["study"].get(variant, {}))
             results["study"][variant] = {k: merged[k] for k in CELLS if k in merged}
         results["models"] = {k: v for k, v in dict(previous.get("models", {}), **results["models"]).items()}
+        results["study"] = {v: results["study"][v] for v in VARIANTS if v in results["study"]}
+        results["config"] = dict(results["config"], variants=list(results["study"]),
+                                 cells=[k for k in CELLS if any(k in c for c in results["study"].values())])
     if args.timing_only and previous:                    # DIR's latest results with these step times
         results = dict(previous, timing=results["timing"], plots=dict(previous.get("plots", {}), **results["plots"]))
     if args.no_timing:                                   # keep the step times of a --timing-only run into DIR

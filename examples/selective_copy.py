@@ -24,6 +24,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import os
 import time
 
@@ -73,7 +75,7 @@ def count_params(model) -> int:
     return int(sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def train(layers: int, cfg: dict) -> dict:
+def train(layers: int, cfg: dict, log_dir: str | None = None) -> dict:
     task = cfg["task"]
     seeds = list(range(cfg["seeds"]))
     make = lambda s: CopyModel(task["vocab_size"], MODEL["width"], layers, task["num_tokens"],  # noqa: E731
@@ -99,7 +101,8 @@ def train(layers: int, cfg: dict) -> dict:
     t0 = time.perf_counter()
     _, hists = seqjax.fit(step, states, lambda key: selective_copy(key, TRAIN["batch"], **task),
                           num_steps=cfg["steps"], eval_fn=eval_fn, eval_every=cfg["eval_every"],
-                          steps_per_call=cfg["eval_every"], num_runs=len(seeds), seed=100, progress=True)
+                          steps_per_call=cfg["eval_every"], num_runs=len(seeds), seed=100, progress=True,
+                          log_path=None if log_dir is None else os.path.join(log_dir, f"layers{layers}"))
     at, _ = hists[0].series("test_accuracy", "eval")
     curves = np.stack([h.series("test_accuracy", "eval")[1] for h in hists])
     final = curves[:, -1]
@@ -143,19 +146,32 @@ def main(argv=None):
     p.add_argument("--out", default="runs/selective_copy", help="output directory (results.json, *.png)")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     p.add_argument("--steps", type=int, default=None, help="override the step budget")
+    p.add_argument("--layers", default=None, help="comma-separated layer counts (default 1,3); their results are "
+                   "added to those already in DIR/results.json")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds is not None:
         cfg["seeds"] = args.seeds
     if args.steps is not None:
         cfg["steps"] = args.steps
+    if args.layers:
+        cfg["layers"] = tuple(int(n) for n in args.layers.split(","))
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     task = cfg["task"]
     T = task["num_noise"] + 2 * task["num_tokens"]
     print(f"seqjax selective copying ({'quick' if args.quick else 'full'}), T={T}, {task['num_tokens']} tokens, "
           f"vocabulary {task['vocab_size']}; jax {jax.__version__} on {jax.default_backend()}")
-    results = {layers: train(layers, cfg) for layers in cfg["layers"]}
+    results = {layers: train(layers, cfg, os.path.join(args.out, "history")) for layers in cfg["layers"]}
+    path = os.path.join(args.out, "results.json")
+    lock = open(os.path.join(args.out, ".results.lock"), "w")   # runs into one DIR merge their results
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if args.layers and os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous.get("mode") == ("quick" if args.quick else "full"):
+            results = dict({int(k): v for k, v in previous["results"].items()}, **results)
+    results = dict(sorted(results.items()))
 
     print(f"\nSelective copying, T={T}: token accuracy % at the marker steps (median [min, max] over seeds)")
     print(f"{'model':<14} {'params':>7}  {'test accuracy':<22}")
@@ -169,7 +185,11 @@ def main(argv=None):
     plot(results, cfg, os.path.join(args.out, plots["test_accuracy"]))
     out = dict(mode="quick" if args.quick else "full", config=cfg, T=T, model=MODEL, train=TRAIN, paper=PAPER,
                test_size=TEST_SIZE, results={str(k): v for k, v in results.items()}, plots=plots)
-    return write_results(args.out, out, list(plots.values()), t0)
+    try:
+        return write_results(args.out, out, list(plots.values()), t0)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
 
 
 if __name__ == "__main__":
