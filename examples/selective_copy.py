@@ -170,7 +170,7 @@ def main(argv=None):
         with open(path) as f:
             previous = json.load(f)
         if previous.get("mode") == ("quick" if args.quick else "full"):
-            results = dict({int(k): v for k, v in previous["results"].items()}, **results)
+            results = {**{int(k): v for k, v in previous["results"].items()}, **results}
     results = dict(sorted(results.items()))
 
     print(f"\nSelective copying, T={T}: token accuracy % at the marker steps (median [min, max] over seeds)")
