@@ -183,7 +183,7 @@ def main(argv=None):
 
     plots = {"test_accuracy": "test_accuracy.png"}
     plot(results, cfg, os.path.join(args.out, plots["test_accuracy"]))
-    out = dict(mode="quick" if args.quick else "full", config=cfg, T=T, model=MODEL, train=TRAIN, paper=PAPER,
+    out = dict(mode="quick" if args.quick else "full", config=dict(cfg, layers=list(results)), T=T, model=MODEL, train=TRAIN, paper=PAPER,
                test_size=TEST_SIZE, results={str(k): v for k, v in results.items()}, plots=plots)
     try:
         return write_results(args.out, out, list(plots.values()), t0)
