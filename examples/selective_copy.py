@@ -124,7 +124,7 @@ def plot(results: dict, cfg: dict, path: str):
     for name, acc in PAPER.items():
         if "minGRU" in name:
             ax.axhline(acc, ls=":", color="gray", lw=1)
-            ax.text(0, acc, f" {name}: {100 * acc:.1f} % (T=4112)", fontsize=7, va="bottom", color="gray")
+            ax.text(x[0], acc, f" {name}: {100 * acc:.1f} % (T=4112)", fontsize=7, va="bottom", color="gray")
     T = cfg["task"]["num_noise"] + 2 * cfg["task"]["num_tokens"]
     ax.axhline(1 / (cfg["task"]["vocab_size"] - 2), ls="--", color="gray", lw=1, label="chance")
     ax.set_ylim(0, 1.02)
