@@ -12,6 +12,7 @@ from seqjax.tasks.compare import (
     compare_batch,
     compare_dataset,
 )
+from seqjax.tasks.selective_copy import BLANK, copy_accuracy, selective_copy
 from seqjax.tasks.temporal_order import (
     CLASSES_6A,
     CLASSES_6B,
@@ -25,6 +26,7 @@ from seqjax.tasks.temporal_order import (
 
 __all__ = [
     "ADDING_TOLERANCE",
+    "BLANK",
     "CLASSES_6A",
     "CLASSES_6B",
     "COMPARE_SPLITS",
@@ -37,7 +39,9 @@ __all__ = [
     "adding_problem",
     "compare_batch",
     "compare_dataset",
+    "copy_accuracy",
     "decode",
+    "selective_copy",
     "temporal_order",
     "temporal_order_6b",
 ]
