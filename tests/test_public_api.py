@@ -8,7 +8,7 @@ import seqjax
 
 PUBLIC = {
     "seqjax": {
-        "BidirectionalParams", "Cell", "GREFF_VARIANTS", "GRUParams", "History", "LRUParams", "LSTMCarry",
+        "BidirectionalParams", "Cell", "GREFF_VARIANTS", "GRUParams", "History", "InitialCarryParams", "LRUParams", "LSTMCarry",
         "LSTMParams", "Layer", "MinGRUParams", "MinLSTMParams", "NonFiniteLossError", "RNNParams", "ScanOptions",
         "TrainState", "attention", "backends", "bidirectional", "checkpoint", "deep", "diagnostics", "dropout", "fit",
         "from_torch", "from_torch_carry", "generate", "gru", "init_state", "losses", "lru", "lstm", "lstm_variant",

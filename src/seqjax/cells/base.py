@@ -75,6 +75,11 @@ class Form(NamedTuple):
         ``h_t = a_t * h_{t-1} + b_t`` (`seqjax.min_gru`, `seqjax.min_lstm`,
         `seqjax.lru`), its `LinearRecurrence`, which lets `seqjax.scan`
         evaluate it with a parallel prefix scan; else None.
+      masked_step: ``(params, carry, px, mask [..., O]) -> (carry, y)``, the
+        step with the recurrent input ``h_{t-1}`` multiplied by ``mask`` where
+        it enters the recurrent matmuls only (variational recurrent dropout,
+        Gal & Ghahramani 2016; a GRU's interpolation ``z * h_{t-1}`` keeps the
+        unmasked state); None for a cell without a recurrent matmul.
     """
 
     kind: Any
@@ -82,6 +87,7 @@ class Form(NamedTuple):
     joint_apply: Callable[..., Any] | None
     layers: tuple | None
     linear: "LinearRecurrence | None" = None
+    masked_step: Callable[..., Any] | None = None
 
 
 class LinearRecurrence(NamedTuple):
@@ -115,18 +121,18 @@ _FORMS: "weakref.WeakKeyDictionary[Callable, Form]" = weakref.WeakKeyDictionary(
 
 
 def make_cell(*, init, initial_carry, project, step, input_size, hidden_size, output_size, name, layers=None,
-              joint_apply=None, kind=None, linear=None) -> Cell:
+              joint_apply=None, kind=None, linear=None, masked_step=None) -> Cell:
     """Builds a `Cell` whose ``apply`` is ``step`` after ``project``, and records its `Form`.
 
-    ``kind``, ``joint_apply``, ``layers`` and ``linear``: see `Form`; they
-    describe exactly this ``project`` and ``step``.
+    ``kind``, ``joint_apply``, ``layers``, ``linear`` and ``masked_step``: see
+    `Form`; they describe exactly this ``project`` and ``step``.
     """
 
     def apply(params, carry, x):
         return step(params, carry, project(params, x))
 
-    if kind is not None or joint_apply is not None or layers is not None or linear is not None:
-        _FORMS[step] = Form(kind, project, joint_apply, layers, linear)
+    if any(v is not None for v in (kind, joint_apply, layers, linear, masked_step)):
+        _FORMS[step] = Form(kind, project, joint_apply, layers, linear, masked_step)
     return Cell(init, initial_carry, project, step, apply, input_size, hidden_size, output_size, name)
 
 

@@ -83,21 +83,28 @@ def gru(hidden_size: int, *, reset_after: bool = True,
         return matmul(x, params.w_x) + params.b.astype(compute_dtype(params.w_x.dtype))
 
     def step(params: GRUParams, h: Array, px: Array):
+        return gated(params, h, px, h)
+
+    def masked_step(params: GRUParams, h: Array, px: Array, mask: Array):
+        return gated(params, h, px, h * mask)
+
+    def gated(params: GRUParams, h: Array, px: Array, h_in: Array):
+        """The step; ``h_in`` is the h_{t-1} the recurrent matmuls read, ``h`` the one z interpolates."""
         hf = h.astype(px.dtype)
         if reset_after:
-            gh = matmul(h, params.w_h)
+            gh = matmul(h_in, params.w_h)
             r = jax.nn.sigmoid(px[..., :H] + gh[..., :H])
             z = jax.nn.sigmoid(px[..., H:2 * H] + gh[..., H:2 * H])
             n = jnp.tanh(px[..., 2 * H:] + r * (gh[..., 2 * H:] + params.b_hn.astype(px.dtype)))
         else:
-            gh = matmul(h, params.w_h[:, :2 * H])
+            gh = matmul(h_in, params.w_h[:, :2 * H])
             r = jax.nn.sigmoid(px[..., :H] + gh[..., :H])
             z = jax.nn.sigmoid(px[..., H:2 * H] + gh[..., H:])
-            n = jnp.tanh(px[..., 2 * H:] + matmul(r * hf, params.w_h[:, 2 * H:]))
+            n = jnp.tanh(px[..., 2 * H:] + matmul(r * h_in.astype(px.dtype), params.w_h[:, 2 * H:]))
         h = ((1.0 - z) * n + z * hf).astype(params.w_h.dtype)
         return h, h
 
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=H,
                      name=f"gru(hidden_size={H}, reset_after={reset_after})",
-                     kind="gru" if reset_after else "gru_cho")
+                     kind="gru" if reset_after else "gru_cho", masked_step=masked_step)
