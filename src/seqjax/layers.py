@@ -112,17 +112,16 @@ def _learned_carry(layer: Layer) -> Layer:
     return Layer(init, apply, initial_carry, layer.output_size, f"{layer.name} with a learned initial carry")
 
 
-def _recurrent_mask(cell: Cell, key, xs, time_major: bool, rate: float, dtype):
-    """The [B, O] variational dropout mask: keep with probability 1 - rate, scaled by 1/(1 - rate); None when off."""
+def _recurrent_mask(cell: Cell, key, xs, time_major: bool, rate: float):
+    """The [B, O] variational dropout mask ``bernoulli(key, 1 - rate, (B, O)) / (1 - rate)``; None when off.
+
+    Drawn in JAX's default float dtype; `seqjax.scan` casts it to the carry's dtype.
+    """
     B = _batch_size(xs, time_major)
     if key is None or rate == 0.0 or B is None:
         return None
     keep = jax.random.bernoulli(key, 1.0 - rate, (B, cell.output_size))
-    return jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(dtype)
-
-
-def _carry_dtype(cell: Cell, params):
-    return jax.tree.leaves(cell.initial_carry(params, ()))[0].dtype
+    return jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(jnp.result_type(float))
 
 
 def _check_recurrent_dropout(call: str, cell: Cell, rate) -> float:
@@ -146,9 +145,10 @@ def sequence(cell: Cell, *, reverse: bool = False, recurrent_dropout: float = 0.
       reverse: passed to `seqjax.scan`.
       recurrent_dropout: variational dropout rate in [0, 1) on h_{t-1} where it
         enters the recurrent matmul (Gal & Ghahramani 2016): ``apply(...,
-        key=k)`` draws one mask [B, O] per call, per sequence and unit, scaled
-        by 1/(1 - rate), and reuses it at every step (`seqjax.scan`'s
-        ``recurrent_mask``); ``key=None`` turns it off (evaluation). Cells built
+        key=k)`` draws one mask per call, ``bernoulli(k, 1 - rate, (B, O)) /
+        (1 - rate)`` (one draw per sequence and unit), and reuses it at every
+        step (`seqjax.scan`'s ``recurrent_mask``); ``key=None`` turns it off
+        (evaluation). Cells built
         by `seqjax.rnn`, `seqjax.lstm`, `seqjax.gru` only. A masked run takes
         XLA's loop (the native kernels have no per-row mask; see `seqjax.scan`).
       learnable_initial_carry: start from a trained carry (`InitialCarryParams`;
@@ -173,7 +173,7 @@ def _sequence(call: str, cell: Cell, reverse: bool, options: ScanOptions, recurr
     """`sequence`'s layer; its apply's errors name ``call``."""
 
     def apply(params, xs, *, carry=None, lengths=None, resets=None, time_major=False, key=None):
-        mask = _recurrent_mask(cell, key, xs, time_major, recurrent_dropout, _carry_dtype(cell, params))
+        mask = _recurrent_mask(cell, key, xs, time_major, recurrent_dropout)
         return scan_for(call, cell, params, xs, carry=carry, lengths=lengths, resets=resets, reverse=reverse,
                         time_major=time_major, options=options, recurrent_mask=mask)
 
@@ -199,7 +199,8 @@ def bidirectional(forward: Cell, backward: Cell | None = None, *, merge: str | N
         "sum", "mean", "mul" (ys [B, T, O]), or None (ys is the pair
         ``(ys_forward, ys_backward)``).
       recurrent_dropout: variational dropout rate on h_{t-1} (see `sequence`);
-        each direction draws its own mask.
+        each direction draws its own mask, from ``jax.random.split(key)``'s
+        first and second key.
       learnable_initial_carry: a trained initial carry per direction (see `multilayer`).
       options: a `seqjax.ScanOptions` for both directions; unroll, remat, hoist,
         kernel override its fields (``options.backward`` sets the gradient mode).
@@ -240,8 +241,8 @@ def _bidirectional_layer(call: str, forward: Cell, backward: Cell, merge, option
 
     def apply(params, xs, *, carry=None, lengths=None, resets=None, time_major=False, key=None):
         kf, kb = (None, None) if key is None else jax.random.split(key)
-        mf = _recurrent_mask(forward, kf, xs, time_major, recurrent_dropout, _carry_dtype(forward, params.forward))
-        mb = _recurrent_mask(backward, kb, xs, time_major, recurrent_dropout, _carry_dtype(backward, params.backward))
+        mf = _recurrent_mask(forward, kf, xs, time_major, recurrent_dropout)
+        mb = _recurrent_mask(backward, kb, xs, time_major, recurrent_dropout)
         cf, cb = (None, None) if carry is None else carry
         cf, yf = scan_for(call, forward, params.forward, xs, carry=cf, lengths=lengths, resets=resets,
                           time_major=time_major, recurrent_mask=mf, **opts)
