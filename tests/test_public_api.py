@@ -8,9 +8,9 @@ import seqjax
 
 PUBLIC = {
     "seqjax": {
-        "BidirectionalParams", "Cell", "GREFF_VARIANTS", "GRUParams", "History", "LRUParams", "LSTMCarry",
-        "LSTMParams", "Layer", "MinGRUParams", "MinLSTMParams", "NewtonOptions", "NonFiniteLossError", "RNNParams",
-        "ScanOptions",
+        "BidirectionalParams", "Cell", "GREFF_VARIANTS", "GRUParams", "History", "InitialCarryParams", "LRUParams",
+        "LSTMCarry", "LSTMParams", "Layer", "MinGRUParams", "MinLSTMParams", "NewtonOptions", "NonFiniteLossError",
+        "RNNParams", "ScanOptions",
         "TrainState", "attention", "backends", "bidirectional", "checkpoint", "deep", "diagnostics", "dropout", "fit",
         "from_torch", "from_torch_carry", "generate", "gru", "init_state", "losses", "lru", "lstm", "lstm_variant",
         "make_nnx_train_step", "make_train_step", "min_gru", "min_lstm", "multilayer", "nnx", "rnn", "scan",

@@ -10,7 +10,8 @@ implementation a call runs on.
 """
 from seqjax.cells import (GREFF_VARIANTS, Cell, GRUParams, LRUParams, LSTMCarry, LSTMParams, MinGRUParams, MinLSTMParams,
                           RNNParams, gru, lru, lstm, lstm_variant, min_gru, min_lstm, rnn, stack, symmetric_uniform)
-from seqjax.layers import BidirectionalParams, Layer, bidirectional, deep, dropout, multilayer, sequence
+from seqjax.layers import (BidirectionalParams, InitialCarryParams, Layer, bidirectional, deep, dropout, multilayer,
+                           sequence)
 from seqjax.options import NewtonOptions, ScanOptions
 from seqjax.runners import scan, unrolled
 from seqjax.generation import generate
@@ -24,7 +25,8 @@ __all__ = [
     "Cell", "GREFF_VARIANTS", "GRUParams", "LSTMCarry", "LSTMParams", "RNNParams", "gru", "lstm", "lstm_variant",
     "rnn", "stack", "symmetric_uniform", "LRUParams", "MinGRUParams", "MinLSTMParams", "lru", "min_gru", "min_lstm",
     # runners and layers
-    "NewtonOptions", "ScanOptions", "scan", "unrolled", "BidirectionalParams", "Layer", "bidirectional", "deep", "dropout",
+    "NewtonOptions", "ScanOptions", "scan", "unrolled", "BidirectionalParams", "InitialCarryParams", "Layer",
+    "bidirectional", "deep", "dropout",
     "multilayer", "sequence", "generate",
     # training
     "History", "NonFiniteLossError", "TrainState", "fit", "init_state", "make_nnx_train_step", "make_train_step",

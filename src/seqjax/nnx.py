@@ -22,7 +22,10 @@ LSTM, a ``(forward, backward)`` pair per bidirectional layer), not ``(h_n, c_n)`
 Dropout follows flax conventions: it draws keys from the ``dropout`` stream of
 the ``nnx.Rngs`` given at construction (or at call time) and is switched off by
 ``deterministic=True`` (constructor, call, ``model.eval()`` / ``model.train()``
-or ``nnx.view(model, deterministic=...)``).
+or ``nnx.view(model, deterministic=...)``). Both kinds behave so: ``dropout``
+between layers and ``recurrent_dropout`` on the recurrent state (one mask per
+sequence, reused at every step). ``learnable_initial_carry=True`` makes the
+initial carry an ``nnx.Param`` that trains with the rest.
 
 Everything works under ``nnx.jit``, ``nnx.grad`` / ``nnx.value_and_grad``,
 ``nnx.Optimizer`` and ``nnx.split`` / ``nnx.merge`` (tested in tests/test_nnx.py).
@@ -232,6 +235,14 @@ class Recurrent(nnx.Module):
         with ``merge="concat"``, PyTorch's behaviour).
       dropout: dropout rate on the outputs of every layer except the last
         (PyTorch's ``dropout``; never on the recurrent state).
+      recurrent_dropout: variational dropout rate in [0, 1) on h_{t-1} in
+        every layer and direction: one mask per sequence and unit, the same at
+        every step (Gal & Ghahramani 2016; `seqjax.multilayer`). Training runs
+        on XLA's loop while it is on; evaluation keeps the fast paths.
+      learnable_initial_carry: the initial carry is a trained parameter (one
+        [H] vector per layer, direction and carry component, broadcast over
+        the batch; ``params`` is then a `seqjax.InitialCarryParams`); a
+        ``carry`` given to ``__call__`` takes precedence.
       merge: how the two directions combine: "concat", "sum", "mean", "mul".
       return_carry: default for ``__call__``: return ``(final_carry, ys)``
         instead of ``ys``.
@@ -257,7 +268,8 @@ class Recurrent(nnx.Module):
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
                  options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
                  hoist: bool | None = None, backward: str | None = None, kernel: str | None = None,
-                 deterministic: bool = False, rngs: nnx.Rngs):
+                 deterministic: bool = False, recurrent_dropout: float = 0.0, learnable_initial_carry: bool = False,
+                 rngs: nnx.Rngs):
         call = self._call
         if not isinstance(cell, CoreCell):
             raise TypeError(f"{call}: cell must be a seqjax cell (seqjax.rnn/lstm/gru/...), got "
@@ -278,21 +290,32 @@ class Recurrent(nnx.Module):
             warnings.warn(f"{call}: dropout={dropout} has no effect with num_layers=1 (dropout acts between "
                           f"layers, as in PyTorch)", stacklevel=3)
         self.cell = cell
-        self.layer: CoreLayer = multilayer(cell, num_layers, bidirectional=bidirectional, dropout=float(dropout),
-                                           merge=merge, options=resolve(call, options, unroll=unroll,
-                                                                        remat=remat, hoist=hoist, backward=backward,
-                                                                        kernel=kernel))
+        if isinstance(recurrent_dropout, bool) or not isinstance(recurrent_dropout, (int, float)) or \
+                not 0.0 <= recurrent_dropout < 1.0:
+            raise ValueError(f"{call}: recurrent_dropout must be a float in [0, 1), got {recurrent_dropout!r}")
+        if not isinstance(learnable_initial_carry, bool):
+            raise ValueError(f"{call}: learnable_initial_carry must be a bool, got {learnable_initial_carry!r}")
+        try:
+            self.layer: CoreLayer = multilayer(
+                cell, num_layers, bidirectional=bidirectional, dropout=float(dropout),
+                recurrent_dropout=float(recurrent_dropout), learnable_initial_carry=learnable_initial_carry,
+                merge=merge, options=resolve(call, options, unroll=unroll, remat=remat, hoist=hoist,
+                                             backward=backward, kernel=kernel))
+        except ValueError as e:
+            raise ValueError(str(e).replace("seqjax.multilayer", call)) from None
         self.in_features = in_features
         self.hidden_size = cell.hidden_size
         self.num_layers = num_layers
         self.bidirectional = bidirectional
         self.dropout = float(dropout)
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.learnable_initial_carry = learnable_initial_carry
         self.return_carry = return_carry
         self.time_major = time_major
         self.output_size = self.layer.output_size
         self.deterministic = deterministic
         self.params = _wrap(self.layer.init(rngs.params(), in_features))
-        self.rngs = rngs.dropout.fork() if dropout > 0 else nnx.data(None)
+        self.rngs = rngs.dropout.fork() if dropout > 0 or recurrent_dropout > 0 else nnx.data(None)
 
     def get_params(self):
         """The params as the functional core's pytree of plain arrays (for ``self.layer.apply``)."""
@@ -303,7 +326,8 @@ class Recurrent(nnx.Module):
         _set(self.params, params, f"{self._call}.set_params")
 
     def initial_carry(self, batch_size: int):
-        """The zero carry for a batch of ``batch_size`` sequences (the format ``carry=`` takes)."""
+        """The carry a batch of ``batch_size`` sequences starts from (zeros, or the learned one with
+        ``learnable_initial_carry``; the format ``carry=`` takes)."""
         return self.layer.initial_carry(self.get_params(), (batch_size,))
 
     def set_view(self, deterministic: bool | None = None):
@@ -320,7 +344,8 @@ class Recurrent(nnx.Module):
           lengths: optional [B] int in [0, T] for right-padded batches: outputs
             past a length are zero and the final carry is taken at the last
             valid step (the backward direction reads only the valid prefix).
-          carry: optional initial carry (``initial_carry(B)``'s format); default zeros.
+          carry: optional initial carry (``initial_carry(B)``'s format); default zeros
+            (the learned carry with ``learnable_initial_carry``).
           deterministic: override the module's flag (True = no dropout).
           rngs: optional ``nnx.Rngs`` / ``nnx.RngStream`` / key for dropout.
           return_carry: override the constructor's default.
@@ -342,7 +367,7 @@ class Recurrent(nnx.Module):
             raise ValueError(f"{call}: x must have shape {layout.replace('I', f'I={self.in_features}')}, got "
                              f"{tuple(shape)}{hint}")
         key = None
-        if self.dropout > 0 and not det:
+        if (self.dropout > 0 or self.recurrent_dropout > 0) and not det:
             key = _dropout_key(call, rngs, self.rngs)
         final, ys = self.layer.apply(self.get_params(), x, carry=carry, lengths=lengths, time_major=tm, key=key)
         return (final, ys) if rc else ys
@@ -359,7 +384,8 @@ _LAYER_DOC = """
       in_features: I, the input size.
       hidden_size: H.
       num_layers, bidirectional, dropout, merge, return_carry, time_major,
-        options, unroll, remat, hoist, backward, kernel, deterministic, rngs: see `Recurrent`.
+        options, unroll, remat, hoist, backward, kernel, deterministic,
+        recurrent_dropout, learnable_initial_carry, rngs: see `Recurrent`.
       init: "default" (the seqjax cell's initialisers) or "pytorch" (`pytorch_init`:
         U(+-1/sqrt(H)) weights and biases, as ``torch.nn.{name}``).
       **cell_options: passed to `seqjax.{fn}` ({opts}, initialisers, ``param_dtype``).
@@ -380,11 +406,13 @@ class RNN(Recurrent):
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
                  options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
                  hoist: bool | None = None, backward: str | None = None, kernel: str | None = None,
-                 deterministic: bool = False, init: str = "default", rngs: nnx.Rngs, **cell_options):
+                 deterministic: bool = False, recurrent_dropout: float = 0.0, learnable_initial_carry: bool = False,
+                 init: str = "default", rngs: nnx.Rngs, **cell_options):
         cell = _rnn(hidden_size, **_cell_kwargs("rnn", hidden_size, init, cell_options))
         super().__init__(cell, in_features, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
                          merge=merge, return_carry=return_carry, time_major=time_major, options=options, unroll=unroll,
                          remat=remat, hoist=hoist, backward=backward, kernel=kernel, deterministic=deterministic,
+                         recurrent_dropout=recurrent_dropout, learnable_initial_carry=learnable_initial_carry,
                          rngs=rngs)
 
 
@@ -402,11 +430,13 @@ class LSTM(Recurrent):
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
                  options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
                  hoist: bool | None = None, backward: str | None = None, kernel: str | None = None,
-                 deterministic: bool = False, init: str = "default", rngs: nnx.Rngs, **cell_options):
+                 deterministic: bool = False, recurrent_dropout: float = 0.0, learnable_initial_carry: bool = False,
+                 init: str = "default", rngs: nnx.Rngs, **cell_options):
         cell = _lstm(hidden_size, **_cell_kwargs("lstm", hidden_size, init, cell_options))
         super().__init__(cell, in_features, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
                          merge=merge, return_carry=return_carry, time_major=time_major, options=options, unroll=unroll,
                          remat=remat, hoist=hoist, backward=backward, kernel=kernel, deterministic=deterministic,
+                         recurrent_dropout=recurrent_dropout, learnable_initial_carry=learnable_initial_carry,
                          rngs=rngs)
 
 
@@ -424,11 +454,13 @@ class GRU(Recurrent):
                  dropout: float = 0.0, merge: str = "concat", return_carry: bool = False, time_major: bool = False,
                  options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
                  hoist: bool | None = None, backward: str | None = None, kernel: str | None = None,
-                 deterministic: bool = False, init: str = "default", rngs: nnx.Rngs, **cell_options):
+                 deterministic: bool = False, recurrent_dropout: float = 0.0, learnable_initial_carry: bool = False,
+                 init: str = "default", rngs: nnx.Rngs, **cell_options):
         cell = _gru(hidden_size, **_cell_kwargs("gru", hidden_size, init, cell_options))
         super().__init__(cell, in_features, num_layers=num_layers, bidirectional=bidirectional, dropout=dropout,
                          merge=merge, return_carry=return_carry, time_major=time_major, options=options, unroll=unroll,
                          remat=remat, hoist=hoist, backward=backward, kernel=kernel, deterministic=deterministic,
+                         recurrent_dropout=recurrent_dropout, learnable_initial_carry=learnable_initial_carry,
                          rngs=rngs)
 
 

@@ -29,6 +29,7 @@ class _Plan(NamedTuple):
     lengths: Array | None  # [B] int
     valid: Array | None  # [T, B] bool
     resets: Array | None  # [T, B] bool
+    mask: Array | None = None  # [B, O] recurrent dropout mask
 
 
 def _is_concrete(x) -> bool:
@@ -40,7 +41,7 @@ def _check_bool(call, name, value):
         raise ValueError(f"{call}: {name} must be a bool, got {value!r}")
 
 
-def _plan(call: str, cell: Cell, params, xs, carry, lengths, resets, time_major: bool) -> _Plan:
+def _plan(call: str, cell: Cell, params, xs, carry, lengths, resets, time_major: bool, mask=None) -> _Plan:
     """Checks every argument (shapes are static, so this runs before tracing) and goes time-major."""
     if not isinstance(cell, Cell):
         raise TypeError(f"{call}: cell must be a seqjax Cell (from seqjax.rnn/lstm/gru/stack), got {type(cell).__name__}")
@@ -86,16 +87,33 @@ def _plan(call: str, cell: Cell, params, xs, carry, lengths, resets, time_major:
                              f"got {tuple(rshape)}")
         resets = jnp.asarray(resets).astype(bool)
         resets = resets if time_major else resets.T
+    if mask is not None:
+        mask = _as_recurrent_mask(call, cell, mask, B, init_carry)
     # on Explicit mesh axes the carry and masks are sharded as the batch of xs is
-    carry, init_carry, lengths = batch_sharded_like((carry, init_carry, lengths), xs_tm, 1)
+    carry, init_carry, lengths, mask = batch_sharded_like((carry, init_carry, lengths, mask), xs_tm, 1)
     if resets is not None:
         resets = batch_sharded_like(resets, xs_tm, 1, leaf_axis=1)
     if lengths is not None:
         valid = jnp.arange(T)[:, None] < lengths[None, :]
     # inside jax.shard_map the loop's carry varies over whatever mesh axes its inputs vary over
-    axes = varying_axes(xs_tm, params, carry, lengths, resets)
+    axes = varying_axes(xs_tm, params, carry, lengths, resets, mask)
     carry, init_carry = vary_over(carry, axes), vary_over(init_carry, axes)
-    return _Plan(xs_tm, carry, init_carry, lengths, valid, resets)
+    return _Plan(xs_tm, carry, init_carry, lengths, valid, resets, mask)
+
+
+def _as_recurrent_mask(call: str, cell: Cell, mask, B: int, init_carry) -> Array:
+    """``recurrent_mask`` checked against the cell (it needs a recurrent matmul) and the batch: [B, O] in the carry's dtype."""
+    form = form_of(cell)
+    if form is None or form.masked_step is None:
+        what = "a stacked cell (give each layer its own: seqjax.multilayer or seqjax.deep with recurrent_dropout=)" \
+            if form is not None and form.layers is not None else cell.name
+        raise ValueError(f"{call}: recurrent_mask needs a cell whose h_(t-1) enters a recurrent matmul (built by "
+                         f"seqjax.rnn, seqjax.lstm or seqjax.gru), got {what}")
+    want = (B, cell.output_size)
+    if tuple(jnp.shape(mask)) != want or not jnp.issubdtype(jnp.result_type(mask), jnp.floating):
+        raise ValueError(f"{call}: recurrent_mask must be a floating-point array of shape (B, O)={want}, got shape "
+                         f"{tuple(jnp.shape(mask))} dtype {jnp.result_type(mask)}")
+    return jnp.asarray(mask).astype(jax.tree.leaves(init_carry)[0].dtype)
 
 
 def _as_lengths(call: str, lengths, B: int) -> Array:
@@ -124,10 +142,19 @@ def _select(mask: Array, on_true, on_false):
                         on_true, on_false)
 
 
-def _body(cell: Cell, params, init_carry, projected: bool, remat: bool):
-    """The per-step function shared by `scan` and `unrolled`: ``(carry, (x_t, valid_t, reset_t)) -> (carry, y_t)``."""
+def _body(cell: Cell, params, init_carry, projected: bool, remat: bool, mask=None):
+    """The per-step function shared by `scan` and `unrolled`: ``(carry, (x_t, valid_t, reset_t)) -> (carry, y_t)``.
 
-    if projected:
+    ``mask`` [B, O]: the recurrent dropout mask, the same at every step (see ``recurrent_mask`` of `scan`).
+    """
+
+    if mask is not None:
+        masked = form_of(cell).masked_step
+        if projected:
+            advance = lambda carry, px: masked(params, carry, px, mask)  # noqa: E731
+        else:
+            advance = lambda carry, x: masked(params, carry, cell.project(params, x), mask)  # noqa: E731
+    elif projected:
         advance = lambda carry, px: cell.step(params, carry, px)  # noqa: E731
     elif (form := form_of(cell)) is not None and form.joint_apply is not None:
         advance = form.joint_apply(params)  # weights concatenated here, outside the loop
@@ -171,12 +198,13 @@ def _unroll_default(platform: str) -> int:
 
 
 def _request(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major, options,
-             platform=None):
+             platform=None, mask=None):
     """``(request, plan)``: the validated run as `seqjax.backends` sees it (platform defaults resolved).
 
     ``platform``: where the run is placed; default `seqjax.backends._table.platform_of` its inputs.
+    ``mask``: the ``recurrent_mask`` of `scan`, or None.
     """
-    plan = _plan(call, cell, params, xs, carry, lengths, resets, time_major)
+    plan = _plan(call, cell, params, xs, carry, lengths, resets, time_major, mask)
     _check_bool(call, "reverse", reverse)
     platform = platform_of(xs, params, carry) if platform is None else platform
     options = options._replace(
@@ -184,11 +212,14 @@ def _request(call, reference, cell, params, xs, carry, lengths, resets, reverse,
         hoist=_hoist_default(platform) if options.hoist is None else bool(options.hoist))
     layout_resets = None if resets is None else (plan.resets if time_major else plan.resets.T)
     return Request(call, cell, params, xs, plan.xs, plan.carry, plan.init_carry, plan.lengths, plan.valid,
-                   layout_resets, plan.resets, bool(reverse), bool(time_major), options, platform, reference), plan
+                   layout_resets, plan.resets, bool(reverse), bool(time_major), options, platform, reference,
+                   plan.mask), plan
 
 
-def _run(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major, options):
+def _run(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major, options, mask=None):
     form = form_of(cell)
+    if mask is not None and form is not None and form.layers is not None:
+        _plan(call, cell, params, xs, carry, lengths, resets, time_major, mask)  # raises: one mask, several layers
     if form is not None and form.layers is not None:  # a stacked cell runs layer by layer over the whole sequence
         plan = _plan(call, cell, params, xs, carry, lengths, resets, time_major)
         ys, carries = plan.xs, []
@@ -198,22 +229,26 @@ def _run(call, reference, cell, params, xs, carry, lengths, resets, reverse, tim
         return tuple(carries), (ys if time_major else jnp.swapaxes(ys, 0, 1))
     if options.method in ("associative", "newton") or (options.method == "auto" and form is not None
                                                          and form.linear is not None):
-        request, _ = _request(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major, options)
+        if options.method == "newton" and mask is not None:
+            raise ValueError(f"{call}: method='newton' does not take recurrent_mask (variational recurrent "
+                             "dropout); use method='sequential' (or 'auto') while training with it")
+        request, _ = _request(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major, options,
+                              mask=mask)
         method = _associative.method_of(request)[0]
         if method != "sequential":
             return (_associative if method == "associative" else _newton).run(request)
 
-    def on(platform, params, xs, carry, lengths, resets):
+    def on(platform, params, xs, carry, lengths, resets, mask):
         request, _ = _request(call, reference, cell, params, xs, carry, lengths, resets, reverse, time_major,
-                              options, platform)
+                              options, platform, mask)
         return request, choose(request).backend
 
-    request, backend = on(None, params, xs, carry, lengths, resets)
+    request, backend = on(None, params, xs, carry, lengths, resets, mask)
     places = placements()
     if reference or options.kernel != "auto" or len(places) == 1 or _placed(xs, params, carry):
         return run(request, backend)
     # several platforms in this process and no placement known while tracing: each platform lowers its own choice
-    chosen = {p: on(p, params, xs, carry, lengths, resets) for p in places}
+    chosen = {p: on(p, params, xs, carry, lengths, resets, mask) for p in places}
     if len({(b.name, r.options) for r, b in chosen.values()}) == 1:
         return run(request, backend)
 
@@ -221,7 +256,7 @@ def _run(call, reference, cell, params, xs, carry, lengths, resets, reverse, tim
         return lambda *args: run(*on(platform, *args))
     per_platform = {name: branch(p) for p in places for name in _LOWERING_NAMES[p]}
     default = per_platform.pop(_LOWERING_NAMES[places[-1]][0])
-    return jax.lax.platform_dependent(params, xs, carry, lengths, resets, default=default, **per_platform)
+    return jax.lax.platform_dependent(params, xs, carry, lengths, resets, mask, default=default, **per_platform)
 
 
 #: seqjax's platform families -> the names `jax.lax.platform_dependent` lowers them under
@@ -245,7 +280,7 @@ def reference_loop(request: Request):
     o = request.options
     xs_tm = zero_padding(request.xs_tm, request.valid)
     inputs = request.cell.project(request.params, xs_tm) if o.hoist else xs_tm
-    body = _body(request.cell, request.params, request.init_carry, o.hoist, o.remat)
+    body = _body(request.cell, request.params, request.init_carry, o.hoist, o.remat, request.recurrent_mask)
     xs = (inputs, request.valid, request.resets_tm)
     if request.reference:
         return _python_loop(body, request.carry, xs, request.reverse, o.unroll)
@@ -265,7 +300,7 @@ def _python_loop(body, carry, xs, reverse, unroll):
 def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None, resets: Array | None = None,
          reverse: bool = False, time_major: bool = False, options: ScanOptions | None = None,
          unroll: int | None = None, remat: bool | None = None, hoist: bool | None = None, backward: str | None = None,
-         kernel: str | None = None, checkpoint=None, method: str | None = None):
+         kernel: str | None = None, checkpoint=None, method: str | None = None, recurrent_mask: Array | None = None):
     """Runs ``cell`` over a sequence with `jax.lax.scan`: ``(final_carry, ys)``.
 
     Equivalent Python loop (batch-major, no options)::
@@ -287,6 +322,14 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
         cell's zero carry before step t is processed (packed episodes).
       * ``reverse``: process time backwards; ``ys[:, t]`` stays aligned with ``xs[:, t]``.
       * A stacked cell (`seqjax.stack`) runs layer by layer.
+      * ``recurrent_mask`` [B, O]: h_{t-1} is multiplied by it where it enters
+        the recurrent matmul, the same mask at every step (variational
+        recurrent dropout, Gal & Ghahramani 2016; a GRU's ``z * h_{t-1}``
+        term keeps the unmasked state). `seqjax.multilayer` and `seqjax.deep`
+        draw it from ``recurrent_dropout=``. A masked run always takes XLA's
+        loop differentiated by autodiff: the native kernels and the custom VJP
+        have no per-row mask (folding the mask into W_h would share it across
+        the batch), as `seqjax.backends.explain` shows; a named native kernel raises.
 
     Execution (never the result, up to float rounding) is set by ``options``, a
     `seqjax.ScanOptions`, or by its fields as keywords (a keyword given wins over
@@ -348,6 +391,8 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
       reverse, time_major: bools.
       options: a `seqjax.ScanOptions` (default ``ScanOptions()``).
       unroll, remat, hoist, backward, kernel, checkpoint, method: override the fields of ``options``.
+      recurrent_mask: [B, O] float, or None (no mask); only for cells built by
+        `seqjax.rnn`, `seqjax.lstm` (O = proj_size or H) or `seqjax.gru`.
 
     Returns:
       ``(final_carry, ys)`` with ys [B, T, O] (or [T, B, O]) in the params' dtype.
@@ -359,20 +404,21 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
     """
     options = resolve("seqjax.scan", options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
                       kernel=kernel, checkpoint=checkpoint, method=method)
-    return _run("seqjax.scan", False, cell, params, xs, carry, lengths, resets, reverse, time_major, options)
+    return _run("seqjax.scan", False, cell, params, xs, carry, lengths, resets, reverse, time_major, options,
+                recurrent_mask)
 
 
 def scan_for(call: str, cell: Cell, params, xs: Array, *, carry=None, lengths=None, resets=None, reverse=False,
-             time_major=False, options: ScanOptions):
+             time_major=False, options: ScanOptions, recurrent_mask=None):
     """`scan` on behalf of ``call`` (a layer's apply, a model's loss), whose name the errors carry."""
-    return _run(call, False, cell, params, xs, carry, lengths, resets, reverse, time_major, options)
+    return _run(call, False, cell, params, xs, carry, lengths, resets, reverse, time_major, options, recurrent_mask)
 
 
 def unrolled(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = None,
              resets: Array | None = None, reverse: bool = False, time_major: bool = False,
              options: ScanOptions | None = None, unroll: int | None = None, remat: bool | None = None,
              hoist: bool | None = None, backward: str | None = None, kernel: str | None = None, checkpoint=None,
-             method: str | None = None):
+             method: str | None = None, recurrent_mask: Array | None = None):
     """`scan` as a Python loop over time: same arguments, same results.
 
     The reference implementation for tests and the baseline of the
@@ -384,4 +430,5 @@ def unrolled(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None
     options = resolve("seqjax.unrolled", options, unroll=unroll, remat=remat, hoist=hoist, backward=backward,
                       kernel=kernel, checkpoint=checkpoint, method=method)._replace(kernel="xla", backward="autodiff",
                                                                                    method="sequential")
-    return _run("seqjax.unrolled", True, cell, params, xs, carry, lengths, resets, reverse, time_major, options)
+    return _run("seqjax.unrolled", True, cell, params, xs, carry, lengths, resets, reverse, time_major, options,
+                recurrent_mask)

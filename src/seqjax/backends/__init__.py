@@ -80,7 +80,7 @@ def names() -> tuple[str, ...]:
 
 def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=False, time_major=False,
             options=None, unroll=None, remat=None, hoist=None, backward=None, kernel=None,
-            checkpoint=None, method=None) -> Explanation:
+            checkpoint=None, method=None, recurrent_mask=None) -> Explanation:
     """The implementation ``seqjax.scan(cell, params, xs, ...)`` with these arguments takes, and every other one's reason.
 
     Takes exactly `seqjax.scan`'s arguments and validates them the same way;
@@ -109,6 +109,8 @@ def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=
     opts = resolve(call, options, unroll=unroll, remat=remat, hoist=hoist, backward=backward, kernel=kernel,
                    checkpoint=checkpoint, method=method)
     form = form_of(cell)
+    if recurrent_mask is not None:
+        runners._plan(call, cell, params, xs, carry, lengths, resets, time_major, recurrent_mask)  # checks it
     if form is not None and form.layers is not None:
         import jax.numpy as jnp
         plan = runners._plan(call, cell, params, xs, carry, lengths, resets, time_major)
@@ -119,7 +121,8 @@ def explain(cell, params, xs, *, carry=None, lengths=None, resets=None, reverse=
             ys = jnp.zeros(ys.shape[:2] + (sub.output_size,), ys.dtype)
         return Explanation(layers[0].backend, layers[0].reasons, layers[0].platform, tuple(layers),
                            layers[0].checkpoint, layers[0].method, layers[0].method_reason)
-    request, _ = runners._request(call, False, cell, params, xs, carry, lengths, resets, reverse, time_major, opts)
+    request, _ = runners._request(call, False, cell, params, xs, carry, lengths, resets, reverse, time_major, opts,
+                                  mask=recurrent_mask)
     method, why = method_of(request)
     if method in ("associative", "newton"):
         return Explanation("xla", (), request.platform, (), describe(opts.checkpoint, request.xs_tm.shape[0]),

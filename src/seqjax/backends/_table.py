@@ -40,6 +40,7 @@ class Request(NamedTuple):
     options: ScanOptions      # hoist and unroll resolved for the platform
     platform: str             # "cpu", "gpu" or "tpu": where the run is placed
     reference: bool           # seqjax.unrolled: the plain-JAX Python loop
+    recurrent_mask: Array | None = None  # [B, O] recurrent dropout mask (scan's recurrent_mask)
 
 
 def zero_padding(xs_tm: Array, valid: Array | None) -> Array:
@@ -122,6 +123,9 @@ def _native_blocker(request: Request, platform: str, takes_masks: bool, checkpoi
         return f"an empty sequence or batch (T, B) = {request.xs_tm.shape[:2]}"
     if request.platform != platform:
         return f"it is a {platform.upper()} kernel and the run is placed on {request.platform.upper()}"
+    if request.recurrent_mask is not None:
+        return ("a recurrent_mask (recurrent dropout): the native kernels' recurrent GEMM takes no per-row mask, and "
+                "folding it into W_h would share one mask across the batch")
     if request.lengths is not None and not takes_masks:
         return "this native kernel has no per-sequence lengths"
     if request.resets is not None and not takes_masks:
@@ -229,6 +233,8 @@ def _vjp_blocker(request: Request) -> str | None:
         return "seqjax.unrolled is the plain-JAX reference"
     if backward == "autodiff":
         return "backward='autodiff'"
+    if request.recurrent_mask is not None:
+        return "a recurrent_mask (recurrent dropout): its backward pass has no mask"
     if request.options.remat and backward == "auto":
         return "remat=True with backward='auto' (autodiff's checkpointed loop saves the most memory)"
     if fusable(request.cell, request.params) is None:

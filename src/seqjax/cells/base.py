@@ -80,6 +80,11 @@ class Form(NamedTuple):
         `seqjax.lstm` without projection or gate recurrence, `seqjax.rnn`), its
         `UnitwiseStep`, which lets ``method="newton"`` evaluate it in parallel
         over time; else None.
+      masked_step: ``(params, carry, px, mask [..., O]) -> (carry, y)``, the
+        step with the recurrent input ``h_{t-1}`` multiplied by ``mask`` where
+        it enters the recurrent matmuls only (variational recurrent dropout,
+        Gal & Ghahramani 2016; a GRU's interpolation ``z * h_{t-1}`` keeps the
+        unmasked state); None for a cell without a recurrent matmul.
     """
 
     kind: Any
@@ -88,6 +93,7 @@ class Form(NamedTuple):
     layers: tuple | None
     linear: "LinearRecurrence | None" = None
     unitwise: "UnitwiseStep | None" = None
+    masked_step: Callable[..., Any] | None = None
 
 
 class LinearRecurrence(NamedTuple):
@@ -160,18 +166,18 @@ _FORMS: "weakref.WeakKeyDictionary[Callable, Form]" = weakref.WeakKeyDictionary(
 
 
 def make_cell(*, init, initial_carry, project, step, input_size, hidden_size, output_size, name, layers=None,
-              joint_apply=None, kind=None, linear=None, unitwise=None) -> Cell:
+              joint_apply=None, kind=None, linear=None, unitwise=None, masked_step=None) -> Cell:
     """Builds a `Cell` whose ``apply`` is ``step`` after ``project``, and records its `Form`.
 
-    ``kind``, ``joint_apply``, ``layers``, ``linear`` and ``unitwise``: see `Form`; they
-    describe exactly this ``project`` and ``step``.
+    ``kind``, ``joint_apply``, ``layers``, ``linear``, ``unitwise`` and
+    ``masked_step``: see `Form`; they describe exactly this ``project`` and ``step``.
     """
 
     def apply(params, carry, x):
         return step(params, carry, project(params, x))
 
-    if any(v is not None for v in (kind, joint_apply, layers, linear, unitwise)):
-        _FORMS[step] = Form(kind, project, joint_apply, layers, linear, unitwise)
+    if any(v is not None for v in (kind, joint_apply, layers, linear, unitwise, masked_step)):
+        _FORMS[step] = Form(kind, project, joint_apply, layers, linear, unitwise, masked_step)
     return Cell(init, initial_carry, project, step, apply, input_size, hidden_size, output_size, name)
 
 

@@ -83,7 +83,7 @@ def gru(hidden_size: int, *, reset_after: bool = True,
         return matmul(x, params.w_x) + params.b.astype(compute_dtype(params.w_x.dtype))
 
     def after_gemm(params: GRUParams, h: Array, gh: Array, px: Array):
-        """The reset_after step given the recurrent pre-activations ``gh = h W_h`` [..., 3H]."""
+        """The reset_after step given the recurrent pre-activations ``gh = h_in W_h`` [..., 3H]."""
         hf = h.astype(px.dtype)
         r = jax.nn.sigmoid(px[..., :H] + gh[..., :H])
         z = jax.nn.sigmoid(px[..., H:2 * H] + gh[..., H:2 * H])
@@ -91,16 +91,23 @@ def gru(hidden_size: int, *, reset_after: bool = True,
         h = ((1.0 - z) * n + z * hf).astype(params.w_h.dtype)
         return h, h
 
-    def step(params: GRUParams, h: Array, px: Array):
+    def gated(params: GRUParams, h: Array, px: Array, h_in: Array):
+        """The step; ``h_in`` is the h_{t-1} the recurrent matmuls read, ``h`` the one z interpolates."""
         if reset_after:
-            return after_gemm(params, h, matmul(h, params.w_h), px)
+            return after_gemm(params, h, matmul(h_in, params.w_h), px)
         hf = h.astype(px.dtype)
-        gh = matmul(h, params.w_h[:, :2 * H])
+        gh = matmul(h_in, params.w_h[:, :2 * H])
         r = jax.nn.sigmoid(px[..., :H] + gh[..., :H])
         z = jax.nn.sigmoid(px[..., H:2 * H] + gh[..., H:])
-        n = jnp.tanh(px[..., 2 * H:] + matmul(r * hf, params.w_h[:, 2 * H:]))
+        n = jnp.tanh(px[..., 2 * H:] + matmul(r * h_in.astype(px.dtype), params.w_h[:, 2 * H:]))
         h = ((1.0 - z) * n + z * hf).astype(params.w_h.dtype)
         return h, h
+
+    def step(params: GRUParams, h: Array, px: Array):
+        return gated(params, h, px, h)
+
+    def masked_step(params: GRUParams, h: Array, px: Array, mask: Array):
+        return gated(params, h, px, h * mask)
 
     # reset_after=False multiplies h by r before the GEMM of n: no per-unit split
     unitwise = UnitwiseStep(recurrent=lambda params, h: matmul(h, params.w_h),
@@ -110,4 +117,4 @@ def gru(hidden_size: int, *, reset_after: bool = True,
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=H,
                      name=f"gru(hidden_size={H}, reset_after={reset_after})",
-                     kind="gru" if reset_after else "gru_cho", unitwise=unitwise)
+                     kind="gru" if reset_after else "gru_cho", unitwise=unitwise, masked_step=masked_step)

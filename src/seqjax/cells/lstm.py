@@ -189,6 +189,9 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
     def step(params: LSTMParams, carry: LSTMCarry, px: Array):
         return finish(params, carry, px + matmul(carry.h, params.w_h))
 
+    def masked_step(params: LSTMParams, carry: LSTMCarry, px: Array, mask: Array):
+        return finish(params, carry, px + matmul(carry.h * mask, params.w_h))  # h enters only through W_h
+
     def joint_apply(params: LSTMParams):
         return joint_input_recurrent(params.w_x, params.w_h, params.b, lambda c, a: finish(params, c, a))
 
@@ -249,7 +252,8 @@ def lstm(hidden_size: int, *, forget_bias: float = 1.0, peepholes: bool = False,
                                 pointwise=lambda params, carry, u, px: finish(params, carry, px + u))
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=H, output_size=P,
-                     name=f"lstm({', '.join(opts)})", joint_apply=joint_apply, kind=spec, unitwise=unitwise)
+                     name=f"lstm({', '.join(opts)})", joint_apply=joint_apply, kind=spec, unitwise=unitwise,
+                     masked_step=masked_step)
 
 
 def lstm_variant(name: str, hidden_size: int, **kwargs) -> Cell:

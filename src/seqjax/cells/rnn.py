@@ -78,6 +78,9 @@ def rnn(hidden_size: int, *, activation: str | Callable = "tanh",
     def step(params: RNNParams, h: Array, px: Array):
         return finish(params, px + matmul(h, params.w_h))
 
+    def masked_step(params: RNNParams, h: Array, px: Array, mask: Array):
+        return finish(params, px + matmul(h * mask, params.w_h))
+
     def joint_apply(params: RNNParams):
         return joint_input_recurrent(params.w_x, params.w_h, params.b, lambda h, a: finish(params, a))
 
@@ -87,5 +90,5 @@ def rnn(hidden_size: int, *, activation: str | Callable = "tanh",
     return make_cell(init=init, initial_carry=initial_carry, project=project, step=step,
                      input_size=lambda p: p.w_x.shape[0], hidden_size=hidden_size, output_size=hidden_size,
                      name=f"rnn(hidden_size={hidden_size}, activation={act_name})", joint_apply=joint_apply,
-                     unitwise=unitwise,
+                     unitwise=unitwise, masked_step=masked_step,
                      kind=f"rnn_{activation}" if activation in ("tanh", "relu") else None)
