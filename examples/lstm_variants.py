@@ -39,6 +39,7 @@ Usage::
     python examples/lstm_variants.py                  # the full study (default)
     python examples/lstm_variants.py --out runs/x     # where results.json and PNGs go
     python examples/lstm_variants.py --tasks char_lm  # one task (the same numbers as in a run of both)
+    python examples/lstm_variants.py --merge A B --out C  # one report from single-task runs in A and B
 """
 from __future__ import annotations
 
@@ -352,10 +353,10 @@ def _plt():
 VERDICT_COLOR = {"worse": "tab:red", "better": "tab:green", "no significant difference": "tab:gray", None: "tab:blue"}
 
 
-def plot_distributions(results: dict, tasks: dict, path: str):
+def plot_distributions(results: dict, path: str):
     """Greff et al.'s Fig. 3: per-variant test-score box plots over seeds, vanilla first, coloured by Welch verdict."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(results), figsize=(6.0 * len(results), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(6.0 * len(results), 4.8), squeeze=False)
     rng = np.random.default_rng(0)
     for ax, (tname, res) in zip(axes[0], results.items()):
         names = list(res["variants"])
@@ -368,64 +369,70 @@ def plot_distributions(results: dict, tasks: dict, path: str):
             ax.scatter(k + rng.uniform(-0.12, 0.12, len(d)), d, s=14, color=c, zorder=3)
         ax.axhline(np.median(data[0]), ls="--", lw=1, color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=30)
-        ax.set_ylabel(f"{tasks[tname].metric} (lower is better)")
-        ax.set_title(tasks[tname].description, fontsize=8)
+        ax.set_ylabel(f"{res['metric']} (lower is better)")
+        ax.set_title(res["description"], fontsize=8)
     handles = [plt.Line2D([], [], marker="s", ls="", color=c, label=lab) for lab, c in
                (("vanilla", "tab:blue"), ("worse (Welch p<0.05)", "tab:red"), ("better", "tab:green"),
                 ("no significant difference", "tab:gray"))]
-    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=8)
-    fig.suptitle("LSTM variants vs vanilla: test score per seed at each variant's validation-chosen learning rate",
-                 fontsize=10, y=0.93)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.legend(handles=handles, loc="upper center", ncol=4 if len(results) > 1 else 2, fontsize=8)
+    fig.suptitle("LSTM variants vs vanilla: test score per seed\nat each variant's validation-chosen learning rate",
+                 fontsize=10, y=0.9)
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _line_panels(results: dict, tasks: dict, path: str, line, xlabel, ylabel, log_x=False):
-    """One panel per task, one line per variant (vanilla black and thick): ``line(task, name, variant) -> (x, y, label)``."""
+def trained_units(res: dict) -> tuple[str, int]:
+    """What a task's budget counts and how many per step: sequences (temporal order) or characters (char LM)."""
+    cfg = res["config"]
+    return ("training characters", cfg["batch"] * cfg["window"]) if "window" in cfg else ("training sequences",
+                                                                                          cfg["batch"])
+
+
+def _line_panels(results: dict, path: str, line, xlabel, ylabel, log_x=False):
+    """One panel per task, one line per variant (vanilla black and thick): ``line(res, name, variant) -> (x, y, label)``."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(results), figsize=(6.0 * len(results), 4.2), squeeze=False)
     for ax, (tname, res) in zip(axes[0], results.items()):
-        task = tasks[tname]
         for k, (n, v) in enumerate(res["variants"].items()):
-            x, y, label = line(task, n, v)
+            x, y, label = line(res, n, v)
             ax.plot(x, y, "o-" if log_x else "-", lw=2.5 if n == "vanilla" else 1.2,
                     color="k" if n == "vanilla" else f"C{k}", label=label)
         if log_x:
             ax.set_xscale("log")
-        ax.set_xlabel(xlabel(task))
-        ax.set_ylabel(ylabel(task))
-        ax.set_title(task.description, fontsize=8)
+        ax.set_xlabel(xlabel(res))
+        ax.set_ylabel(ylabel(res))
+        ax.set_title(res["description"], fontsize=8)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_curves(results: dict, tasks: dict, path: str):
+def plot_curves(results: dict, path: str):
     """Mean test score over seeds against training sequences (characters for the LM), one line per variant."""
-    _line_panels(results, tasks, path,
-                 lambda task, n, v: ([task.sequences(s) for s in v["eval_steps"]], np.mean(v["test_curve"], axis=0),
-                                     f"{n} (lr {v['lr']:g})"),
-                 lambda task: "training characters" if isinstance(task, CharLM) else "training sequences",
-                 lambda task: f"{task.metric}, mean over seeds")
+    _line_panels(results, path,
+                 lambda res, n, v: ([trained_units(res)[1] * s for s in v["eval_steps"]],
+                                    np.mean(v["test_curve"], axis=0), f"{n} (lr {v['lr']:g})"),
+                 lambda res: trained_units(res)[0],
+                 lambda res: f"{res['metric']}, mean over seeds")
 
 
-def plot_learning_rates(results: dict, tasks: dict, path: str):
+def plot_learning_rates(results: dict, path: str):
     """Mean final validation score against learning rate, per variant (Greff's hyper-parameter analysis)."""
-    _line_panels(results, tasks, path,
-                 lambda task, n, v: ([float(a) for a in v["by_lr"]], [b["val_final"] for b in v["by_lr"].values()], n),
-                 lambda task: "Adam learning rate",
-                 lambda task: task.metric.replace("test", "validation") + ", mean over seeds", log_x=True)
+    _line_panels(results, path,
+                 lambda res, n, v: ([float(a) for a in v["by_lr"]], [b["val_final"] for b in v["by_lr"].values()], n),
+                 lambda res: "Adam learning rate",
+                 lambda res: res["metric"].replace("test", "validation") + ", mean over seeds", log_x=True)
 
 
 # ----------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------
 
-def print_table(tname, task, res):
-    print(f"\n{task.description}: {task.metric} at the validation-chosen lr, mean ± sd over "
-          f"{task.cfg['seeds']} seeds; Welch vs vanilla")
+def print_table(res):
+    print(f"\n{res['description']}: {res['metric']} at the validation-chosen lr, mean ± sd over "
+          f"{res['config']['seeds']} seeds; Welch vs vanilla")
     print(f"{'variant':<8} {'params':>7} {'lr':>7} {'mean ± sd':>16}  {'vs vanilla':>10} {'p':>7}  {'verdict':<26} "
           f"per seed")
     for n, v in res["variants"].items():
@@ -445,7 +452,12 @@ def main(argv=None):
     p.add_argument("--out", default="runs/lstm_variants", help="output directory (results.json, *.png)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)} (default: "
                    "both; each task's numbers do not depend on the other's)")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="no training: one report in --out from the "
+                   "results.json of runs of single tasks")
     args = p.parse_args(argv)
+    if args.merge:
+        os.makedirs(args.out, exist_ok=True)
+        return merge(args.merge, args.out, time.perf_counter())
     names = [t for t in args.tasks.split(",") if t]
     if not names or any(t not in TASKS for t in names):
         p.error(f"--tasks must be a comma-separated subset of {','.join(TASKS)}, got {args.tasks!r}")
@@ -473,9 +485,15 @@ def main(argv=None):
         with open(os.path.join(args.out, "trained.json"), "w") as f:   # the numbers, before tables and plots
             json.dump(results, f)
 
+    os.remove(os.path.join(args.out, "trained.json"))
+    return report(results, args.out, "quick" if args.quick else "full", names, t0)
+
+
+def report(results: dict, out: str, mode: str, names: list, t0: float, **extra) -> dict:
+    """Prints the tables and Greff's conclusions, draws the plots, writes ``out/results.json``."""
     verdicts = []
-    for tname, res in results.items():
-        print_table(tname, tasks[tname], res)
+    for res in results.values():
+        print_table(res)
     print(f"\nGreff et al.'s conclusions (Welch's two-sided t-test on per-seed test scores, p < {ALPHA}):")
     for tname, res in results.items():
         for key, c in res["conclusions"].items():
@@ -485,19 +503,35 @@ def main(argv=None):
 
     plots = {"distributions": "variant_distributions.png", "curves": "learning_curves.png",
              "learning_rates": "learning_rates.png"}
-    plot_distributions(results, tasks, os.path.join(args.out, plots["distributions"]))
-    plot_curves(results, tasks, os.path.join(args.out, plots["curves"]))
-    plot_learning_rates(results, tasks, os.path.join(args.out, plots["learning_rates"]))
-    out = dict(mode="quick" if args.quick else "full", variants=list(VARIANTS), alpha=ALPHA, tasks_run=names,
+    plot_distributions(results, os.path.join(out, plots["distributions"]))
+    plot_curves(results, os.path.join(out, plots["curves"]))
+    plot_learning_rates(results, os.path.join(out, plots["learning_rates"]))
+    res = dict(mode=mode, variants=list(VARIANTS), alpha=ALPHA, tasks_run=names,
                criterion=("Welch's two-sided t-test of per-seed test scores against vanilla at p < 0.05; "
                           "'hurt most' = significantly worse and the two worst means; learning rate chosen per "
                           "variant on the validation split"),
                optimizer="Adam (optax.adam via inject_hyperparams), gradients clipped to global norm 1",
                init="seqjax.lstm defaults: LeCun-normal w_x, orthogonal w_h, forget bias 1, zero peepholes",
-               tasks=results, verdicts=verdicts, plots=plots)
-    os.remove(os.path.join(args.out, "trained.json"))
-    return write_results(args.out, out, list(plots.values()), t0)
+               tasks=results, verdicts=verdicts, plots=plots, **extra)
+    return write_results(out, res, list(plots.values()), t0)
 
+
+def merge(dirs: list, out: str, t0: float) -> dict:
+    """One report from runs of single tasks (``--tasks``): their ``results.json`` tasks side by side."""
+    parts = []
+    for d in dirs:
+        with open(os.path.join(d, "results.json")) as f:
+            parts.append(json.load(f))
+    modes = {r["mode"] for r in parts}
+    if len(modes) != 1:
+        raise SystemExit(f"lstm_variants --merge: the runs mix modes {sorted(modes)}")
+    tasks = {}
+    for r in parts:
+        tasks.update(r["tasks"])
+    names = [t for t in TASKS if t in tasks]
+    return report({t: tasks[t] for t in names}, out, modes.pop(), names, t0, merged_from=[
+        dict(dir=os.path.relpath(d, out), tasks=r["tasks_run"], wall_seconds=r["wall_seconds"]) for d, r in
+        zip(dirs, parts)])
 
 if __name__ == "__main__":
     main()
