@@ -50,3 +50,25 @@ def test_lstm_variants_quick(tmp_path):
     assert len(res["verdicts"]) == 6 and "Greff et al.'s conclusions" in stdout
     assert set(res["plots"]) == {"distributions", "curves", "learning_rates"}
     check_plots(res, out)
+
+
+def test_lstm_variants_merge_reproduces_committed_report(tmp_path):
+    """--merge of the committed single-task runs gives the committed combined report (tasks, verdicts, plots)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from example_runs import ROOT
+
+    res_dir = os.path.join(ROOT, "examples", "results", "lstm_variants")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "lstm_variants.py"), "--merge",
+                           os.path.join(res_dir, "temporal_order"), os.path.join(res_dir, "char_lm"),
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads((tmp_path / "results.json").read_text())
+    with open(os.path.join(res_dir, "results.json")) as f:
+        committed = json.load(f)
+    assert got["tasks"] == committed["tasks"] and got["verdicts"] == committed["verdicts"]
+    assert got["tasks_run"] == ["temporal_order", "char_lm"] and got["mode"] == "full"
+    check_plots(got, tmp_path)
