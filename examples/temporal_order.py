@@ -100,11 +100,9 @@ QUICK = dict(like_levels=("HARD",), like_seeds=3, like_lrs=QUICK_LR, like_budget
              nyu_seeds=0, nyu_epochs=0, easy_checkpoints=())
 EXP_6B = "6B"
 """The level name of Experiment 6b in the like-for-like study (``seqjax.tasks.temporal_order_6b``)."""
-FULL_6B = dict(FULL, like_levels=(EXP_6B,), like_budget=LIKE["budget_sequences"], nyu_levels=(), nyu_seeds=0, nyu_epochs=0,
-               easy_checkpoints=())
-QUICK_6B = dict(QUICK, like_levels=(EXP_6B,), like_cells=("lstm",), like_lrs={"lstm": 1e-2})
-HS_REFERENCE = {"HARD": HS_SEQUENCES, EXP_6B: HS_SEQUENCES_6B}
-"""Level -> H&S 1997's mean training sequences until their stopping rule."""
+FULL_6B = dict(FULL, like_levels=(EXP_6B,), like_budget=LIKE["budget_sequences"], nyu_levels=(), nyu_seeds=0,
+               nyu_epochs=0, easy_checkpoints=())
+QUICK_6B = dict(QUICK, like_levels=(EXP_6B,), like_cells=("lstm",))
 
 
 # ----------------------------------------------------------------------------
@@ -369,14 +367,14 @@ def plot_like(like, path):
             a, x = np.asarray(c["test_curve"]), np.asarray(c["eval_sequences"])
             line, = ax.plot(x, a.mean(0), lw=2, label=f"{kind.upper()} (Adam {c['lr']:g})")
             ax.fill_between(x, a.min(0), a.max(0), color=line.get_color(), alpha=0.2)
-        hs = HS_REFERENCE.get(level)
-        if hs is not None and hs <= 4 * x[-1]:
+        hs = HS_SEQUENCES_6B if level == EXP_6B else HS_SEQUENCES     # the 6a line on every 6a level, as before
+        if hs <= 4 * x[-1]:
             ax.axvline(hs, ls="--", color="gray", lw=1, label=f"H&S 1997 LSTM: {hs:,}")
         ax.axhline(1 / len(classes(level)), ls=":", color="gray", lw=1)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("training sequences")
         ax.set_ylabel(f"test accuracy ({TEST_SIZE} sequences)")
-        far = f" (H&S 1997 LSTM: {hs:,})" if hs is not None and hs > 4 * x[-1] else ""
+        far = f" (H&S 1997 LSTM: {hs:,})" if hs > 4 * x[-1] else ""
         ax.set_title(f"{level}: H=32, same optimiser and budget{far}", fontsize=10)
         ax.legend(fontsize=8, loc="center right")
     fig.suptitle("Temporal order, like for like: mean over seeds, band = min..max", fontsize=10)
@@ -500,17 +498,27 @@ def main(argv=None):
     p.add_argument("--out", default=None,
                    help="output directory (results.json, *.png; default runs/temporal_order[_6b])")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds of every study")
+    p.add_argument("--cells", default=None, help="comma-separated subset of rnn,gru,lstm for the like-for-like study")
+    p.add_argument("--lr", type=float, default=None,
+                   help="train the like-for-like study at this one learning rate instead of searching the grid")
     args = p.parse_args(argv)
+    cells = tuple(c.strip() for c in args.cells.split(",")) if args.cells else None
+    if cells and set(cells) - set(CELLS):
+        p.error(f"--cells: unknown {sorted(set(cells) - set(CELLS))}; choose from {list(CELLS)}")
     six_b = args.experiment == "6b"
     cfg = dict((QUICK_6B if args.quick else FULL_6B) if six_b else (QUICK if args.quick else FULL))
     args.out = args.out or ("runs/temporal_order_6b" if six_b else "runs/temporal_order")
+    if cells:
+        cfg["like_cells"] = cells
+    if args.lr is not None:
+        cfg["like_lrs"] = {k: args.lr for k in CELLS}
     if args.seeds is not None:
         cfg["like_seeds"] = args.seeds
         cfg["nyu_seeds"] = args.seeds if cfg["nyu_seeds"] else 0
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"seqjax temporal order, experiment {args.experiment} ({'quick' if args.quick else 'full'}), jax {jax.__version__} on "
-          f"{jax.default_backend()}")
+    print(f"seqjax temporal order, experiment {args.experiment} ({'quick' if args.quick else 'full'}), "
+          f"jax {jax.__version__} on {jax.default_backend()}")
 
     print("\nLike for like:", {k: v for k, v in LIKE.items()}, flush=True)
     like, kept = like_study(cfg)
