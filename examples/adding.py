@@ -22,7 +22,8 @@ What this script does:
    too on the same window;
 3. reports the number of training sequences until the rule fired, and the test
    MSE and the number of wrong sequences out of 2560 test sequences at that
-   point, against H&S's 74,000 sequences / 1 wrong (T = 100, mean of 10 trials);
+   point, against H&S's 74,000 sequences / 1 wrong (T = 100, mean of 10 trials; 209,000 / 0 at T = 500,
+   853,000 / 1 at T = 1000);
 4. plots the learning curves (training MSE against sequences seen).
 
 Model and optimiser (tuned, not H&S's: theirs was 2 memory blocks of 2
@@ -32,13 +33,18 @@ cells, 93 weights, no forget gate, truncated gradients, online SGD lr 0.5):
 memory by default), ``Linear(16, 1)``; MSE loss; Adam 1e-2 with global-norm
 clipping at 1; batches of 32 fresh sequences. Tried on 3 seeds at T = 100:
 Adam 3e-3 also solves every seed but about 1.5x slower; with the cell's
-default biases learning starts later.
+default biases learning starts later. Beyond T = 100 the LSTM's forget-gate
+bias is chrono-initialised instead (``PER_T``: a bias of 3 keeps a memory for
+about 20 steps and learns nothing at T = 500), and the default budget per T is
+twice H&S's mean (``PER_T``).
 
 Usage::
 
     python examples/adding.py --quick          # T = 50, 2 seeds, LSTM + RNN, ~1.5 min on 2 CPU cores
     python examples/adding.py                  # T = 100, 3 seeds, the full study (default)
-    python examples/adding.py --T 500          # another T (H&S: 209,000 sequences at T = 500)
+    python examples/adding.py --T 500          # T = 500, LSTM, 3 seeds (H&S: 209,000 sequences)
+    python examples/adding.py --T 1000         # T = 1000, LSTM, 3 seeds (H&S: 853,000 sequences)
+    python examples/adding.py --quick --T 500  # a smoke run at T = 500 (3,200 sequences)
     python examples/adding.py --out runs/x     # where results.json and PNGs go
 """
 from __future__ import annotations
@@ -77,6 +83,28 @@ CELLS = ("lstm", "gru", "rnn")
 
 FULL = dict(T=100, seeds=3, cells=CELLS, budget=160_000)
 QUICK = dict(T=50, seeds=2, cells=("lstm", "rnn"), budget=32_000)
+QUICK_AT_T = dict(seeds=2, cells=("lstm",), budget=3_200)
+"""``--quick --T N``: a smoke run at that T (one evaluation; far too short to learn a long T)."""
+
+PER_T = {
+    100: dict(budget=160_000, cells=CELLS, forget_bias=3.0),
+    500: dict(budget=2 * HS[500][0], cells=("lstm",), forget_bias="chrono"),
+    1000: dict(budget=2 * HS[1000][0], cells=("lstm",), forget_bias="chrono"),
+}
+"""Full-run defaults per T (``--T``; other T: as 1000 for T > 100, as 100 otherwise, budget 160,000).
+
+| T    | budget (sequences per seed) | cells          | LSTM forget-gate bias |
+|------|-----------------------------|----------------|-----------------------|
+| 100  | 160,000 (H&S: 74,000)       | LSTM, GRU, RNN | 3                     |
+| 500  | 418,000 (2 x H&S's 209,000) | LSTM           | chrono                |
+| 1000 | 1,706,000 (2 x H&S's 853,000) | LSTM         | chrono                |
+
+A seed stops when it meets H&S's rule, so a run costs the slowest seed's sequences, not the budget.
+Beyond T = 100 only the LSTM (what H&S ran): the GRU and the RNN learn nothing in 160,000 sequences at
+T = 100 already and would use the whole budget. A forget-gate bias of 3 (sigmoid 0.95: a memory time
+constant of about 20 steps) learns nothing at T = 500 in 224,000 sequences; the chrono bias
+``log(U[1, T + T/10 - 1])`` per unit (`chrono_forget_bias`) spans the task's lags from the start.
+"""
 
 
 # ----------------------------------------------------------------------------
@@ -99,13 +127,27 @@ def input_gate_bias_init(hidden: int, value: float):
     return init
 
 
-def build_model(kind: str, seed: int, s=SETTINGS) -> snx.SequenceClassifier:
-    """Recurrent layer (2 -> H) + ``Linear(H, 1)`` read at each sequence's last valid step."""
+def chrono_forget_bias(key, hidden: int, t_max: int):
+    """``log(U[1, t_max - 1])`` per unit [hidden] (chrono initialisation, Tallec & Ollivier 2018)."""
+    return jnp.log(jax.random.uniform(key, (hidden,), minval=1.0, maxval=float(t_max - 1)))
+
+
+def build_model(kind: str, seed: int, s=SETTINGS, T: int = 100) -> snx.SequenceClassifier:
+    """Recurrent layer (2 -> H) + ``Linear(H, 1)`` read at each sequence's last valid step.
+
+    ``s["forget_bias"]``: a number, or ``"chrono"`` for `chrono_forget_bias` over the longest sequence
+    (``T + T // 10``).
+    """
     rngs = nnx.Rngs(seed)
     H = s["hidden"]
     if kind == "lstm":
-        layer = snx.LSTM(2, H, rngs=rngs, forget_bias=s["forget_bias"],
+        chrono = s["forget_bias"] == "chrono"
+        layer = snx.LSTM(2, H, rngs=rngs, forget_bias=0.0 if chrono else s["forget_bias"],
                          bias_init=input_gate_bias_init(H, s["input_gate_bias"]))
+        if chrono:   # gate columns (i, f, g, o)
+            params = layer.get_params()[0]
+            b_f = chrono_forget_bias(jax.random.key(seed + 7919), H, T + T // 10)
+            layer.set_params((params._replace(b=params.b.at[H:2 * H].set(b_f)),))
     elif kind == "gru":
         layer = snx.GRU(2, H, rngs=rngs)
     else:
@@ -173,14 +215,16 @@ def sequences_to_criterion(correct: np.ndarray, loss: np.ndarray, batch: int):
     return None
 
 
-def train(kind, *, T, seeds, budget, s=SETTINGS):
+def train(kind, *, T, seeds, budget, s=SETTINGS, log_dir=None):
     """Trains ``len(seeds)`` models in lockstep; each stops once it met the rule, all stop at ``budget`` sequences.
+
+    ``log_dir``: `seqjax.fit` writes each seed's history there at every evaluation (``<kind>_T<T>.run<r>.json``).
 
     Returns per-seed lists (runs stop at different steps): ``train`` {loss, correct, max_abs_error}
     per step, ``test`` {mse, wrong, max_abs_error} per evaluation at ``eval_sequences``.
     """
     batch = s["batch"]
-    models = [build_model(kind, sd, s) for sd in seeds]
+    models = [build_model(kind, sd, s, T) for sd in seeds]
     graphdef, _ = nnx.split(models[0])
     params = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(m)[1] for m in models])
     tx = make_optimizer(s)
@@ -199,7 +243,8 @@ def train(kind, *, T, seeds, budget, s=SETTINGS):
     print(f"  {kind.upper()} T={T}: {S} seeds in lockstep, up to {steps} steps of {batch} sequences", flush=True)
     _, hists = seqjax.fit(make_step(graphdef, tx, batch), carry, lambda key: adding_problem(key, batch, T),
                           num_steps=steps, eval_fn=eval_fn, eval_every=chunk, steps_per_call=chunk, num_runs=S,
-                          target=("solved", 1.0, "max"), seed=10_000)
+                          target=("solved", 1.0, "max"), seed=10_000,
+                          log_path=os.path.join(log_dir, f"{kind}_T{T}") if log_dir else None)
     train_m = {k: [h.series(k)[1] for h in hists] for k in ("loss", "correct", "max_abs_error")}
     test_m = {k: [h.series(k, "eval")[1] for h in hists] for k in ("mse", "wrong", "max_abs_error")}
     return dict(kind=kind, seeds=list(seeds), train=train_m, test=test_m,
@@ -307,6 +352,35 @@ def print_table(T, summaries, seeds):
               f"{[int(w) for w in wr['per_seed']]}, test MSE {[f'{v:.2e}' for v in mse['per_seed']]}")
 
 
+def resolve_config(*, quick=False, T=None, seeds=None, budget=None, cells=None, forget_bias=None):
+    """The run's ``(config, settings)`` from the command line's values (None: the default).
+
+    Full runs take their budget, cells and LSTM forget-gate bias from ``PER_T``; ``--quick`` is ``QUICK``
+    (T = 50), or ``QUICK_AT_T`` with an explicit T. Explicit values win.
+    """
+    if quick:
+        cfg = dict(QUICK) if T is None else dict(QUICK_AT_T, T=T)
+        fb = SETTINGS["forget_bias"] if T is None else _defaults_at(T)["forget_bias"]
+    else:
+        T = FULL["T"] if T is None else T
+        d = _defaults_at(T)
+        cfg, fb = dict(FULL, T=T, budget=d["budget"], cells=d["cells"]), d["forget_bias"]
+    for k, v in (("seeds", seeds), ("budget", budget)):
+        if v is not None:
+            cfg[k] = v
+    if cells:
+        cfg["cells"] = tuple(c.strip() for c in cells.split(","))
+    if forget_bias is not None:
+        fb = forget_bias if forget_bias == "chrono" else float(forget_bias)
+    return cfg, {**SETTINGS, "forget_bias": fb}
+
+
+def _defaults_at(T: int) -> dict:
+    if T in PER_T:
+        return PER_T[T]
+    return dict(PER_T[1000] if T > 100 else PER_T[100], budget=PER_T[100]["budget"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_mutually_exclusive_group()
@@ -316,30 +390,32 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=None, help="number of seeds")
     p.add_argument("--budget", type=int, default=None, help="max training sequences per model")
     p.add_argument("--cells", default=None, help="comma-separated subset of lstm,gru,rnn")
+    p.add_argument("--forget-bias", default=None, help="LSTM forget-gate bias: a number or 'chrono'")
+    p.add_argument("--log-dir", default=None, help="write each seed's training history here at every evaluation")
     p.add_argument("--out", default="runs/adding", help="output directory (results.json, *.png)")
     args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
-    for k in ("T", "seeds", "budget"):
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
     if args.cells:
-        cfg["cells"] = tuple(c.strip() for c in args.cells.split(","))
-        bad = set(cfg["cells"]) - set(CELLS)
+        bad = {c.strip() for c in args.cells.split(",")} - set(CELLS)
         if bad:
             p.error(f"--cells: unknown {sorted(bad)}; choose from {list(CELLS)}")
-    if args.T is not None and args.budget is None and not args.quick:
-        cfg["budget"] = max(cfg["budget"], 2 * HS.get(cfg["T"], (cfg["budget"],))[0])
+    if args.forget_bias not in (None, "chrono"):
+        try:
+            float(args.forget_bias)
+        except ValueError:
+            p.error(f"--forget-bias: expected a number or 'chrono', got {args.forget_bias!r}")
+    cfg, settings = resolve_config(quick=args.quick, T=args.T, seeds=args.seeds, budget=args.budget,
+                                   cells=args.cells, forget_bias=args.forget_bias)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     T = cfg["T"]
     print(f"seqjax adding problem ({'quick' if args.quick else 'full'}), jax {jax.__version__} on "
-          f"{jax.default_backend()}; config {cfg}; settings {SETTINGS}")
+          f"{jax.default_backend()}; config {cfg}; settings {settings}")
 
     seeds = list(range(cfg["seeds"]))
     runs, summaries = {}, {}
     for kind in cfg["cells"]:
-        runs[kind] = train(kind, T=T, seeds=seeds, budget=cfg["budget"])
-        summaries[kind] = summarise(runs[kind], SETTINGS["batch"])
+        runs[kind] = train(kind, T=T, seeds=seeds, budget=cfg["budget"], s=settings, log_dir=args.log_dir)
+        summaries[kind] = summarise(runs[kind], settings["batch"])
 
     print_table(T, summaries, len(seeds))
     if T in HS:
@@ -350,9 +426,9 @@ def main(argv=None):
                   f"{HS[T][0]:,}; wrong on the test set: {lstm['test_wrong']['mean']:.1f} vs {HS[T][1]}")
 
     plots = dict(learning_curves="adding_learning_curves.png")
-    plot_curves(runs, summaries, T, os.path.join(args.out, plots["learning_curves"]))
+    plot_curves(runs, summaries, T, os.path.join(args.out, plots["learning_curves"]), settings)
     results = dict(mode="quick" if args.quick else "full", config={**cfg, "cells": list(cfg["cells"])},
-                   settings=SETTINGS, T=T, lengths=[T, T + T // 10], test_size=TEST_SIZE,
+                   settings=settings, T=T, lengths=[T, T + T // 10], test_size=TEST_SIZE,
                    tolerance=ADDING_TOLERANCE,
                    hs_criterion=f"training stops when the last {HS_WINDOW} training sequences were all within "
                                 f"{ADDING_TOLERANCE} of the target and their mean squared error < {HS_MEAN_ERROR}",

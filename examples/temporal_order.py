@@ -25,6 +25,14 @@ to work". This example tests it like for like and prints one verdict line per le
    31 batches): EASY after 10 and 100 epochs (the seed's table), and NORMAL, MODERATE, HARD.
 3. An LSTM hidden-state heatmap over a HARD sequence (the seed's Figure 32).
 
+``--experiment 6b`` runs H&S's Experiment 6b instead (`seqjax.tasks.temporal_order_6b`: three X/Y
+symbols at t1 in 10-20, t2 in 33-43, t3 in 66-76 of a length 100-110 sequence, eight classes; H&S's
+LSTM met their stopping rule after 571,100 training sequences on average over 10 trials): RNN, GRU and
+LSTM with the like-for-like settings above (the same learning-rate grid, chosen on a validation set),
+5 seeds, the same budget of 32,000 training sequences, the sequences until H&S's rule (the last 2000 training
+sequences all correct: every softmax output within 0.3 of the one-hot target; this also puts their mean
+squared error below 0.09 < 0.1, H&S's second condition) and the test accuracy after the budget.
+
 Every run trains with ``seqjax.fit``: all seeds and learning rates of one cell in lockstep
 (``num_runs``), one jitted call per evaluation period (``steps_per_call``).
 
@@ -33,6 +41,8 @@ Usage::
     python examples/temporal_order.py --quick          # HARD verdict, 3 seeds (about 1 min on 2 CPU cores)
     python examples/temporal_order.py                  # the full study (default)
     python examples/temporal_order.py --out runs/x     # where results.json and PNGs go
+    python examples/temporal_order.py --experiment 6b  # H&S Experiment 6b (3 symbols, 8 classes), 5 seeds
+    python examples/temporal_order.py --experiment 6b --quick   # 6b, LSTM only, 3 seeds, one learning rate
 
 Optimiser note: PyTorch's RMSprop divides by ``sqrt(v) + eps``; optax's ``rmsprop`` defaults to
 ``eps_in_sqrt=True`` (``1 / sqrt(v + eps)``), which with eps=1e-8 acts like a PyTorch eps of 1e-4.
@@ -53,7 +63,7 @@ from flax import nnx
 
 import seqjax
 import seqjax.nnx as snx
-from seqjax.tasks import CLASSES_6A, LEVELS, SYMBOLS, temporal_order
+from seqjax.tasks import CLASSES_6A, CLASSES_6B, LEVELS, SYMBOLS, temporal_order, temporal_order_6b
 from _report import write_results  # examples/_report.py
 
 # ----------------------------------------------------------------------------
@@ -74,6 +84,7 @@ QUICK_LR = {"rnn": 1e-3, "gru": 3e-2, "lstm": 1e-2}
 """``--quick`` trains one learning rate per cell: the one the full run chose at HARD."""
 
 HS_SEQUENCES = 31_390      # H&S 1997 Table 9/10: 6a solved after 31,390 training sequences (mean of 20 trials)
+HS_SEQUENCES_6B = 571_100  # ... and 6b after 571,100 (mean of 10 trials)
 HS_WINDOW = 2_000          # ... when the last 2000 training sequences were all correct
 HS_TOLERANCE = 0.3         # ... every output's absolute error < 0.3
 TEST_SIZE = 2_560          # H&S test-set size
@@ -87,15 +98,36 @@ FULL = dict(like_levels=("NORMAL", "MODERATE", "HARD"), like_seeds=5, like_lrs=N
             nyu_epochs=100, easy_checkpoints=(10, 100))
 QUICK = dict(like_levels=("HARD",), like_seeds=3, like_lrs=QUICK_LR, like_budget=12_800, nyu_levels=(),
              nyu_seeds=0, nyu_epochs=0, easy_checkpoints=())
+EXP_6B = "6B"
+"""The level name of Experiment 6b in the like-for-like study (``seqjax.tasks.temporal_order_6b``)."""
+FULL_6B = dict(FULL, like_levels=(EXP_6B,), like_budget=LIKE["budget_sequences"], nyu_levels=(), nyu_seeds=0,
+               nyu_epochs=0, easy_checkpoints=())
+QUICK_6B = dict(QUICK, like_levels=(EXP_6B,), like_cells=("lstm",))
 
 
 # ----------------------------------------------------------------------------
 # data, model, initialisation
 # ----------------------------------------------------------------------------
 
+def sample(key, size: int, level: str):
+    """A batch of ``level`` (a NYU level, or ``"6B"``), front padded as NYU: TaskBatch x [size, T, 8], y [size]."""
+    if level == EXP_6B:
+        return temporal_order_6b(key, size)
+    return temporal_order(key, size, level)
+
+
 def fixed_set(level: str, size: int, seed: int):
-    """A fixed evaluation set (front padded, as NYU): TaskBatch x [size, T, 8], y [size]."""
-    return temporal_order(jax.random.key(seed), size, level)
+    """A fixed evaluation set of ``level``: TaskBatch x [size, T, 8], y [size]."""
+    return sample(jax.random.key(seed), size, level)
+
+
+def classes(level: str) -> str:
+    """The class letters of ``level``: 4 for 6a and the NYU levels, 8 for 6b."""
+    return CLASSES_6B if level == EXP_6B else CLASSES_6A
+
+
+def padded_length(level: str) -> int:
+    return LEVELS["HARD" if level == EXP_6B else level].padded_length   # 6b: lengths 100-110, as HARD
 
 
 def chrono_bias(key, hidden: int, t_max: int):
@@ -122,12 +154,12 @@ def build_model(kind: str, hidden: int, seed: int, *, init: str, level: str, act
     layer = layer_cls(len(SYMBOLS), hidden, init="pytorch" if init == "pytorch" else "default", rngs=rngs, **opts)
     if init == "principled":
         params = layer.get_params()[0]
-        layer.set_params((principled_init(kind, params, jax.random.key(seed + 7919), LEVELS[level].padded_length),))
+        layer.set_params((principled_init(kind, params, jax.random.key(seed + 7919), padded_length(level)),))
     head = {}
     if init == "pytorch":  # torch.nn.Linear: U(+-1/sqrt(fan_in)) for weight and bias
         u = seqjax.symmetric_uniform(1.0 / math.sqrt(hidden))
         head = dict(kernel_init=u, bias_init=u)
-    return snx.SequenceClassifier(layer, len(CLASSES_6A), pooling="last", rngs=rngs, **head)
+    return snx.SequenceClassifier(layer, len(classes(level)), pooling="last", rngs=rngs, **head)
 
 
 def hs_correct(logits, y):
@@ -171,7 +203,7 @@ def train(kind, level, *, hidden, seeds, lrs, optimizer, batch, steps, eval_ever
     step = seqjax.make_train_step(loss_fn, tx, has_aux=True)
     t0 = time.perf_counter()
     print(f"  {label}: {len(runs)} runs in lockstep, {steps} steps of {batch} sequences", flush=True)
-    states, hists = seqjax.fit(step, states, lambda key: temporal_order(key, batch, level), num_steps=steps,
+    states, hists = seqjax.fit(step, states, lambda key: sample(key, batch, level), num_steps=steps,
                                eval_fn=eval_fn, eval_every=eval_every, steps_per_call=eval_every,
                                num_runs=len(runs), seed=10_000, progress=True)
     seconds = time.perf_counter() - t0
@@ -278,7 +310,7 @@ def like_study(cfg):
     steps -= steps % LIKE["eval_every"]
     for level in cfg["like_levels"]:
         res[level] = {}
-        for kind in CELLS:
+        for kind in cfg.get("like_cells", CELLS):
             lrs = (cfg["like_lrs"][kind],) if cfg["like_lrs"] else LIKE["lrs"]
             r = train(kind, level, hidden=LIKE["hidden"], seeds=seeds, lrs=lrs, optimizer=like_optimizer,
                       batch=LIKE["batch"], steps=steps, eval_every=LIKE["eval_every"], init=LIKE["init"],
@@ -335,12 +367,15 @@ def plot_like(like, path):
             a, x = np.asarray(c["test_curve"]), np.asarray(c["eval_sequences"])
             line, = ax.plot(x, a.mean(0), lw=2, label=f"{kind.upper()} (Adam {c['lr']:g})")
             ax.fill_between(x, a.min(0), a.max(0), color=line.get_color(), alpha=0.2)
-        ax.axvline(HS_SEQUENCES, ls="--", color="gray", lw=1, label="H&S 1997 LSTM: 31,390")
-        ax.axhline(0.25, ls=":", color="gray", lw=1)
+        hs = HS_SEQUENCES_6B if level == EXP_6B else HS_SEQUENCES     # the 6a line on every 6a level, as before
+        if hs <= 4 * x[-1]:
+            ax.axvline(hs, ls="--", color="gray", lw=1, label=f"H&S 1997 LSTM: {hs:,}")
+        ax.axhline(1 / len(classes(level)), ls=":", color="gray", lw=1)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("training sequences")
         ax.set_ylabel(f"test accuracy ({TEST_SIZE} sequences)")
-        ax.set_title(f"{level}: H=32, same optimiser and budget", fontsize=10)
+        far = f" (H&S 1997 LSTM: {hs:,})" if hs > 4 * x[-1] else ""
+        ax.set_title(f"{level}: H=32, same optimiser and budget{far}", fontsize=10)
         ax.legend(fontsize=8, loc="center right")
     fig.suptitle("Temporal order, like for like: mean over seeds, band = min..max", fontsize=10)
     fig.tight_layout()
@@ -432,6 +467,17 @@ def print_like_table(like):
                   f"{seqs(c['sequences_to_hs_criterion']):<22}")
 
 
+def against_hs_6b(cells: dict) -> list[str]:
+    """One line per cell: seeds that met H&S's rule and their mean sequences, against H&S's 571,100 (mean of 10)."""
+    lines = []
+    for kind, c in cells.items():
+        hit = [q for q in c["sequences_to_hs_criterion"] if q is not None]
+        mean = f"after {np.mean(hit):,.0f} ± {np.std(hit):,.0f} sequences on average" if hit else "never"
+        lines.append(f"6B {kind.upper()}: {len(hit)}/{c['seeds']} seeds met H&S's rule, {mean} "
+                     f"(H&S 1997 LSTM: {HS_SEQUENCES_6B:,}, mean of 10 trials)")
+    return lines
+
+
 def print_nyu_table(nyu, epochs):
     print(f"\nTemporal order, NYU settings (H=4, RMSprop 1e-3, batch 32, {epochs} epochs): test accuracy %")
     print(f"{'level':<9} {'cell':<5} {'after 10 epochs':<29} {'after ' + str(epochs) + ' epochs':<29} {'>=99%':>6}")
@@ -447,17 +493,32 @@ def main(argv=None):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="HARD verdict with 3 seeds (about 1 min on 2 CPU cores)")
     g.add_argument("--full", action="store_true", help="the full study (default)")
-    p.add_argument("--out", default="runs/temporal_order", help="output directory (results.json, *.png)")
+    p.add_argument("--experiment", choices=("6a", "6b"), default="6a",
+                   help="6a (default): the NYU levels up to HARD = 6a; 6b: H&S's three-symbol, eight-class task")
+    p.add_argument("--out", default=None,
+                   help="output directory (results.json, *.png; default runs/temporal_order[_6b])")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds of every study")
+    p.add_argument("--cells", default=None, help="comma-separated subset of rnn,gru,lstm for the like-for-like study")
+    p.add_argument("--lr", type=float, default=None,
+                   help="train the like-for-like study at this one learning rate instead of searching the grid")
     args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
+    cells = tuple(c.strip() for c in args.cells.split(",")) if args.cells else None
+    if cells and set(cells) - set(CELLS):
+        p.error(f"--cells: unknown {sorted(set(cells) - set(CELLS))}; choose from {list(CELLS)}")
+    six_b = args.experiment == "6b"
+    cfg = dict((QUICK_6B if args.quick else FULL_6B) if six_b else (QUICK if args.quick else FULL))
+    args.out = args.out or ("runs/temporal_order_6b" if six_b else "runs/temporal_order")
+    if cells:
+        cfg["like_cells"] = cells
+    if args.lr is not None:
+        cfg["like_lrs"] = {k: args.lr for k in CELLS}
     if args.seeds is not None:
         cfg["like_seeds"] = args.seeds
         cfg["nyu_seeds"] = args.seeds if cfg["nyu_seeds"] else 0
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"seqjax temporal order ({'quick' if args.quick else 'full'}), jax {jax.__version__} on "
-          f"{jax.default_backend()}")
+    print(f"seqjax temporal order, experiment {args.experiment} ({'quick' if args.quick else 'full'}), "
+          f"jax {jax.__version__} on {jax.default_backend()}")
 
     print("\nLike for like:", {k: v for k, v in LIKE.items()}, flush=True)
     like, kept = like_study(cfg)
@@ -474,6 +535,9 @@ def main(argv=None):
     verdicts += [verdict(f"{level} (NYU settings)", cells) for level, cells in nyu.items()]
     for line in verdicts:
         print("  " + line)
+    if EXP_6B in like:
+        for line in against_hs_6b(like[EXP_6B]):
+            print("  " + line)
 
     plots = {"like": os.path.join(args.out, "like_for_like.png")}
     plot_like(like, plots["like"])
@@ -487,12 +551,14 @@ def main(argv=None):
         plots["hidden_state"] = os.path.join(args.out, "lstm_hidden_state.png")
         plot_heatmap(model, fixed_set("HARD", 8, TEST_SEED), plots["hidden_state"])
 
-    results = dict(mode="quick" if args.quick else "full", config=cfg, like_settings=LIKE, nyu_settings=NYU,
+    results = dict(mode="quick" if args.quick else "full", experiment=args.experiment, config=cfg,
+                   like_settings=LIKE, nyu_settings=NYU,
                    optimizer_note="optax.rmsprop(lr, decay=0.99, eps=1e-8, eps_in_sqrt=False) == torch RMSprop "
                                   "(alpha=0.99, eps=1e-8 added after the square root)",
                    hs_criterion=f"a sequence is correct if every softmax output is within {HS_TOLERANCE} of the "
                                 f"one-hot target; solved when the last {HS_WINDOW} training sequences are correct",
-                   hs_reference_sequences=HS_SEQUENCES, test_size=TEST_SIZE, like=like, nyu=nyu, verdicts=verdicts,
+                   hs_reference_sequences=HS_SEQUENCES_6B if six_b else HS_SEQUENCES, test_size=TEST_SIZE,
+                   like=like, nyu=nyu, verdicts=verdicts,
                    plots={k: os.path.basename(v) for k, v in plots.items()})
     return write_results(args.out, results, list(results["plots"].values()), t0)
 

@@ -8,10 +8,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_quick(tmp_path, name):
-    """Runs ``examples/<name>.py --quick --out tmp_path/name``: ``(out_dir, results.json as dict, stdout)``."""
+def run_quick(tmp_path, name, args=()):
+    """Runs ``examples/<name>.py --quick *args --out tmp_path/name``: ``(out_dir, results.json as dict, stdout)``."""
     out = tmp_path / name
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), "--quick", *args,
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text()), proc.stdout
