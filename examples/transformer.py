@@ -12,8 +12,9 @@ seqjax's own tasks, like for like:
    sinusoidal positions) over the right-padded sequence with its padding mask, mean-pooled over
    the valid steps into a linear head: about the LSTM's parameter count. Both see the same
    sequences (the same keys; only the padding side differs), the same optimiser (Adam, gradients
-   clipped to norm 1, batch 16), the same learning-rate grid (chosen per model on a validation set,
-   never on the test set) and the same number of steps.
+   clipped to norm 1, batch 16), the same learning-rate grid at HARD (chosen per model on a
+   validation set, never on the test set; NIGHTMARE reuses each model's HARD rate) and the same
+   number of steps.
 2. **Dates -> ISO** (`seq2seq.py`'s task and data: 14 human formats, held-out dates). The
    Transformer encoder-decoder (`seqjax.transformer.seq2seq`) against LSTM encoder-decoders
    (`seqjax.seq2seq.seq2seq` with LSTM cells) with and without additive attention, sized to about
@@ -32,6 +33,7 @@ Usage::
 
     python examples/transformer.py --quick          # HARD + dates, small budget (about 1 min on 2 CPU cores)
     python examples/transformer.py                  # the full study (default)
+    python examples/transformer.py --cut            # the subset committed in examples/results/transformer (see CUT)
     python examples/transformer.py --out runs/x     # where results.json and PNGs go (default runs/transformer)
     python examples/transformer.py --phase train    # training only (results.json without timings)
     python examples/transformer.py --phase timing   # timings only, merged into an existing results.json
@@ -82,6 +84,16 @@ FULL = dict(order_levels=("HARD", "NIGHTMARE"), order_seeds=3,
             dev_size=500, test_size=2000, timing_rounds=7, timing_steps=5)
 """The full study. NIGHTMARE reuses each model's learning rate chosen at HARD (a per-level search did not fit
 the machine's budget) and tests on 1024 sequences."""
+CUT = dict(order_levels=("HARD", "NIGHTMARE"), order_seeds=2,
+           order_lrs={"HARD": {"lstm": (1e-2,), "transformer": (3e-3,)}, "NIGHTMARE": "HARD"},
+           order_steps={"HARD": 400, "NIGHTMARE": 150}, order_eval_every={"HARD": 100, "NIGHTMARE": 50},
+           order_test_size={"HARD": 1024, "NIGHTMARE": 512},
+           date_models=("lstm", "transformer"), dates_seeds=2, dates_steps=400, dev_size=256, test_size=1000,
+           timing_rounds=7, timing_steps=5, dates_eval_every=100)
+"""``--cut``: the subset of the full study that fit a 2-core machine shared with other jobs (about 40 minutes at
+a load average near 20): two seeds, fewer steps, no learning-rate search (the LSTM gets the rate
+`temporal_order.py`'s search chose at HARD, 1e-2; the Transformer 3e-3, not searched), and no
+"lstm + attention" dates model."""
 QUICK = dict(order_levels=("HARD",), order_seeds=2, order_lrs={"HARD": (3e-3,)}, order_steps={"HARD": 200},
              order_eval_every={"HARD": 100}, order_test_size={"HARD": 512},
              date_models=("lstm", "transformer"), dates_seeds=1, dates_steps=60, dev_size=64, test_size=128,
@@ -437,18 +449,29 @@ def report(results, out, t0):
     return write_results(out, results, list(plots.values()), t0)
 
 
+def save_partial(results, path):
+    """The results so far (``"complete": false``), so an interrupted run leaves a record of what finished."""
+    with open(path, "w") as f:
+        json.dump(dict(results, complete=False), f, indent=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="HARD and dates with a small budget (about 1 min)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="HARD and dates with a small budget (about 1 min)")
+    g.add_argument("--cut", action="store_true", help="the subset of the study that fits a loaded 2-core machine")
     p.add_argument("--out", default="runs/transformer", help="output directory (results.json, *.png)")
     p.add_argument("--phase", choices=("all", "train", "timing"), default="all",
                    help="train, time the train steps, or both (timing merges into an existing results.json)")
     args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
+    mode = "quick" if args.quick else "cut" if args.cut else "full"
+    cfg = dict({"quick": QUICK, "cut": CUT, "full": FULL}[mode])
     cfg["dates"] = dict(DATES, **cfg.pop("quick_dates", {}))
+    if "dates_eval_every" in cfg:
+        cfg["dates"]["eval_every"] = cfg.pop("dates_eval_every")
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"seqjax Transformer vs LSTM ({'quick' if args.quick else 'full'}, phase {args.phase}), "
+    print(f"seqjax Transformer vs LSTM ({mode}, phase {args.phase}), "
           f"jax {jax.__version__} on {jax.default_backend()}", flush=True)
     data = date_data(cfg)
     path = os.path.join(args.out, "results.json")
@@ -460,25 +483,35 @@ def main(argv=None):
             results = json.load(f)
         for k in ("jax_version", "backend", "wall_seconds"):
             results.pop(k, None)
-        if results["mode"] != ("quick" if args.quick else "full"):
-            raise SystemExit(f"examples/transformer.py: {path} is a {results['mode']} run; pass the same --quick")
+        if results["mode"] != mode or not results.get("complete", True):
+            raise SystemExit(f"examples/transformer.py: {path} is a {results['mode']} run "
+                             f"(complete: {results.get('complete', True)}); time the train steps of a finished run of "
+                             f"the same mode (--quick/--cut)")
+        cfg = results["config"]
     else:
-        results = dict(mode="quick" if args.quick else "full", config=cfg, order_settings=ORDER, order={}, dates={})
+        results = dict(mode=mode, config=cfg, order_settings=ORDER, order={}, dates={})
         seeds = list(range(cfg["order_seeds"]))
         print("\nTemporal order:", ORDER, flush=True)
-        for level in cfg["order_levels"]:
+        for task in list(cfg["order_levels"][:1]) + ["dates"] + list(cfg["order_levels"][1:]):   # the long level last
+            if task == "dates":
+                print("\nDates -> ISO:", cfg["dates"], flush=True)
+                for kind in cfg["date_models"]:
+                    runs = [train_dates(kind, cfg["dates"], cfg, data, s) for s in range(cfg["dates_seeds"])]
+                    results["dates"][kind] = summarise_dates(runs, cfg["dates"])
+                    save_partial(results, path)
+                continue
+            level = task
             results["order"][level] = {}
             for kind in ORDER_MODELS:
                 lrs = cfg["order_lrs"][level]
                 if isinstance(lrs, str):            # reuse the learning rate chosen at that level
                     lrs = (results["order"][lrs][kind]["lr"],)
+                elif isinstance(lrs, dict):         # one grid per model
+                    lrs = lrs[kind]
                 r = train_order(kind, level, seeds=seeds, lrs=lrs, steps=cfg["order_steps"][level],
                                 eval_every=cfg["order_eval_every"][level], test_size=cfg["order_test_size"][level])
                 results["order"][level][kind] = summarise_order(r, seeds)
-        print("\nDates -> ISO:", cfg["dates"], flush=True)
-        for kind in cfg["date_models"]:
-            runs = [train_dates(kind, cfg["dates"], cfg, data, s) for s in range(cfg["dates_seeds"])]
-            results["dates"][kind] = summarise_dates(runs, cfg["dates"])
+                save_partial(results, path)
         results["train_seconds"] = round(time.perf_counter() - t0, 1)
 
     if args.phase in ("all", "timing"):
@@ -487,6 +520,7 @@ def main(argv=None):
         results["timing"] = timing_phase(cfg, data)
         results["timing_command"] = ("flock /tmp/seqjax-bench.lock python examples/transformer.py --phase timing"
                                      if args.phase == "timing" else "in the training run")
+    results.pop("complete", None)
     return report(results, args.out, t0)
 
 
