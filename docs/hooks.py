@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 PUBLIC_MODULES = ("seqjax", "seqjax.attention", "seqjax.backends", "seqjax.diagnostics", "seqjax.losses",
-                  "seqjax.nnx", "seqjax.seq2seq", "seqjax.tasks", "seqjax.tbptt", "seqjax.sharding", "seqjax.checkpoint")
+                  "seqjax.nnx", "seqjax.seq2seq", "seqjax.tasks", "seqjax.tbptt", "seqjax.sharding", "seqjax.checkpoint",
+                  "seqjax.transformer")
 RESULT_FOLDERS = ("examples/results", "bench/results")
 _DIRECTIVE = re.compile(r"^::: *([\w.]+)", re.MULTILINE)
 

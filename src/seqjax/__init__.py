@@ -5,7 +5,8 @@ cells `min_gru`, `min_lstm`, `lru` that `scan` can also evaluate in parallel),
 runners that scan them over time (`scan`, `unrolled`) with their execution
 options (`ScanOptions`), sequence layers (`sequence`, `bidirectional`, `deep`,
 `multilayer`), the Optax training loop (`make_train_step`, `fit`), losses
-(`seqjax.losses`) and the documented tasks' data (`seqjax.tasks`). `seqjax.backends.explain` shows which
+(`seqjax.losses`), the documented tasks' data (`seqjax.tasks`) and a small Transformer baseline
+(`seqjax.transformer`). `seqjax.backends.explain` shows which
 implementation a call runs on.
 """
 from seqjax.cells import (GREFF_VARIANTS, Cell, GRUParams, LRUParams, LSTMCarry, LSTMParams, MinGRUParams, MinLSTMParams,
@@ -18,7 +19,7 @@ from seqjax.generation import generate
 from seqjax.interop import from_torch, from_torch_carry, to_torch_state_dict, torch_carry
 from seqjax.train import History, NonFiniteLossError, TrainState, fit, init_state, make_nnx_train_step, make_train_step
 from seqjax import (attention, backends, checkpoint, diagnostics, losses, nnx, seq2seq, sharding,  # noqa: E402
-                    tasks, tbptt)
+                    tasks, tbptt, transformer)
 
 __all__ = [
     # cells and their params
@@ -34,4 +35,5 @@ __all__ = [
     "from_torch", "from_torch_carry", "to_torch_state_dict", "torch_carry",
     # modules
     "attention", "backends", "checkpoint", "diagnostics", "losses", "nnx", "seq2seq", "sharding", "tasks", "tbptt",
+    "transformer",
 ]

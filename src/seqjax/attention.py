@@ -112,7 +112,8 @@ def key_mask(lengths: Array, num_keys: int, *, call: str = "seqjax.attention.key
         raise ValueError(f"{call}: lengths must be an integer array of shape (B,), got shape "
                          f"{tuple(jnp.shape(lengths))} dtype {jnp.result_type(lengths)}")
     if _is_concrete(lengths) and np.size(lengths):
-        lo, hi = int(np.min(lengths)), int(np.max(lengths))
+        values = np.asarray(lengths)    # numpy: jnp reductions inside a jit trace are staged, even on constants
+        lo, hi = int(values.min()), int(values.max())
         if lo < 1:
             raise ValueError(f"{call}: lengths must be >= 1, got a length of {lo}: a memory with no valid key "
                              f"masks everything, so there is nothing to attend to; drop empty examples or give "

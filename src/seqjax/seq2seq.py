@@ -516,7 +516,7 @@ class Seq2Seq(NamedTuple):
       greedy: ``(params, source, *, max_length) -> GreedyResult`` (jitted; its
         ``trace`` holds the attention weights [B, L, Tk]).
       beam: ``(params, source, *, max_length, beam_width, length_penalty=1.0) -> BeamResult`` (jitted).
-      decoder: the `AttentionDecoder`.
+      decoder: the `AttentionDecoder` (None for `seqjax.transformer.seq2seq`, which has no decoder cell).
       bos_id, eos_id, pad_id, vocab_size: the target's special ids and V.
     """
 
@@ -607,6 +607,15 @@ def _token_decoder(call, decoder: AttentionDecoder, vocab_size, embed_size, read
     return init, initial_carry, logits, step_fn
 
 
+def _teacher_forced_loss(lg, batch: Seq2SeqBatch):
+    """``(masked cross-entropy, {"token_accuracy"})`` of teacher-forced logits [B, T, V] against ``batch.target``."""
+    ce = masked_cross_entropy(lg, batch.target, batch.target_lengths)
+    T = batch.target.shape[1]
+    valid = jnp.arange(T)[None, :] < batch.target_lengths[:, None]
+    hit = (jnp.argmax(lg, -1) == batch.target) & valid
+    return ce, {"token_accuracy": hit.sum() / jnp.maximum(valid.sum(), 1)}
+
+
 def _assemble(call, encode_fn, dec_parts, decoder, vocab_size, *, bos_id, eos_id, pad_id, init, get_dec):
     """Builds the `Seq2Seq` bundle around an ``encode`` and the shared decoder half."""
     _, _, dec_logits, dec_step = dec_parts
@@ -615,12 +624,7 @@ def _assemble(call, encode_fn, dec_parts, decoder, vocab_size, *, bos_id, eos_id
         return dec_logits(get_dec(params), encode_fn(params, source), target, target_lengths)
 
     def loss(params, batch: Seq2SeqBatch):
-        lg = logits(params, batch.source, batch.target, batch.target_lengths)
-        ce = masked_cross_entropy(lg, batch.target, batch.target_lengths)
-        T = batch.target.shape[1]
-        valid = jnp.arange(T)[None, :] < batch.target_lengths[:, None]
-        hit = (jnp.argmax(lg, -1) == batch.target) & valid
-        return ce, {"token_accuracy": hit.sum() / jnp.maximum(valid.sum(), 1)}
+        return _teacher_forced_loss(logits(params, batch.source, batch.target, batch.target_lengths), batch)
 
     def _greedy(params, source, max_length):
         enc = encode_fn(params, source)
@@ -672,6 +676,27 @@ def _check_specials(call, vocab_size, bos_id, eos_id, pad_id):
             raise ValueError(f"{call}: {name} must be an int in [0, vocab_size={vocab_size}), got {v!r}")
     if bos_id == eos_id:
         raise ValueError(f"{call}: bos_id and eos_id must differ, got {bos_id}")
+
+
+def _check_source(call: str, source, src_vocab_size: int):
+    """Checks a token source ``(tokens [B, S] int, lengths [B] int in [1, S])``; errors name ``call``."""
+    if not isinstance(source, (tuple, list)) or len(source) != 2:
+        raise ValueError(f"{call}: source must be the pair (tokens [B, S] int, lengths [B] int), got "
+                         f"{type(source).__name__}")
+    tokens, lengths = source
+    if jnp.ndim(tokens) != 2:
+        raise ValueError(f"{call}: source tokens must have shape (B, S), got {tuple(jnp.shape(tokens))}")
+    B, S = jnp.shape(tokens)
+    if tuple(jnp.shape(lengths)) != (B,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise ValueError(f"{call}: source lengths must be an int array of shape (B,)=({B},), got shape "
+                         f"{tuple(jnp.shape(lengths))} dtype {jnp.result_type(lengths)}")
+    if not isinstance(lengths, jax.core.Tracer) and B:
+        values = np.asarray(lengths)    # numpy: jnp reductions inside a jit trace are staged, even on constants
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 1 or hi > S:
+            raise ValueError(f"{call}: source lengths must lie in [1, S={S}], got values in [{lo}, {hi}]; "
+                             f"an empty source leaves nothing to encode or attend to")
+    _check_tokens(call, "source tokens", tokens, src_vocab_size, lengths)
 
 
 def seq2seq(src_vocab_size: int, tgt_vocab_size: int, *, embed_size: int = 32, hidden_size: int = 128,
@@ -737,22 +762,7 @@ def seq2seq(src_vocab_size: int, tgt_vocab_size: int, *, embed_size: int = 32, h
                              encoder.init(ke, embed_size), dec_init(kd))
 
     def check(source):
-        if not isinstance(source, (tuple, list)) or len(source) != 2:
-            raise ValueError(f"{call}: source must be the pair (tokens [B, S] int, lengths [B] int), got "
-                             f"{type(source).__name__}")
-        tokens, lengths = source
-        if jnp.ndim(tokens) != 2:
-            raise ValueError(f"{call}: source tokens must have shape (B, S), got {tuple(jnp.shape(tokens))}")
-        B, S = jnp.shape(tokens)
-        if tuple(jnp.shape(lengths)) != (B,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-            raise ValueError(f"{call}: source lengths must be an int array of shape (B,)=({B},), got shape "
-                             f"{tuple(jnp.shape(lengths))} dtype {jnp.result_type(lengths)}")
-        if not isinstance(lengths, jax.core.Tracer) and B:
-            lo, hi = int(np.min(lengths)), int(np.max(lengths))
-            if lo < 1 or hi > S:
-                raise ValueError(f"{call}: source lengths must lie in [1, S={S}], got values in [{lo}, {hi}]; "
-                                 f"an empty source leaves nothing to encode or attend to")
-        _check_tokens(call, "source tokens", tokens, src_vocab_size, lengths)
+        _check_source(call, source, src_vocab_size)
 
     def encode(params: Seq2SeqParams, source) -> Encoded:
         check(source)
