@@ -270,24 +270,32 @@ def _time_start(plan: Binomial, reverse: bool, a, n):
     return plan.T - a - n if reverse else a
 
 
+def _chunk(plan: Binomial) -> int:
+    """The most steps one run of the forward pass or of a recomputation covers: a power of two >= sqrt(T), so
+    no temporary (a run's outputs) holds more than about sqrt(T) steps."""
+    return 1 << max(0, math.isqrt(plan.T - 1).bit_length())
+
+
 def _binomial_forward(plan: Binomial, run: Run, state, carry, reverse: bool):
     """Runs the T steps as the pieces between `Binomial.saves`, keeping the carry at each piece's start.
 
-    ``saved`` is the slot stack: [k + 1, ...] per carry leaf, slot 0 the initial carry.
+    Each piece runs in runs of at most `_chunk` steps. ``saved`` is the slot
+    stack: [k + 1, ...] per carry leaf, slot 0 the initial carry.
     """
     slots = jax.tree.map(lambda c: jnp.zeros((plan.k + 1,) + c.shape, c.dtype).at[0].set(c), carry)
     bounds = (0,) + plan.saves + (plan.T,)
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         if i:
             slots = jax.tree.map(lambda buf, c: buf.at[i].set(c), slots, carry)
-        state, carry = run(state, carry, jnp.int32(_time_start(plan, reverse, a, b - a)), b - a)
+        state, carry, _ = forward_segments(run, state, carry, _time_start(plan, reverse, a, b - a), b - a,
+                                           _chunk(plan), reverse)
     return state, carry, slots
 
 
 def _advance_by(plan: Binomial, reverse: bool, advance: Callable, carry, a, m):
     """``carry`` advanced by a traced number ``m`` of steps from step ``a``: whole chunks of C steps, then the
     binary digits of the rest (each a static length), so no temporary holds more than C steps."""
-    chunk = 1 << max(0, math.isqrt(plan.T - 1).bit_length())
+    chunk = _chunk(plan)
 
     def whole(i, c):
         return advance(c, _time_start(plan, reverse, a + i * chunk, chunk), chunk)
@@ -366,18 +374,15 @@ def _binomial_vjp(converted, plan, reverse, unroll, carry, xs, *consts):
 
 
 def _binomial_vjp_fwd(converted, plan, reverse, unroll, carry, xs, *consts):
-    pieces = {}
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    y_like = jax.eval_shape(lambda: converted(carry, x0, *consts)[1])
+    ys = jax.tree.map(lambda y: jnp.zeros((plan.T,) + y.shape, y.dtype), y_like)
 
-    def run(state, c, start, steps):
-        c, ys = _scan_piece(converted, consts, xs, reverse, unroll, c, start, steps)
-        pieces[len(pieces)] = ys
-        return state, c
+    def run(ys, c, start, steps):
+        c, piece = _scan_piece(converted, consts, xs, reverse, unroll, c, start, steps)
+        return jax.tree.map(lambda buf, y: put(buf, y, start), ys, piece), c
 
-    _, final, slots = _binomial_forward(plan, run, None, carry, reverse)
-    order = [pieces[i] for i in range(len(pieces))]
-    if reverse:
-        order = order[::-1]
-    ys = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=0), *order)
+    ys, final, slots = _binomial_forward(plan, run, ys, carry, reverse)
     return (final, ys), (xs, consts, slots)
 
 
