@@ -4,7 +4,8 @@ The train step: ``jax.value_and_grad`` of mean(ys²) (ys: the LSTM's outputs;
 ``--loss mean``: mean(ys), whose cotangent XLA keeps as a broadcast constant)
 with respect to the params, full backpropagation through time, B=16, I=32,
 H=128, float32, `seqjax.scan` with ``kernel="auto"`` (the x86 kernels here)
-and ``checkpoint`` = each policy (``--policies``; ``budget:k`` is ``("budget", k)``).
+and ``checkpoint`` = each policy (``--policies``; ``budget:k`` is ``("budget", k)``, ``binomial:k``
+``("binomial", k)``).
 
 The outputs and their cotangent, ys and dys ([B, T, H] each: 16 GB at
 T=10^6), grow like T under every policy; the plot also shows XLA's
@@ -47,8 +48,9 @@ QUICK_TS = (50, 200)
 
 
 def _policy(text: str):
-    if text.startswith("budget:"):
-        return ("budget", int(text.split(":", 1)[1]))
+    for form in ("budget", "binomial"):
+        if text.startswith(form + ":"):
+            return (form, int(text.split(":", 1)[1]))
     return text
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import seqjax
-from seqjax._checkpoint import segment_sizes
+from seqjax._checkpoint import _eta, binomial_plan, segment_sizes
 from seqjax.backends import _library
 
 POLICIES = ("sqrt", ("budget", 4), ("budget", 2))
@@ -83,7 +83,7 @@ def _check_same(path, cell_name, policy, reverse, masks, T=11, time_major=False)
 
 @pytest.mark.parametrize("policy, reverse, masks", [
     ("sqrt", False, False), ("sqrt", True, True), (("budget", 4), True, False), (("budget", 4), False, True),
-    (("budget", 2), True, True)], ids=str)
+    (("budget", 2), True, True), (("binomial", 2), True, True), (("binomial", 3), False, False)], ids=str)
 def test_xla_autodiff_equals_all(policy, reverse, masks):
     _check_same("xla autodiff", "lstm", policy, reverse, masks)
 
@@ -91,7 +91,8 @@ def test_xla_autodiff_equals_all(policy, reverse, masks):
 @pytest.mark.parametrize("cell_name, policy, reverse, masks", [
     ("lstm", "sqrt", False, False), ("lstm", ("budget", 4), True, True), ("lstm", ("budget", 2), False, True),
     ("gru", "sqrt", True, True), ("gru", ("budget", 4), False, False), ("rnn", "sqrt", False, True),
-    ("rnn", ("budget", 4), True, False)], ids=str)
+    ("rnn", ("budget", 4), True, False), ("lstm", ("binomial", 2), True, True), ("gru", ("binomial", 3), False, True),
+    ("rnn", ("binomial", 1), True, False)], ids=str)
 def test_custom_vjp_equals_all(cell_name, policy, reverse, masks):
     _check_same("xla custom vjp", cell_name, policy, reverse, masks, T=13)
 
@@ -122,7 +123,9 @@ def test_custom_vjp_variants_equal_all(variant):
 @pytest.mark.parametrize("cell_name, policy, reverse, masks, time_major", [
     ("lstm", "sqrt", False, False, False), ("lstm", "sqrt", True, True, False), ("lstm", ("budget", 4), False, True, True),
     ("lstm", ("budget", 2), True, False, True), ("gru", "sqrt", False, True, False), ("gru", ("budget", 4), True, True, True),
-    ("rnn", "sqrt", True, True, False), ("rnn", ("budget", 4), False, False, True)], ids=str)
+    ("rnn", "sqrt", True, True, False), ("rnn", ("budget", 4), False, False, True),
+    ("lstm", ("binomial", 2), False, True, False), ("gru", ("binomial", 3), True, True, True),
+    ("rnn", ("binomial", 1), True, False, True)], ids=str)
 def test_native_kernels_equal_all(cell_name, policy, reverse, masks, time_major):
     _check_same("avx2", cell_name, policy, reverse, masks, T=13, time_major=time_major)
 
@@ -173,9 +176,45 @@ def test_segment_sizes():
             assert outer + inner <= k, (T, k, sizes)
 
 
+def _replay_binomial(plan):
+    """Replays a binomial plan's backward pass on the host: (steps in the order reversed, how often each step is
+    recomputed, the most slots in use), asserting every range starts from the carry its slot holds."""
+    slots = {0: 0, **{i + 1: p for i, p in enumerate(plan.saves)}}
+    stack, order, count, most = list(plan.tasks), [], [0] * plan.T, max(slots)
+    while stack:
+        a, n, top, s, r = stack.pop()
+        assert slots[top] == a
+        if n == 1:
+            order.append(a)
+            continue
+        m = max(1, n - _eta(s - 1, r))
+        for t in range(a, a + m):
+            count[t] += 1
+        slots[top + 1] = a + m
+        most = max(most, top + 1)
+        stack += [(a, m, top, s, r - 1), (a + m, n - m, top + 1, s - 1, r)]
+    return order, count, most
+
+
+@pytest.mark.parametrize("T", [2, 3, 7, 13, 64, 100, 1000])
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_binomial_plan_reverses_every_step_once(T, k):
+    """Every step reversed once, last first, from the right carry; at most k saved carries; each step computed at
+    most r times in all (once forward, r - 1 recomputations), r the smallest with C(k + r, k) >= T."""
+    plan = binomial_plan(T, k)
+    order, count, most = _replay_binomial(plan)
+    assert order == list(range(T))[::-1]
+    assert most <= k and len(plan.saves) <= k
+    assert max(count) <= plan.sweeps - 1
+    assert _eta(k, plan.sweeps) >= T and (plan.sweeps == 1 or _eta(k, plan.sweeps - 1) < T)
+    assert segment_sizes(("binomial", k), T) == plan
+
+
 @pytest.mark.parametrize("kernel, backward", [("xla", "autodiff"), ("xla", "fused"), ("auto", "auto")])
 def test_memory_falls_with_sqrt(kernel, backward):
-    """XLA's compiled memory analysis of a train step: "sqrt" needs a fraction of "all"'s temporaries (T=1024)."""
+    """XLA's compiled memory analysis of a train step: "sqrt" needs a fraction of "all"'s temporaries, and
+    ("binomial", 4) less than "sqrt" (T=1024; what is left is mostly the outputs' cotangent, [T, B, H] under
+    every policy)."""
     cell, params, xs, carry, _, _ = _problem("lstm", B=4, T=1024, H=32)
 
     def temp_bytes(policy):
@@ -183,17 +222,21 @@ def test_memory_falls_with_sqrt(kernel, backward):
             return jnp.sum(seqjax.scan(cell, p, xs, checkpoint=policy, kernel=kernel, backward=backward)[1] ** 2)
         return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
 
-    assert temp_bytes("sqrt") < 0.35 * temp_bytes("all")
+    sqrt = temp_bytes("sqrt")
+    assert sqrt < 0.35 * temp_bytes("all")
+    assert temp_bytes(("binomial", 4)) < sqrt
 
 
-@pytest.mark.parametrize("bad", ["none", ("budget", 1), ("budget", 2.0), ("budget", True), ("binomial", 4), 3, None])
+@pytest.mark.parametrize("bad", ["none", ("budget", 1), ("budget", 2.0), ("budget", True), ("binomial", 0),
+                                 ("revolve", 4), 3, None])
 def test_bad_checkpoint_is_refused(bad):
     cell, params, xs, *_ = _problem("rnn")
     if bad is None:
         with pytest.raises(ValueError, match=r"seqjax.scan: checkpoint must be"):
             seqjax.scan(cell, params, xs, options=seqjax.ScanOptions(checkpoint=None))
         return
-    with pytest.raises(ValueError, match=r"seqjax.scan: checkpoint must be 'all', 'sqrt' or \('budget', k\)"):
+    with pytest.raises(ValueError, match=r"seqjax.scan: checkpoint must be 'all', 'sqrt', \('budget', k\) with an "
+                                         r"int k >= 2 or \('binomial', k\) with an int k >= 1"):
         seqjax.scan(cell, params, xs, checkpoint=bad)
 
 
@@ -202,6 +245,9 @@ def test_explain_shows_the_policy():
     text = str(seqjax.backends.explain(cell, params, xs, checkpoint="sqrt"))
     assert "checkpoint='sqrt': the carry every 10 steps is kept (10 segments of T=100)" in text
     assert seqjax.backends.explain(cell, params, xs).checkpoint.startswith("checkpoint='all'")
+    text = seqjax.backends.explain(cell, params, xs, checkpoint=("binomial", 3)).checkpoint
+    assert "binomial (revolve) schedule keeps at most 3 carries besides the initial one and recomputes each step " \
+           "at most 6 times (T=100)" in text
 
 
 @pytest.mark.parametrize("kernel, backward", [("auto", "auto"), ("xla", "fused")])
@@ -233,6 +279,21 @@ def test_tbptt_keeps_its_semantics(kernel, backward):
         return trace
 
     want = run("all")
-    for policy in ("sqrt", ("budget", 2)):
+    for policy in ("sqrt", ("budget", 2), ("binomial", 2)):
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run(policy))):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_mode_through_binomial_names_the_fix():
+    """("binomial", k) is a custom VJP on XLA's autodiff loop too: jax.jvp and jax.linearize get seqjax's error."""
+    cell, params, xs, *_ = _problem("gru", T=7)
+
+    def f(x):
+        return seqjax.scan(cell, params, x, checkpoint=("binomial", 2), kernel="xla", backward="autodiff")[1]
+
+    for transform in (lambda: jax.jvp(f, (xs,), (xs,)), lambda: jax.linearize(f, xs)):
+        with pytest.raises(TypeError, match=r"seqjax.scan: forward-mode .* checkpoint=\('binomial', 2\).*"
+                                            r"pass checkpoint='all', 'sqrt' or \('budget', k\)"):
+            transform()
+    jax.jvp(lambda x: seqjax.scan(cell, params, x, checkpoint="sqrt", kernel="xla", backward="autodiff")[1],
+            (xs,), (xs,))

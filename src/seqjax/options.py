@@ -20,7 +20,7 @@ __all__ = ["BACKWARD_MODES", "CHECKPOINTS", "DAMPINGS", "KERNELS", "METHODS", "N
 
 KERNELS = ("auto", "xla", "avx2", "avx512", "onednn", "cuda")
 BACKWARD_MODES = ("auto", "fused", "autodiff")
-#: the named checkpointing policies; ``("budget", k)`` is the third form
+#: the named checkpointing policies; ``("budget", k)`` and ``("binomial", k)`` are the other two forms
 CHECKPOINTS = ("all", "sqrt")
 METHODS = ("auto", "sequential", "associative", "newton")
 DAMPINGS = ("auto", "always", "never")
@@ -85,13 +85,19 @@ class ScanOptions(NamedTuple):
         schedule): ``"all"`` (default: every step's residuals),
         ``"sqrt"`` (only the carry every ceil(sqrt(T)) steps; the backward pass
         recomputes each segment's residuals from its saved start carry: memory
-        ~ sqrt(T), one more forward pass), or ``("budget", k)`` with an int
+        ~ sqrt(T), one more forward pass), ``("budget", k)`` with an int
         k >= 2 (at most k saved carries at once, two nested levels of
         segments, two more forward passes; the innermost segments hold
-        ceil(T / (k // 2)**2) steps of residuals; a two-level schedule, not a
-        binomial one). Results are the same up to float rounding (on seqjax's
-        x86 kernels the values and the input and carry cotangents bitwise; the
-        weight gradients are summed per segment).
+        ceil(T / (k // 2)**2) steps of residuals), or ``("binomial", k)``
+        with an int k >= 1 (the binomial "revolve" schedule: at most k carries
+        besides the initial one, each step computed at most r times in all with
+        r the smallest number such that C(k + r, k) >= T, the fewest any
+        schedule with k carries allows; the backward pass reverses one step at a time,
+        so it is slower per step; XLA's loop then differentiates through a
+        custom VJP, which forward mode cannot). Results are the same up to
+        float rounding (on seqjax's x86 kernels the values and the input and
+        carry cotangents bitwise; the weight gradients are summed per segment
+        or per step).
       method: how a cell with a linear recurrence (`seqjax.min_gru`,
         `seqjax.min_lstm`, `seqjax.lru`) is evaluated: ``"sequential"`` (a loop
         over T), ``"associative"`` (`jax.lax.associative_scan`: log-depth in T)
@@ -155,12 +161,13 @@ def resolve(call: str, options: ScanOptions | None, **given) -> ScanOptions:
     checkpoint = options.checkpoint
     if isinstance(checkpoint, list):
         checkpoint = tuple(checkpoint)
-    if isinstance(checkpoint, tuple) and len(checkpoint) == 2 and checkpoint[0] == "budget" and \
-            isinstance(checkpoint[1], (int, np.integer)) and not isinstance(checkpoint[1], bool) and checkpoint[1] >= 2:
-        checkpoint = ("budget", int(checkpoint[1]))
+    if isinstance(checkpoint, tuple) and len(checkpoint) == 2 and checkpoint[0] in ("budget", "binomial") and \
+            isinstance(checkpoint[1], (int, np.integer)) and not isinstance(checkpoint[1], bool) and \
+            checkpoint[1] >= (2 if checkpoint[0] == "budget" else 1):
+        checkpoint = (checkpoint[0], int(checkpoint[1]))
     elif not (isinstance(checkpoint, str) and checkpoint in CHECKPOINTS):
-        raise ValueError(f"{call}: checkpoint must be 'all', 'sqrt' or ('budget', k) with an int k >= 2 "
-                         f"(the most carries kept at once), got {checkpoint!r}")
+        raise ValueError(f"{call}: checkpoint must be 'all', 'sqrt', ('budget', k) with an int k >= 2 or "
+                         f"('binomial', k) with an int k >= 1 (the most carries kept at once), got {checkpoint!r}")
     if not isinstance(options.method, str) or options.method not in METHODS:
         raise ValueError(f"{call}: method must be one of {list(METHODS)}, got {options.method!r}")
     return options._replace(checkpoint=checkpoint, newton=_check_newton(call, options.newton))

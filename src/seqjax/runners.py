@@ -338,7 +338,10 @@ def scan(cell: Cell, params, xs: Array, *, carry=None, lengths: Array | None = N
     ``checkpoint`` sets what reverse mode keeps (every path but oneDNN and
     CUDA): ``"all"`` (default), ``"sqrt"`` (the carry every ceil(sqrt(T))
     steps; each segment is recomputed in the backward pass: memory ~ sqrt(T)
-    for one more forward pass) or ``("budget", k)`` (at most k carries; see `seqjax.ScanOptions`).
+    for one more forward pass), ``("budget", k)`` (at most k carries, two
+    levels of segments) or ``("binomial", k)`` (at most k carries, the
+    binomial "revolve" schedule: the fewest recomputations k carries allow;
+    see `seqjax.ScanOptions`).
     By default (``kernel="auto"``) the run takes the first implementation in
     `seqjax.backends`' table that applies: on an x86-64 CPU seqjax's own
     AVX-512/AVX2 kernels (LSTM and Greff et al.'s variants but FGR, GRU with

@@ -33,7 +33,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from seqjax._checkpoint import backward_segments, forward_segments, put, take
+from seqjax._checkpoint import Binomial, backward, forward, put, take
 from seqjax._vma import explicit_replicated, match_varying
 from seqjax.cells.base import Array, Cell, compute_dtype, form_of, matmul
 from seqjax.cells.gru import GRUParams
@@ -474,7 +474,7 @@ def _checkpointed_fwd(kind, params, xs, carry0, valid, resets, reverse, hoist, u
         return put(ys, ys_seg, start), carry
 
     ys = jnp.zeros((T, B, _h(kind, carry0).shape[-1]), params.w_h.dtype)
-    ys, final, starts = forward_segments(run, ys, carry0, 0, T, sizes[0], reverse)
+    ys, final, starts = forward(sizes, run, ys, carry0, T, reverse)
     return (final, ys), (params, xs, starts, None, valid, resets)
 
 
@@ -505,7 +505,7 @@ def _checkpointed_bwd(kind, reverse, hoist, unroll, sizes, saved, cts):
 
     names = ["w_x", "w_h", "b"] + [k for k in ("b_hn", "peep", "w_proj") if getattr(params, k, None) is not None]
     acc = ({k: jnp.zeros(getattr(params, k).shape, ct) for k in names}, jnp.zeros_like(xs))
-    (grads, dxs), dcarry0 = backward_segments(sizes, reverse, advance, leaf, acc, dfinal, 0, xs.shape[0], starts)
+    (grads, dxs), dcarry0 = backward(sizes, reverse, advance, leaf, acc, dfinal, xs.shape[0], starts)
     dcarry0 = jax.tree.map(lambda a, dt: a.astype(dt), dcarry0, carry_dtypes)
     grads = {k: v.astype(getattr(params, k).dtype) for k, v in grads.items()}
     # inside jax.shard_map: the weight gradients of one block's rows are summed over the blocks
@@ -544,7 +544,8 @@ def fused_scan(kind: str | LSTMSpec, params, xs_tm: Array, carry0, valid: Array 
         (``remat`` is then moot: a segment's residuals live only while it is
         differentiated).
     """
-    flags = (bool(reverse), bool(hoist), bool(remat), int(unroll), tuple(checkpoint))
+    schedule = checkpoint if isinstance(checkpoint, Binomial) else tuple(checkpoint)
+    flags = (bool(reverse), bool(hoist), bool(remat), int(unroll), schedule)
     if isinstance(kind, LSTMSpec):
         final, ys = _fused(kind, params, xs_tm, LSTMCarry(carry0.h, carry0.c), valid, resets, *flags)
         return LSTMCarry(final.h, final.c, None), ys

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from seqjax._checkpoint import backward_segments, forward_segments, put, take
+from seqjax._checkpoint import Binomial, backward, forward, put, take
 from seqjax.cells.base import Array, matmul
 from seqjax.cells.lstm import LSTMCarry
 from seqjax._vma import explicit_replicated, match_varying
@@ -257,7 +257,7 @@ def _run_checkpointed_fwd(target, sizes, xs, w_x, b, w_h, extra, h0, c0, lengths
         return put(ys, ys_seg, start, axis), (hT, cT)
 
     ys = jnp.zeros(xs.shape[:2] + h0.shape[-1:], jnp.float32)
-    ys, (hT, cT), starts = forward_segments(run, ys, (h0, c0), 0, xs.shape[axis], sizes[0], target.reverse)
+    ys, (hT, cT), starts = forward(sizes, run, ys, (h0, c0), xs.shape[axis], target.reverse)
     return (ys, hT, cT), (xs, w_x, b, w_h, extra, lengths, resets, starts)
 
 
@@ -285,8 +285,8 @@ def _run_checkpointed_bwd(target, sizes, saved, cts):
         return (dw_x + gw_x, db + gb, dw_h + gw_h, dextra + gextra, dxs), (dh, dc)
 
     acc = tuple(jnp.zeros_like(a) for a in (w_x, b, w_h, extra, xs))
-    (dw_x, db, dw_h, dextra, dxs), (dh0, dc0) = backward_segments(sizes, target.reverse, advance, leaf, acc,
-                                                                  (dhT, dcT), 0, xs.shape[axis], starts)
+    (dw_x, db, dw_h, dextra, dxs), (dh0, dc0) = backward(sizes, target.reverse, advance, leaf, acc, (dhT, dcT),
+                                                          xs.shape[axis], starts)
     return dxs, dw_x, db, dw_h, dextra, dh0, dc0, None, None
 
 
@@ -341,7 +341,8 @@ def native_scan(prefix: str, kind: str, params, xs: Array, carry0, reverse: bool
         resets = jnp.zeros((0,), bool) if resets is None else jnp.asarray(resets, bool)
         operands = (xs, params.w_x, params.b, params.w_h, extra, h0, c0, lengths, resets)
         if checkpoint:
-            ys, hT, cT = _run_checkpointed(target, tuple(checkpoint), *operands)
+            ys, hT, cT = _run_checkpointed(target, checkpoint if isinstance(checkpoint, Binomial) else tuple(checkpoint),
+                                             *operands)
         else:
             ys, hT, cT = _run_projecting(target, *operands)
     else:

@@ -331,7 +331,17 @@ def choose(request: Request, explain: bool = False) -> Choice:
 FORWARD_MODE_FIX = "pass kernel='xla', backward='autodiff' (or options=seqjax.ScanOptions(kernel='xla', backward='autodiff'))"
 
 
+def _binomial(request: Request) -> bool:
+    checkpoint = request.options.checkpoint
+    return isinstance(checkpoint, tuple) and checkpoint[0] == "binomial"
+
+
 def _forward_mode_error(request: Request, backend: Backend) -> TypeError:
+    if backend.name == "xla":
+        return TypeError(f"{request.caller}: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian, "
+                         f"jax.linearize) cannot go through checkpoint={request.options.checkpoint!r}, which is "
+                         "differentiable in reverse mode only (a jax.custom_vjp); pass checkpoint='all', 'sqrt' or "
+                         "('budget', k)")
     return TypeError(f"{request.caller}: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian, "
                      f"jax.linearize) cannot go through the {backend.name} path, which is differentiable in reverse "
                      f"mode only (a jax.custom_vjp); {FORWARD_MODE_FIX}")
@@ -366,11 +376,12 @@ def _under_linearize(*inputs) -> bool:
 
 def run(request: Request, backend: Backend):
     """``backend.run(request)``; forward-mode differentiation through a reverse-mode-only path gets a seqjax error."""
-    if backend.name != "xla" and _under_linearize(request.params, request.xs, request.carry):
+    reverse_only = backend.name != "xla" or _binomial(request)
+    if reverse_only and _under_linearize(request.params, request.xs, request.carry):
         raise _forward_mode_error(request, backend)
     try:
         return backend.run(request)
     except TypeError as e:
-        if "custom_vjp" not in str(e) or backend.name == "xla":
+        if "custom_vjp" not in str(e) or not reverse_only:
             raise
         raise _forward_mode_error(request, backend) from e
