@@ -68,7 +68,8 @@ def selective_copy(key, batch_size: int, num_noise: int = 4080, num_tokens: int 
 
     Example:
       >>> b = seqjax.tasks.selective_copy(jax.random.key(0), 32, num_noise=64, num_tokens=16)
-      >>> b.x.shape, b.y.shape                      # ((32, 96, 16), (32, 16))
+      >>> b.x.shape, b.y.shape
+      ((32, 96, 16), (32, 16))
     """
     fn = "seqjax.tasks.selective_copy"
     batch_size = check_batch_size(fn, batch_size)
