@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MNIST-1D (Greydanus & Kobak 2020): five recurrent cells on data nobody here wrote, regular and time-shuffled.
+"""MNIST-1D (Greydanus & Kobak 2020): six recurrent cells on data nobody here wrote, regular and time-shuffled.
 
 (The file is named mnist_1d.py: a script named mnist1d.py would shadow the mnist1d package it imports.)
 
@@ -12,7 +12,7 @@ Every cell gets the same optimiser and step budget (Adam 3e-3, batch 128 drawn u
 set, 3,000 steps, no clipping, no schedule) at about the same parameter count (about 50k; printed per cell):
 
 * **GRU(128)**, **LSTM(110)**: `seqjax.nnx.SequenceClassifier` over one layer, read at the last step.
-* **minGRU**, **minLSTM**, **LRU** (the parallel cells): their gates and coefficients read only the current
+* **minGRU**, **minLSTM**, **LRU**, **RG-LRU** (the parallel cells): their gates and coefficients read only the current
   input, and the LRU is linear, so one layer over a one-channel signal cannot classify (a single LRU layer
   and a linear head are a linear classifier). They run in the residual block their papers use:
   ``x -> Linear(1, D) -> L x [h = h + Linear(gelu(cell(causal_conv4(LayerNorm(h)))))] -> mean over time
@@ -55,9 +55,9 @@ from _report import write_results  # examples/_report.py
 # config
 # ----------------------------------------------------------------------------
 
-CELLS = ("gru", "lstm", "min_gru", "min_lstm", "lru")
-PARALLEL = ("min_gru", "min_lstm", "lru")
-LABELS = {"gru": "GRU", "lstm": "LSTM", "min_gru": "minGRU", "min_lstm": "minLSTM", "lru": "LRU"}
+CELLS = ("gru", "lstm", "min_gru", "min_lstm", "lru", "rg_lru")
+PARALLEL = ("min_gru", "min_lstm", "lru", "rg_lru")
+LABELS = {"gru": "GRU", "lstm": "LSTM", "min_gru": "minGRU", "min_lstm": "minLSTM", "lru": "LRU", "rg_lru": "RG-LRU"}
 
 MODELS = {
     "gru": dict(arch="plain", hidden=128),
@@ -65,6 +65,7 @@ MODELS = {
     "min_gru": dict(arch="blocks", width=96, layers=2, conv=4),
     "min_lstm": dict(arch="blocks", width=80, layers=2, conv=4),
     "lru": dict(arch="blocks", width=64, state=64, layers=2, conv=4),
+    "rg_lru": dict(arch="blocks", width=80, layers=2, conv=4),
 }
 """Per cell: ``plain`` = SequenceClassifier(cell(hidden)); ``blocks`` = the residual blocks of the docstring."""
 
@@ -118,7 +119,7 @@ def load(variant: str) -> dict:
 
 def make_cell(kind: str, size: int):
     return {"gru": seqjax.gru, "lstm": seqjax.lstm, "min_gru": seqjax.min_gru, "min_lstm": seqjax.min_lstm,
-            "lru": seqjax.lru}[kind](size)
+            "lru": seqjax.lru, "rg_lru": seqjax.rg_lru}[kind](size)
 
 
 class CausalDepthwiseConv(nnx.Module):

@@ -84,6 +84,18 @@ def min_lstm_step(p, h, x, log_space):
     return f / (f + i) * h + i / (f + i) * h_tilde
 
 
+def rg_lru_step(p, h, x, c, value_projection):
+    """De et al. (2024), eqs. (1)-(4): r = sigma(W_a x), i = sigma(W_x x), a_t = a^(c r), a = sigma(Lambda),
+    h = a_t h + sqrt(1 - a_t^2) (i x); here Lambda = -a_param and the value is x W_v + b_v unless given as x."""
+    H = h.shape[-1]
+    r = sigmoid(x @ p.w_x[:, :H] + p.b[:H])
+    i = sigmoid(x @ p.w_x[:, H:2 * H] + p.b[H:2 * H])
+    v = x @ p.w_x[:, 2 * H:] + p.b[2 * H:] if value_projection else x
+    a = sigmoid(-p.a_param)
+    a_t = a ** (c * r)
+    return a_t * h + np.sqrt(1 - a_t ** 2) * (i * v)
+
+
 def lru_step(p, x_state, u):
     """Orvieto et al. (2023), eq. (7) and section 3: x = lambda x + gamma (B u), y = Re(C x) + D u.
 

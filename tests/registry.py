@@ -24,6 +24,8 @@ CELLS = {
     "min_lstm_log": lambda: seqjax.min_lstm(H, log_space=True),
     "lru": lambda: seqjax.lru(H),
     "lru_out": lambda: seqjax.lru(H, output_size=3, r_min=0.5, r_max=0.99, max_phase=0.3),
+    "rg_lru": lambda: seqjax.rg_lru(H),
+    "rg_lru_identity": lambda: seqjax.rg_lru(3, c=2.0, a_min=0.5, a_max=0.99, value_projection=False),
 }
 
 # Runner invariants (jit, vmap, reverse, padding, resets) depend on the carry's structure, not on the gate
@@ -40,4 +42,5 @@ FACTORIES = {
     "min_gru": ["min_gru", "min_gru_log"],
     "min_lstm": ["min_lstm", "min_lstm_log"],
     "lru": ["lru", "lru_out"],
+    "rg_lru": ["rg_lru", "rg_lru_identity"],
 }

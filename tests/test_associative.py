@@ -14,6 +14,7 @@ LINEAR = {
     "min_lstm": lambda: seqjax.min_lstm(4),
     "min_lstm_log": lambda: seqjax.min_lstm(4, log_space=True),
     "lru": lambda: seqjax.lru(4, output_size=3, r_min=0.5, r_max=0.99),
+    "rg_lru": lambda: seqjax.rg_lru(4, c=4.0, a_min=0.5, a_max=0.99),
 }
 
 
@@ -42,7 +43,7 @@ def run_and_grad(cell, params, xs, carry, method, **kw):
 
 
 @pytest.mark.parametrize("name, T", [(name, 13) for name in sorted(LINEAR)] +
-                         [("min_gru_log", 1), ("lru", 1), ("min_lstm", 2)])
+                         [("min_gru_log", 1), ("lru", 1), ("min_lstm", 2), ("rg_lru", 1)])
 def test_associative_equals_sequential_values_and_grads(name, T):
     """Lengths (0, 1, short, full), resets (at step 0 and in the middle) and reverse, values and gradients."""
     cell, params, xs, carry = setup(name, B=4, T=T)

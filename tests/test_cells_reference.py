@@ -30,6 +30,9 @@ def numpy_step(name):
     if name.startswith("min_gru") or name.startswith("min_lstm"):
         ref_step = ref.min_gru_step if name.startswith("min_gru") else ref.min_lstm_step
         return lambda p, h, x: (lambda h: (h, h))(ref_step(p, h, x, name.endswith("_log")))
+    if name.startswith("rg_lru"):
+        c, proj = (8.0, True) if name == "rg_lru" else (2.0, False)
+        return lambda p, h, x: (lambda h: (h, h))(ref.rg_lru_step(p, h, x, c, proj))
     if name.startswith("lru"):
         def step(p, carry, x):
             N = carry.shape[-1] // 2

@@ -79,13 +79,18 @@ def test_min_lstm_normalised_gates_never_divide():
     (seqjax.lru, "r_max", 1.5, "0 <= r_min < r_max <= 1"),
     (seqjax.lru, "max_phase", 0.0, "max_phase must be > 0"),
     (seqjax.lru, "output_size", -1, "output_size must be a positive int"),
+    (seqjax.rg_lru, "c", 0.0, "c must be > 0"),
+    (seqjax.rg_lru, "a_max", 1.0, "0 < a_min < a_max < 1"),
+    (seqjax.rg_lru, "a_min", "0.5", "a_min must be a number"),
+    (seqjax.rg_lru, "value_projection", 1, "value_projection must be a bool"),
 ])
 def test_factory_errors_name_the_factory_and_argument(make, arg, value, match):
     with pytest.raises(ValueError, match=f"seqjax.{make.__name__}: .*{match}"):
         make(**{"hidden_size": 4, arg: value})
 
 
-@pytest.mark.parametrize("make", [lambda: seqjax.min_gru(4), lambda: seqjax.lru(4, output_size=3)])
+@pytest.mark.parametrize("make", [lambda: seqjax.min_gru(4), lambda: seqjax.lru(4, output_size=3),
+                                  lambda: seqjax.rg_lru(4)])
 def test_params_of_the_wrong_cell_are_refused(make):
     cell = make()
     other = seqjax.gru(4).init(jax.random.key(0), 2)
@@ -148,3 +153,30 @@ def test_bfloat16_params_keep_their_dtype(make):
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), cell.init(jax.random.key(0), 3))
     carry, ys = seqjax.scan(cell, params, jnp.ones((2, 5, 3), jnp.bfloat16))
     assert ys.dtype == jnp.bfloat16 and carry.dtype == jnp.bfloat16
+
+
+def test_rg_lru_initial_decay_lies_in_its_range():
+    """a = exp(-softplus(a_param)) with a^2 ~ U(a_min^2, a_max^2): every a in range, the mean of a^2 the midpoint."""
+    p = seqjax.rg_lru(4096, a_min=0.9, a_max=0.999).init(jax.random.key(0), 2)
+    a = np.exp(-np.logaddexp(0.0, np.asarray(p.a_param, np.float64)))
+    assert a.min() >= 0.9 - 1e-6 and a.max() <= 0.999 + 1e-6
+    np.testing.assert_allclose(np.mean(a ** 2), (0.9 ** 2 + 0.999 ** 2) / 2, atol=2e-3)
+
+
+def test_rg_lru_input_scale_near_unit_decay_is_accurate():
+    """With a_t -> 1 the input factor sqrt(1 - a_t^2) is tiny; computed as sqrt(-expm1(2 log a_t)) it keeps its
+    relative accuracy where 1 - a_t**2 in float32 rounds to 0 (and its gradient stays finite)."""
+    cell = seqjax.rg_lru(2, c=1.0, value_projection=False)
+    p = cell.init(jax.random.key(0), 2)
+    p = p._replace(a_param=jnp.full(2, 12.0), w_x=jnp.zeros_like(p.w_x), b=jnp.full(4, 30.0))  # r = i = 1
+    _, y = cell.apply(p, jnp.zeros((1, 2)), jnp.ones((1, 2)))
+    log_a = -np.logaddexp(0.0, 12.0)                     # about -6.1e-6: a = 1 - 6.1e-6
+    np.testing.assert_allclose(np.asarray(y), np.sqrt(-np.expm1(2 * log_a)), rtol=1e-5)
+    g = jax.grad(lambda p: jnp.sum(cell.apply(p, jnp.ones((1, 2)), jnp.ones((1, 2)))[1]))(p)
+    assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(g))
+
+
+def test_rg_lru_without_value_projection_needs_input_size_equal_hidden():
+    with pytest.raises(ValueError, match=r"seqjax.rg_lru\(value_projection=False\).init: input_size must equal "
+                                         r"hidden_size=4 .*got 3"):
+        seqjax.rg_lru(4, value_projection=False).init(jax.random.key(0), 3)

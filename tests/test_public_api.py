@@ -10,10 +10,10 @@ PUBLIC = {
     "seqjax": {
         "BidirectionalParams", "Cell", "GREFF_VARIANTS", "GRUParams", "History", "InitialCarryParams", "LRUParams",
         "LSTMCarry", "LSTMParams", "Layer", "MinGRUParams", "MinLSTMParams", "NewtonOptions", "NonFiniteLossError",
-        "RNNParams", "ScanOptions",
+        "RGLRUParams", "RNNParams", "ScanOptions",
         "TrainState", "attention", "backends", "bidirectional", "checkpoint", "deep", "diagnostics", "dropout", "fit",
         "from_torch", "from_torch_carry", "generate", "gru", "init_state", "losses", "lru", "lstm", "lstm_variant",
-        "make_nnx_train_step", "make_train_step", "min_gru", "min_lstm", "multilayer", "nnx", "rnn", "scan",
+        "make_nnx_train_step", "make_train_step", "min_gru", "min_lstm", "multilayer", "nnx", "rg_lru", "rnn", "scan",
         "seq2seq", "sequence", "sharding", "stack", "symmetric_uniform", "tasks", "tbptt", "to_torch_state_dict",
         "torch_carry", "transformer", "unrolled",
     },

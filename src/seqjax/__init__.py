@@ -1,7 +1,7 @@
 """seqjax: functional sequence models for JAX.
 
 Pure-function cells (`rnn`, `lstm`, `gru`, `stack`, and the linear-recurrence
-cells `min_gru`, `min_lstm`, `lru` that `scan` can also evaluate in parallel),
+cells `min_gru`, `min_lstm`, `lru`, `rg_lru` that `scan` can also evaluate in parallel),
 runners that scan them over time (`scan`, `unrolled`) with their execution
 options (`ScanOptions`), sequence layers (`sequence`, `bidirectional`, `deep`,
 `multilayer`), the Optax training loop (`make_train_step`, `fit`), losses
@@ -10,7 +10,8 @@ options (`ScanOptions`), sequence layers (`sequence`, `bidirectional`, `deep`,
 implementation a call runs on.
 """
 from seqjax.cells import (GREFF_VARIANTS, Cell, GRUParams, LRUParams, LSTMCarry, LSTMParams, MinGRUParams, MinLSTMParams,
-                          RNNParams, gru, lru, lstm, lstm_variant, min_gru, min_lstm, rnn, stack, symmetric_uniform)
+                          RGLRUParams, RNNParams, gru, lru, lstm, lstm_variant, min_gru, min_lstm, rg_lru, rnn, stack,
+                          symmetric_uniform)
 from seqjax.layers import (BidirectionalParams, InitialCarryParams, Layer, bidirectional, deep, dropout, multilayer,
                            sequence)
 from seqjax.options import NewtonOptions, ScanOptions
@@ -25,6 +26,7 @@ __all__ = [
     # cells and their params
     "Cell", "GREFF_VARIANTS", "GRUParams", "LSTMCarry", "LSTMParams", "RNNParams", "gru", "lstm", "lstm_variant",
     "rnn", "stack", "symmetric_uniform", "LRUParams", "MinGRUParams", "MinLSTMParams", "lru", "min_gru", "min_lstm",
+    "RGLRUParams", "rg_lru",
     # runners and layers
     "NewtonOptions", "ScanOptions", "scan", "unrolled", "BidirectionalParams", "InitialCarryParams", "Layer",
     "bidirectional", "deep", "dropout",
