@@ -36,7 +36,7 @@ __all__ = ["AUTO_MIN_T", "method_of", "run"]
 #: the loop on the CPU. No GPU or TPU was measured: there too "auto" keeps the loop until a benchmark sets a T.
 AUTO_MIN_T: dict[str, int | None] = {"cpu": None, "gpu": None, "tpu": None}
 
-_LINEAR_CELLS = "seqjax.min_gru, seqjax.min_lstm or seqjax.lru"
+_LINEAR_CELLS = "seqjax.min_gru, seqjax.min_lstm, seqjax.lru or seqjax.rg_lru"
 
 
 def _linear_of(cell):
