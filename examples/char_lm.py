@@ -404,6 +404,7 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--num-samples", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=None, help="--study dropout: seeds per variant (default 3, quick 1)")
     ap.add_argument("--dropout", type=float, default=None, help="dropout on non-recurrent connections")
     ap.add_argument("--devices", type=int, default=None,
                     help="train data-parallel over N devices (on a CPU: N emulated devices)")
@@ -554,16 +555,16 @@ def main(argv=None):
 
 DROPOUT_STUDY = dict(DEFAULT, train_chars=50_000, valid_chars=25_000, hidden=128, layers=2, embed=64,
                      batch=16, k1=64, k2=64, lr=3e-3, lr_final=3e-4, train_steps=1200, eval_every_steps=200,
-                     seed=0, variants=(("none", 0.0, 0.0), ("between-layer (Zaremba)", 0.5, 0.0),
+                     seed=0, seeds=3, variants=(("none", 0.0, 0.0), ("between-layer (Zaremba)", 0.5, 0.0),
                                        ("variational recurrent", 0.0, 0.25)))
 """A 2 x 128 LSTM (~0.23M parameters) on 50k characters of the stdlib sources: 1,200 updates of 16 x 64 characters
 are ~25 passes over the training split, so without dropout the model overfits (its validation bits/char is best
-half way and then rises); each variant gets the same step budget, initialisation and windows. Rates: 0.5 on the
+half way and then rises); each variant gets the same step budget, initialisation and windows (per seed: seeds ``seed``, ``seed + 1``, ...;
+the variants are compared per seed, as paired differences). Rates: 0.5 on the
 non-recurrent connections (Zaremba et al.'s medium setting), 0.25 on the recurrent state (Gal & Ghahramani's
-recurrent rates are of that order); neither is tuned. The three runs took 11 min of wall time on the shared 2-core
-machine at low priority."""
+recurrent rates are of that order); neither is tuned."""
 DROPOUT_QUICK = dict(DROPOUT_STUDY, train_chars=30_000, valid_chars=10_000, hidden=32, embed=16, batch=8, k1=32,
-                     k2=32, train_steps=40, eval_every_steps=20, eval_window=200)
+                     k2=32, train_steps=40, eval_every_steps=20, eval_window=200, seeds=1)
 
 
 def dropout_study_train(cfg: dict, data: dict, name: str, dropout: float, recurrent: float) -> dict:
@@ -641,6 +642,21 @@ def dropout_study_plot(runs: dict, out: str, title: str) -> str:
     return os.path.basename(path)
 
 
+def dropout_study_summary(per_seed: dict, baseline: str) -> dict:
+    """Per variant: validation and training bits/char over seeds, and the paired difference to ``baseline``'s."""
+    def stats(values):
+        v = np.asarray(values, float)
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "per_seed": v.tolist()}
+    base = [r["valid_bpc"] for r in per_seed[baseline]]
+    return {name: {"valid_bpc": stats([r["valid_bpc"] for r in rs]), "train_bpc": stats([r["train_bpc"] for r in rs]),
+                   "vs_none": stats([r["valid_bpc"] - b for r, b in zip(rs, base)])}
+            for name, rs in per_seed.items()}
+
+
+def _mean_sd(s: dict, signed: bool = False) -> str:
+    return f"{s['mean']:{'+' if signed else ''}.3f} ± {s['std']:.3f}"
+
+
 def dropout_study(args) -> dict:
     """``--study dropout``: the three variants at an equal step budget; prints a table, writes results.json and a PNG."""
     cfg = dict(DROPOUT_QUICK if args.quick else DROPOUT_STUDY)
@@ -650,6 +666,10 @@ def dropout_study(args) -> dict:
         cfg["train_steps"] = args.steps
         cfg["eval_every_steps"] = min(cfg["eval_every_steps"], args.steps)
     cfg["seed"] = args.seed
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise SystemExit(f"char_lm: --seeds must be >= 1, got {args.seeds}")
+        cfg["seeds"] = args.seeds
     out = args.out if args.out != "runs/char_lm" else "runs/char_lm_dropout"
     os.makedirs(out, exist_ok=True)
     t_start = time.perf_counter()
@@ -667,28 +687,36 @@ def dropout_study(args) -> dict:
     print(f"dropout study: {info['source']}: {len(train_ids):,} train / {len(valid_ids):,} valid characters, "
           f"vocabulary {len(vocab)}; {cfg['layers']} x LSTM({cfg['hidden']}), {cfg['train_steps']} updates of "
           f"{B} x {cfg['k1']} (~{passes:.1f} passes over the training split)", flush=True)
-    runs = {}
-    for name, dropout, recurrent in cfg["variants"]:
-        print(f"{name} (dropout {dropout}, recurrent_dropout {recurrent})", flush=True)
-        runs[name] = dropout_study_train(cfg, data, name, dropout, recurrent)
-    base = runs[cfg["variants"][0][0]]["valid_bpc"]
+    seeds = [cfg["seed"] + s for s in range(cfg["seeds"])]
+    per_seed = {}                                            # variant -> one run per seed
+    for seed in seeds:
+        for name, dropout, recurrent in cfg["variants"]:
+            print(f"{name} (dropout {dropout}, recurrent_dropout {recurrent}), seed {seed}", flush=True)
+            per_seed.setdefault(name, []).append(
+                dropout_study_train(dict(cfg, seed=seed), data, name, dropout, recurrent))
+    runs = {name: rs[0] for name, rs in per_seed.items()}   # the first seed's runs, with their curves
+    summary = dropout_study_summary(per_seed, cfg["variants"][0][0])
     print(f"\nDropout study: {cfg['layers']} x LSTM({cfg['hidden']}), {cfg['train_steps']} updates each, "
-          f"validation and training bits/char with dropout off")
-    print(f"{'variant':26s} {'dropout':>8s} {'recurrent':>10s} {'valid':>7s} {'train':>7s} {'gap':>6s} "
-          f"{'best valid (step)':>18s} {'vs none':>8s}")
-    for name, r in runs.items():
-        print(f"{name:26s} {r['dropout']:8.2f} {r['recurrent_dropout']:10.2f} {r['valid_bpc']:7.3f} "
-              f"{r['train_bpc']:7.3f} {r['generalisation_gap']:6.3f} {r['best_valid_bpc']:11.3f} ({r['best_step']:4d}) "
-              f"{r['valid_bpc'] - base:+8.3f}")
+          f"validation and training bits/char with dropout off; mean ± sd over seeds {seeds}")
+    print(f"{'variant':26s} {'dropout':>8s} {'recurrent':>10s} {'valid':>15s} {'train':>15s} "
+          f"{'vs none (paired)':>17s}")
+    for name, s in summary.items():
+        r = runs[name]
+        print(f"{name:26s} {r['dropout']:8.2f} {r['recurrent_dropout']:10.2f} {_mean_sd(s['valid_bpc']):>15s} "
+              f"{_mean_sd(s['train_bpc']):>15s} {_mean_sd(s['vs_none'], signed=True):>17s}")
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(
         make_model(cfg, len(vocab))[2](jax.random.key(0))))
     plots = {"curves": dropout_study_plot(runs, out, f"char LM dropout study: {cfg['layers']}x LSTM({cfg['hidden']})")}
     res = {"mode": "quick" if args.quick else "full", "study": "dropout",
            "config": {k: ([list(v) for v in val] if k == "variants" else list(val) if isinstance(val, tuple) else val)
                       for k, val in cfg.items() for v in [val]},
-           "corpus": info, "parameters": n_params, "passes_over_train": passes, "runs": runs,
-           "best_variant": min(runs, key=lambda n: runs[n]["valid_bpc"]), "plots": plots,
-           "command": "python examples/char_lm.py --study dropout" + (" --quick" if args.quick else "")}
+           "corpus": info, "parameters": n_params, "passes_over_train": passes, "seeds": seeds, "runs": runs,
+           "per_seed": {name: [{k: v for k, v in r.items() if k != "curve"} for r in rs]
+                        for name, rs in per_seed.items()},
+           "summary": summary, "best_variant": min(summary, key=lambda n: summary[n]["valid_bpc"]["mean"]),
+           "plots": plots,
+           "command": "python examples/char_lm.py --study dropout" + (" --quick" if args.quick else "")
+                      + ("" if args.seeds is None else f" --seeds {args.seeds}")}
     return write_results(out, res, [plots["curves"]], t_start)
 
 

@@ -29,5 +29,11 @@ def test_char_lm_dropout_study_quick(tmp_path):
         assert 0 < r["valid_bpc"] < 8 and 0 < r["train_bpc"] < 8
     # different regularisers from the same initialisation and windows give different models
     assert len({round(r["valid_bpc"], 6) for r in runs.values()}) == 3
+    # one seed in the quick run: the summary is that seed's numbers, the paired difference to "none" its own
+    assert res["seeds"] == [0] and list(res["summary"]) == list(runs)
+    for name, s in res["summary"].items():
+        assert s["valid_bpc"]["per_seed"] == [runs[name]["valid_bpc"]] and s["valid_bpc"]["std"] == 0.0
+        assert s["vs_none"]["mean"] == runs[name]["valid_bpc"] - runs["none"]["valid_bpc"]
+        assert [r["valid_bpc"] for r in res["per_seed"][name]] == [runs[name]["valid_bpc"]]
     assert "Dropout study" in proc.stdout and "variational recurrent" in proc.stdout
     check_plots(res, out)
