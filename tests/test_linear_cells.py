@@ -176,6 +176,21 @@ def test_rg_lru_input_scale_near_unit_decay_is_accurate():
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(g))
 
 
+def test_rg_lru_saturated_decay_keeps_gradients_finite():
+    """A recurrence gate of exactly 0 (sigmoid(-200) in float32) makes a_t = 1 and 1 - a_t^2 = 0: the state passes
+    unchanged, and the capped derivative of the square root keeps every gradient finite (sqrt's own is infinite)."""
+    cell = seqjax.rg_lru(2, value_projection=False)
+    p = cell.init(jax.random.key(0), 2)
+    p = p._replace(w_x=jnp.zeros_like(p.w_x), b=jnp.concatenate([jnp.full(2, -200.0), jnp.zeros(2)]))
+    h, x = jnp.array([[0.3, -0.7]]), jnp.ones((1, 2))
+    _, y = cell.apply(p, h, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(h))
+    for method in ("sequential", "associative"):
+        g = jax.grad(lambda p, x: jnp.sum(seqjax.scan(cell, p, x, carry=h, method=method)[1]), argnums=(0, 1))(
+            p, jnp.ones((1, 4, 2)))
+        assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(g)), method
+
+
 def test_rg_lru_without_value_projection_needs_input_size_equal_hidden():
     with pytest.raises(ValueError, match=r"seqjax.rg_lru\(value_projection=False\).init: input_size must equal "
                                          r"hidden_size=4 .*got 3"):

@@ -37,6 +37,26 @@ def decay_init(key, n: int, a_min: float, a_max: float) -> Array:
     return jnp.log(jnp.expm1(-log_a))                                      # softplus^-1(-log a)
 
 
+_SQRT_MAX_DERIVATIVE = 1000.0
+
+
+@jax.custom_jvp
+def _sqrt_bounded_derivative(x: Array) -> Array:
+    """``sqrt(x)`` whose derivative is capped at ``_SQRT_MAX_DERIVATIVE`` (it is infinite at x = 0).
+
+    ``1 - a_t^2`` reaches 0 when the decay saturates at 1 (a recurrence gate of exactly 0); the cap keeps the
+    gradient finite there, as recurrentgemma's ``sqrt_bound_derivative`` does (with the same bound).
+    """
+    return jnp.sqrt(x)
+
+
+@_sqrt_bounded_derivative.defjvp
+def _sqrt_bounded_derivative_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    y = jnp.sqrt(x)
+    return y, t * (0.5 / jnp.maximum(y, 0.5 / _SQRT_MAX_DERIVATIVE))
+
+
 def rg_lru(hidden_size: int, *, c: float = 8.0, a_min: float = 0.9, a_max: float = 0.999,
            value_projection: bool = True, kernel_init=jax.nn.initializers.lecun_normal(),
            bias_init=jax.nn.initializers.zeros, param_dtype=jnp.float32) -> Cell:
@@ -50,7 +70,8 @@ def rg_lru(hidden_size: int, *, c: float = 8.0, a_min: float = 0.9, a_max: float
         h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * v)
 
     and ``y_t = h_t``. ``sqrt(1 - a_t^2)`` is computed as ``sqrt(-expm1(2 log a_t))``,
-    accurate when ``a_t`` is close to 1. Both gates read only ``x_t``, so the
+    accurate when ``a_t`` is close to 1, with its derivative capped at 1000 (infinite
+    where ``a_t`` saturates at 1), as in recurrentgemma. Both gates read only ``x_t``, so the
     state follows a linear recurrence and ``seqjax.scan(..., method="associative")``
     evaluates it in parallel over time.
 
@@ -118,7 +139,7 @@ def rg_lru(hidden_size: int, *, c: float = 8.0, a_min: float = 0.9, a_max: float
     def coefficients(params: RGLRUParams, px: Array):
         r, i = jax.nn.sigmoid(px[..., :H]), jax.nn.sigmoid(px[..., H:2 * H])
         log_a = -c * r * jax.nn.softplus(params.a_param.astype(px.dtype))
-        return jnp.exp(log_a), jnp.sqrt(-jnp.expm1(2.0 * log_a)) * (i * px[..., 2 * H:])
+        return jnp.exp(log_a), _sqrt_bounded_derivative(-jnp.expm1(2.0 * log_a)) * (i * px[..., 2 * H:])
 
     def step(params: RGLRUParams, h: Array, px: Array):
         a, b = coefficients(params, px)
