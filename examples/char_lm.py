@@ -559,9 +559,9 @@ DROPOUT_STUDY = dict(DEFAULT, train_chars=50_000, valid_chars=25_000, hidden=128
                                        ("variational recurrent", 0.0, 0.25)))
 """A 2 x 128 LSTM (~0.23M parameters) on 50k characters of the stdlib sources: 1,200 updates of 16 x 64 characters
 are ~25 passes over the training split, so without dropout the model overfits (its validation bits/char is best
-half way and then rises); each variant gets the same step budget, initialisation and windows (per seed: seeds ``seed``, ``seed + 1``, ...;
-the variants are compared per seed, as paired differences). Rates: 0.5 on the
-non-recurrent connections (Zaremba et al.'s medium setting), 0.25 on the recurrent state (Gal & Ghahramani's
+half way and then rises); each variant gets the same step budget, initialisation and windows, per seed (seeds
+``seed``, ``seed + 1``, ...; the variants are compared as paired differences). Rates: 0.5 on the non-recurrent
+connections (Zaremba et al.'s medium setting), 0.25 on the recurrent state (Gal & Ghahramani's
 recurrent rates are of that order); neither is tuned."""
 DROPOUT_QUICK = dict(DROPOUT_STUDY, train_chars=30_000, valid_chars=10_000, hidden=32, embed=16, batch=8, k1=32,
                      k2=32, train_steps=40, eval_every_steps=20, eval_window=200, seeds=1)
@@ -646,7 +646,8 @@ def dropout_study_summary(per_seed: dict, baseline: str) -> dict:
     """Per variant: validation and training bits/char over seeds, and the paired difference to ``baseline``'s."""
     def stats(values):
         v = np.asarray(values, float)
-        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "per_seed": v.tolist()}
+        sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        return {"mean": float(v.mean()), "std": sd, "per_seed": v.tolist()}
     base = [r["valid_bpc"] for r in per_seed[baseline]]
     return {name: {"valid_bpc": stats([r["valid_bpc"] for r in rs]), "train_bpc": stats([r["train_bpc"] for r in rs]),
                    "vs_none": stats([r["valid_bpc"] - b for r, b in zip(rs, base)])}
@@ -706,7 +707,8 @@ def dropout_study(args) -> dict:
               f"{_mean_sd(s['train_bpc']):>15s} {_mean_sd(s['vs_none'], signed=True):>17s}")
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(
         make_model(cfg, len(vocab))[2](jax.random.key(0))))
-    plots = {"curves": dropout_study_plot(runs, out, f"char LM dropout study: {cfg['layers']}x LSTM({cfg['hidden']})")}
+    title = f"char LM dropout study: {cfg['layers']}x LSTM({cfg['hidden']}), seed {seeds[0]}"
+    plots = {"curves": dropout_study_plot(runs, out, title)}
     res = {"mode": "quick" if args.quick else "full", "study": "dropout",
            "config": {k: ([list(v) for v in val] if k == "variants" else list(val) if isinstance(val, tuple) else val)
                       for k, val in cfg.items() for v in [val]},
