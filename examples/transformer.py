@@ -33,7 +33,7 @@ Usage::
 
     python examples/transformer.py --quick          # HARD + dates, small budget (about 1 min on 2 CPU cores)
     python examples/transformer.py                  # the full study (default)
-    python examples/transformer.py --cut            # the subset committed in examples/results/transformer (see CUT)
+    python examples/transformer.py --cut            # a smaller subset for a busy machine (see CUT)
     python examples/transformer.py --out runs/x     # where results.json and PNGs go (default runs/transformer)
     python examples/transformer.py --phase train    # training only (results.json without timings)
     python examples/transformer.py --phase timing   # timings only, merged into an existing results.json
